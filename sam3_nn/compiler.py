@@ -1,0 +1,108 @@
+"""Build a library + manifest for one target from a config.
+
+``build`` is what ``compile.py`` and the tests call. Weights are never baked in:
+parameters are the trailing (packed) argument of every exported function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Callable, Dict, Optional
+
+import tvm
+from tvm.relax.frontend import nn
+
+from . import __version__
+from .config import Sam3Config
+from .model import PARTS, Sam3Model
+from .rope import RopeMode
+from .targets import get_preset
+
+ROPE_MODES = {"none": RopeMode.NONE, "normal": RopeMode.NORMAL, "inline": RopeMode.INLINE}
+
+
+def _shape_list(shape):
+    return [int(s) if isinstance(s, (int, tvm.tirx.IntImm)) else str(s) for s in shape]
+
+
+def export(cfg: Sam3Config, dtype: str, rope_mode: RopeMode):
+    model = Sam3Model(cfg, rope_mode)
+    model.to(dtype)
+    spec = model.export_spec(dtype)
+    mod, params = model.export_tvm(spec=spec)
+    return model, mod, params, spec
+
+
+def manifest_for(cfg, model, mod, params, spec, dtype, target_name, rope_mode) -> Dict:
+    functions = {}
+    outs = model.output_names()
+    for fname, args in spec.items():
+        inputs = []
+        for aname, a in args.items():
+            if aname == "$":
+                continue
+            if isinstance(a, nn.spec.Tensor):
+                inputs.append({"name": aname, "shape": _shape_list(a.shape), "dtype": a.dtype})
+            else:
+                inputs.append({"name": aname, "shape": [], "dtype": "int64"})
+        ret = mod[fname].ret_ty
+        fields = ret.fields if hasattr(ret, "fields") else [ret]
+        outputs = [{"name": n, "shape": _shape_list(f.shape), "dtype": str(f.dtype)}
+                   for n, f in zip(outs[fname], fields)]
+        functions[fname] = {"inputs": inputs, "outputs": outputs}
+    return {
+        "format": "sam3_nn-library",
+        "sam3_nn_version": __version__,
+        "tvm_version": tvm.__version__,
+        "target": target_name,
+        "dtype": dtype,
+        "rope_mode": rope_mode.name.lower(),
+        "parts": list(PARTS),
+        "config": cfg.to_dict(),
+        "functions": functions,
+        "params": [{"name": n, "shape": _shape_list(p.shape), "dtype": str(p.dtype)} for n, p in params],
+    }
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + base, dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def build(cfg: Sam3Config, target: str = "llvm", dtype: Optional[str] = None,
+          rope_mode: str = "normal", output: str = "dist",
+          log: Callable[[str], None] = lambda s: None) -> Dict[str, str]:
+    """Compile the model for ``target``; write ``sam3-<target>.<ext>`` and ``.json``."""
+    preset = get_preset(target)
+    dtype = dtype or preset.default_dtype
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"unsupported dtype {dtype!r}; expected float32 or float16")
+    if rope_mode not in ROPE_MODES:
+        raise ValueError(f"unknown rope mode {rope_mode!r}; expected one of {sorted(ROPE_MODES)}")
+    mode = ROPE_MODES[rope_mode]
+    t0 = time.time()
+    log(f"[1/3] export: {target}, {dtype}, rope {rope_mode}")
+    model, mod, params, spec = export(cfg, dtype, mode)
+    manifest = manifest_for(cfg, model, mod, params, spec, dtype, target, mode)
+    log(f"[2/3] compile ({len(params)} parameters)")
+    ex = tvm.compile(mod, target=preset.tvm_target(), relax_pipeline=preset.pipeline())
+    lib_path = os.path.join(output, f"sam3-{target}.{preset.suffix}")
+    json_path = os.path.join(output, f"sam3-{target}.json")
+    log(f"[3/3] export library {lib_path}")
+    _atomic_write(lib_path, lambda p: ex.export_library(p))
+    manifest["build_seconds"] = round(time.time() - t0, 1)
+    _atomic_write(json_path, lambda p: open(p, "w").write(json.dumps(manifest, indent=1)))
+    return {"library": lib_path, "manifest": json_path}

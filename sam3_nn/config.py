@@ -1,0 +1,265 @@
+"""One configuration object for the whole SAM 3 image model.
+
+The defaults are the released SAM 3 sizes. ``Sam3Config.from_hf`` builds any size
+from an HF ``config.json`` (the ``transformers`` ``Sam3Config`` layout), so the
+tests can run the same code at tiny sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+def _pair(value) -> int:
+    """Square sizes only: accept ``n`` or ``[n, n]``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"only square sizes are supported, got {value!r}")
+        return int(value[0])
+    return int(value)
+
+
+@dataclass
+class ViTConfig:
+    """Perception-Encoder ViT trunk."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4736
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 1008
+    patch_size: int = 14
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    window_size: int = 24
+    global_attn_indexes: List[int] = field(default_factory=lambda: [7, 15, 23, 31])
+    pretrain_image_size: int = 336
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Tokens per side of the patch grid (72 at 1008 px)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def pretrain_grid(self) -> int:
+        """Side of the absolute position-embedding table (24 for SAM 3)."""
+        return self.pretrain_image_size // self.patch_size
+
+    def is_global(self, layer: int) -> bool:
+        return layer in self.global_attn_indexes
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("vit hidden_size must be a multiple of num_attention_heads")
+        if self.head_dim % 4:
+            raise ValueError(f"2D axial RoPE needs head_dim % 4 == 0, got {self.head_dim}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.hidden_act != "gelu":
+            raise ValueError(f"unsupported vit hidden_act {self.hidden_act!r} (expected 'gelu')")
+        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"global_attn_indexes {bad} outside 0..{self.num_hidden_layers - 1}")
+
+
+@dataclass
+class VisionConfig:
+    """ViT trunk + FPN neck."""
+
+    backbone: ViTConfig = field(default_factory=ViTConfig)
+    fpn_hidden_size: int = 256
+    scale_factors: List[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
+
+    def validate(self) -> None:
+        self.backbone.validate()
+        for s in self.scale_factors:
+            if s not in (4.0, 2.0, 1.0, 0.5):
+                raise ValueError(f"unsupported FPN scale factor {s} (expected 4, 2, 1 or 0.5)")
+
+    def level_sizes(self) -> List[int]:
+        g = self.backbone.grid_size
+        return [int(g * s) if s >= 1 else g // 2 for s in self.scale_factors]
+
+
+@dataclass
+class TextConfig:
+    """CLIP-style text transformer (causal) + resizer to the detector width."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    projection_dim: int = 512
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    max_position_embeddings: int = 32
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    pad_token_id: int = 1
+
+
+@dataclass
+class GeometryEncoderConfig:
+    hidden_size: int = 256
+    num_layers: int = 3
+    num_attention_heads: int = 8
+    intermediate_size: int = 2048
+    hidden_act: str = "relu"
+    layer_norm_eps: float = 1e-6
+    roi_size: int = 7
+
+
+@dataclass
+class DetrEncoderConfig:
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_attention_heads: int = 8
+    intermediate_size: int = 2048
+    hidden_act: str = "relu"
+    layer_norm_eps: float = 1e-6
+
+
+@dataclass
+class DetrDecoderConfig:
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_queries: int = 200
+    num_attention_heads: int = 8
+    intermediate_size: int = 2048
+    hidden_act: str = "relu"
+    layer_norm_eps: float = 1e-6
+
+
+@dataclass
+class MaskDecoderConfig:
+    hidden_size: int = 256
+    num_upsampling_stages: int = 3
+    layer_norm_eps: float = 1e-6
+    num_attention_heads: int = 8
+
+
+_SECTIONS = {
+    "vision": VisionConfig,
+    "text": TextConfig,
+    "geometry": GeometryEncoderConfig,
+    "detr_encoder": DetrEncoderConfig,
+    "detr_decoder": DetrDecoderConfig,
+    "mask_decoder": MaskDecoderConfig,
+}
+
+# HF config.json section name -> our section name
+_HF_SECTIONS = {
+    "text_config": "text",
+    "geometry_encoder_config": "geometry",
+    "detr_encoder_config": "detr_encoder",
+    "detr_decoder_config": "detr_decoder",
+    "mask_decoder_config": "mask_decoder",
+}
+
+
+def _fill(cls, values: Dict[str, Any]):
+    """Build dataclass ``cls`` from the keys of ``values`` it knows; ignore the rest."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names and v is not None})
+
+
+@dataclass
+class Sam3Config:
+    """The SAM 3 image model (detector) with the released sizes as defaults."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    geometry: GeometryEncoderConfig = field(default_factory=GeometryEncoderConfig)
+    detr_encoder: DetrEncoderConfig = field(default_factory=DetrEncoderConfig)
+    detr_decoder: DetrDecoderConfig = field(default_factory=DetrDecoderConfig)
+    mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.backbone.image_size
+
+    def validate(self) -> "Sam3Config":
+        self.vision.validate()
+        return self
+
+    # ---- (de)serialisation -------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Sam3Config":
+        vision = dict(d.get("vision", {}))
+        backbone = _fill(ViTConfig, vision.pop("backbone", {}))
+        kw = {"vision": _fill(VisionConfig, {**vision, "backbone": backbone})}
+        for name, sub in _SECTIONS.items():
+            if name != "vision" and name in d:
+                kw[name] = _fill(sub, d[name])
+        return cls(**kw).validate()
+
+    @classmethod
+    def from_hf(cls, hf: Dict[str, Any]) -> "Sam3Config":
+        """From an HF ``Sam3Config`` dict (``config.json``) or a ``Sam3VisionConfig`` dict."""
+        if not isinstance(hf, dict):
+            raise TypeError(f"expected an HF config dict, got {type(hf).__name__}")
+        model_type = hf.get("model_type")
+        if model_type == "sam3_vision_model":
+            vision_hf, rest = hf, {}
+        elif model_type in (None, "sam3"):
+            vision_hf, rest = hf.get("vision_config") or {}, hf
+        else:
+            raise ValueError(
+                f"config.json has model_type {model_type!r}; expected 'sam3' (a SAM 3 checkpoint)"
+            )
+        bb = dict(vision_hf.get("backbone_config") or {})
+        for key in ("image_size", "patch_size", "pretrain_image_size"):
+            if key in bb:
+                bb[key] = _pair(bb[key])
+        rope = bb.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            bb["rope_theta"] = float(rope["rope_theta"])
+        vision = _fill(VisionConfig, {**vision_hf, "backbone": _fill(ViTConfig, bb)})
+        kw: Dict[str, Any] = {"vision": vision}
+        for hf_name, ours in _HF_SECTIONS.items():
+            if rest.get(hf_name):
+                kw[ours] = _fill(_SECTIONS[ours], rest[hf_name])
+        return cls(**kw).validate()
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "Sam3Config":
+        """From an HF snapshot directory, a ``config.json``, or a ``sam3.pt`` (released sizes)."""
+        if os.path.isdir(path):
+            cfg_path = os.path.join(path, "config.json")
+            if not os.path.isfile(cfg_path):
+                raise FileNotFoundError(
+                    f"{path} is a directory without config.json; expected an HF SAM 3 snapshot"
+                )
+            path = cfg_path
+        if path.endswith(".json"):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    hf = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"cannot read {path}: {e}") from e
+            return cls.from_hf(hf)
+        if path.endswith((".pt", ".pth")):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"checkpoint {path} does not exist")
+            # The original checkpoint carries no config: it is the released architecture.
+            return cls()
+        raise ValueError(
+            f"cannot take a model architecture from {path!r}: expected an HF snapshot "
+            "directory, a config.json or a sam3.pt"
+        )

@@ -1,0 +1,94 @@
+"""Run a compiled library: load it with its manifest, bind weights, call functions.
+
+Needs only the TVM runtime and numpy (works with a runtime-only TVM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Sequence
+
+import numpy as np
+import tvm
+from tvm.runtime.vm import VirtualMachine
+
+
+class LibraryError(ValueError):
+    """A library, its manifest or the weights given to it do not fit together."""
+
+
+def read_manifest(library: str) -> Dict:
+    path = os.path.splitext(library)[0] + ".json"
+    if not os.path.isfile(path):
+        raise LibraryError(f"{library}: manifest {path} not found (written by compile.py beside the library)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            manifest = json.load(f)
+        except ValueError as e:
+            raise LibraryError(f"{path}: not a valid manifest: {e}") from e
+    if manifest.get("format") != "sam3_nn-library":
+        raise LibraryError(f"{path}: not a sam3_nn library manifest")
+    return manifest
+
+
+def _device(name: str):
+    kind = {"llvm": "cpu", "cpu": "cpu", "metal": "metal", "cuda": "cuda", "rocm": "rocm",
+            "opencl": "opencl", "vulkan": "vulkan", "webgpu": "webgpu"}.get(name.split("-")[0], name)
+    return tvm.device(kind, 0)
+
+
+class CompiledModel:
+    def __init__(self, library: str, device: str | None = None):
+        if not os.path.isfile(library):
+            raise LibraryError(f"library {library} does not exist")
+        self.manifest = read_manifest(library)
+        self.device = _device(device or self.manifest["target"])
+        self.vm = VirtualMachine(tvm.runtime.load_module(library), self.device)
+        self.params: List = []
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    def bind(self, params: Dict[str, np.ndarray]) -> None:
+        """Bind weights by name; checks names, shapes and dtypes against the manifest."""
+        want = self.manifest["params"]
+        names = {p["name"] for p in want}
+        missing = [p["name"] for p in want if p["name"] not in params]
+        extra = sorted(set(params) - names)
+        bad = [f"{p['name']}: expected {p['shape']} {p['dtype']}, got "
+               f"{list(params[p['name']].shape)} {params[p['name']].dtype}"
+               for p in want if p["name"] in params
+               and (list(params[p["name"]].shape) != p["shape"] or str(params[p["name"]].dtype) != p["dtype"])]
+        if missing or extra or bad:
+            msg = ["weights do not fit this library:"]
+            if missing:
+                msg.append(f"missing {len(missing)}: {', '.join(missing[:8])}")
+            if extra:
+                msg.append(f"extra {len(extra)}: {', '.join(extra[:8])}")
+            if bad:
+                msg.append("wrong shape/dtype: " + "; ".join(bad[:8]))
+            raise LibraryError("\n  ".join(msg))
+        self.params = [tvm.runtime.tensor(np.ascontiguousarray(params[p["name"]]), self.device)
+                       for p in want]
+
+    def __call__(self, function: str, *args) -> List[np.ndarray]:
+        return [o.numpy() for o in self.call_device(function, *args)]
+
+    def call_device(self, function: str, *args) -> List:
+        if function not in self.manifest["functions"]:
+            raise LibraryError(f"library has no function {function!r}; it has "
+                               f"{', '.join(self.manifest['functions'])}")
+        if not self.params and self.manifest["params"]:
+            raise LibraryError("no weights bound: call bind() first")
+        conv = []
+        for a in args:
+            if isinstance(a, np.ndarray):
+                conv.append(tvm.runtime.tensor(np.ascontiguousarray(a), self.device))
+            elif isinstance(a, (int, np.integer)):
+                conv.append(tvm.runtime.ShapeTuple([int(a)]))
+            else:
+                conv.append(a)
+        out = self.vm[function](*conv, self.params)
+        return list(out) if not hasattr(out, "numpy") else [out]

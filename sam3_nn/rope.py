@@ -1,0 +1,139 @@
+"""SAM 3's 2D axial rotary position embedding as TIR, in real arithmetic.
+
+Layout of the rotation over a head of dimension ``D`` (what the released model's
+complex ``freqs_cis`` encodes):
+
+* the head is split into ``D/2`` pairs ``(x[2p], x[2p+1])`` (interleaved real/imag);
+* pairs ``p < D/4`` rotate by ``pos_x * f[p]``, pairs ``p >= D/4`` by ``pos_y * f[p - D/4]``;
+* ``f[i] = theta ** (-4 i / D)`` and positions are the token's column/row in its
+  grid times ``scale`` (1 in 24x24 windows, 24/72 in the global 72x72 blocks).
+
+cos/sin are computed from the token index inside the kernel; there is no complex
+dtype and no precomputed table anywhere in the IR.
+
+``RopeMode`` (NONE / NORMAL / INLINE) is the enum TVM's LLM kernels use: NORMAL is
+the standalone kernel here; INLINE fuses the same rotation into the attention
+kernel (``sam3_nn.attention``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm._kernel_common import RopeMode
+from tvm.script import tirx as T
+
+__all__ = ["RopeMode", "AxialRope", "rope_angle", "fused_qkv_rope"]
+
+
+@dataclass(frozen=True)
+class AxialRope:
+    """Where the tokens of a sequence sit: a ``grid_h x grid_w`` grid, row-major."""
+
+    grid_h: int
+    grid_w: int
+    head_dim: int
+    theta: float = 10000.0
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if self.head_dim % 4:
+            raise ValueError(f"2D axial RoPE needs head_dim % 4 == 0, got {self.head_dim}")
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_h * self.grid_w
+
+
+def rope_angle(rope: AxialRope, token, pair):
+    """Rotation angle (float32 TIR expression) for token index ``token`` and pair ``pair``.
+
+    Computed in the same order as the PyTorch reference (position * scale first,
+    then * inverse frequency) so float32 results agree to the last bits.
+    """
+    quarter = rope.head_dim // 4
+    is_x = pair < quarter
+    pos_i = T.if_then_else(is_x, tirx.floormod(token, rope.grid_w), tirx.floordiv(token, rope.grid_w))
+    pos = T.Cast("float32", pos_i) * T.float32(rope.scale)
+    freq_i = T.if_then_else(is_x, pair, pair - quarter)
+    # theta ** -(2 i / (D/2)), written as the reference does: 1 / theta ** (2 i / (D/2))
+    inv_freq = T.float32(1.0) / T.pow(
+        T.float32(rope.theta), T.Cast("float32", freq_i * 2) / T.float32(rope.head_dim // 2)
+    )
+    return pos * inv_freq
+
+
+def rotate_element(rope: AxialRope, load, token, d):
+    """Rotated value of element ``d`` of a head, ``load(j)`` reading element ``j`` (as float32)."""
+    angle = rope_angle(rope, token, tirx.floordiv(d, 2))
+    even = tirx.floormod(d, 2) == 0
+    partner = T.if_then_else(even, -load(d + 1), load(d - 1))
+    return load(d) * T.cos(angle) + partner * T.sin(angle)
+
+
+def fused_qkv_rope(qkv: Tensor, num_heads: int, rope: AxialRope | None) -> tuple:
+    """Split a fused qkv projection, rotate q and k, lay all three out for attention.
+
+    ``qkv``: ``[B, N, 3 * num_heads * D]`` (the output of one fused q/k/v GEMM).
+    Returns ``q, k, v`` as ``[B, num_heads, N, D]``; q and k rotated when ``rope``
+    is given (``RopeMode.NORMAL``), copied as they are when it is ``None``.
+    One pass over the data: the rotation costs no extra memory round trip.
+    """
+    b, n, width = qkv.shape
+    dtype = qkv.dtype
+    head_dim = int(width) // (3 * num_heads)
+    if head_dim * 3 * num_heads != int(width):
+        raise ValueError(f"qkv width {width} is not 3 * {num_heads} heads * head_dim")
+    if rope is not None and rope.head_dim != head_dim:
+        raise ValueError(f"rope head_dim {rope.head_dim} != attention head_dim {head_dim}")
+    if rope is not None and isinstance(n, int) and n != rope.seq_len:
+        raise ValueError(f"sequence of {n} tokens does not fit a {rope.grid_h}x{rope.grid_w} grid")
+    hidden = num_heads * head_dim
+
+    def rotated(buf, bb, s, h, d):
+        if rope is None:
+            return buf[bb, s, h * head_dim + d]
+        base = h * head_dim
+        return T.Cast(
+            dtype,
+            rotate_element(rope, lambda j: T.Cast("float32", buf[bb, s, base + j]), s, d),
+        )
+
+    def rotated_k(buf, bb, s, h, d):
+        if rope is None:
+            return buf[bb, s, hidden + h * head_dim + d]
+        base = hidden + h * head_dim
+        return T.Cast(
+            dtype,
+            rotate_element(rope, lambda j: T.Cast("float32", buf[bb, s, base + j]), s, d),
+        )
+
+    @T.prim_func(private=True, s_tir=True)
+    def sam3_qkv_rope(var_qkv: T.handle, var_q: T.handle, var_k: T.handle, var_v: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True})
+        batch = T.int64()
+        seq = T.int64()
+        src = T.match_buffer(var_qkv, (batch, seq, 3 * hidden), dtype)
+        q = T.match_buffer(var_q, (batch, num_heads, seq, head_dim), dtype)
+        k = T.match_buffer(var_k, (batch, num_heads, seq, head_dim), dtype)
+        v = T.match_buffer(var_v, (batch, num_heads, seq, head_dim), dtype)
+        for iters in T.grid(batch, seq, num_heads, head_dim):
+            with T.sblock("qkv_rope"):
+                bb, s, h, d = T.axis.remap("SSSS", iters)
+                q[bb, h, s, d] = rotated(src, bb, s, h, d)
+                k[bb, h, s, d] = rotated_k(src, bb, s, h, d)
+                v[bb, h, s, d] = src[bb, s, 2 * hidden + h * head_dim + d]
+
+    out_shape = (b, num_heads, n, head_dim)
+    return op.tensor_ir_op(
+        sam3_qkv_rope,
+        "sam3_qkv_rope" if rope is not None else "sam3_qkv_split",
+        args=[qkv],
+        out=(
+            Tensor.placeholder(out_shape, dtype),
+            Tensor.placeholder(out_shape, dtype),
+            Tensor.placeholder(out_shape, dtype),
+        ),
+    )
