@@ -12,6 +12,8 @@ from typing import Callable, Dict, Tuple
 
 from ..config import Sam3Config
 from .mapping import ParamMapping
+from .decoder_map import add_decoder_parts
+from .encoder_map import add_encoder_parts
 from .vision_map import add_vision
 
 
@@ -54,6 +56,6 @@ PARTS = [
         {"hf": ("geometry_encoder.", "detr_encoder.", "detr_decoder.", "mask_decoder.",
                 "dot_product_scoring."),
          "pt": ("geometry_encoder.", "transformer.", "segmentation_head.", "dot_prod_scoring.")},
-        _not_built,
+        lambda m, cfg, prefix: (add_encoder_parts(m, cfg, prefix), add_decoder_parts(m, cfg, prefix)),
     ),
 ]
