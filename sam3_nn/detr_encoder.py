@@ -1,0 +1,139 @@
+"""SAM 3 DETR encoder: image tokens fused with the prompt tokens.
+
+Follows ``transformers``' ``Sam3DetrEncoder`` (parameter names mirror it,
+``detr_encoder.layers.{i}.*``). SAM 3 feeds it one feature level (the FPN map at
+scale 1, 72 x 72 at 1008 px) and its sine position encoding. Each layer is
+pre-norm:
+
+* self-attention of the image tokens, ``q = k = norm1(x) + pos``, ``v = norm1(x)``;
+* cross-attention to the prompt tokens (text + geometry, concatenated by the
+  caller) with a key padding mask;
+* ReLU FFN.
+
+There is no final norm. LayerNorms use PyTorch's default eps 1e-5: the
+reference's layers are plain ``nn.LayerNorm(hidden)`` (the config's
+``layer_norm_eps`` is not used by them).
+
+Also home of the pieces the geometry encoder shares: ``Attention``
+(``Sam3Attention``) and ``key_padding_bias``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+
+from .attention import MASK_VALUE, attention
+from .config import DetrEncoderConfig
+from .layers import MLP
+
+LN_EPS = 1e-5  # nn.LayerNorm default: what the reference's encoder layers use
+
+
+class Attention(nn.Module):
+    """``Sam3Attention``: separate q/k/v/o projections, multi-head softmax attention.
+
+    ``query [B, Nq, C]``, ``key``/``value [B, Nk, C]``; ``key_bias`` broadcasts to
+    ``[B, heads, Nq, Nk]`` (e.g. ``key_padding_bias``'s ``[B, 1, 1, Nk]``).
+    """
+
+    def __init__(self, hidden: int, num_heads: int):
+        if hidden % num_heads:
+            raise ValueError(f"hidden size {hidden} is not a multiple of {num_heads} heads")
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden)
+        self.o_proj = nn.Linear(hidden, hidden)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_bias: Optional[Tensor] = None) -> Tensor:
+        out = attention(self.q_proj(query), self.k_proj(key), self.v_proj(value),
+                        self.num_heads, key_bias)
+        return self.o_proj(out)
+
+
+def key_padding_bias(mask: Tensor) -> Tensor:
+    """``[B, N]`` key mask (nonzero = valid, 0 = padding, any dtype) -> ``[B, 1, 1, N]``
+    float32 additive bias: 0 for valid keys, ``MASK_VALUE`` (finite) for padded ones."""
+    if len(mask.shape) != 2:
+        raise ValueError(f"a key mask must be [batch, keys], got shape {list(mask.shape)}")
+
+    def compute(m):
+        b, n = m.shape
+        return te.compute(
+            (b, 1, 1, n),
+            lambda i, _a, _b, j: tirx.Select(m[i, j] != tirx.const(0, m.dtype),
+                                             tirx.const(0.0, "float32"),
+                                             tirx.const(MASK_VALUE, "float32")),
+            name="key_padding_bias")
+
+    return op.tensor_expr_op(compute, "key_padding_bias", args=[mask])
+
+
+def flatten_tokens(x: Tensor, hidden: int, what: str) -> Tensor:
+    """``[B, H, W, C]`` (channel last) or ``[B, H*W, C]`` -> ``[B, H*W, C]``."""
+    if len(x.shape) == 4 and int(x.shape[-1]) == hidden:
+        b, h, w, c = x.shape
+        return op.reshape(x, [b, h * w, c])
+    if len(x.shape) == 3 and int(x.shape[-1]) == hidden:
+        return x
+    raise ValueError(f"{what} must be [B, H, W, {hidden}] (channel last) or [B, H*W, {hidden}], "
+                     f"got shape {list(x.shape)}")
+
+
+class DetrEncoderLayer(nn.Module):
+    def __init__(self, cfg: DetrEncoderConfig):
+        c = cfg.hidden_size
+        if cfg.hidden_act != "relu":
+            raise ValueError(f"DETR encoder: unsupported hidden_act {cfg.hidden_act!r} (expected 'relu')")
+        self.layer_norm1 = nn.LayerNorm(c, eps=LN_EPS)
+        self.self_attn = Attention(c, cfg.num_attention_heads)
+        self.cross_attn = Attention(c, cfg.num_attention_heads)
+        self.layer_norm2 = nn.LayerNorm(c, eps=LN_EPS)
+        self.mlp = MLP(c, cfg.intermediate_size, cfg.hidden_act)
+        self.layer_norm3 = nn.LayerNorm(c, eps=LN_EPS)
+
+    def forward(self, x: Tensor, pos: Tensor, prompt: Tensor, prompt_bias: Optional[Tensor]) -> Tensor:
+        h = self.layer_norm1(x)
+        hp = h + pos
+        x = self.self_attn(hp, hp, h) + x
+        x = self.cross_attn(self.layer_norm2(x), prompt, prompt, prompt_bias) + x
+        return self.mlp(self.layer_norm3(x)) + x
+
+
+class DetrEncoder(nn.Module):
+    """``Sam3DetrEncoder`` on one feature level.
+
+    Inputs:
+      * ``image_features``: ``[B, H, W, C]`` channel last (or ``[B, H*W, C]``), the FPN
+        map at scale 1 (``fpn_hidden_states[-2]`` of the vision encoder, moved to
+        channel last);
+      * ``image_pos``: its sine position encoding, same layout;
+      * ``prompt``: ``[B, L, C]`` prompt tokens (text features, then geometry tokens);
+      * ``prompt_mask``: ``[B, L]``, nonzero = valid, 0 = padding (any dtype), or None.
+
+    Returns the encoded image tokens ``[B, H*W, C]`` (row-major over ``H x W``, as
+    the reference's ``last_hidden_state``).
+    """
+
+    def __init__(self, cfg: DetrEncoderConfig):
+        self.cfg = cfg
+        self.layers = nn.ModuleList([DetrEncoderLayer(cfg) for _ in range(cfg.num_layers)])
+
+    def forward(self, image_features: Tensor, image_pos: Tensor, prompt: Tensor,
+                prompt_mask: Optional[Tensor] = None) -> Tensor:
+        c = self.cfg.hidden_size
+        x = flatten_tokens(image_features, c, "image_features")
+        pos = flatten_tokens(image_pos, c, "image_pos")
+        if len(prompt.shape) != 3 or int(prompt.shape[-1]) != c:
+            raise ValueError(f"prompt must be [B, L, {c}], got shape {list(prompt.shape)}")
+        if prompt_mask is not None and len(prompt_mask.shape) != 2:
+            raise ValueError(f"prompt_mask must be [B, L], got shape {list(prompt_mask.shape)}")
+        bias = key_padding_bias(prompt_mask) if prompt_mask is not None else None
+        for layer in self.layers:
+            x = layer(x, pos, prompt, bias)
+        return x
