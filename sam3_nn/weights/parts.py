@@ -14,6 +14,7 @@ from ..config import Sam3Config
 from .mapping import ParamMapping
 from .decoder_map import add_decoder_parts
 from .encoder_map import add_encoder_parts
+from .text_map import add_text
 from .vision_map import add_vision
 
 
@@ -47,7 +48,7 @@ PARTS = [
         {"hf": ("",), "pt": ("detector.", "")},
         {"hf": "text_encoder.", "pt": "backbone.language_backbone."},
         {"hf": ("text_encoder.", "text_projection."), "pt": ("backbone.language_backbone.",)},
-        _not_built,
+        lambda m, cfg, prefix: add_text(m, cfg.text, prefix),
     ),
     Part(
         "detector", "detector (geometry encoder, DETR encoder/decoder, heads)",
