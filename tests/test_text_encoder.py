@@ -194,3 +194,30 @@ def test_bad_inputs(library, hf_params):
         lib("encode_text", ids[:, :-1], ids[:, :-1] + 1)  # not the context length
     with pytest.raises(Exception):
         lib("encode_text", ids.astype(np.int64), ids + 1)  # wrong dtype
+
+
+def test_prompts_through_tokenizer(reference, library, hf_params, tmp_path):
+    """Runtime path: strings -> our tokenizer (context and vocabulary size from the
+    snapshot's config.json) -> encode_text, against transformers on the same ids."""
+    import json
+    import shutil
+
+    from test_tokenizer import write_vocab
+    from sam3_nn.tokenizer import Sam3Tokenizer
+
+    model, folder, *_ = reference
+    cfg, lib = library
+    vocab_dir, vocab = write_vocab(str(tmp_path))
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = BOS, EOS  # the tiny model's ids
+    with open(tmp_path / "vocab.json", "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    shutil.copy(f"{folder}/config.json", tmp_path / "config.json")
+    tok = Sam3Tokenizer.from_pretrained(vocab_dir)
+    assert tok.context_length == CTX and (tok.bos_id, tok.eos_id) == (BOS, EOS)
+    batch = tok(["a red car", "The dog's toy, left of the cat"])
+    feats, text_mask = _encode(lib, hf_params[0], batch.input_ids, batch.attention_mask)
+    with torch.no_grad():
+        ref = model.get_text_features(input_ids=torch.from_numpy(batch.input_ids).long(),
+                                      attention_mask=torch.from_numpy(batch.attention_mask).long())
+    assert_close(feats, ref.pooler_output, RTOL, ATOL, "text_features (tokenized prompts)")
+    np.testing.assert_array_equal(text_mask, batch.attention_mask)
