@@ -28,8 +28,8 @@ def _shape_list(shape):
     return [int(s) if isinstance(s, (int, tvm.tirx.IntImm)) else str(s) for s in shape]
 
 
-def export(cfg: Sam3Config, dtype: str, rope_mode: RopeMode):
-    model = Sam3Model(cfg, rope_mode)
+def export(cfg: Sam3Config, dtype: str, rope_mode: RopeMode, parts=PARTS):
+    model = Sam3Model(cfg, rope_mode, parts)
     model.to(dtype)
     spec = model.export_spec(dtype)
     mod, params = model.export_tvm(spec=spec)
@@ -60,7 +60,7 @@ def manifest_for(cfg, model, mod, params, spec, dtype, target_name, rope_mode) -
         "target": target_name,
         "dtype": dtype,
         "rope_mode": rope_mode.name.lower(),
-        "parts": list(PARTS),
+        "parts": list(model.parts),
         "config": cfg.to_dict(),
         "functions": functions,
         "params": [{"name": n, "shape": _shape_list(p.shape), "dtype": str(p.dtype)} for n, p in params],
@@ -84,7 +84,7 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 def build(cfg: Sam3Config, target: str = "llvm", dtype: Optional[str] = None,
           rope_mode: str = "normal", output: str = "dist",
-          log: Callable[[str], None] = lambda s: None) -> Dict[str, str]:
+          log: Callable[[str], None] = lambda s: None, parts=PARTS) -> Dict[str, str]:
     """Compile the model for ``target``; write ``sam3-<target>.<ext>`` and ``.json``."""
     preset = get_preset(target)
     dtype = dtype or preset.default_dtype
@@ -95,7 +95,7 @@ def build(cfg: Sam3Config, target: str = "llvm", dtype: Optional[str] = None,
     mode = ROPE_MODES[rope_mode]
     t0 = time.time()
     log(f"[1/3] export: {target}, {dtype}, rope {rope_mode}")
-    model, mod, params, spec = export(cfg, dtype, mode)
+    model, mod, params, spec = export(cfg, dtype, mode, parts)
     manifest = manifest_for(cfg, model, mod, params, spec, dtype, target, mode)
     log(f"[2/3] compile ({len(params)} parameters)")
     ex = tvm.compile(mod, target=preset.tvm_target(), relax_pipeline=preset.pipeline())

@@ -69,12 +69,13 @@ def save_hf_snapshot(model, folder: str) -> str:
 
 
 def compile_library(cfg: Sam3Config, folder: str, dtype: str = "float32",
-                    rope_mode: str = "normal", target: str = "llvm"):
-    """Compile ``cfg`` for ``target`` into ``folder`` and load it (CPU)."""
+                    rope_mode: str = "normal", target: str = "llvm", parts=None):
+    """Compile ``cfg`` (all parts, or ``parts``) for ``target`` into ``folder`` and load it (CPU)."""
     from sam3_nn.compiler import build
     from sam3_nn.engine import CompiledModel
+    from sam3_nn.model import PARTS
 
-    art = build(cfg, target, dtype, rope_mode, folder)
+    art = build(cfg, target, dtype, rope_mode, folder, parts=parts or PARTS)
     return CompiledModel(art["library"])
 
 

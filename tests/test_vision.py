@@ -35,11 +35,13 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def library(reference, tmp_path_factory):
     cfg = Sam3Config.from_pretrained(reference[1])
-    return cfg, compile_library(cfg, str(tmp_path_factory.mktemp("lib")))
+    return cfg, compile_library(cfg, str(tmp_path_factory.mktemp("lib")), parts=["vision"])
 
 
 def test_config_from_snapshot(reference, library):
-    cfg, _ = library
+    cfg, lib = library
+    assert lib.manifest["parts"] == ["vision"]
+    assert sorted(lib.manifest["functions"]) == ["encode_image", "image_position_encoding"]
     bb = cfg.vision.backbone
     assert (bb.hidden_size, bb.num_hidden_layers, bb.window_size, bb.global_attn_indexes) == (64, 3, 5, [1])
     assert bb.grid_size == 12 and bb.grid_size % bb.window_size != 0

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Vision backbone on the CPU: our llvm library vs transformers' Sam3VisionModel, one run.
+
+Same random weights, same input. Prints each side's time per image, the ratio
+(ours / PyTorch) and the largest output difference.
+
+    python bench/vision_cpu.py                       # released size, 1008 px
+    python bench/vision_cpu.py --image-size 336 --layers 4 --runs 3   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+
+def timed(fn, runs: int, warmup: int = 1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--image-size", type=int, default=1008)
+    ap.add_argument("--layers", type=int, default=None, help="fewer ViT blocks (default: all 32)")
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--library", default=None, help="a prebuilt llvm library for this config")
+    ap.add_argument("--work", default=None, help="folder for the snapshot and library")
+    args = ap.parse_args()
+
+    from transformers import Sam3VisionConfig, Sam3VisionModel
+
+    from refs import expected_params, save_hf_snapshot
+    from sam3_nn.compiler import build
+    from sam3_nn.config import Sam3Config
+    from sam3_nn.engine import CompiledModel
+    from sam3_nn.weights import load_params, open_checkpoint
+
+    torch.set_num_threads(args.threads)
+    bb = {"model_type": "sam3_vit_model", "image_size": args.image_size}
+    if args.layers is not None:
+        bb["num_hidden_layers"] = args.layers
+        bb["global_attn_indexes"] = [i for i in (7, 15, 23, 31) if i < args.layers] or [args.layers - 1]
+    hf_cfg = Sam3VisionConfig(backbone_config=bb)
+    torch.manual_seed(0)
+    ref = Sam3VisionModel(hf_cfg).eval()
+    work = args.work or tempfile.mkdtemp(prefix="sam3-bench-")
+    snap = save_hf_snapshot(ref, os.path.join(work, "snapshot"))
+    cfg = Sam3Config.from_pretrained(snap)
+
+    if args.library:
+        lib_path = args.library
+        build_s = 0.0
+    else:
+        t = time.perf_counter()
+        lib_path = build(cfg, "llvm", "float32", "normal", os.path.join(work, "dist"),
+                         log=lambda s: print("  " + s, flush=True), parts=["vision"])["library"]
+        build_s = time.perf_counter() - t
+    lib = CompiledModel(lib_path)
+    if lib.manifest["config"]["vision"] != cfg.to_dict()["vision"]:
+        raise SystemExit("--library was built for another config")
+    params, _ = load_params(cfg, open_checkpoint(snap), expected_params(lib), ["vision"])
+    lib.bind(params)
+
+    pixels = torch.randn(1, 3, args.image_size, args.image_size)
+    x_dev = [None]
+
+    def run_ours():
+        x_dev[0] = lib.call_device("encode_image", pixels.numpy())
+
+    def run_torch():
+        with torch.no_grad():
+            return ref(pixels)
+
+    t_torch, _ = timed(run_torch, args.runs, args.warmup)
+    t_ours, _ = timed(run_ours, args.runs, args.warmup)
+    ours = [o.numpy() for o in x_dev[0]]
+    theirs = run_torch().fpn_hidden_states
+    err = max(float(np.abs(a - b.numpy()).max() / (np.abs(b.numpy()).max() + 1e-12)) for a, b in zip(ours, theirs))
+    gflop = vit_flops(cfg) / 1e9
+    print(f"vision backbone, {args.image_size} px, {cfg.vision.backbone.num_hidden_layers} blocks, "
+          f"fp32, {args.threads} threads, median of {args.runs} (after {args.warmup} warm-up)")
+    print(f"  build (ours)         {build_s:8.1f} s")
+    print(f"  PyTorch (eager)      {t_torch * 1e3:10.1f} ms   {gflop / t_torch:7.1f} GFLOP/s")
+    print(f"  sam3_nn (llvm)       {t_ours * 1e3:10.1f} ms   {gflop / t_ours:7.1f} GFLOP/s")
+    print(f"  ratio ours/PyTorch   {t_ours / t_torch:10.2f}x")
+    print(f"  max relative difference of FPN maps: {err:.2e}")
+    return 0
+
+
+def vit_flops(cfg) -> float:
+    """Multiply-adds x 2 of the trunk's GEMMs and attention (the neck is small)."""
+    bb = cfg.vision.backbone
+    g, c, f = bb.grid_size, bb.hidden_size, bb.intermediate_size
+    n = g * g
+    gemm = 2 * n * c * (3 * c + c + 2 * f)
+    total = 2 * n * 3 * bb.patch_size ** 2 * c
+    for i in range(bb.num_hidden_layers):
+        seq = n if bb.is_global(i) else bb.window_size ** 2
+        tokens = n if bb.is_global(i) else (-(-g // bb.window_size) * bb.window_size) ** 2
+        total += gemm + 4 * tokens * seq * c
+    return float(total)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
