@@ -15,7 +15,7 @@ from tvm.relax.frontend import nn
 
 from refs import assert_close, randomize_, save_hf_snapshot, tiny_hf_config
 from sam3_nn.config import Sam3Config
-from sam3_nn.detr_decoder import DetrDecoder
+from sam3_nn.detr_decoder import DetrDecoder, box_cxcywh_to_xyxy
 from sam3_nn.weights import load_params, open_checkpoint
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -27,7 +27,8 @@ class DecoderOnly(nn.Module):
         self.detr_decoder = DetrDecoder(cfg.detr_decoder)
 
     def decode(self, vision, pos, text, mask):
-        return self.detr_decoder(vision, pos, text, mask, (GRID, GRID))
+        out = self.detr_decoder(vision, pos, text, mask, (GRID, GRID))
+        return out + (box_cxcywh_to_xyxy(out[2]),)
 
     def decode_unmasked(self, vision, pos, text):
         return self.detr_decoder(vision, pos, text, None, (GRID, GRID))
@@ -72,11 +73,13 @@ def _hf_decode(model, inputs, mask):
                   vision_pos_encoding=inputs["pos"],
                   text_mask=None if mask is None else mask.bool(),
                   spatial_shapes=torch.tensor([[GRID, GRID]]))
+        from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy as box_xyxy
         from transformers.models.sam3.modeling_sam3 import inverse_sigmoid
 
         pred = (inverse_sigmoid(out.reference_boxes)
                 + dec.box_head(out.intermediate_hidden_states)).sigmoid()
-    return out.intermediate_hidden_states, out.reference_boxes, pred, out.presence_logits
+    return (out.intermediate_hidden_states, out.reference_boxes, pred, out.presence_logits,
+            box_xyxy(pred))
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,7 @@ def _run(vm, fn, *args, weights):
     return [o.numpy() for o in out]
 
 
-NAMES = ("hidden_states", "reference_boxes", "pred_boxes", "presence_logits")
+NAMES = ("hidden_states", "reference_boxes", "pred_boxes", "presence_logits", "pred_boxes_xyxy")
 
 
 def test_parity_with_padded_text(reference, library):

@@ -296,3 +296,24 @@ def test_fixture_coverage():
     ignored = sorted(n for n in mine if n not in used)
     assert ignored == sorted(f"detector.segmentation_head.pixel_decoder.{m}.2.{t}"
                              for m in ("conv_layers", "norms") for t in ("weight", "bias"))
+
+
+def test_bad_inputs_are_reported():
+    cfg = Sam3Config.from_hf(tiny_hf_config().to_dict())
+    c = cfg.mask_decoder.hidden_size
+    mode = {"param_mode": "packed", "effect_mode": "none"}
+
+    class Two(Heads):
+        def masks_no_prompt(self, queries, f0, f1, f2, enc):
+            return self.mask_decoder(queries, [f0, f1], enc)
+
+    spec = {"masks_no_prompt": _spec(cfg)["masks_no_prompt"]}
+    with pytest.raises(ValueError, match="3 FPN levels, got 2"):
+        Two(cfg).export_tvm(spec=spec)
+
+    odd = dict(spec["masks_no_prompt"], f1=nn.spec.Tensor([2, 20, 20, c], "float32"))
+    with pytest.raises(ValueError, match="integer factors"):
+        Heads(cfg).export_tvm(spec={"masks_no_prompt": odd})
+
+    with pytest.raises(ValueError, match="built for 3 levels|3 FPN levels"):
+        MaskDecoder(cfg.mask_decoder, 3).pixel_decoder([None, None])
