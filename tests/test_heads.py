@@ -265,13 +265,19 @@ def test_pt_layout_matches_hf(reference, tmp_path):
     sd = original_layout(model)
     path = str(tmp_path / "sam3.pt")
     torch.save({"model": sd}, path)
-    from_hf, _ = load_params(cfg, open_checkpoint(folder), expected, ["detector"], strict=False)
+    from_hf, hf_report = load_params(cfg, open_checkpoint(folder), expected, ["detector"], strict=False)
     from_pt, report = load_params(cfg, open_checkpoint(path), expected, ["detector"], strict=False)
     for name in expected:
         np.testing.assert_array_equal(from_pt[name], from_hf[name], err_msg=name)
     # every tensor written is used, except the pixel-decoder stage the image model never runs
     unused = {n for names in report.unused.values() for n in names}
     assert unused == {n for n in sd if ".pixel_decoder.conv_layers.2." in n or ".pixel_decoder.norms.2." in n}
+    # same in the HF snapshot, ignored with a reason (not reported as unexpected)
+    hf_mine = {n: r for r, names in hf_report.unused.items() for n in names
+               if n.startswith(("detr_decoder.", "dot_product_scoring.", "mask_decoder."))}
+    assert set(hf_mine) == {n for n in model.state_dict() if n.startswith("mask_decoder.pixel_decoder.")
+                            and (".conv_layers.2." in n or ".norms.2." in n)}
+    assert all("pixel decoder stages" in r for r in hf_mine.values())
 
 
 def test_fixture_coverage():
