@@ -111,6 +111,20 @@ def test_padded_prompt_tokens_are_ignored(reference, compiled, inputs):
     np.testing.assert_array_equal(moved[0], base[0])
 
 
+def test_masked_tail_equals_shorter_prompt(reference, compiled, inputs):
+    """Fully masked extra tokens (e.g. the geometry tokens of a box-less prompt) give
+    exactly the reference run on the shorter prompt alone (text only)."""
+    model, folder = reference
+    cfg, run, expected = compiled
+    feats, pos, prompt = inputs
+    text_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.int32)
+    ref = hf_forward(model, feats, pos, prompt[:, :4], text_mask)
+    mask = torch.cat([text_mask, torch.zeros(B, L - 4, dtype=torch.int32)], dim=1)
+    weights, _, _ = map_params(cfg, open_checkpoint(folder), expected, "")
+    (ours,) = run(weights, nhwc(feats), nhwc(pos), prompt.numpy(), mask.numpy())
+    assert_close(ours, ref, RTOL, ATOL, "detr encoder, masked tail vs text only")
+
+
 def original_layout(model) -> dict:
     """The HF DETR encoder weights in the original sam3.pt layout (independent of our mapping)."""
     sd = model.state_dict()
