@@ -7,6 +7,18 @@ Two entry points:
 * ``attention``: multi-head attention on already-projected q, k, v (cross
   attention, text, detector), with an optional additive key mask.
 
+Self-attention in ``RopeMode.INLINE`` and ``NONE``, and ``attention`` with no bias or
+a key-padding bias, run one fused flash-attention-style TIR kernel
+(``sam3_nn.attention_kernels``) straight on the projections: no split copy, no
+rotated q/k in memory, no ``Nq x Nk`` score matrix. ``NORMAL`` keeps the standalone
+RoPE kernel + composed softmax attention (``sdpa``) as the reference path.
+
+The kernel comes in a GPU schedule and a CPU one; which is emitted follows the
+target in scope at export time (``with tvm.target.Target(...):`` around
+``export_tvm``, or ``kernel_target(...)``). With no target in scope, the
+self-attention modes that need the kernel (INLINE / NONE) emit the CPU one, and
+``attention`` keeps the portable composed path.
+
 Masks are finite large negatives (``MASK_VALUE``), never ``-inf``: a fully
 masked row then gives a uniform (finite) softmax instead of NaNs, and no bool/inf
 type inference is involved.
@@ -14,11 +26,74 @@ type inference is involved.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Optional
+
+import tvm
+import tvm_ffi
 from tvm.relax.frontend.nn import Tensor, op
 
+from .attention_kernels import attention_kernel, kernel_name
 from .rope import AxialRope, RopeMode, fused_qkv_rope
 
 MASK_VALUE = -1.0e9  # large negative, finite in fp32; clamps to -65504 in fp16 math
+
+
+_KERNEL_TARGET: list = []
+
+
+@contextlib.contextmanager
+def kernel_target(target):
+    """Emit attention kernels for ``target`` (a ``tvm.target.Target``, dict or str) meanwhile."""
+    _KERNEL_TARGET.append(tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target)
+    try:
+        yield
+    finally:
+        _KERNEL_TARGET.pop()
+
+
+def current_kernel_target() -> Optional[tvm.target.Target]:
+    if _KERNEL_TARGET:
+        return _KERNEL_TARGET[-1]
+    return tvm.target.Target.current(allow_none=True)
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: int,
+                    offsets=(0, 0, 0), rope: AxialRope | None = None,
+                    key_bias: Tensor | None = None) -> Tensor:
+    """The fused kernel on ``[B, N, W]`` inputs whose heads start at column ``offsets``.
+
+    ``key_bias``: ``[B or 1, Nk]`` additive bias. Returns ``[B, Nq, num_heads * head_dim]``.
+    """
+    dtype = q.dtype
+    b, nq = q.shape[0], q.shape[1]
+    bias_batched = key_bias is not None and not (isinstance(key_bias.shape[0], int) and key_bias.shape[0] == 1
+                                                  and not (isinstance(b, int) and b == 1))
+    func = attention_kernel(current_kernel_target(), num_heads, head_dim, dtype, rope,
+                            tuple(offsets), key_bias is not None, bias_batched)
+    args = [q, k, v] + ([op.astype(key_bias, dtype)] if key_bias is not None else [])
+    return op.tensor_ir_op(func, kernel_name(rope, key_bias is not None), args=args,
+                           out=Tensor.placeholder((b, nq, num_heads * head_dim), dtype))
+
+
+def _same_dim(a, b) -> bool:
+    if isinstance(a, int) or isinstance(b, int):
+        return isinstance(a, int) and isinstance(b, int) and a == b
+    return bool(tvm_ffi.structural_equal(a, b))
+
+
+def _key_bias_2d(key_bias: Tensor, batch, nk):
+    """``key_bias`` as ``[B or 1, Nk]`` if it only varies over batch and key, else None."""
+    shape = list(key_bias.shape)
+    if not 2 <= len(shape) <= 4:
+        return None
+    if not all(isinstance(s, int) and s == 1 for s in shape[1:-1]):
+        return None
+    if not _same_dim(shape[-1], nk):
+        return None
+    if not (_same_dim(shape[0], 1) or _same_dim(shape[0], batch)):
+        return None
+    return op.reshape(key_bias, [shape[0], shape[-1]])
 
 
 def _heads(x: Tensor, num_heads: int) -> Tensor:
@@ -52,16 +127,27 @@ def qkv_self_attention(qkv: Tensor, num_heads: int, rope: AxialRope | None,
                        rope_mode: RopeMode = RopeMode.NORMAL) -> Tensor:
     """Self-attention from a fused projection ``[B, N, 3 * hidden]`` -> ``[B, N, hidden]``.
 
-    ``rope_mode`` NORMAL rotates q/k in a standalone kernel; NONE (or ``rope=None``)
-    applies no rotation.
+    ``rope_mode`` INLINE rotates q/k inside the fused attention kernel; NONE (or
+    ``rope=None``) runs the same kernel without rotation; NORMAL rotates q/k in a
+    standalone kernel and attends with the composed ``sdpa``.
     """
-    if rope is None or rope_mode == RopeMode.NONE:
-        q, k, v = fused_qkv_rope(qkv, num_heads, None)
-    elif rope_mode == RopeMode.NORMAL:
+    if rope_mode == RopeMode.NORMAL:
         q, k, v = fused_qkv_rope(qkv, num_heads, rope)
-    else:
-        raise NotImplementedError(f"RopeMode {rope_mode!r} is not available yet")
-    return _merge_heads(sdpa(q, k, v))
+        return _merge_heads(sdpa(q, k, v))
+    if rope_mode not in (RopeMode.INLINE, RopeMode.NONE):
+        raise ValueError(f"unknown RopeMode {rope_mode!r}")
+    b, n, width = qkv.shape
+    head_dim = int(width) // (3 * num_heads)
+    if head_dim * 3 * num_heads != int(width):
+        raise ValueError(f"qkv width {width} is not 3 * {num_heads} heads * head_dim")
+    use = rope if rope_mode == RopeMode.INLINE else None
+    if use is not None:
+        if use.head_dim != head_dim:
+            raise ValueError(f"rope head_dim {use.head_dim} != attention head_dim {head_dim}")
+        if isinstance(n, int) and n != use.seq_len:
+            raise ValueError(f"sequence of {n} tokens does not fit a {use.grid_h}x{use.grid_w} grid")
+    hidden = num_heads * head_dim
+    return fused_attention(qkv, qkv, qkv, num_heads, head_dim, (0, hidden, 2 * hidden), use)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
@@ -69,7 +155,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
     """Multi-head attention on projected ``[B, N, hidden]`` tensors -> ``[B, Nq, hidden]``.
 
     ``key_bias``: additive bias broadcasting to ``[B, H, Nq, Nk]`` (e.g. ``[B, 1, 1, Nk]``
-    holding 0 for kept keys and ``MASK_VALUE`` for padded ones).
+    holding 0 for kept keys and ``MASK_VALUE`` for padded ones). With a kernel target
+    in scope and no bias or such a key-padding one, the fused kernel runs; otherwise
+    (or with per-query / per-head biases) the composed path.
     """
+    b, nq, c = q.shape
+    head_dim = int(c) // num_heads
+    bias2d = None
+    if key_bias is not None:
+        bias2d = _key_bias_2d(key_bias, b, k.shape[1])
+    if current_kernel_target() is not None and (key_bias is None or bias2d is not None):
+        return fused_attention(q, k, v, num_heads, head_dim, (0, 0, 0), None, bias2d)
     out = sdpa(_heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads), key_bias)
     return _merge_heads(out)

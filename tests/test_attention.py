@@ -1,0 +1,285 @@
+"""Fused attention kernel (RopeMode INLINE / NONE) and the composed NORMAL path on llvm.
+
+The reference is written here in PyTorch: SAM 3's 2D axial RoPE with complex
+``freqs_cis`` (``torch.polar`` / ``view_as_complex``, as the original package) and
+plain softmax attention in float64. Tolerances: float32 atol/rtol 1e-5; float16
+inputs 2e-3 (the output itself is rounded to float16, ~5e-4 relative).
+Sequence lengths are chosen not to be multiples of the kernel tiles (32 query
+rows, 64 keys on the CPU).
+"""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm.relax.frontend import nn
+
+from refs import TINY_HF, assert_close, randomize_, save_hf_snapshot
+from sam3_nn.attention import MASK_VALUE, attention, kernel_target, qkv_self_attention
+from sam3_nn.rope import AxialRope, RopeMode
+
+TOL = {"float32": (1e-5, 1e-5), "float16": (2e-3, 2e-3)}
+
+
+# ---------------------------------------------------------------- PyTorch reference
+
+
+def freqs_cis(gh, gw, head_dim, theta, scale):
+    """Complex [N, D/2] rotation factors of the original package (x pairs then y pairs)."""
+    idx = torch.arange(gh * gw)
+    px = (idx % gw).double() * scale
+    py = (idx // gw).double() * scale
+    f = 1.0 / theta ** (torch.arange(0, head_dim, 4)[: head_dim // 4].double() / head_dim)
+    angles = torch.cat([torch.outer(px, f), torch.outer(py, f)], dim=-1)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def rope_complex(x, fc):
+    """x: [B, H, N, D] real; rotate interleaved pairs by the complex factors."""
+    xc = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(xc * fc).flatten(-2)
+
+
+def ref_attention(q, k, v, bias=None):
+    """q/k/v: [B, H, N, D] float64; bias broadcasting to [B, H, Nq, Nk]."""
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if bias is not None:
+        s = s + bias
+    return torch.softmax(s, dim=-1) @ v
+
+
+def heads(x, h):
+    b, n, c = x.shape
+    return x.reshape(b, n, h, c // h).permute(0, 2, 1, 3)
+
+
+def merge(x):
+    b, h, n, d = x.shape
+    return x.permute(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+def ref_self_attention(qkv, h, rope):
+    b, n, w = qkv.shape
+    t = torch.from_numpy(qkv.astype(np.float64))
+    q, k, v = (heads(x, h) for x in t.split(w // 3, dim=-1))
+    if rope is not None:
+        fc = freqs_cis(rope.grid_h, rope.grid_w, rope.head_dim, rope.theta, rope.scale)
+        q, k = rope_complex(q, fc), rope_complex(k, fc)
+    return merge(ref_attention(q, k, v)).numpy()
+
+
+# ---------------------------------------------------------------- our kernels, compiled
+
+
+class SelfAttn(nn.Module):
+    def __init__(self, h, rope):
+        self.h, self.rope = h, rope
+
+    def inline(self, qkv):
+        return qkv_self_attention(qkv, self.h, self.rope, RopeMode.INLINE)
+
+    def normal(self, qkv):
+        return qkv_self_attention(qkv, self.h, self.rope, RopeMode.NORMAL)
+
+    def none(self, qkv):
+        return qkv_self_attention(qkv, self.h, self.rope, RopeMode.NONE)
+
+
+class CrossAttn(nn.Module):
+    def __init__(self, h):
+        self.h = h
+
+    def plain(self, q, k, v):
+        return attention(q, k, v, self.h)
+
+    def masked(self, q, k, v, bias):
+        return attention(q, k, v, self.h, bias)
+
+    def per_query(self, q, k, v, bias):
+        return attention(q, k, v, self.h, bias)
+
+
+def _compile(module, spec):
+    mod, _ = module.export_tvm(spec=spec)
+    ex = tvm.compile(mod, target="llvm")
+    return mod, tvm.relax.VirtualMachine(ex, tvm.cpu())
+
+
+def _run(vm, name, *arrays):
+    out = vm[name](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays])
+    return out.numpy()
+
+
+# grid 5x7 = 35 tokens (not a multiple of 32), scaled positions, head dim 32 and 64
+SELF_CASES = [
+    (2, AxialRope(5, 7, 32, 10000.0, 1.0)),
+    (1, AxialRope(6, 6, 64, 10000.0, 24 / 72)),
+]
+
+
+@pytest.fixture(scope="module", params=["float32", "float16"])
+def self_libs(request):
+    dtype = request.param
+    libs = []
+    for h, rope in SELF_CASES:
+        spec = {f: {"qkv": nn.spec.Tensor(["b", rope.seq_len, 3 * h * rope.head_dim], dtype)}
+                for f in ("inline", "normal", "none")}
+        mod, vm = _compile(SelfAttn(h, rope), spec)
+        libs.append((h, rope, mod, vm))
+    return dtype, libs
+
+
+def test_self_attention_matches_complex_rope_reference(self_libs):
+    dtype, libs = self_libs
+    rtol, atol = TOL[dtype]
+    rng = np.random.default_rng(0)
+    for h, rope, _, vm in libs:
+        qkv = rng.standard_normal((3, rope.seq_len, 3 * h * rope.head_dim)).astype(dtype)
+        ref = ref_self_attention(qkv, h, rope)
+        ref_plain = ref_self_attention(qkv, h, None)
+        for mode in ("inline", "normal"):
+            assert_close(_run(vm, mode, qkv), ref, rtol, atol, f"{mode} {dtype} d{rope.head_dim}")
+        assert_close(_run(vm, "none", qkv), ref_plain, rtol, atol, f"none {dtype} d{rope.head_dim}")
+        # the rotation matters at these sizes: a kernel that skipped it would fail
+        assert np.abs(ref - ref_plain).max() > 50 * atol
+
+
+def test_inline_is_one_fused_kernel(self_libs):
+    """INLINE reads the fused qkv once: no split/rotate kernel, no softmax, no matmul."""
+    _, libs = self_libs
+    mod = libs[0][2]
+    inline = mod["inline"].script()
+    assert "sam3_attention_rope" in inline
+    for absent in ("sam3_qkv", "softmax", "matmul"):
+        assert absent not in inline, absent
+    normal = mod["normal"].script()
+    assert "sam3_qkv_rope" in normal and "softmax" in normal
+
+
+@pytest.fixture(scope="module", params=["float32", "float16"])
+def cross_lib(request):
+    dtype = request.param
+    t = lambda *s: nn.spec.Tensor(list(s), dtype)
+    h, c = 2, 64  # head dim 32
+    spec = {
+        "plain": {"q": t("b", "nq", c), "k": t("b", "nk", c), "v": t("b", "nk", c)},
+        "masked": {"q": t("b", "nq", c), "k": t("b", "nk", c), "v": t("b", "nk", c), "bias": t("b", 1, 1, "nk")},
+        "per_query": {"q": t("b", "nq", c), "k": t("b", "nk", c), "v": t("b", "nk", c),
+                      "bias": t("b", 1, "nq", "nk")},
+    }
+    with kernel_target("llvm"):
+        mod, vm = _compile(CrossAttn(h), spec)
+    return dtype, h, c, mod, vm
+
+
+def test_cross_attention_lengths_and_mask(cross_lib):
+    dtype, h, c, mod, vm = cross_lib
+    rtol, atol = TOL[dtype]
+    rng = np.random.default_rng(1)
+    b, nq, nk = 3, 7, 133  # keys: two full CPU tiles and a partial one
+    q, k, v = (rng.standard_normal((b, n, c)).astype(dtype) for n in (nq, nk, nk))
+    T = lambda a: heads(torch.from_numpy(a.astype(np.float64)), h)
+    ref = merge(ref_attention(T(q), T(k), T(v))).numpy()
+    assert_close(_run(vm, "plain", q, k, v), ref, rtol, atol, f"cross {dtype}")
+
+    # key padding: batch 0 keeps 100 keys, batch 1 keeps 1, batch 2 none (uniform softmax)
+    keep = np.zeros((b, nk), bool)
+    keep[0, :100] = True
+    keep[1, 57] = True
+    # (float16 cannot hold MASK_VALUE: its most negative finite value stands in)
+    mask_value = MASK_VALUE if dtype == "float32" else float(np.finfo(np.float16).min)
+    bias = np.where(keep, 0.0, mask_value).astype(dtype)[:, None, None, :]
+    ref_m = merge(ref_attention(T(q), T(k), T(v), torch.from_numpy(bias.astype(np.float64)))).numpy()
+    ours = _run(vm, "masked", q, k, v, bias)
+    assert np.isfinite(ours).all()
+    assert_close(ours[:2], ref_m[:2], rtol, atol, f"masked {dtype}")
+    if dtype == "float32":
+        # fully masked: -1e9 swamps the scores in float32, the softmax is uniform: mean of v
+        uniform = merge(T(v).mean(dim=2, keepdim=True).expand(-1, -1, nq, -1)).numpy()
+        assert_close(ours[2], uniform[2], rtol, atol, f"fully masked {dtype}")
+    else:
+        # -65504 leaves the scores ~0.01 of float32 resolution: softmax of the scores, roughly
+        assert_close(ours[2], ref_m[2], 2e-2, 2e-2, f"fully masked {dtype}")
+    assert np.abs(ref_m[0] - ref[0]).max() > 50 * atol
+
+    # a per-query bias is not a key mask: composed path, same semantics
+    # (sdpa rounds the probabilities to the input dtype before the second GEMM: 4x looser in fp16)
+    pq = (rng.standard_normal((b, 1, nq, nk)) * 3).astype(dtype)
+    ref_pq = merge(ref_attention(T(q), T(k), T(v), torch.from_numpy(pq.astype(np.float64)))).numpy()
+    f = 1 if dtype == "float32" else 4
+    assert_close(_run(vm, "per_query", q, k, v, pq), ref_pq, f * rtol, f * atol, f"per-query {dtype}")
+    assert "sam3_attention_masked" in mod["masked"].script()
+    assert "sam3_attention" not in mod["per_query"].script()
+
+
+def test_cross_attention_without_target_stays_composed():
+    t = lambda *s: nn.spec.Tensor(list(s), "float32")
+    mod, _ = CrossAttn(2).export_tvm(spec={"plain": {"q": t(1, 5, 64), "k": t(1, 9, 64), "v": t(1, 9, 64)}})
+    assert "sam3_attention" not in mod["plain"].script()
+
+
+def _all_modules(m):
+    yield m
+    for sub in m.imports:
+        yield from _all_modules(sub)
+
+
+def test_gpu_kernels_build_for_cuda():
+    """The GPU schedule lowers and generates CUDA for every variant (no device needed)."""
+    tgt = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    with kernel_target(tgt):
+        lib = SelfAttn(16, AxialRope(24, 24, 64, 10000.0, 1.0))
+        mod, _ = lib.export_tvm(spec={"inline": {"qkv": nn.spec.Tensor(["b", 576, 3 * 1024], "float16")}})
+        t = lambda *s: nn.spec.Tensor(list(s), "float32")
+        mod2, _ = CrossAttn(8).export_tvm(spec={"masked": {"q": t(1, "nq", 256), "k": t(1, "nk", 256),
+                                                           "v": t(1, "nk", 256), "bias": t(1, 1, 1, "nk")}})
+    for m in (mod, mod2):
+        ex = tvm.compile(m, target=tgt)
+        src = "".join(m.inspect_source() for m in _all_modules(ex.mod) if m.kind == "cuda")
+        assert "__global__" in src and "__shared__" in src
+        assert not re.search(r"\binf\b|INFINITY|0x[fF]f800000|0x7[fF]800000", src), "no -inf masks"
+
+
+# ---------------------------------------------------------------- the vision backbone
+
+
+class VisionOnly(nn.Module):
+    def __init__(self, cfg, mode):
+        from sam3_nn.vision import VisionModel
+
+        self.vision_encoder = VisionModel(cfg.vision, mode)
+
+    def encode_image(self, pixel_values):
+        return self.vision_encoder(pixel_values)
+
+
+def test_vision_backbone_inline_matches_normal_and_transformers(tmp_path):
+    from transformers import Sam3VisionConfig, Sam3VisionModel
+
+    from sam3_nn.config import Sam3Config
+    from sam3_nn.weights import load_params, open_checkpoint
+
+    hf_cfg = Sam3VisionConfig(**TINY_HF["vision_config"])
+    model = randomize_(Sam3VisionModel(hf_cfg).eval(), seed=3)
+    folder = save_hf_snapshot(model, str(tmp_path / "hf"))
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 3, 168, 168)
+    with torch.no_grad():
+        ref = model(pixels).fpn_hidden_states
+    cfg = Sam3Config.from_pretrained(folder)
+    outs = {}
+    for mode in (RopeMode.INLINE, RopeMode.NORMAL):
+        spec = {"encode_image": {"pixel_values": nn.spec.Tensor([1, 3, 168, 168], "float32"),
+                                 "$": {"param_mode": "packed", "effect_mode": "none"}}}
+        mod, named = VisionOnly(cfg, mode).export_tvm(spec=spec)
+        expected = {n: (tuple(int(s) for s in p.shape), p.dtype) for n, p in named}
+        params, _ = load_params(cfg, open_checkpoint(folder), expected, ["vision"])
+        vm = tvm.relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+        out = vm["encode_image"](tvm.runtime.tensor(pixels.numpy()),
+                                 [tvm.runtime.tensor(params[n]) for n, _ in named])
+        outs[mode] = [o.numpy() for o in out]
+    for i, (a, b, r) in enumerate(zip(outs[RopeMode.INLINE], outs[RopeMode.NORMAL], ref)):
+        assert_close(a, b, 1e-5, 1e-5, f"inline vs normal, level {i}")
+        assert_close(a, r, 1e-4, 1e-5, f"inline vs transformers, level {i}")
