@@ -11,6 +11,7 @@ Same random weights, same input. Prints each side's time per image, the ratio
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import statistics
 import sys
@@ -45,6 +46,8 @@ def main() -> int:
     ap.add_argument("--library", default=None, help="a prebuilt llvm library for this config")
     ap.add_argument("--work", default=None, help="folder for the snapshot and library")
     args = ap.parse_args()
+    if os.environ.get("SAM3_BENCH_TRACE"):
+        faulthandler.dump_traceback_later(int(os.environ["SAM3_BENCH_TRACE"]), exit=True)
 
     from transformers import Sam3VisionConfig, Sam3VisionModel
 

@@ -7,6 +7,12 @@ exported functions follow that:
 * ``image_position_encoding(batch) -> the sine position encodings of those maps``
 * ``encode_text(input_ids[B, L], attention_mask[B, L]) -> (text_features[B, L, D], text_mask[B, L])``
   (``L`` = the text context length; encode a prompt once, reuse it for many images)
+* ``detect(fpn_hidden_states_0..2, text_features, text_mask, boxes, box_labels, box_mask)
+  -> (pred_logits, pred_boxes, pred_masks, presence_logits, semantic_seg)``, named as
+  ``transformers``' ``Sam3ImageSegmentationOutput``. Box prompts come in a fixed
+  number of slots (``max_boxes``) with a mask, valid boxes first, so one library
+  serves any number of boxes up to it; with no valid box in the batch the prompt
+  is the text alone, exactly as the reference without ``input_boxes``.
 """
 
 from __future__ import annotations
@@ -17,22 +23,39 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from .config import Sam3Config
+from .detr_decoder import DetrDecoder, box_cxcywh_to_xyxy
+from .detr_encoder import DetrEncoder, flatten_tokens
+from .geometry import GeometryEncoder, drop_geometry_without_boxes
+from .heads import DotProductScoring, MaskDecoder
+from .layers import sine_position_encoding
 from .rope import RopeMode
 from .text_encoder import TextEncoder, encode_text
 from .vision import VisionModel
+from .weights.decoder_map import mask_decoder_levels
+
+MAX_BOXES = 8  # default box-prompt slots of a compiled detect()
 
 # the checkpoint parts (sam3_nn.weights.parts) a model can hold, and the functions each exports
-PARTS = ("vision", "text")
+PARTS = ("vision", "text", "detector")
 FUNCTIONS = {
     "vision": ("encode_image", "image_position_encoding"),
     "text": ("encode_text",),
+    "detector": ("detect",),
 }
+
+
+def _last(x: Tensor) -> Tensor:
+    """The last entry along axis 0 (the final decoder layer), axis dropped."""
+    n = int(x.shape[0])
+    tail = op.split(x, [n - 1], axis=0)[1] if n > 1 else x
+    return op.reshape(tail, list(x.shape[1:]))
 
 
 class Sam3Model(nn.Module):
     """The whole image model, or a subset of its parts (e.g. only the vision encoder)."""
 
-    def __init__(self, cfg: Sam3Config, rope_mode: RopeMode = RopeMode.NORMAL, parts=PARTS):
+    def __init__(self, cfg: Sam3Config, rope_mode: RopeMode = RopeMode.NORMAL, parts=PARTS,
+                 max_boxes: int = MAX_BOXES):
         unknown = sorted(set(parts) - set(PARTS))
         if unknown:
             raise ValueError(f"unknown model parts {unknown}; known: {list(PARTS)}")
@@ -44,6 +67,15 @@ class Sam3Model(nn.Module):
             self.text_encoder = TextEncoder(cfg.text)
             # resizer from the text width to the detector width (HF ``Sam3Model.text_projection``)
             self.text_projection = nn.Linear(cfg.text.hidden_size, cfg.detr_encoder.hidden_size)
+        if "detector" in self.parts:
+            if max_boxes < 1:
+                raise ValueError(f"max_boxes must be at least 1, got {max_boxes}")
+            self.max_boxes = max_boxes
+            self.geometry_encoder = GeometryEncoder(cfg.geometry)
+            self.detr_encoder = DetrEncoder(cfg.detr_encoder)
+            self.detr_decoder = DetrDecoder(cfg.detr_decoder)
+            self.dot_product_scoring = DotProductScoring(cfg.detr_decoder)
+            self.mask_decoder = MaskDecoder(cfg.mask_decoder, mask_decoder_levels(cfg))
 
     def functions(self) -> List[str]:
         return [f for p in self.parts for f in FUNCTIONS[p]]
@@ -60,6 +92,31 @@ class Sam3Model(nn.Module):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tuple[Tensor, Tensor]:
         return encode_text(self.text_encoder, self.text_projection, input_ids, attention_mask)
 
+    def detect(self, fpn_hidden_states_0: Tensor, fpn_hidden_states_1: Tensor,
+               fpn_hidden_states_2: Tensor, text_features: Tensor, text_mask: Tensor,
+               boxes: Tensor, box_labels: Tensor, box_mask: Tensor) -> Tuple[Tensor, ...]:
+        """One prompt against encoded image features (``encode_image``'s first three maps,
+        channel first). ``boxes``: ``[B, N, 4]`` (cx, cy, w, h) normalised; ``box_labels``:
+        1 positive / 0 negative; ``box_mask``: 1 valid / 0 empty slot, valid slots first."""
+        c = self.cfg.detr_encoder.hidden_size
+        levels = [op.permute_dims(x, [0, 2, 3, 1])
+                  for x in (fpn_hidden_states_0, fpn_hidden_states_1, fpn_hidden_states_2)]
+        image = levels[-1]  # the scale-1 map: the encoders' image tokens
+        h, w = int(image.shape[1]), int(image.shape[2])
+        pos = op.permute_dims(sine_position_encoding(image, c // 2, image.dtype), [0, 2, 3, 1])
+        geo, geo_mask = self.geometry_encoder(boxes, box_labels, box_mask, image, pos)
+        geo_mask = drop_geometry_without_boxes(geo_mask, box_mask)
+        prompt = op.concat([text_features, geo], dim=1)
+        mask = op.astype(text_mask, "int32") if text_mask.dtype != "int32" else text_mask
+        prompt_mask = op.concat([mask, geo_mask], dim=1)
+        memory = self.detr_encoder(image, pos, prompt, prompt_mask)
+        hidden, _, boxes_all, presence_all = self.detr_decoder(
+            memory, flatten_tokens(pos, c, "pos"), prompt, prompt_mask, (h, w))
+        logits = self.dot_product_scoring(hidden, prompt, prompt_mask)
+        masks, semantic = self.mask_decoder(_last(hidden), levels, memory, prompt, prompt_mask)
+        return (_last(logits), box_cxcywh_to_xyxy(_last(boxes_all)), masks,
+                _last(presence_all), semantic)
+
     def export_spec(self, dtype: str) -> Dict[str, Dict]:
         s = self.cfg.image_size
         c = self.cfg.vision.backbone.num_channels
@@ -71,6 +128,20 @@ class Sam3Model(nn.Module):
             "encode_text": {"input_ids": nn.spec.Tensor(["batch", ctx], "int32"),
                             "attention_mask": nn.spec.Tensor(["batch", ctx], "int32"), "$": mode},
         }
+        if "detector" in self.parts:
+            c = self.cfg.detr_encoder.hidden_size
+            n = self.max_boxes
+            sizes = self.cfg.vision.level_sizes()[:3]
+            spec["detect"] = {
+                **{f"fpn_hidden_states_{i}": nn.spec.Tensor(["batch", c, sz, sz], dtype)
+                   for i, sz in enumerate(sizes)},
+                "text_features": nn.spec.Tensor(["batch", ctx, c], dtype),
+                "text_mask": nn.spec.Tensor(["batch", ctx], "int32"),
+                "boxes": nn.spec.Tensor(["batch", n, 4], "float32"),
+                "box_labels": nn.spec.Tensor(["batch", n], "int32"),
+                "box_mask": nn.spec.Tensor(["batch", n], "int32"),
+                "$": mode,
+            }
         return {f: spec[f] for f in self.functions()}
 
     def output_names(self) -> Dict[str, List[str]]:
@@ -79,5 +150,6 @@ class Sam3Model(nn.Module):
             "encode_image": [f"fpn_hidden_states.{i}" for i in range(n)],
             "image_position_encoding": [f"fpn_position_encoding.{i}" for i in range(n)],
             "encode_text": ["text_features", "text_mask"],
+            "detect": ["pred_logits", "pred_boxes", "pred_masks", "presence_logits", "semantic_seg"],
         }
         return {f: names[f] for f in self.functions()}
