@@ -193,7 +193,8 @@ def _input_role(name: str) -> Tuple[str, int]:
     roles = {"text_features": "text", "text_embeds": "text", "prompt_features": "text",
              "text_mask": "text_mask", "attention_mask": "text_mask", "prompt_mask": "text_mask",
              "input_boxes": "boxes", "boxes": "boxes", "box_embeddings": "boxes",
-             "input_boxes_labels": "box_labels", "box_labels": "box_labels", "labels": "box_labels"}
+             "input_boxes_labels": "box_labels", "box_labels": "box_labels", "labels": "box_labels",
+             "box_mask": "box_mask"}
     if n in roles:
         return roles[n], -1
     raise LibraryError(f"the library's detect function takes an input {name!r} this runtime does not know")
@@ -322,14 +323,20 @@ class Sam3:
         if text is None:
             text = VISUAL_PROMPT  # as Sam3Processor does for box-only prompts
         text_features, text_mask = self.encode_text(text)
+        spec = self.functions["detect"]
+        slots = {inp["name"]: inp for inp in spec["inputs"]}
+        n_slots = int(slots["boxes"]["shape"][1]) if "boxes" in slots else 0
+        model_boxes = np.zeros((1, n_slots, 4), np.float32)
+        model_labels = np.zeros((1, n_slots), np.int64)
+        model_mask = np.zeros((1, n_slots), np.int64)
         if boxes is not None:
             b, lab = check_boxes(boxes, box_labels, state.original_size)
-            model_boxes = boxes_to_model(b, state.original_size)[None]
-            model_labels = lab[None]
-        else:
-            model_boxes = np.zeros((1, 0, 4), np.float32)
-            model_labels = np.zeros((1, 0), np.int64)
-        spec = self.functions["detect"]
+            if len(b) > n_slots:
+                raise InputError(f"{len(b)} boxes given; this library takes at most {n_slots} "
+                                 "(compile with more box slots)")
+            model_boxes[0, :len(b)] = boxes_to_model(b, state.original_size)
+            model_labels[0, :len(b)] = lab
+            model_mask[0, :len(b)] = 1
         args = []
         for inp in spec["inputs"]:
             role, level = _input_role(inp["name"])
@@ -343,6 +350,8 @@ class Sam3:
                 args.append(text_mask)
             elif role == "boxes":
                 args.append(model_boxes.astype(inp["dtype"]))
+            elif role == "box_mask":
+                args.append(model_mask.astype(inp["dtype"]))
             else:
                 args.append(model_labels.astype(inp["dtype"]))
         out = self.model("detect", *args)
