@@ -215,3 +215,27 @@ def test_converted_rejects_foreign_file(tmp_path):
     save_file({"a": np.zeros(2, np.float32)}, path)
     with pytest.raises(CheckpointError, match="not converted sam3_nn weights"):
         load_converted(path)
+
+
+def test_whole_released_checkpoint_is_accounted_for():
+    """Every tensor of the released sam3.pt layout: mapped onto the full-size model
+    (all parts), or unused with a stated reason; tracker.* is the video tracker."""
+    from sam3_nn.model import PARTS, Sam3Model
+
+    model = Sam3Model(Sam3Config(), parts=PARTS)
+    expected = {n: (tuple(int(s) for s in p.shape), "float32") for n, p in model.named_parameters()}
+    src = fixture_source()
+    _, report = plan(Sam3Config(), src, expected, PARTS, strict=True)
+    used = {n for names in report.mapped.values() for n in names}
+    unused = {n: r for r, names in report.unused.items() for n in names}
+    assert used.isdisjoint(unused)
+    assert set(src.meta) == used | set(unused)
+    assert len(report.mapped) == len(expected)
+    detector_unused = {n: r for n, r in unused.items() if n.startswith("detector.")}
+    for n, r in detector_unused.items():
+        assert not r.endswith("not built in this model"), f"{n}: {r}"
+    tracker = [n for n in src.meta if n.startswith("tracker.")]
+    assert tracker and all("video tracker" in unused[n] for n in tracker)
+    # shapes: every mapped parameter is built with the shape the model expects
+    params, _ = load_params(Sam3Config(), src, expected, PARTS)
+    assert all(params[n].shape == expected[n][0] for n in expected)
