@@ -89,7 +89,9 @@ def assert_close(ours: np.ndarray, ref, rtol: float, atol: float, what: str = ""
     np.testing.assert_allclose(ours.astype(np.float32), ref, rtol=rtol, atol=atol, err_msg=what)
 
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "sam3_pt_layout.json")
+# the released sam3.pt layout (names, shapes, dtypes; no weights): a copy of
+# shared/fixtures/sam3_pt_layout.json kept with the tests so a bare clone can run them
+FIXTURE = os.path.join(os.path.dirname(__file__), "data", "sam3_pt_layout.json")
 
 
 def fixture_source():
