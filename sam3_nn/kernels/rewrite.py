@@ -1,0 +1,249 @@
+"""Relax pass: route every GEMM-shaped ``relax.matmul`` to a kernel of ours.
+
+Runs before ``LegalizeOps``. Matches
+
+* ``add(matmul(x, permute_dims(w)), bias)`` and ``matmul(x, permute_dims(w))``
+  with a 2D ``w`` ``[N, K]``: ``nn.Linear``, ``linear_nd`` (patch embedding, 1x1
+  and 2x2-transposed convolutions);
+* ``matmul(x, w)`` with a 2D ``w`` ``[K, N]``;
+* batched ``matmul(q, permute_dims(k, [..., -1, -2]))`` and ``matmul(p, v)`` with
+  equal leading dims (attention scores and values),
+
+flattens the leading dims with zero-copy reshapes and calls a scheduled PrimFunc
+from the target's kernel provider (``provider(bt, m, n, k, dtype, out_dtype,
+w_batched=, w_layout=, has_bias=)``, returning ``None`` for "not mine"). Anything
+else (broadcast batches, dynamic K/N) is left to the default legalization: that
+is the fallback path. The new PrimFuncs carry ``tir.is_scheduled`` (dlight skips
+them) and ``op_pattern = kOpaque`` (FuseOps leaves them alone, so FuseTIR never
+merges a scheduled function with unscheduled neighbours).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+OPAQUE = 8  # relay/relax OpPatternKind.kOpaque
+
+Provider = Callable[..., Optional[tirx.PrimFunc]]
+ConvProvider = Callable[..., Optional[tirx.PrimFunc]]
+
+
+def _sinfo(e: relax.Expr):
+    ty = getattr(e, "ty", None)
+    if ty is None or ty.is_missing():
+        return None
+    return ty
+
+
+def _shape(e: relax.Expr):
+    si = _sinfo(e)
+    if not isinstance(si, relax.TensorType) or not isinstance(si.shape, relax.ShapeExpr):
+        return None, None
+    return list(si.shape.values), si.dtype
+
+
+def _static(v) -> Optional[int]:
+    return int(v) if isinstance(v, tirx.IntImm) else None
+
+
+def _analyzer():
+    from tvm.sym.analyzer import Analyzer
+
+    return Analyzer()
+
+
+def _prod(vals):
+    out = tirx.const(1, "int64")
+    for v in vals:
+        out = out * v
+    return _analyzer().simplify(out)
+
+
+def _same(a, b) -> bool:
+    return _analyzer().can_prove_equal(a, b)
+
+
+class _Rewriter:
+    def __init__(self, provider: Provider, bb: relax.BlockBuilder,
+                 conv_provider: Optional[ConvProvider] = None):
+        self.provider = provider
+        self.conv_provider = conv_provider
+        self.bb = bb
+        self.funcs: Dict[Tuple, Tuple[tvm.ir.GlobalVar, tirx.PrimFunc]] = {}
+        self.count = 0
+
+    def _kernel(self, bt, m, n, k, dtype, out_dtype, w_batched, w_layout, has_bias):
+        sb, sm = _static(bt), _static(m)
+        key = (sb, sm, n, k, dtype, out_dtype, w_batched, w_layout, has_bias)
+        if key not in self.funcs:
+            vb = sb if sb is not None else tirx.Var("bt", "int64")
+            vm = sm if sm is not None else tirx.Var("m", "int64")
+            func = self.provider(vb, vm, n, k, dtype, out_dtype, w_batched=w_batched,
+                                 w_layout=w_layout, has_bias=has_bias)
+            if func is None:
+                self.funcs[key] = None
+            else:
+                name = f"sam3_gemm_{'b' if w_batched else ''}{w_layout}_{n}x{k}_{dtype}"
+                if has_bias:
+                    name += "_bias"
+                name += f"_{len(self.funcs)}"
+                func = func.with_attr("op_pattern", OPAQUE).with_attr("global_symbol", name)
+                self.funcs[key] = (self.bb.add_func(func, name), func)
+        return self.funcs[key]
+
+    def emit_conv(self, orig, x, w, bias, conv) -> relax.Expr:
+        """``permute(conv2d(permute(x), w) (+ bias))``: NHWC in, NHWC out."""
+        if self.conv_provider is None:
+            return orig
+        xs, dtype = _shape(x)
+        ws, wdtype = _shape(w)
+        if xs is None or ws is None or len(xs) != 4 or len(ws) != 4 or dtype != wdtype:
+            return orig
+        at = conv.attrs
+        pads = [int(p) for p in at.padding]
+        if (str(at.data_layout) != "NCHW" or str(at.kernel_layout) != "OIHW" or int(at.groups) != 1
+                or any(int(v) != 1 for v in list(at.strides) + list(at.dilation))
+                or len(set(pads)) != 1):
+            return orig
+        h, w_, cin = _static(xs[1]), _static(xs[2]), _static(xs[3])
+        cout, ci, kh, kw = [_static(v) for v in ws]
+        out_dtype = _sinfo(orig).dtype
+        if None in (h, w_, cin, cout, kh) or ci != cin or kh != kw or out_dtype != dtype:
+            return orig
+        if bias is not None:
+            bs, bdtype = _shape(bias)
+            if bs is None or bdtype != dtype or [_static(v) for v in bs] not in ([1, cout, 1, 1], [cout]):
+                return orig
+            bias = relax.op.reshape(bias, relax.ShapeExpr([cout]))
+        nb = xs[0]
+        key = ("conv", _static(nb), h, w_, cin, cout, kh, pads[0], dtype, bias is not None)
+        if key not in self.funcs:
+            vb = _static(nb) if _static(nb) is not None else tirx.Var("b", "int64")
+            func = self.conv_provider(vb, h, w_, cin, cout, kh, pads[0], dtype, out_dtype,
+                                      has_bias=bias is not None)
+            if func is None:
+                self.funcs[key] = None
+            else:
+                name = f"sam3_conv{kh}x{kw}_{h}x{w_}x{cin}to{cout}_{dtype}_{len(self.funcs)}"
+                func = func.with_attr("op_pattern", OPAQUE).with_attr("global_symbol", name)
+                self.funcs[key] = (self.bb.add_func(func, name), func)
+        if self.funcs[key] is None:
+            return orig
+        gv = self.funcs[key][0]
+        args = [x, w] + ([bias] if bias is not None else [])
+        y = relax.call_tir(gv, args, relax.TensorType([nb, h * w_, cout], out_dtype))
+        self.count += 1
+        return relax.op.reshape(y, relax.ShapeExpr([nb, h, w_, cout]))
+
+    def emit(self, orig, x, w, bias, w_layout: str) -> relax.Expr:
+        """``x @ op(w) (+ bias)`` with ``op`` = transpose for 'nk'."""
+        xs, dtype = _shape(x)
+        ws, wdtype = _shape(w)
+        if xs is None or ws is None or dtype != wdtype or len(xs) < 2 or len(ws) < 2:
+            return orig
+        out_dtype = _sinfo(orig if bias is None else orig.args[0]).dtype
+        if out_dtype not in ("float32", "float16"):
+            return orig
+        if w_layout == "nk":
+            n, k = _static(ws[-2]), _static(ws[-1])
+        else:
+            k, n = _static(ws[-2]), _static(ws[-1])
+        if n is None or k is None or _static(xs[-1]) != k:
+            return orig
+        if len(ws) == 2:  # shared weight: all leading dims of x are rows
+            lead, m, bt, w_batched = xs[:-1], _prod(xs[:-1]), tirx.const(1, "int64"), False
+            out_shape = xs[:-1] + [n]
+        else:
+            if len(ws) != len(xs) or not all(_same(a, b) for a, b in zip(xs[:-2], ws[:-2])):
+                return orig
+            m, bt, w_batched = xs[-2], _prod(xs[:-2]), True
+            out_shape = xs[:-1] + [n]
+        if bias is not None:
+            bs, bdtype = _shape(bias)
+            if (bs is None or bdtype != out_dtype or _static(bs[-1]) != n
+                    or any(_static(v) != 1 for v in bs[:-1]) or len(bs) > len(out_shape)):
+                return orig
+            bias = relax.op.reshape(bias, relax.ShapeExpr([n]))
+        kern = self._kernel(bt, m, n, k, dtype, out_dtype, w_batched, w_layout, bias is not None)
+        if kern is None:
+            return orig
+        gv, _ = kern
+        a = relax.op.reshape(x, relax.ShapeExpr([bt, m, k]))
+        bw = bt if w_batched else tirx.const(1, "int64")
+        w3 = relax.op.reshape(w, relax.ShapeExpr([bw, n, k] if w_layout == "nk" else [bw, k, n]))
+        args = [a, w3] + ([bias] if bias is not None else [])
+        y = relax.call_tir(gv, args, relax.TensorType([bt, m, n], out_dtype))
+        self.count += 1
+        return relax.op.reshape(y, relax.ShapeExpr(out_shape))
+
+
+def _is_last_two_swap(call: relax.Call, ndim: int) -> bool:
+    axes = call.attrs.axes
+    if axes is None:
+        return ndim == 2
+    axes = [int(a) for a in axes]
+    return axes == list(range(ndim - 2)) + [ndim - 1, ndim - 2]
+
+
+def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = None,
+                   name: str = "Sam3GemmRewrite") -> tvm.transform.Pass:
+    """Module pass rewriting matmuls (and channel-last convs) to our kernels."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
+        bb = relax.BlockBuilder(mod)
+        rw = _Rewriter(provider, bb, conv_provider)
+        x, w, b = wildcard(), wildcard(), wildcard()
+        wt = is_op("relax.permute_dims")(w)
+        mm_t = is_op("relax.matmul")(x, wt)
+        mm = is_op("relax.matmul")(x, w)
+
+        def transposed(orig, mt, bias_pat=None):
+            call = mt[wt]
+            ws, _ = _shape(mt[w])
+            if ws is None or not _is_last_two_swap(call, len(ws)):
+                return orig
+            return rw.emit(orig, mt[x], mt[w], mt[bias_pat] if bias_pat else None, "nk")
+
+        def plain(orig, mt):
+            return rw.emit(orig, mt[x], mt[w], None, "kn")
+
+        # channel-last conv: permute(conv2d(permute(x), w) [+ bias]) (layers.Conv2d)
+        cx, cw, cb = wildcard(), wildcard(), wildcard()
+        perm_in = is_op("relax.permute_dims")(cx)
+        conv = is_op("relax.nn.conv2d")(perm_in, cw)
+        conv_b = is_op("relax.permute_dims")(is_op("relax.add")(conv, cb))
+        conv_nb = is_op("relax.permute_dims")(conv)
+
+        def conv_rewrite(orig, mt, bias_pat=None):
+            axes_out = orig.attrs.axes
+            axes_in = mt[perm_in].attrs.axes
+            if (axes_out is None or [int(a) for a in axes_out] != [0, 2, 3, 1]
+                    or axes_in is None or [int(a) for a in axes_in] != [0, 3, 1, 2]):
+                return orig
+            return rw.emit_conv(orig, mt[cx], mt[cw], mt[bias_pat] if bias_pat else None, mt[conv])
+
+        updates = {}
+        for gv, func in mod.functions.items():
+            if not isinstance(func, relax.Function):
+                continue
+            f = func
+            if rw.conv_provider is not None:
+                f = rewrite_call(conv_b, lambda o, mt: conv_rewrite(o, mt, cb), f)
+                f = rewrite_call(conv_nb, conv_rewrite, f)
+            f = rewrite_call(is_op("relax.add")(mm_t, b), lambda o, mt: transposed(o, mt, b), f)
+            f = rewrite_call(mm_t, transposed, f)
+            f = rewrite_call(mm, plain, f)
+            if not f.same_as(func):
+                updates[gv] = f
+        if not updates:
+            return mod
+        for gv, f in updates.items():
+            bb.update_func(gv, f)
+        return bb.get()
+
+    return _pass
