@@ -145,7 +145,31 @@ def export_cuda(args):
     json.dump({"dtype": args.dtype, "cases": meta}, open(os.path.join(args.export, "cases.json"), "w"))
 
 
+def _cuda_runtime_setup(arch: str):
+    """Runtime-only TVM on the GPU host: load the CUDA loader, compile kernels with nvcc."""
+    import ctypes
+    import subprocess
+    import tempfile
+
+    import tvm
+    import tvm_ffi
+
+    lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
+    if os.path.exists(lib):
+        ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+
+    def compile_cuda(code, *rest):
+        with tempfile.TemporaryDirectory() as d:
+            src, out = os.path.join(d, "k.cu"), os.path.join(d, "k.cubin")
+            open(src, "w").write(code)
+            subprocess.run(["nvcc", "--cubin", "-O3", f"-arch={arch}", "-o", out, src], check=True)
+            return bytearray(open(out, "rb").read())
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
+
+
 def run_cuda(args):
+    _cuda_runtime_setup(args.arch)
     import tvm
     from tvm.runtime.vm import VirtualMachine
 

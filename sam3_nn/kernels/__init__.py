@@ -33,6 +33,13 @@ def providers_for(target: tvm.target.Target):
             return conv2d_nhwc(b, h, w, cin, cout, ksize, pad, dtype, out_dtype, has_bias)
 
         return cpu_gemm, cpu_conv
+    if kind == "cuda":
+        from .cuda import gemm_cuda
+
+        def cuda_gemm(bt, m, n, k, dtype, out_dtype, **kw):
+            return gemm_cuda(target, bt, m, n, k, dtype, out_dtype, **kw)
+
+        return cuda_gemm, None
     return None, None
 
 

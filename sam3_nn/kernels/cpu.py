@@ -107,7 +107,7 @@ def schedule_gemm(func: tirx.PrimFunc, n: int, mr: int = MR, bn: int = BN,
     sch.decompose_reduction(b_mm, ks[0])
     if n % bn == 0:
         sch.vectorize(sch.get_loops(b_out)[-1])
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 def gemm(bt: Dim, m: Dim, n: int, k: int, dtype: str = "float32",

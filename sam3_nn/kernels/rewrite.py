@@ -13,7 +13,7 @@ flattens the leading dims with zero-copy reshapes and calls a scheduled PrimFunc
 from the target's kernel provider (``provider(bt, m, n, k, dtype, out_dtype,
 w_batched=, w_layout=, has_bias=)``, returning ``None`` for "not mine"). Anything
 else (broadcast batches, dynamic K/N) is left to the default legalization: that
-is the fallback path. The new PrimFuncs carry ``tir.is_scheduled`` (dlight skips
+is the fallback path. The new PrimFuncs carry ``tirx.is_scheduled`` (dlight skips
 them) and ``op_pattern = kOpaque`` (FuseOps leaves them alone, so FuseTIR never
 merges a scheduled function with unscheduled neighbours).
 """
@@ -145,7 +145,7 @@ class _Rewriter:
         ws, wdtype = _shape(w)
         if xs is None or ws is None or dtype != wdtype or len(xs) < 2 or len(ws) < 2:
             return orig
-        out_dtype = _sinfo(orig if bias is None else orig.args[0]).dtype
+        out_dtype = _sinfo(orig).dtype
         if out_dtype not in ("float32", "float16"):
             return orig
         if w_layout == "nk":
