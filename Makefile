@@ -7,8 +7,13 @@ DTYPE  ?=
 MODEL  ?=
 OUT    ?= dist
 ROPE   ?=
+ARCH   ?=
+PARTS  ?=
+# apache-tvm 0.27.0.post1 is ABI-compatible with this tvm-ffi only: 0.1.15.x segfaults
+# in ToJSONGraph (every sch.tensorize). See docs/targets.md.
+TVM_FFI_PIN := apache-tvm-ffi==0.1.14.post1
 
-.PHONY: all install compile test test-slow bench clean
+.PHONY: all install compile deps-metal deps-lld list-targets test test-slow bench clean
 
 all: compile
 
@@ -18,11 +23,32 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+$(VENV)/.tvm-ffi-pinned: $(VENV)/.installed Makefile
+	$(PY) -m pip install -q '$(TVM_FFI_PIN)'
+	touch $@
 
-compile: install
+# ld.lld / ld64.lld (LLVM 19) link the cross-built libraries (metal, llvm-macos, llvm-aarch64).
+# Best effort in `install`: skipped without apt-get or root; `make deps-metal` insists.
+LD64 := $(firstword $(shell command -v ld64.lld-19 ld64.lld 2>/dev/null))
+deps-lld:
+	@if [ -z "$(LD64)" ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q lld-19 >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
+	   apt-get install -y -q lld-19 >/dev/null 2>&1)) || echo "note: apt-get install lld-19 failed"; fi
+
+deps-metal: deps-lld
+	@command -v ld64.lld-19 >/dev/null 2>&1 || command -v ld64.lld >/dev/null 2>&1 || \
+	  { echo "error: ld64.lld not found: install lld-19 (Debian/Ubuntu: sudo apt-get install lld-19)"; exit 1; }
+
+install: $(VENV)/.installed $(VENV)/.tvm-ffi-pinned
+	-@$(MAKE) --no-print-directory deps-lld
+
+compile: install $(if $(filter metal metal-ios llvm-macos llvm-aarch64,$(TARGET)),deps-metal)
 	$(PY) compile.py --target $(TARGET) --output $(OUT) \
-	  $(if $(DTYPE),--dtype $(DTYPE)) $(if $(MODEL),--model $(MODEL)) $(if $(ROPE),--rope-mode $(ROPE))
+	  $(if $(DTYPE),--dtype $(DTYPE)) $(if $(MODEL),--model $(MODEL)) $(if $(ROPE),--rope-mode $(ROPE)) \
+	  $(if $(ARCH),--arch $(ARCH)) $(if $(PARTS),--parts $(PARTS))
+
+list-targets: install
+	$(PY) compile.py --list-targets
 
 test: install
 	$(PY) -m pytest -q tests

@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import tvm
 from tvm.relax.frontend import nn
@@ -75,6 +75,9 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -84,25 +87,82 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 def build(cfg: Sam3Config, target: str = "llvm", dtype: Optional[str] = None,
           rope_mode: str = "normal", output: str = "dist",
-          log: Callable[[str], None] = lambda s: None, parts=PARTS) -> Dict[str, str]:
-    """Compile the model for ``target``; write ``sam3-<target>.<ext>`` and ``.json``."""
-    preset = get_preset(target)
+          log: Callable[[str], None] = lambda s: None, parts=PARTS,
+          arch: Optional[str] = None) -> Dict[str, str]:
+    """Compile the model for ``target``; write ``sam3-<target>.<ext>`` and ``.json``.
+
+    ``arch`` (cuda targets only): comma-separated SASS arches, e.g. ``sm_80,sm_90a``.
+    Nothing is left in ``output`` when a step fails."""
+    preset = get_preset(target, arch)
+    target = preset.name
     dtype = dtype or preset.default_dtype
     if dtype not in ("float32", "float16"):
         raise ValueError(f"unsupported dtype {dtype!r}; expected float32 or float16")
     if rope_mode not in ROPE_MODES:
         raise ValueError(f"unknown rope mode {rope_mode!r}; expected one of {sorted(ROPE_MODES)}")
+    preset.check_tools()
     mode = ROPE_MODES[rope_mode]
     t0 = time.time()
-    log(f"[1/3] export: {target}, {dtype}, rope {rope_mode}")
+    log(f"[1/4] export: {target}, {dtype}, rope {rope_mode}, parts {', '.join(parts)}")
     model, mod, params, spec = export(cfg, dtype, mode, parts)
     manifest = manifest_for(cfg, model, mod, params, spec, dtype, target, mode)
-    log(f"[2/3] compile ({len(params)} parameters)")
-    ex = tvm.compile(mod, target=preset.tvm_target(), relax_pipeline=preset.pipeline())
+    t1 = time.time()
+    log(f"[2/4] compile for {preset.description} ({len(params)} parameters) "
+        f"[{t1 - t0:.1f} s]")
+    ex = preset.compile(mod, log)
+    t2 = time.time()
+    kernels = device_kernels(ex.mod)
     lib_path = os.path.join(output, f"sam3-{target}.{preset.suffix}")
     json_path = os.path.join(output, f"sam3-{target}.json")
-    log(f"[3/3] export library {lib_path}")
-    _atomic_write(lib_path, lambda p: ex.export_library(p))
-    manifest["build_seconds"] = round(time.time() - t0, 1)
-    _atomic_write(json_path, lambda p: open(p, "w").write(json.dumps(manifest, indent=1)))
+    log(f"[3/4] export {preset.library_format}: {lib_path} ({len(kernels)} device kernels) "
+        f"[{t2 - t1:.1f} s]")
+    _atomic_write(lib_path, lambda p: preset.export(ex, p, log, os.path.basename(lib_path)))
+    t3 = time.time()
+    log(f"[4/4] manifest {json_path} [{t3 - t2:.1f} s]")
+    manifest.update({
+        "library": os.path.basename(lib_path),
+        "preset": preset.describe(),
+        "tvm_ffi_version": _ffi_version(),
+        "kernels": kernels,
+        "build_seconds": round(time.time() - t0, 1),
+    })
+    try:
+        _atomic_write(json_path, lambda p: open(p, "w").write(json.dumps(manifest, indent=1)))
+    except BaseException:
+        os.unlink(lib_path)
+        raise
     return {"library": lib_path, "manifest": json_path}
+
+
+def _ffi_version() -> str:
+    try:
+        import importlib.metadata as md
+
+        return md.version("apache-tvm-ffi")
+    except Exception:  # noqa: BLE001 - informative only
+        return "unknown"
+
+
+def device_kernels(lib) -> List[str]:
+    """Names of the device kernels (GPU) in a built module tree; empty for CPU targets."""
+    import re
+
+    names: List[str] = []
+    seen = set()
+
+    def walk(m):
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        if m.kind in ("metal", "cuda", "opencl", "rocm", "webgpu", "vulkan"):
+            src = m.inspect_source("")
+            pat = {"metal": r"kernel\s+void\s+(\w+)\s*\(",
+                   "cuda": r"__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\s*\(",
+                   "opencl": r"__kernel\s+void\s+(\w+)\s*\("}.get(m.kind)
+            if pat:
+                names.extend(re.findall(pat, src))
+        for i in m.imports:
+            walk(i)
+
+    walk(lib)
+    return sorted(set(names))
