@@ -389,8 +389,8 @@ class TargetPreset:
             ex.export_library(path, fcompile=_tar.tar)
         elif self.suffix == "dylib":
             arch = "arm64"
-            platform, version = ("ios", "15.0") if "ios" in self.host.get("mtriple", "") \
-                else ("macos", "13.0")
+            triple = (self.host or self.target).get("mtriple", "")
+            platform, version = ("ios", "15.0") if "ios" in triple else ("macos", "13.0")
             ex.export_library(path, fcompile=link_macho(arch, platform, version, final_name))
         elif self.host is not None and self.host.get("mtriple", "").startswith("aarch64"):
             ex.export_library(path, fcompile=link_elf_shared())
