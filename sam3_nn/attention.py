@@ -31,6 +31,8 @@ from typing import Optional
 
 import tvm
 import tvm_ffi
+from tvm import te, tirx
+from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from .attention_kernels import attention_kernel, kernel_name
@@ -168,3 +170,44 @@ def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
         return fused_attention(q, k, v, num_heads, head_dim, (0, 0, 0), None, bias2d)
     out = sdpa(_heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads), key_bias)
     return _merge_heads(out)
+
+
+class Attention(nn.Module):
+    """``Sam3Attention``: separate q/k/v/o projections, multi-head softmax attention.
+
+    ``query [B, Nq, C]``, ``key``/``value [B, Nk, C]``; ``key_bias`` broadcasts to
+    ``[B, heads, Nq, Nk]`` (e.g. ``key_padding_bias``'s ``[B, 1, 1, Nk]``).
+    """
+
+    def __init__(self, hidden: int, num_heads: int):
+        if hidden % num_heads:
+            raise ValueError(f"hidden size {hidden} is not a multiple of {num_heads} heads")
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden)
+        self.o_proj = nn.Linear(hidden, hidden)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_bias: Optional[Tensor] = None) -> Tensor:
+        out = attention(self.q_proj(query), self.k_proj(key), self.v_proj(value),
+                        self.num_heads, key_bias)
+        return self.o_proj(out)
+
+
+def key_padding_bias(mask: Tensor) -> Tensor:
+    """``[B, N]`` key mask (nonzero = valid, 0 = padding, any dtype) -> ``[B, 1, 1, N]``
+    float32 additive bias: 0 for valid keys, ``MASK_VALUE`` (finite) for padded ones."""
+    if len(mask.shape) != 2:
+        raise ValueError(f"a key mask must be [batch, keys], got shape {list(mask.shape)}")
+
+    def compute(m):
+        b, n = m.shape
+        return te.compute(
+            (b, 1, 1, n),
+            lambda i, _a, _b, j: tirx.Select(m[i, j] != tirx.const(0, m.dtype),
+                                             tirx.const(0.0, "float32"),
+                                             tirx.const(MASK_VALUE, "float32")),
+            name="key_padding_bias")
+
+    return op.tensor_expr_op(compute, "key_padding_bias", args=[mask])

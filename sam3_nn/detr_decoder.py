@@ -25,7 +25,7 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from .attention import MASK_VALUE, attention
+from .attention import Attention, key_padding_bias
 from .config import DetrDecoderConfig
 from .layers import MLP
 
@@ -37,29 +37,6 @@ PRESENCE_CLAMP = 10.0
 # ----------------------------------------------------------------------------
 # small shared pieces (also used by heads.py)
 # ----------------------------------------------------------------------------
-class Attention(nn.Module):
-    """``Sam3Attention``: separate q/k/v/o projections, multi-head softmax attention.
-
-    ``query [B, Nq, C]``, ``key``/``value [B, Nk, C]``; ``bias`` broadcasts to
-    ``[B, heads, Nq, Nk]`` (float32, added to the scaled scores).
-    """
-
-    def __init__(self, hidden: int, num_heads: int):
-        if hidden % num_heads:
-            raise ValueError(f"hidden size {hidden} is not a multiple of {num_heads} heads")
-        self.num_heads = num_heads
-        self.q_proj = nn.Linear(hidden, hidden)
-        self.k_proj = nn.Linear(hidden, hidden)
-        self.v_proj = nn.Linear(hidden, hidden)
-        self.o_proj = nn.Linear(hidden, hidden)
-
-    def forward(self, query: Tensor, key: Tensor, value: Tensor,
-                bias: Optional[Tensor] = None) -> Tensor:
-        out = attention(self.q_proj(query), self.k_proj(key), self.v_proj(value),
-                        self.num_heads, bias)
-        return self.o_proj(out)
-
-
 class DecoderMLP(nn.Module):
     """``Sam3DecoderMLP``: 2 or 3 linear layers (``layer1..3``) with ReLU between."""
 
@@ -79,24 +56,6 @@ class DecoderMLP(nn.Module):
         if self.layer3 is None:
             return self.layer2(x)
         return self.layer3(op.relu(self.layer2(x)))
-
-
-def key_padding_bias(mask: Tensor) -> Tensor:
-    """``[B, N]`` key mask (nonzero = valid, 0 = padding, any dtype) ->
-    ``[B, 1, 1, N]`` float32 additive bias: 0 where valid, ``MASK_VALUE`` where padded."""
-    if len(mask.shape) != 2:
-        raise ValueError(f"a key mask must be [batch, keys], got shape {list(mask.shape)}")
-
-    def compute(m):
-        b, n = m.shape
-        return te.compute(
-            (b, 1, 1, n),
-            lambda i, _a, _b, j: tirx.Select(m[i, j] != tirx.const(0, m.dtype),
-                                             tirx.const(0.0, "float32"),
-                                             tirx.const(MASK_VALUE, "float32")),
-            name="key_padding_bias")
-
-    return op.tensor_expr_op(compute, "key_padding_bias", args=[mask])
 
 
 def clamp(x: Tensor, lo: Optional[float], hi: Optional[float], name: str = "clamp") -> Tensor:

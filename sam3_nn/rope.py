@@ -92,19 +92,11 @@ def fused_qkv_rope(qkv: Tensor, num_heads: int, rope: AxialRope | None) -> tuple
         raise ValueError(f"sequence of {n} tokens does not fit a {rope.grid_h}x{rope.grid_w} grid")
     hidden = num_heads * head_dim
 
-    def rotated(buf, bb, s, h, d):
+    def rotated(buf, bb, s, h, d, offset):
+        """Element ``d`` of head ``h`` of the projection starting at ``offset`` (0: q, hidden: k)."""
+        base = offset + h * head_dim
         if rope is None:
-            return buf[bb, s, h * head_dim + d]
-        base = h * head_dim
-        return T.Cast(
-            dtype,
-            rotate_element(rope, lambda j: T.Cast("float32", buf[bb, s, base + j]), s, d),
-        )
-
-    def rotated_k(buf, bb, s, h, d):
-        if rope is None:
-            return buf[bb, s, hidden + h * head_dim + d]
-        base = hidden + h * head_dim
+            return buf[bb, s, base + d]
         return T.Cast(
             dtype,
             rotate_element(rope, lambda j: T.Cast("float32", buf[bb, s, base + j]), s, d),
@@ -122,8 +114,8 @@ def fused_qkv_rope(qkv: Tensor, num_heads: int, rope: AxialRope | None) -> tuple
         for iters in T.grid(batch, seq, num_heads, head_dim):
             with T.sblock("qkv_rope"):
                 bb, s, h, d = T.axis.remap("SSSS", iters)
-                q[bb, h, s, d] = rotated(src, bb, s, h, d)
-                k[bb, h, s, d] = rotated_k(src, bb, s, h, d)
+                q[bb, h, s, d] = rotated(src, bb, s, h, d, 0)
+                k[bb, h, s, d] = rotated(src, bb, s, h, d, hidden)
                 v[bb, h, s, d] = src[bb, s, 2 * hidden + h * head_dim + d]
 
     out_shape = (b, num_heads, n, head_dim)
