@@ -106,11 +106,12 @@ def run_cpu(args):
     from tvm import relax
 
     from sam3_nn import kernels
+    from sam3_nn.targets import get_preset
 
     import torch
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    target = tvm.target.Target(kernels.host_cpu_target())
+    target = get_preset("llvm").tvm_target()
     rng = np.random.default_rng(0)
     rows = []
     for name, flops, mod, params, spec in _modules(args.m, args.conv_hw, args.dtype):

@@ -13,11 +13,12 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from sam3_nn import kernels
+from sam3_nn.targets import get_preset
 from sam3_nn.attention import sdpa
 from sam3_nn.kernels.cpu import conv2d_nhwc, gemm
 from sam3_nn.layers import Conv1x1, Conv2d, ConvTranspose2x2, linear_nd
 
-TARGET = tvm.target.Target(kernels.host_cpu_target())
+TARGET = get_preset("llvm").tvm_target()
 MODE = {"param_mode": "packed", "effect_mode": "none"}
 TOL = {"float32": 2e-4, "float16": 2e-2}
 

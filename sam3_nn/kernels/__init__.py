@@ -55,11 +55,3 @@ def pipeline(target: tvm.target.Target, base: Optional[tvm.transform.Pass] = Non
     """``schedule_passes(target)`` followed by ``base`` (default: TVM's default pipeline)."""
     base = base or relax.get_default_pipeline(target)
     return tvm.transform.Sequential(schedule_passes(target) + [base], name="sam3_kernels_pipeline")
-
-
-def host_cpu_target() -> dict:
-    """An ``llvm`` target dict for this machine's CPU (vector ISA included)."""
-    from tvm.target import codegen
-
-    name = codegen.llvm_get_system_cpu()
-    return {"kind": "llvm", "mcpu": name} if name else {"kind": "llvm"}
