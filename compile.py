@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default=None, choices=["float32", "float16"])
     ap.add_argument("--image-size", type=int, default=None)
-    ap.add_argument("--rope-mode", default="normal", choices=["normal", "inline"])
+    ap.add_argument("--rope-mode", default=None, choices=["normal", "inline"],
+                    help="ViT attention path (default: the target's, inline on GPUs)")
     ap.add_argument("--output", default="dist")
     args = ap.parse_args(argv)
 

@@ -73,7 +73,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: i
                                                   and not (isinstance(b, int) and b == 1))
     func = attention_kernel(current_kernel_target(), num_heads, head_dim, dtype, rope,
                             tuple(offsets), key_bias is not None, bias_batched)
-    args = [q, k, v] + ([op.astype(key_bias, dtype)] if key_bias is not None else [])
+    args = [q, k, v] + ([op.astype(key_bias, "float32")] if key_bias is not None else [])
     return op.tensor_ir_op(func, kernel_name(rope, key_bias is not None), args=args,
                            out=Tensor.placeholder((b, nq, num_heads * head_dim), dtype))
 

@@ -15,8 +15,9 @@ heads of each sit at a fixed column offset, so the fused qkv projection
 ``[B, N, 3*H*D]`` is passed three times (offsets 0, H*D, 2*H*D) without a split
 copy. The output is ``[B, Nq, H*D]`` (heads already merged).
 
-An optional additive key bias ``[Bb, Nk]`` (``Bb`` = B or 1) masks keys (finite
-large negatives; clamped so that even an infinite one stays finite).
+An optional additive key bias ``[Bb, Nk]`` (``Bb`` = B or 1), always float32 (so
+-1e9 stays finite in fp16 models), masks keys; clamped so that even an infinite
+one stays finite.
 
 Two implementations of the same semantics:
 
@@ -358,7 +359,7 @@ def _declare(body, num_heads, head_dim, dtype, has_bias, bias_batched):
             q = T.match_buffer(var_q, (batch, qo_len, wq), dtype)
             k = T.match_buffer(var_k, (batch, kv_len, wk), dtype)
             v = T.match_buffer(var_v, (batch, kv_len, wv), dtype)
-            bias = T.match_buffer(var_bias, (bias_b, kv_len), dtype)
+            bias = T.match_buffer(var_bias, (bias_b, kv_len), "float32")
             out = T.match_buffer(var_out, (batch, qo_len, hidden), dtype)
             body(q, k, v, bias, out, batch, qo_len, kv_len)
     else:

@@ -6,6 +6,7 @@ parameters are the trailing (packed) argument of every exported function.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -16,6 +17,7 @@ import tvm
 from tvm.relax.frontend import nn
 
 from . import __version__
+from .attention import kernel_target
 from .config import Sam3Config
 from .model import PARTS, Sam3Model
 from .rope import RopeMode
@@ -28,11 +30,15 @@ def _shape_list(shape):
     return [int(s) if isinstance(s, (int, tvm.tirx.IntImm)) else str(s) for s in shape]
 
 
-def export(cfg: Sam3Config, dtype: str, rope_mode: RopeMode, parts=PARTS):
-    model = Sam3Model(cfg, rope_mode, parts)
-    model.to(dtype)
-    spec = model.export_spec(dtype)
-    mod, params = model.export_tvm(spec=spec)
+def export(cfg: Sam3Config, dtype: str, rope_mode: RopeMode, parts=PARTS, target=None):
+    """Trace the model to Relax. ``target`` (a ``tvm.target.Target``) decides which
+    hand-written kernels are emitted (GPU or CPU attention schedule); None: the current
+    target, else the CPU kernels."""
+    with (kernel_target(target) if target is not None else contextlib.nullcontext()):
+        model = Sam3Model(cfg, rope_mode, parts)
+        model.to(dtype)
+        spec = model.export_spec(dtype)
+        mod, params = model.export_tvm(spec=spec)
     return model, mod, params, spec
 
 
@@ -86,7 +92,7 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 
 def build(cfg: Sam3Config, target: str = "llvm", dtype: Optional[str] = None,
-          rope_mode: str = "normal", output: str = "dist",
+          rope_mode: Optional[str] = None, output: str = "dist",
           log: Callable[[str], None] = lambda s: None, parts=PARTS,
           arch: Optional[str] = None) -> Dict[str, str]:
     """Compile the model for ``target``; write ``sam3-<target>.<ext>`` and ``.json``.
@@ -96,6 +102,7 @@ def build(cfg: Sam3Config, target: str = "llvm", dtype: Optional[str] = None,
     preset = get_preset(target, arch)
     target = preset.name
     dtype = dtype or preset.default_dtype
+    rope_mode = rope_mode or preset.default_rope_mode
     if dtype not in ("float32", "float16"):
         raise ValueError(f"unsupported dtype {dtype!r}; expected float32 or float16")
     if rope_mode not in ROPE_MODES:
@@ -104,7 +111,7 @@ def build(cfg: Sam3Config, target: str = "llvm", dtype: Optional[str] = None,
     mode = ROPE_MODES[rope_mode]
     t0 = time.time()
     log(f"[1/4] export: {target}, {dtype}, rope {rope_mode}, parts {', '.join(parts)}")
-    model, mod, params, spec = export(cfg, dtype, mode, parts)
+    model, mod, params, spec = export(cfg, dtype, mode, parts, preset.tvm_target())
     manifest = manifest_for(cfg, model, mod, params, spec, dtype, target, mode)
     t1 = time.time()
     log(f"[2/4] compile for {preset.description} ({len(params)} parameters) "

@@ -283,3 +283,31 @@ def test_vision_backbone_inline_matches_normal_and_transformers(tmp_path):
     for i, (a, b, r) in enumerate(zip(outs[RopeMode.INLINE], outs[RopeMode.NORMAL], ref)):
         assert_close(a, b, 1e-5, 1e-5, f"inline vs normal, level {i}")
         assert_close(a, r, 1e-4, 1e-5, f"inline vs transformers, level {i}")
+
+
+def test_export_emits_the_kernels_of_the_build_target():
+    """``compiler.export`` traces under the build target: a GPU build gets the thread-bound
+    attention kernel, an llvm build the CPU one (not whichever target happens to be current)."""
+    from refs import tiny_hf_config
+    from sam3_nn.compiler import export
+    from sam3_nn.config import Sam3Config
+    from sam3_nn.targets import get_preset
+
+    cfg = Sam3Config.from_hf(tiny_hf_config().to_dict())
+
+    def attention_scripts(preset):
+        _, mod, _, _ = export(cfg, "float32", RopeMode.INLINE, ["vision"], get_preset(preset).tvm_target())
+        return [f.script() for gv, f in mod.functions.items() if gv.name_hint.startswith("sam3_attention")]
+
+    gpu, cpu = attention_scripts("cuda"), attention_scripts("llvm")
+    assert gpu and cpu
+    assert all("threadIdx.x" in s for s in gpu)
+    assert not any("threadIdx" in s for s in cpu)
+
+
+def test_default_rope_mode_per_target():
+    from sam3_nn.targets import get_preset
+
+    assert get_preset("cuda").default_rope_mode == "inline"
+    assert get_preset("metal").default_rope_mode == "inline"
+    assert get_preset("llvm").default_rope_mode == "normal"
