@@ -29,7 +29,9 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "..", "sam3_nn", "kernels", "cuda", "attention.cu")
 LIB = "libsam3_attention.so"
-CONFIGS = {1: "4w x 32r (128)", 2: "3w x 32r (96)", 3: "2w x 32r (64)", 4: "4w x 16r (64)", 5: "2w x 16r (32)"}
+CONFIGS = {1: "4w x 32r (128)", 2: "3w x 32r (96)", 3: "2w x 32r (64)", 4: "4w x 16r (64)", 5: "2w x 16r (32)",
+           6: "wgmma 2wg x 64r (128)", 7: "wgmma 1wg x 64r (64)",
+           8: "wgmma 2wg x 64r, k rotated in half2", 9: "wgmma 1wg x 64r, k rotated in half2"}
 THETA = 10000.0
 
 
@@ -222,8 +224,10 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
     worst = 0.0
 
     def check(name, q, k, v, heads, d, offsets=(0, 0, 0), bias=None, grid=None, scale=1.0,
-              configs=(0, 1, 2, 3, 4, 5), ref=None):
+              configs=None, ref=None):
         nonlocal worst
+        if configs is None:
+            configs = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9) if d == 64 else (0, 1, 2, 3, 4, 5)
         if ref is None:
             ref = reference(q, k, v, heads, d, offsets, bias, grid, scale)
         for c in configs:
@@ -252,7 +256,8 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
         ref = check(name, qkv, qkv, qkv, h, d, off, grid=(gh, gw), scale=scale)
         plain = reference(qkv, qkv, qkv, h, d, off)
         assert (ref - plain).abs().max().item() > 1e-2, "the rotation must matter"
-        check(name.replace("rope", "no rope"), qkv, qkv, qkv, h, d, off, configs=(0, 1, 5), ref=plain)
+        check(name.replace("rope", "no rope"), qkv, qkv, qkv, h, d, off,
+              configs=(0, 1, 5, 6, 7) if d == 64 else (0, 1, 5), ref=plain)
         if name.startswith(("window", "global")):
             # the same fp16 inputs through torch (rotate in fp16, SDPA): its error, for scale
             cos, sin = rope_tables(gh, gw, d, scale, torch.float16, dev)
@@ -297,11 +302,13 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
             return [lambda i=i: kern(qkvs[i], qkvs[i], qkvs[i], h, d, off, None, (gh, gw) if rope else None,
                                      scale, config=c, out=outs[i]) for i in range(4)]
 
-        for c in (0, 1, 2, 3, 4, 5):
+        for c in (0, 1, 6, 7, 8, 9):
             r[f"ours_cfg{c}_ms"] = time_cuda(ours(c))
         r["ours_ms"] = r["ours_cfg0_ms"]
         r["ours_eager_ms"] = time_cuda(ours(0), graph=False)
-        r["ours_norope_ms"] = time_cuda(ours(0, rope=False))
+        for c in (0, 1, 6, 7):
+            r[f"ours_norope_cfg{c}_ms"] = time_cuda(ours(c, rope=False))
+        r["ours_norope_ms"] = r["ours_norope_cfg0_ms"]
         sdpa = [lambda i=i: F.scaled_dot_product_attention(*qkv_heads[i]) for i in range(4)]
         r["torch_sdpa_ms"] = time_cuda(sdpa)
         r["torch_sdpa_eager_ms"] = time_cuda(sdpa, graph=False)
@@ -358,16 +365,31 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
         print(f"{name:7s} ours {t['ours_ms']:.4f}  sdpa {t['torch_sdpa_ms']:.4f}  rope+sdpa {t['torch_rope_sdpa_ms']:.4f}"
               f"  ours/sdpa {t['ratio_vs_sdpa']:.2f}  ours/(rope+sdpa) {t['ratio_vs_rope_sdpa']:.2f}"
               f"  ours no-rope {t['ours_norope_ms']:.4f}  cfgs " +
-              " ".join(f"{c}:{t[f'ours_cfg{c}_ms']:.4f}" for c in range(1, 6)))
+              " ".join(f"{c}:{t[f'ours_cfg{c}_ms']:.4f}" for c in (1, 6, 7, 8, 9)))
     print("checks:", "all ok" if results["all_ok"] else "FAILURES", f"worst rel err {worst:.2e}")
     return results
 
 
+def smoke(out_dir: str) -> None:
+    """One call of each wgmma configuration (a crash here must not take the full run down)."""
+    import torch
+
+    kern = Kernel(os.path.join(out_dir, LIB))
+    qkv = torch.randn(2, 576, 3 * 1024, device="cuda", dtype=torch.float16)
+    for c in (6, 7, 8, 9):
+        out = kern(qkv, qkv, qkv, 16, 64, (0, 1024, 2048), None, (24, 24), 1.0, config=c)
+        torch.cuda.synchronize()
+        ref = reference(qkv, qkv, qkv, 16, 64, (0, 1024, 2048), None, (24, 24), 1.0)
+        print(f"smoke cfg {c}: rel err", ((out.double() - ref).norm() / ref.norm()).item(), flush=True)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] not in ("build", "run"):
+    if len(sys.argv) < 3 or sys.argv[1] not in ("build", "run", "smoke"):
         sys.exit(__doc__)
     if sys.argv[1] == "build":
         build(sys.argv[2])
+    elif sys.argv[1] == "smoke":
+        smoke(sys.argv[2])
     else:
         res_dir = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
         run(sys.argv[2], res_dir)

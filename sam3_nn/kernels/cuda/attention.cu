@@ -37,6 +37,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 namespace sam3_attn {
 
@@ -56,6 +57,8 @@ struct Params {
   int batch, heads, nq, nk;
   int grid_h, grid_w;  // RoPE grid (grid_w > 0 when rotating)
   float rope_scale, rope_theta;
+  float inv_grid_w;  // 1 / grid_w
+  int rope_half;     // wgmma kernels: rotate k tiles in half2 arithmetic
   float scale_log2;  // softmax scale * log2(e)
 };
 
@@ -140,40 +143,83 @@ __device__ __forceinline__ void load_tile(half* s, const half* g, int64_t rs, in
 }
 
 // Rotate, in place, the chunks this thread copied with load_tile (same index mapping).
-// tab[coord * D/4 + i] = (cos, sin) of coord * scale * f[i].
-template <int D, int ROWS, int NT>
+// tab[coord * D/4 + i] = (cos, sin) of coord * scale * f[i] (float32 arithmetic, one rounding);
+// HALF: tabh[...] = {(cos, cos), (-sin, sin)} as half2 pairs and the rotation in half2
+// arithmetic (two roundings; what a PyTorch fp16 RoPE does, at half the instructions).
+// Token coordinates come from a float reciprocal of grid_w (exact after the +-1 fix-up).
+template <int D, int ROWS, int NT, bool HALF = false>
 __device__ __forceinline__ void rope_tile(half* s, int row0, int nrows, const float2* tab,
-                                          int grid_w, int tid) {
+                                          const uint2* tabh, int grid_w, float inv_gw, int tid) {
   constexpr int CH = D / 8;
   constexpr int Q4 = D / 4;
   constexpr int TOTAL = ROWS * CH;
+  static_assert(NT % CH == 0, "each thread keeps one chunk column");
+  const int c = tid % CH;
+  const int p0 = c * 4;  // first pair of the chunk; a chunk never straddles the x/y halves
+  const bool is_x = p0 < Q4;
+  const int i0 = is_x ? p0 : p0 - Q4;
 #pragma unroll
   for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
     const int idx = it * NT + tid;
     if (TOTAL % NT == 0 || idx < TOTAL) {
-      const int r = idx / CH, c = idx % CH;
+      const int r = idx / CH;
       const int gr = row0 + r;
       if (gr < nrows) {
-        const int gy = gr / grid_w;
-        const int gx = gr - gy * grid_w;
-        const int p0 = c * 4;  // first pair of the chunk; a chunk never straddles x/y halves
-        const bool is_x = p0 < Q4;
-        const float4* t =
-            reinterpret_cast<const float4*>(tab + (is_x ? gx : gy) * Q4 + (is_x ? p0 : p0 - Q4));
-        const float4 t01 = t[0], t23 = t[1];
-        const float cs[4] = {t01.x, t01.z, t23.x, t23.z};
-        const float sn[4] = {t01.y, t01.w, t23.y, t23.w};
+        int gy = __float2int_rd((float(gr) + 0.5f) * inv_gw);
+        int gx = gr - gy * grid_w;
+        if (gx < 0) {
+          gy -= 1;
+          gx += grid_w;
+        } else if (gx >= grid_w) {
+          gy += 1;
+          gx -= grid_w;
+        }
+        const int e0 = (is_x ? gx : gy) * Q4 + i0;
         uint4* ptr = reinterpret_cast<uint4*>(s + swz<D>(r, c));
         uint4 val = *ptr;
         uint32_t w[4] = {val.x, val.y, val.z, val.w};
+        if constexpr (HALF) {
+          const uint4 t0 = *reinterpret_cast<const uint4*>(tabh + e0);
+          const uint4 t1 = *reinterpret_cast<const uint4*>(tabh + e0 + 2);
+          const uint32_t cc[4] = {t0.x, t0.z, t1.x, t1.z};
+          const uint32_t ss[4] = {t0.y, t0.w, t1.y, t1.w};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 xy = __half22float2(*reinterpret_cast<__half2*>(&w[e]));
-          w[e] = pack_half2(xy.x * cs[e] - xy.y * sn[e], xy.x * sn[e] + xy.y * cs[e]);
+          for (int e = 0; e < 4; ++e) {
+            const __half2 v = *reinterpret_cast<const __half2*>(&w[e]);
+            const __half2 r2 = __hfma2(__lowhigh2highlow(v), *reinterpret_cast<const __half2*>(&ss[e]),
+                                       __hmul2(v, *reinterpret_cast<const __half2*>(&cc[e])));
+            w[e] = *reinterpret_cast<const uint32_t*>(&r2);
+          }
+        } else {
+          const float4* t = reinterpret_cast<const float4*>(tab + e0);
+          const float4 t01 = t[0], t23 = t[1];
+          const float cs[4] = {t01.x, t01.z, t23.x, t23.z};
+          const float sn[4] = {t01.y, t01.w, t23.y, t23.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float2 xy = __half22float2(*reinterpret_cast<__half2*>(&w[e]));
+            w[e] = pack_half2(xy.x * cs[e] - xy.y * sn[e], xy.x * sn[e] + xy.y * cs[e]);
+          }
         }
         *ptr = make_uint4(w[0], w[1], w[2], w[3]);
       }
     }
+  }
+}
+
+// cos/sin table over the grid's distinct coordinates (and its half2 form when tabh is set).
+template <int D, int NT>
+__device__ __forceinline__ void build_rope_table(const Params& p, float2* tab, uint2* tabh, int tid) {
+  constexpr int Q4 = D / 4;
+  const int g = max(p.grid_h, p.grid_w);
+  for (int e = tid; e < g * Q4; e += NT) {
+    const int c = e / Q4, i = e - (e / Q4) * Q4;
+    const float inv = 1.0f / powf(p.rope_theta, float(2 * i) / float(D / 2));
+    const float a = (float(c) * p.rope_scale) * inv;
+    float sn, cs;
+    sincosf(a, &sn, &cs);
+    tab[e] = make_float2(cs, sn);
+    if (tabh != nullptr) tabh[e] = make_uint2(pack_half2(cs, cs), pack_half2(-sn, sn));
   }
 }
 
@@ -193,7 +239,7 @@ template <int D, int NW, int MT, int BN, bool ROPE, bool BIAS>
 __global__ void __launch_bounds__(NW * 32)
     attention_kernel(const Params p) {
   using C = Cfg<D, NW, MT, BN, ROPE, BIAS>;
-  constexpr int NT = C::NT, BM = C::BM, Q4 = C::Q4;
+  constexpr int NT = C::NT, BM = C::BM;
   constexpr int KS = D / 16;   // k-steps of Q K^T
   constexpr int NS = BN / 8;   // n8 tiles of S
   constexpr int DS = D / 8;    // n8 tiles of O
@@ -231,25 +277,15 @@ __global__ void __launch_bounds__(NW * 32)
       bias_next = tid < nk ? fmaxf(gbias[tid], kBiasFloor) * kLog2e : kNegTail;
     }
   }
-  if constexpr (ROPE) {
-    const int g = max(p.grid_h, p.grid_w);
-    for (int e = tid; e < g * Q4; e += NT) {
-      const int c = e / Q4, i = e - (e / Q4) * Q4;
-      const float inv = 1.0f / powf(p.rope_theta, float(2 * i) / float(D / 2));
-      const float a = (float(c) * p.rope_scale) * inv;
-      float sn, cs;
-      sincosf(a, &sn, &cs);
-      sTab[e] = make_float2(cs, sn);
-    }
-  }
+  if constexpr (ROPE) build_rope_table<D, NT>(p, sTab, nullptr, tid);
   if constexpr (BIAS) {
     if (tid < BN) sBias[tid] = bias_next;
   }
   cp_async_wait_all();
   if constexpr (ROPE) {
     __syncthreads();  // the table
-    rope_tile<D, BM, NT>(sQ, q0, nq, sTab, p.grid_w, tid);
-    rope_tile<D, BN, NT>(sK, 0, nk, sTab, p.grid_w, tid);
+    rope_tile<D, BM, NT>(sQ, q0, nq, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
+    rope_tile<D, BN, NT>(sK, 0, nk, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
   }
   __syncthreads();
 
@@ -408,7 +444,8 @@ __global__ void __launch_bounds__(NW * 32)
 
     if (has_next) {
       cp_async_wait_all();
-      if constexpr (ROPE) rope_tile<D, BN, NT>(sK + (st ^ 1) * BN * D, kv0 + BN, nk, sTab, p.grid_w, tid);
+      if constexpr (ROPE)
+        rope_tile<D, BN, NT>(sK + (st ^ 1) * BN * D, kv0 + BN, nk, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
       if constexpr (BIAS) {
         if (tid < BN) sBias[(st ^ 1) * BN + tid] = bias_next;
       }
@@ -451,6 +488,310 @@ __global__ void __launch_bounds__(NW * 32)
   }
 }
 
+// ---------------------------------------------------------------- Hopper (sm_90a): wgmma
+
+// Head dim 64 on sm_90a: the same algorithm with warpgroup MMAs. Each consumer warpgroup owns
+// 64 query rows; S = Q K^T reads q and k straight from shared memory (wgmma descriptors over
+// the same 128-byte XOR-swizzled tiles, which are exactly the SWIZZLE_128B canonical layout),
+// O += P V takes P from registers (the S accumulator layout converts to the A fragment in
+// place) and V from shared memory as an N-major operand. Fewer registers than the mma.sync
+// kernel (no q fragments, no ldmatrix), so two blocks share a multiprocessor and one block's
+// softmax overlaps the other's tensor-core work.
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SAM3_WGMMA 1
+#endif
+
+// Shared-memory matrix descriptor, 128-byte swizzle; byte offsets in 16-byte units.
+__device__ __forceinline__ uint64_t gmma_desc(uint32_t saddr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  uint64_t d = 0;
+  d |= uint64_t((saddr >> 4) & 0x3FFF);
+  d |= uint64_t((lbo_bytes >> 4) & 0x3FFF) << 16;
+  d |= uint64_t((sbo_bytes >> 4) & 0x3FFF) << 32;
+  d |= uint64_t(1) << 62;
+  return d;
+}
+
+__device__ __forceinline__ void fence_f32(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void fence_u32(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+#ifdef SAM3_WGMMA
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+#define SAM3_D32(d)                                                                                \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),        \
+  "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),      \
+  "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),      \
+  "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
+// d[64 x 64] (+)= A[64 x 16] (smem, K-major) * B[16 x 64] (smem, K-major)
+__device__ __forceinline__ void wgmma_ss_64x64(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1, 0, 0;\n}\n"
+      : SAM3_D32(d)
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+// d[64 x 64] += A[64 x 16] (registers) * B[16 x 64] (smem, N-major)
+__device__ __forceinline__ void wgmma_rs_64x64_tb(float* d, const uint32_t* a, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : SAM3_D32(d)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(1));
+}
+#endif
+
+template <int NWG, bool ROPE, bool BIAS>
+struct WgCfg {
+  static constexpr int D = 64, BN = 64, NT = NWG * 128, BM = NWG * 64, Q4 = D / 4, STAGES = 3;
+  static constexpr int smem_bytes(int table_rows) {
+    return 1024 + (BM * D + 2 * STAGES * BN * D) * 2 + (BIAS ? STAGES * BN * 4 : 0) +
+           (ROPE ? table_rows * Q4 * 16 : 0);
+  }
+};
+
+// Three-stage k/v ring: while the tensor cores compute S for tile j, the threads finish
+// tile j+1 (its copies were issued an iteration earlier) by rotating their k chunks, so the
+// rotation is off the critical path; tile j+2 is being copied meanwhile.
+template <int NWG, bool ROPE, bool BIAS>
+__global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
+    attention_wgmma_kernel(const Params p) {
+#ifdef SAM3_WGMMA
+  using C = WgCfg<NWG, ROPE, BIAS>;
+  constexpr int D = C::D, BN = C::BN, NT = C::NT, BM = C::BM, Q4 = C::Q4, ST = C::STAGES;
+  constexpr int NS = BN / 8, DS = D / 8;
+  constexpr int TILE = BN * D;  // elements of one k or v stage
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // 1024-byte aligned base: the swizzle pattern follows absolute address bits
+  const uint32_t raw_addr = smem_u32(smem_raw);
+  unsigned char* base = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);
+  half* sQ = reinterpret_cast<half*>(base);
+  half* sK = sQ + BM * D;
+  half* sV = sK + ST * TILE;
+  float* sBias = reinterpret_cast<float*>(sV + ST * TILE);
+  float2* sTab = reinterpret_cast<float2*>(sBias + (BIAS ? ST * BN : 0));
+  const int tab_rows = ROPE ? max(p.grid_h, p.grid_w) : 0;
+  uint2* sTabH = reinterpret_cast<uint2*>(sTab + tab_rows * Q4);
+
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7;
+  const int warp_in_wg = (tid >> 5) & 3, lane = tid & 31;
+  const int q0 = blockIdx.x * BM;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+
+  const half* gq = p.q + b * p.q_bs + p.q_off + h * D;
+  const half* gk = p.k + b * p.k_bs + p.k_off + h * D;
+  const half* gv = p.v + b * p.v_bs + p.v_off + h * D;
+  const float* gbias = BIAS ? p.bias + b * p.bias_bs : nullptr;
+  const int nk = p.nk, nq = p.nq;
+  const int ntiles = (nk + BN - 1) / BN;
+  const bool rope_half = ROPE && p.rope_half;
+
+  auto bias_val = [&](int key) {
+    return key < nk ? fmaxf(gbias[key], kBiasFloor) * kLog2e : kNegTail;
+  };
+  auto rope_k = [&](int tile) {
+    half* dst = sK + (tile % ST) * TILE;
+    if (rope_half)
+      rope_tile<D, BN, NT, true>(dst, tile * BN, nk, sTab, sTabH, p.grid_w, p.inv_grid_w, tid);
+    else
+      rope_tile<D, BN, NT, false>(dst, tile * BN, nk, sTab, sTabH, p.grid_w, p.inv_grid_w, tid);
+  };
+
+  // prologue: group 0 = q + tile 0, group 1 = tile 1 (possibly empty)
+  load_tile<D, BM, NT>(sQ, gq, p.q_rs, q0, nq, tid);
+  load_tile<D, BN, NT>(sK, gk, p.k_rs, 0, nk, tid);
+  load_tile<D, BN, NT>(sV, gv, p.v_rs, 0, nk, tid);
+  cp_async_commit();
+  if (ntiles > 1) {
+    load_tile<D, BN, NT>(sK + TILE, gk, p.k_rs, BN, nk, tid);
+    load_tile<D, BN, NT>(sV + TILE, gv, p.v_rs, BN, nk, tid);
+  }
+  cp_async_commit();
+  if constexpr (BIAS) {
+    if (tid < BN) sBias[tid] = bias_val(tid);
+  }
+  if constexpr (ROPE) build_rope_table<D, NT>(p, sTab, sTabH, tid);
+  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+  if constexpr (ROPE) {
+    __syncthreads();  // the table
+    rope_tile<D, BM, NT>(sQ, q0, nq, sTab, sTabH, p.grid_w, p.inv_grid_w, tid);
+    rope_tile<D, BN, NT>(sK, 0, nk, sTab, sTabH, p.grid_w, p.inv_grid_w, tid);
+  }
+  fence_proxy_async();
+  __syncthreads();
+
+  const uint32_t q_addr = smem_u32(sQ + wg * 64 * D);
+  const uint32_t k_addr = smem_u32(sK), v_addr = smem_u32(sV);
+
+  float o[DS * 4];
+#pragma unroll
+  for (int i = 0; i < DS * 4; ++i) o[i] = 0.f;
+  float m_run[2] = {kNegInit, kNegInit}, l_run[2] = {0.f, 0.f};
+  const float sc = BIAS ? 1.f : p.scale_log2;
+
+  for (int j = 0; j < ntiles; ++j) {
+    const int st = j % ST;
+    const int kv0 = j * BN;
+    // copies of tile j+2 into the stage tile j-1 used (freed by the last barrier)
+    if (j + 2 < ntiles) {
+      const int s2 = (j + 2) % ST;
+      load_tile<D, BN, NT>(sK + s2 * TILE, gk, p.k_rs, kv0 + 2 * BN, nk, tid);
+      load_tile<D, BN, NT>(sV + s2 * TILE, gv, p.v_rs, kv0 + 2 * BN, nk, tid);
+    }
+    cp_async_commit();  // one group per iteration (empty near the end): wait_group 1 below
+
+    // ---- S = Q K^T, asynchronous (4 k-steps of 16; +32 bytes along the swizzled rows)
+    float s[NS * 4];
+#pragma unroll
+    for (int i = 0; i < NS * 4; ++i) s[i] = 0.f;
+    {
+      const uint64_t dq = gmma_desc(q_addr, 16, 1024);
+      const uint64_t dk = gmma_desc(k_addr + st * TILE * 2, 16, 1024);
+#pragma unroll
+      for (int i = 0; i < NS * 4; ++i) fence_f32(s[i]);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) wgmma_ss_64x64(s, dq + 2 * ks, dk + 2 * ks, ks > 0);
+      wgmma_commit();
+    }
+    // ---- meanwhile: finish tile j+1 (copies landed: only the newest group may be pending)
+    if (j + 1 < ntiles) {
+      asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+      if constexpr (ROPE) rope_k(j + 1);
+      if constexpr (BIAS) {
+        if (tid < BN) sBias[((j + 1) % ST) * BN + tid] = bias_val(kv0 + BN + tid);
+      }
+      fence_proxy_async();
+    }
+    wgmma_wait0();
+#pragma unroll
+    for (int i = 0; i < NS * 4; ++i) fence_f32(s[i]);
+
+    // ---- bias, tail, online softmax (rows warp*16 + lane/4 and +8 of this warpgroup)
+    const int col_base = kv0 + 2 * (lane & 3);
+    if constexpr (BIAS) {
+      const float* cb = sBias + st * BN;
+#pragma unroll
+      for (int n = 0; n < NS; ++n) {
+        const float2 bb = *reinterpret_cast<const float2*>(cb + n * 8 + 2 * (lane & 3));
+        s[4 * n + 0] = fmaf(s[4 * n + 0], p.scale_log2, bb.x);
+        s[4 * n + 1] = fmaf(s[4 * n + 1], p.scale_log2, bb.y);
+        s[4 * n + 2] = fmaf(s[4 * n + 2], p.scale_log2, bb.x);
+        s[4 * n + 3] = fmaf(s[4 * n + 3], p.scale_log2, bb.y);
+      }
+    }
+    if (kv0 + BN > nk) {
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (col_base + n * 8 + (e & 1) >= nk) s[4 * n + e] = kNegTail;
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float mx = m_run[hr];
+#pragma unroll
+      for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hr], s[4 * n + 2 * hr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float alpha = fast_exp2((m_run[hr] - mx) * sc);
+      m_run[hr] = mx;
+      const float msc = mx * sc;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < NS; ++n) {
+        s[4 * n + 2 * hr] = fast_exp2(fmaf(s[4 * n + 2 * hr], sc, -msc));
+        s[4 * n + 2 * hr + 1] = fast_exp2(fmaf(s[4 * n + 2 * hr + 1], sc, -msc));
+        sum += s[4 * n + 2 * hr] + s[4 * n + 2 * hr + 1];
+      }
+      l_run[hr] = l_run[hr] * alpha + sum;
+#pragma unroll
+      for (int d = 0; d < DS; ++d) {
+        o[4 * d + 2 * hr] *= alpha;
+        o[4 * d + 2 * hr + 1] *= alpha;
+      }
+    }
+
+    // ---- O += P V (P: A fragments from the S accumulators; V: N-major, +2048 bytes per 16 keys)
+    {
+      uint32_t pa[BN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        pa[kk][0] = pack_half2(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[kk][1] = pack_half2(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = pack_half2(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = pack_half2(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+      const uint64_t dv = gmma_desc(v_addr + st * TILE * 2, 1024, 1024);
+#pragma unroll
+      for (int i = 0; i < DS * 4; ++i) fence_f32(o[i]);
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) fence_u32(pa[kk][e]);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_64x64_tb(o, pa[kk], dv + 128 * kk);
+      wgmma_commit();
+      wgmma_wait0();
+#pragma unroll
+      for (int i = 0; i < DS * 4; ++i) fence_f32(o[i]);
+    }
+    __syncthreads();  // tile j+1 complete everywhere; stage j free for tile j+3
+  }
+
+  // ---- normalise, stage through this warpgroup's rows of sQ, 16-byte stores
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float l = l_run[hr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = 1.f / l;
+    const int row = wg * 64 + warp_in_wg * 16 + (lane >> 2) + hr * 8;
+#pragma unroll
+    for (int d = 0; d < DS; ++d) {
+      const uint32_t v = pack_half2(o[4 * d + 2 * hr] * inv, o[4 * d + 2 * hr + 1] * inv);
+      *reinterpret_cast<uint32_t*>(sQ + swz<D>(row, d) + 2 * (lane & 3)) = v;
+    }
+  }
+  __syncwarp();
+  {
+    constexpr int CH = D / 8;
+    half* go = p.out + b * p.o_bs + h * D;
+    const int row0 = wg * 64 + warp_in_wg * 16;
+#pragma unroll
+    for (int it = 0; it < 16 * CH / 32; ++it) {
+      const int idx = it * 32 + lane;
+      const int r = row0 + idx / CH, c = idx % CH;
+      const int gr = q0 + r;
+      if (gr < nq) {
+        *reinterpret_cast<uint4*>(go + gr * p.o_rs + c * 8) =
+            *reinterpret_cast<const uint4*>(sQ + swz<D>(r, c));
+      }
+    }
+  }
+#else
+  __trap();  // built without sm_90a code; the launcher never selects this kernel then
+#endif
+}
+
 // ---------------------------------------------------------------- launch
 
 template <int D, int NW, int MT, int BN, bool ROPE, bool BIAS>
@@ -470,8 +811,48 @@ cudaError_t launch(const Params& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <int NWG, bool ROPE, bool BIAS>
+cudaError_t launch_wg(const Params& p, cudaStream_t stream) {
+  using C = WgCfg<NWG, ROPE, BIAS>;
+  const int table_rows = ROPE ? (p.grid_h > p.grid_w ? p.grid_h : p.grid_w) : 0;
+  const int smem = C::smem_bytes(table_rows);
+  auto kern = attention_wgmma_kernel<NWG, ROPE, BIAS>;
+  static int configured = 0;
+  if (smem > 48 * 1024 && smem > configured) {
+    cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    configured = smem;
+  }
+  dim3 grid((p.nq + C::BM - 1) / C::BM, p.heads, p.batch);
+  kern<<<grid, C::NT, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Whether the wgmma kernels were built for this device (sm_90a code present, CC 9.0).
+inline bool wgmma_available() {
+  static int state = -1;
+  if (state < 0) {
+    state = 0;
+    const char* off = getenv("SAM3_ATTENTION_NO_WGMMA");  // debugging knob: force mma.sync
+    if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+    int dev = 0, major = 0, minor = 0;
+    cudaFuncAttributes attr;
+    if (cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+        major == 9 && minor == 0 &&
+        cudaFuncGetAttributes(&attr, attention_wgmma_kernel<2, false, false>) == cudaSuccess &&
+        attr.binaryVersion == 90)
+      state = 1;
+    cudaGetLastError();  // clear a failed query
+  }
+  return state == 1;
+}
+
 // Tile configurations: (warps, 16-row m-tiles per warp), keys per tile 64.
 //   1: 4 warps x 32 rows (128)   2: 3 x 32 (96)   3: 2 x 32 (64)   4: 4 x 16 (64)   5: 2 x 16 (32)
+//   sm_90a, head dim 64 only (wgmma): 6: 2 warpgroups x 64 rows (128)   7: 1 x 64 (64)
+//   8, 9: as 6, 7 with the k tiles rotated in half2 arithmetic
 template <int D, bool ROPE, bool BIAS>
 cudaError_t dispatch_cfg(const Params& p, int config, cudaStream_t stream) {
   switch (config) {
@@ -480,38 +861,39 @@ cudaError_t dispatch_cfg(const Params& p, int config, cudaStream_t stream) {
     case 3: return launch<D, 2, 2, 64, ROPE, BIAS>(p, stream);
     case 4: return launch<D, 4, 1, 64, ROPE, BIAS>(p, stream);
     case 5: return launch<D, 2, 1, 64, ROPE, BIAS>(p, stream);
+    case 6:
+    case 7:
+    case 8:
+    case 9:
+      if constexpr (D == 64) {
+        if (!wgmma_available()) return cudaErrorInvalidValue;
+        return (config % 2 == 0) ? launch_wg<2, ROPE, BIAS>(p, stream) : launch_wg<1, ROPE, BIAS>(p, stream);
+      }
+      return cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }
 }
 
-// Automatic choice: the largest query tile that leaves little padding and enough blocks.
-inline int auto_config(const Params& p) {
+// Automatic choice: padding of the last query tile against filling the multiprocessors
+// (blocks resident per SM: 2 for the 128-row tiles, 4 for the 64/32-row ones).
+inline int auto_config(const Params& p, int head_dim) {
   int sms = 132;
   int dev = 0;
   if (cudaGetDevice(&dev) == cudaSuccess) {
     int v = 0;
     if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0) sms = v;
   }
-  const int bm[6] = {0, 128, 96, 64, 64, 32};
   const long long bh = (long long)p.batch * p.heads;
-  // query rows actually computed (padding included) per useful row, plus a penalty when the
-  // grid is under two blocks per multiprocessor
-  int best = 1;
-  double best_cost = 1e30;
-  for (int c : {1, 2, 3, 5}) {
-    const long long tiles = (p.nq + bm[c] - 1) / bm[c];
-    const long long blocks = tiles * bh;
-    double cost = double(tiles * bm[c]) / p.nq;
-    const double fill = double(blocks) / (2.0 * sms);
-    if (fill < 1.0) cost /= fill;
-    if (c == 5) cost *= 1.15;  // 16-row warps re-read k/v from shared memory twice as often
-    if (c == 3) cost *= 1.03;
-    if (cost < best_cost - 1e-9) {
-      best_cost = cost;
-      best = c;
-    }
-  }
-  return best;
+  auto cost = [&](int bm, int resident, double penalty) {
+    const long long tiles = (p.nq + bm - 1) / bm;
+    const double fill = double(tiles * bh) / double(resident * sms);
+    return double(tiles * bm) / p.nq / (fill < 1.0 ? fill : 1.0) * penalty;
+  };
+  if (head_dim == 64 && wgmma_available()) return cost(128, 2, 1.0) <= cost(64, 4, 1.1) ? 6 : 7;
+  // mma.sync: 4 warps x 32 rows when the grid is large; smaller tiles for short query sets
+  const double c1 = cost(128, 2, 1.0), c4 = cost(64, 3, 1.15), c5 = cost(32, 4, 1.2);
+  if (c1 <= c4 && c1 <= c5) return 1;
+  return c4 <= c5 ? 4 : 5;
 }
 
 }  // namespace sam3_attn
@@ -523,7 +905,7 @@ extern "C" {
 // elements, pointers not 16-byte aligned, empty key sequence).
 // Strides are in elements; bias (float32 [Bb, Nk], rows contiguous) may be null (no bias),
 // bias_batch_stride 0 broadcasts it.
-// grid_w <= 0: no RoPE. config 0: automatic tile choice (1..5: see dispatch_cfg).
+// grid_w <= 0: no RoPE. config 0: automatic tile choice (1..7: see dispatch_cfg).
 int sam3_attention_fp16(const void* q, const void* k, const void* v, const void* bias, void* out,
                         long long q_batch_stride, long long q_row_stride, int q_offset,
                         long long k_batch_stride, long long k_row_stride, int k_offset,
@@ -563,8 +945,10 @@ int sam3_attention_fp16(const void* q, const void* k, const void* v, const void*
   p.grid_w = rope ? grid_w : 0;
   p.rope_scale = rope_scale;
   p.rope_theta = rope_theta;
+  p.inv_grid_w = rope ? 1.0f / float(grid_w) : 0.f;
   p.scale_log2 = kLog2e / sqrtf(float(head_dim));
-  if (config <= 0) config = auto_config(p);
+  if (config <= 0) config = auto_config(p, head_dim);
+  p.rope_half = config >= 8 ? 1 : 0;
 
   const bool has_bias = bias != nullptr;
   cudaError_t err;
