@@ -13,7 +13,7 @@ PARTS  ?=
 # in ToJSONGraph (every sch.tensorize). See docs/targets.md.
 TVM_FFI_PIN := apache-tvm-ffi==0.1.14.post1
 
-.PHONY: all install compile deps-metal deps-lld list-targets test test-slow bench clean
+.PHONY: all install compile deps-metal deps-lld deps-cuda list-targets test test-slow bench clean
 
 all: compile
 
@@ -39,10 +39,20 @@ deps-metal: deps-lld
 	@command -v ld64.lld-19 >/dev/null 2>&1 || command -v ld64.lld >/dev/null 2>&1 || \
 	  { echo "error: ld64.lld not found: install lld-19 (Debian/Ubuntu: sudo apt-get install lld-19)"; exit 1; }
 
+# CUTLASS headers for the cuda targets' GEMM kernels (headers only: --no-deps skips
+# cuda-python & co.); CPU builds never need it. Same pin as pyproject's [cuda] extra.
+CUTLASS_PIN := nvidia-cutlass==4.2.0.0
+$(VENV)/.cutlass: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps '$(CUTLASS_PIN)'
+	touch $@
+
+deps-cuda: $(VENV)/.cutlass
+
 install: $(VENV)/.installed $(VENV)/.tvm-ffi-pinned
 	-@$(MAKE) --no-print-directory deps-lld
 
-compile: install $(if $(filter metal metal-ios llvm-macos llvm-aarch64,$(TARGET)),deps-metal)
+compile: install $(if $(filter metal metal-ios llvm-macos llvm-aarch64,$(TARGET)),deps-metal) \
+  $(if $(filter cuda%,$(TARGET)),deps-cuda)
 	$(PY) compile.py --target $(TARGET) --output $(OUT) \
 	  $(if $(DTYPE),--dtype $(DTYPE)) $(if $(MODEL),--model $(MODEL)) $(if $(ROPE),--rope-mode $(ROPE)) \
 	  $(if $(ARCH),--arch $(ARCH)) $(if $(PARTS),--parts $(PARTS))

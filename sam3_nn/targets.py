@@ -388,8 +388,15 @@ class TargetPreset:
         """Write the library to ``path`` (format by preset; ``final_name``: the file name
         it will have, for the dylib install name)."""
         if self.cuda_arches:
+            kw = {}
+            rt = getattr(ex, "mod", ex)
+            if rt._collect_from_import_tree(lambda m: m.kind == "static_library"):
+                # hand-written CUDA kernels (sam3_nn/kernels/cuda): link cudart statically
+                from sam3_nn.kernels.cuda_source import fcompile_with_cudart
+
+                kw["fcompile"] = fcompile_with_cudart()
             ex.export_library(path, fpack_imports=cuda_pack_imports(self.cuda_arches,
-                                                                     self.cuda_ptx, log))
+                                                                     self.cuda_ptx, log), **kw)
         elif self.suffix == "tar":
             from tvm.support import tar as _tar
 

@@ -1,0 +1,267 @@
+"""Hand-written CUDA kernels (``sam3_nn/kernels/cuda/*.cu``) linked into the library.
+
+The plumbing in four calls; a kernel author writes a ``.cu`` file and uses them from a
+Relax rewrite (or an ``nn.Module``'s trace)::
+
+    from sam3_nn.kernels import cuda_source as cs
+
+    obj = cs.compile_object("gemm_sm90", arches=("sm_90a",), cutlass=True)  # cached .o
+    call = cs.extern_call("sam3_gemm_sm90_f16", [a, w, bias],
+                          relax.TensorType([m, n], "float16"))             # Relax expr
+    mod = cs.attach(mod, [obj])                                              # IRModule
+
+* ``compile_object(name, arches)`` runs ``nvcc -c`` on ``cuda/<name>.cu`` for the given
+  SASS arches (``sm_90a`` -> ``-gencode=arch=compute_90a,code=sm_90a``), with the
+  tvm-ffi / DLPack headers (and CUTLASS's with ``cutlass=True``) on the include path.
+  The object is cached under :func:`cache_dir` by a hash of the source (and the headers in
+  ``cuda/``), flags and nvcc version, so a rebuild costs nothing.
+* The ``.cu`` file exports each entry point with tvm-ffi, in destination-passing style
+  (outputs are the trailing arguments, allocated by the VM)::
+
+      #include <tvm/ffi/function.h>
+      #include <tvm/ffi/container/tensor.h>
+      #include <tvm/ffi/extra/c_env_api.h>
+      void my_kernel(tvm::ffi::TensorView a, tvm::ffi::TensorView out) {
+        auto stream = static_cast<cudaStream_t>(
+            TVMFFIEnvGetStream(a.device().device_type, a.device().device_id));
+        ...launch on `stream`; TVM_FFI_THROW(RuntimeError) << ... on errors
+      }
+      TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_my_kernel, my_kernel);
+
+  (symbols are global in the final library: prefix them ``sam3_``).
+* ``extern_call(symbol, args, out_sinfo)`` is ``relax.call_dps_packed``; the VM finds
+  ``symbol`` in the loaded library (``__tvm_ffi_<symbol>``).
+* ``attach(mod, objects)`` adds the objects to the IRModule's ``external_mods``
+  attribute (as ``static_library`` runtime modules): ``relax.build`` imports them into
+  the executable and ``TargetPreset.export`` links them into ``sam3-<target>.so``
+  together with ``libcudart_static.a`` (:func:`link_objects`; the library then needs only
+  the driver, ``ldd`` shows no libcudart). A pass may call ``attach`` on its output
+  module; attaching the same object twice is a no-op.
+
+nvcc is required whenever a kernel is compiled (``CudaSourceError`` says so);
+CUTLASS (``pip install 'sam3_nn[cuda]'`` or ``nvidia-cutlass==4.2.0.0``: we use its
+headers only) when ``cutlass=True``. CPU-only installs never import any of this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Union
+
+import tvm
+from tvm import relax
+
+CUDA_DIR = Path(__file__).resolve().parent / "cuda"
+NVCC = ("nvcc", "/usr/local/cuda/bin/nvcc")
+CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"
+_ATTR = "sam3_cuda_objects"  # module attr: paths already attached (dedup)
+
+
+class CudaSourceError(RuntimeError):
+    """nvcc or CUTLASS missing, or a CUDA source failed to compile."""
+
+
+def nvcc_path() -> str:
+    for n in NVCC:
+        p = shutil.which(n) or (n if os.path.isabs(n) and os.access(n, os.X_OK) else None)
+        if p:
+            return p
+    raise CudaSourceError("nvcc not found: the cuda targets compile hand-written kernels "
+                          "(sam3_nn/kernels/cuda/*.cu) with it; install the CUDA toolkit "
+                          "or put nvcc on PATH")
+
+
+def cuda_home() -> Path:
+    """``$CUDA_HOME`` / ``$CUDA_PATH``, the toolkit around nvcc, or /usr/local/cuda."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    try:
+        cands.append(str(Path(os.path.realpath(nvcc_path())).parent.parent))
+    except CudaSourceError:
+        pass
+    cands.append("/usr/local/cuda")
+    for c in cands:
+        if c and (Path(c) / "include" / "cuda_runtime.h").is_file():
+            return Path(c)
+    raise CudaSourceError("CUDA toolkit not found (set CUDA_HOME)")
+
+
+def cutlass_include() -> Path:
+    """CUTLASS/CuTe headers: ``$CUTLASS_HOME/include`` or the ``nvidia-cutlass`` wheel's."""
+    home = os.environ.get("CUTLASS_HOME")
+    if home and (Path(home) / "include" / "cutlass").is_dir():
+        return Path(home) / "include"
+    spec = importlib.util.find_spec("cutlass_library")  # no import: it pulls cuda-python
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            inc = Path(loc) / "source" / "include"
+            if (inc / "cutlass").is_dir() and (inc / "cute").is_dir():
+                return inc
+    raise CudaSourceError(
+        "CUTLASS headers not found: the cuda GEMM kernels need them at build time. "
+        f"Install them with `pip install --no-deps '{CUTLASS_PIN}'` (or `make compile "
+        "TARGET=cuda`, which does), or set CUTLASS_HOME to a CUTLASS checkout")
+
+
+def cutlass_available() -> bool:
+    try:
+        cutlass_include()
+        return True
+    except CudaSourceError:
+        return False
+
+
+def nvcc_available() -> bool:
+    try:
+        nvcc_path()
+        return True
+    except CudaSourceError:
+        return False
+
+
+def cache_dir() -> Path:
+    """``$SAM3_CUDA_CACHE``, else ``<repo>/build/cuda-objects`` (git-ignored), else
+    ``~/.cache/sam3_nn/cuda-objects``."""
+    env = os.environ.get("SAM3_CUDA_CACHE")
+    if env:
+        return Path(env)
+    repo = CUDA_DIR.parents[2]
+    if (repo / "pyproject.toml").is_file() and os.access(repo, os.W_OK):
+        return repo / "build" / "cuda-objects"
+    return Path.home() / ".cache" / "sam3_nn" / "cuda-objects"
+
+
+def gencode(arches: Sequence[str]) -> List[str]:
+    """``sm_90a`` -> ``-gencode=arch=compute_90a,code=sm_90a`` (SASS only, per arch)."""
+    out = []
+    for a in arches:
+        if not a.startswith("sm_"):
+            raise CudaSourceError(f"bad CUDA arch {a!r}; expected sm_<digits>[a]")
+        num = a[3:]
+        out.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    return out
+
+
+def _includes(cutlass: bool) -> List[str]:
+    import tvm_ffi.libinfo as ffi_info
+
+    inc = [str(CUDA_DIR), ffi_info.find_include_path(), ffi_info.find_dlpack_include_path()]
+    if cutlass:
+        root = cutlass_include()
+        inc.append(str(root))
+        util = root.parent / "tools" / "util" / "include"  # cutlass/util/*.hpp
+        if util.is_dir():
+            inc.append(str(util))
+    return [f"-I{p}" for p in inc]
+
+
+def _nvcc_version(nvcc: str) -> str:
+    try:
+        return subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+
+
+def compile_object(name: str, arches: Sequence[str], *, cutlass: bool = False,
+                   defines: Iterable[str] = (), flags: Iterable[str] = (),
+                   log=lambda s: None) -> Path:
+    """Compile ``cuda/<name>.cu`` to an object for ``arches``; cached, returns its path."""
+    src = CUDA_DIR / f"{name}.cu"
+    if not src.is_file():
+        raise CudaSourceError(f"no CUDA source {src}")
+    nvcc = nvcc_path()
+    cmd_flags = (["-c", "-O3", "-std=c++17", "-Xcompiler=-fPIC", "--expt-relaxed-constexpr",
+                  "-DNDEBUG", "-w"] + gencode(arches) + _includes(cutlass)
+                 + [f"-D{d}" for d in defines] + list(flags))
+    h = hashlib.sha256()
+    h.update(_nvcc_version(nvcc).encode())
+    h.update("\0".join(c for c in cmd_flags if not c.startswith("-I")).encode())
+    if cutlass:
+        h.update(str(cutlass_include()).encode())
+    for f in [src] + sorted(CUDA_DIR.iterdir()):  # the .cu and every local header
+        if f == src or (f.is_file() and f.suffix in (".cuh", ".h", ".hpp")):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    key = h.hexdigest()[:16]
+    out_dir = cache_dir()
+    out = out_dir / f"{name}-{'-'.join(arches)}-{key}.o"
+    if out.is_file():
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"  nvcc: {src.name} ({', '.join(arches)})")
+    fd, tmp = tempfile.mkstemp(suffix=".o", dir=out_dir)
+    os.close(fd)
+    try:
+        p = subprocess.run([nvcc, *cmd_flags, "-o", tmp, str(src)], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise CudaSourceError(f"nvcc failed on {src.name}:\n{(p.stdout + p.stderr)[-6000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def compile_objects(jobs: Sequence[dict], log=lambda s: None) -> List[Path]:
+    """Several :func:`compile_object` calls (dicts of its keyword arguments + ``name``)
+    run in parallel (nvcc is single-threaded per file)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as ex:
+        futs = [ex.submit(compile_object, log=log, **j) for j in jobs]
+        return [f.result() for f in futs]
+
+
+def extern_call(symbol: str, args: Sequence[relax.Expr],
+                out_sinfo: Union[relax.TensorType, Sequence[relax.TensorType]]) -> relax.Call:
+    """``call_dps_packed(symbol, args)``: outputs ``out_sinfo`` allocated by the VM and
+    passed after ``args``."""
+    return relax.call_dps_packed(symbol, list(args), out_sinfo)
+
+
+def attach(mod: tvm.IRModule, objects: Sequence[Union[str, Path]]) -> tvm.IRModule:
+    """``mod`` with ``objects`` added to ``external_mods`` (linked into the library)."""
+    attrs = dict(mod.attrs) if mod.attrs else {}
+    done = [str(p) for p in attrs.get(_ATTR, [])]
+    ext = list(attrs.get("external_mods", []))
+    new = [str(Path(p)) for p in objects if str(Path(p)) not in done]
+    if not new:
+        return mod
+    for p in new:
+        ext.append(tvm.runtime.load_static_library(p, []))
+    mod = mod.with_attr("external_mods", ext)
+    return mod.with_attr(_ATTR, done + new)
+
+
+def link_objects() -> List[str]:
+    """Extra linker inputs for a library holding :func:`attach`'d objects: the static CUDA
+    runtime, its symbols kept local (no clash with another libcudart in the process)."""
+    lib = cuda_home() / "lib64" / "libcudart_static.a"
+    if not lib.is_file():
+        alt = cuda_home() / "targets" / "x86_64-linux" / "lib" / "libcudart_static.a"
+        lib = alt if alt.is_file() else lib
+    if not lib.is_file():
+        raise CudaSourceError(f"libcudart_static.a not found under {cuda_home()}")
+    return [str(lib), "-Wl,--exclude-libs,ALL", "-ldl", "-lrt", "-lpthread"]
+
+
+def has_static_objects(rt_mod) -> bool:
+    """Whether a built module tree imports ``static_library`` objects (needs cudart)."""
+    return bool(rt_mod._collect_from_import_tree(lambda m: m.kind == "static_library"))
+
+
+def fcompile_with_cudart(base=None):
+    """An ``export_library`` fcompile: ``base`` (default ``cc.create_shared``) with
+    :func:`link_objects` appended after the objects."""
+    from tvm.support import cc as _cc
+
+    base = base or _cc.create_shared
+
+    def fcompile(output, objects, **kw):
+        return base(output, list(objects) + link_objects(), **kw)
+
+    return fcompile
