@@ -144,6 +144,15 @@ def _PlainMatmul():
     return PlainMatmul()
 
 
+def _fast_math_passes(target: tvm.target.Target) -> List[tvm.transform.Pass]:
+    """llvm: polynomial softmax/exp/erf/GELU (vectorizable; libm's are scalar calls)."""
+    if target.kind.name != "llvm":
+        return []
+    from sam3_nn.kernels.cpu_rules import fast_math_pass
+
+    return [fast_math_pass()]
+
+
 def make_pipeline(target: tvm.target.Target, gpu: bool,
                   log: Callable[[str], None] = lambda s: None) -> tvm.transform.Pass:
     """Relax pipeline: [our GEMM kernels] + legalize/fuse + [dlight] + lowering."""
@@ -164,8 +173,15 @@ def make_pipeline(target: tvm.target.Target, gpu: bool,
                 from tvm.s_tir import dlight as dl
 
                 legalize.append(dl.ApplyDefaultSchedule(*_gpu_rules(target, log)))
+            elif target.kind.name == "llvm":
+                from tvm.s_tir import dlight as dl
+
+                from sam3_nn.kernels.cpu_rules import cpu_rules
+
+                legalize.append(dl.ApplyDefaultSchedule(*cpu_rules()))
             seq = tvm.transform.Sequential(
                 _kernel_passes(target)
+                + _fast_math_passes(target)
                 + backend.library_dispatch_passes(target)
                 + legalize
                 + backend.dataflow_lower_passes(target)
