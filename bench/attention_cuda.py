@@ -1,104 +1,87 @@
-"""Fused INLINE-RoPE attention on CUDA: check against PyTorch, time against SDPA.
+"""Fused INLINE-RoPE attention on CUDA through the compiled TVM library: check, time vs PyTorch.
 
 Two halves, because the accelerator machine has only a runtime-only TVM:
 
-  build (here, full TVM):
+  build (here, full TVM + nvcc):
       .venv/bin/python bench/attention_cuda.py build build/attn_cuda
   run (accelerator machine; carry .devbundle and build/attn_cuda):
       export PYTHONPATH=$PWD/.devbundle/site:$PWD; python3 bench/attention_cuda.py run build/attn_cuda
 
 Shapes (float16, head dim 64, 16 heads): the windowed ViT blocks (9 windows of
 24x24 = 576 tokens, one image) and the global blocks (1 x 5184 tokens, 72x72 grid,
-positions scaled by 24/72). Ours: one kernel from the fused qkv ``[B, N, 3*1024]``
-(split + 2D RoPE + attention + head merge). PyTorch: the same from the same qkv
-(split, rotate, ``scaled_dot_product_attention``, merge), and SDPA alone on ready
-``[B, H, N, D]`` q/k/v.
+positions scaled by 24/72). Ours: ``qkv_self_attention(..., RopeMode.INLINE)`` exported
+for CUDA, i.e. one call of the hand-written kernel (``sam3_nn/kernels/cuda/attention.cu``,
+linked into the library) on the fused qkv ``[B, N, 3*1024]`` (split + 2D RoPE + attention +
+head merge); ``*_none``: the same without RoPE; ``*_tir``: with the TIR kernel instead
+(``attention_cuda.disabled()``, the path before). PyTorch: SDPA alone on ready
+``[B, H, N, D]`` q/k/v, and split + rotate + SDPA + merge from the same qkv. Outputs are checked against a float64 reference with
+complex-number RoPE. Times: median over 25 samples (TVM's time_evaluator for ours, CUDA
+events over graph replays with 4 rotating input sets for PyTorch; see
+bench/attention_cuda_kernel.py for the kernel alone timed like PyTorch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = {
     # name: (batch, grid_h, grid_w, rope scale)
     "window": (9, 24, 24, 1.0),
     "global": (1, 72, 72, 24 / 72),
 }
 HEADS, HEAD_DIM, THETA, DTYPE = 16, 64, 10000.0, "float16"
-FUNCS = {"window": "window", "global_": "global", "window64": "window", "global64": "global",
-         "window_none": "window", "window_normal": "window", "global_normal": "global"}
+# function -> (shape, rope, kernel)
+FUNCS = {"window": ("window", True, "cuda"), "global_": ("global", True, "cuda"),
+         "window_none": ("window", False, "cuda"), "global_none": ("global", False, "cuda"),
+         "window_tir": ("window", True, "tir"), "global_tir": ("global", True, "tir")}
 
 
 def build(out_dir: str, arch: str = "sm_90a") -> None:
     import tvm
+    from tvm import relax
     from tvm.relax.frontend import nn
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    from sam3_nn import attention_cuda
     from sam3_nn.attention import kernel_target, qkv_self_attention
+    from sam3_nn.kernels.cuda_source import fcompile_with_cudart
     from sam3_nn.rope import AxialRope, RopeMode
 
-    class Bench(nn.Module):
-        def __init__(self):
-            self.ropes = {k: AxialRope(gh, gw, HEAD_DIM, THETA, s) for k, (_, gh, gw, s) in SHAPES.items()}
+    ropes = {k: AxialRope(gh, gw, HEAD_DIM, THETA, s) for k, (_, gh, gw, s) in SHAPES.items()}
 
-        def window(self, qkv):
-            return qkv_self_attention(qkv, HEADS, self.ropes["window"], RopeMode.INLINE)
-
-        def global_(self, qkv):
-            return qkv_self_attention(qkv, HEADS, self.ropes["global"], RopeMode.INLINE)
-
-        def window_normal(self, qkv):
-            return qkv_self_attention(qkv, HEADS, self.ropes["window"], RopeMode.NORMAL)
-
-        def global_normal(self, qkv):
-            return qkv_self_attention(qkv, HEADS, self.ropes["global"], RopeMode.NORMAL)
-
-        def window_none(self, qkv):  # the same kernel without RoPE: what the rotation costs
-            return qkv_self_attention(qkv, HEADS, None, RopeMode.NONE)
-
-    from sam3_nn import attention_kernels
-
-    class Tiles64(Bench):
-        def window64(self, qkv):
-            return self.window(qkv)
-
-        def global64(self, qkv):
-            return self.global_(qkv)
+    def method(shape, rope):
+        r = ropes[shape] if rope else None
+        return lambda self, qkv: qkv_self_attention(qkv, HEADS, r, RopeMode.INLINE if rope else RopeMode.NONE)
 
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
-    spec = {}
-    for fn, name in FUNCS.items():
-        b, gh, gw, _ = SHAPES[name]
-        spec[fn] = {"qkv": nn.spec.Tensor([b, gh * gw, 3 * HEADS * HEAD_DIM], DTYPE)}
-    with kernel_target(target):
-        mod, _ = Bench().export_tvm(spec={k: v for k, v in spec.items() if not k.endswith("64")})
-        attention_kernels.GPU_TILES = (64, 64)  # variant: 64 query rows x 64 keys per block
-        try:
-            mod64, _ = Tiles64().export_tvm(spec={k: v for k, v in spec.items() if k.endswith("64")})
-        finally:
-            attention_kernels.GPU_TILES = None
+    mods = []
+    for kernel in ("cuda", "tir"):
+        fns = {f: v for f, v in FUNCS.items() if v[2] == kernel}
+        Bench = type(f"Bench_{kernel}", (nn.Module,), {f: method(s, r) for f, (s, r, _) in fns.items()})
+        spec = {}
+        for f, (shape, _, _) in fns.items():
+            b, gh, gw, _ = SHAPES[shape]
+            spec[f] = {"qkv": nn.spec.Tensor([b, gh * gw, 3 * HEADS * HEAD_DIM], DTYPE)}
+        with kernel_target(target), (attention_cuda.disabled() if kernel == "tir" else contextlib.nullcontext()):
+            mod, _ = Bench().export_tvm(spec=spec)
+        mods.append((kernel, mod))
     os.makedirs(out_dir, exist_ok=True)
-    ex64 = tvm.compile(mod64, target=target)
-    ex64.export_library(os.path.join(out_dir, "attn64.so"))
-    ex = tvm.compile(mod, target=target)
-    ex.export_library(os.path.join(out_dir, "attn.so"))
-
-    def modules(m):
-        yield m
-        for sub in m.imports:
-            yield from modules(sub)
-
-    for e, name in ((ex, "kernels.cu"), (ex64, "kernels64.cu")):  # for reading / nvcc checks here
-        with open(os.path.join(out_dir, name), "w") as f:
-            f.write("".join(m.inspect_source() for m in modules(e.mod) if m.kind == "cuda"))
+    for kernel, mod in mods:
+        seq = tvm.transform.Sequential([attention_cuda.attach_pass(target, log=print),
+                                        relax.get_default_pipeline(target)])
+        ex = tvm.compile(mod, target=target, relax_pipeline=seq)
+        ex.export_library(os.path.join(out_dir, f"attn_{kernel}.so"), fcompile=fcompile_with_cudart())
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump({"shapes": SHAPES, "heads": HEADS, "head_dim": HEAD_DIM, "arch": arch}, f)
     print("built", out_dir)
 
 
 def _register_nvcc(arch: str) -> None:
+    """Compile the TIR kernels' CUDA source with nvcc at load (no NVRTC in runtime-only TVM)."""
     import subprocess
     import tempfile
 
@@ -115,99 +98,85 @@ def _register_nvcc(arch: str) -> None:
                 return bytearray(f.read())
 
 
-def torch_reference(qkv, gh, gw, scale, complex_rope=True, rope=True):
-    """qkv [B, N, 3*H*D] -> [B, N, H*D]; RoPE as the original package (complex)."""
-    import torch
-    import torch.nn.functional as F
-
-    b, n, _ = qkv.shape
-    q, k, v = qkv.view(b, n, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
-    idx = torch.arange(n, device=qkv.device)
-    f = 1.0 / THETA ** (torch.arange(0, HEAD_DIM, 4, device=qkv.device)[: HEAD_DIM // 4].float() / HEAD_DIM)
-    ang = torch.cat([torch.outer((idx % gw).float() * scale, f), torch.outer((idx // gw).float() * scale, f)], -1)
-    if complex_rope:
-        fc = torch.polar(torch.ones_like(ang), ang)
-        rot = lambda x: torch.view_as_real(
-            torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * fc).flatten(-2).to(x.dtype)
-    else:  # the real-arithmetic form a fast PyTorch path would use (cos/sin precomputed)
-        cos, sin = ang.cos().repeat_interleave(2, -1).to(qkv.dtype), ang.sin().repeat_interleave(2, -1).to(qkv.dtype)
-
-        def rot(x):
-            x2 = torch.stack([-x[..., 1::2], x[..., 0::2]], -1).flatten(-2)
-            return x * cos + x2 * sin
-    if not rope:
-        rot = lambda x: x
-    o = F.scaled_dot_product_attention(rot(q), rot(k), v)
-    return o.transpose(1, 2).reshape(b, n, HEADS * HEAD_DIM)
-
-
-def run(out_dir: str) -> None:
+def run(out_dir: str, result_dir: str | None = None) -> dict:
     import ctypes
 
-    import numpy as np
     import torch
-    import torch.nn.functional as F
 
     import tvm
+
+    sys.path.insert(0, HERE)
+    from attention_cuda_kernel import reference, rope_tables, time_cuda, torch_rope_sdpa
 
     ctypes.CDLL(os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so"), ctypes.RTLD_GLOBAL)
     from tvm.runtime.vm import VirtualMachine
 
+    import torch.nn.functional as F
+
     meta = json.load(open(os.path.join(out_dir, "meta.json")))
     _register_nvcc(meta["arch"])
     dev = tvm.cuda(0)
-    vms = {lib: VirtualMachine(tvm.runtime.load_module(os.path.join(out_dir, lib)), dev)
-           for lib in ("attn.so", "attn64.so")}
-    torch.manual_seed(0)
-
-    def bench_torch(fn, iters=50):
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        best = []
-        for _ in range(5):
-            s.record()
-            for _ in range(iters):
-                fn()
-            e.record()
-            torch.cuda.synchronize()
-            best.append(s.elapsed_time(e) / iters)
-        return min(best)
-
+    vms = {k: VirtualMachine(tvm.runtime.load_module(os.path.join(out_dir, f"attn_{k}.so")), dev)
+           for k in ("cuda", "tir")}
+    gen = torch.Generator(device="cuda").manual_seed(0)
     results = {}
-    for fn, name in FUNCS.items():
+    for fn, (name, rope, kernel) in FUNCS.items():
         b, gh, gw, scale = meta["shapes"][name]
         n = gh * gw
-        qkv = torch.randn(b, n, 3 * HEADS * HEAD_DIM, device="cuda", dtype=torch.float16)
+        qkv = torch.randn(b, n, 3 * HEADS * HEAD_DIM, device="cuda", dtype=torch.float16, generator=gen)
         x = tvm.runtime.tensor(qkv.cpu().numpy(), dev)
-        vm = vms["attn64.so" if fn.endswith("64") else "attn.so"]
-        ours = torch.from_numpy(vm[fn](x).numpy()).cuda().float()
-        rope = not fn.endswith("none")
-        ref32 = torch_reference(qkv.float(), gh, gw, scale, rope=rope)
-        ref16 = torch_reference(qkv, gh, gw, scale, rope=rope).float()
-        err = (ours - ref32).abs().max().item()
-        err_torch16 = (ref16 - ref32).abs().max().item()
-        iters = 50 if name == "window" else 10
-        ev = vm.time_evaluator(fn, dev, number=iters, repeat=5)
-        t_ours = min(ev(x).results) * 1e3
-        r = {"max_abs_err_vs_fp32": err, "torch_fp16_err_vs_fp32": err_torch16, "ours_ms": t_ours}
-        if fn in ("window", "global_"):
-            q, k, v = (torch.randn(b, HEADS, n, HEAD_DIM, device="cuda", dtype=torch.float16) for _ in range(3))
-            r["torch_sdpa_ms"] = bench_torch(lambda: F.scaled_dot_product_attention(q, k, v), iters)
-            r["torch_rope_sdpa_ms"] = bench_torch(lambda: torch_reference(qkv, gh, gw, scale, False), iters)
-            r["ratio_vs_sdpa"] = t_ours / r["torch_sdpa_ms"]
-            r["ratio_vs_rope_sdpa"] = t_ours / r["torch_rope_sdpa_ms"]
+        vm = vms[kernel]
+        ours = torch.from_numpy(vm[fn](x).numpy()).cuda()
+        off = (0, HEADS * HEAD_DIM, 2 * HEADS * HEAD_DIM)
+        ref = reference(qkv, qkv, qkv, HEADS, HEAD_DIM, off, None, (gh, gw) if rope else None, scale)
+        o = ours.double()
+        r = {"rel_err": ((o - ref).norm() / ref.norm()).item(), "max_abs_err": (o - ref).abs().max().item(),
+             "finite": bool(torch.isfinite(ours).all().item())}
+        iters = 20 if kernel == "cuda" else 2
+        ev = vm.time_evaluator(fn, dev, number=iters, repeat=25)
+        res = sorted(ev(x).results)
+        r["ours_ms"] = res[len(res) // 2] * 1e3
+        if kernel == "cuda" and rope:
+            cos, sin = rope_tables(gh, gw, HEAD_DIM, scale, torch.float16, "cuda")
+            e = torch_rope_sdpa(qkv, HEADS, HEAD_DIM, cos, sin).double()
+            r["torch_fp16_rel_err"] = ((e - ref).norm() / ref.norm()).item()
+            qs = [[torch.randn(b, HEADS, n, HEAD_DIM, device="cuda", dtype=torch.float16, generator=gen)
+                   for _ in range(3)] for _ in range(4)]
+            qkvs = [torch.randn_like(qkv) for _ in range(4)]
+            r["torch_sdpa_ms"] = time_cuda([lambda i=i: F.scaled_dot_product_attention(*qs[i]) for i in range(4)])
+            r["torch_rope_sdpa_ms"] = time_cuda([lambda i=i: torch_rope_sdpa(qkvs[i], HEADS, HEAD_DIM, cos, sin)
+                                                 for i in range(4)])
+            r["ratio_vs_sdpa"] = r["ours_ms"] / r["torch_sdpa_ms"]
+            r["ratio_vs_rope_sdpa"] = r["ours_ms"] / r["torch_rope_sdpa_ms"]
             flops = 4 * b * HEADS * n * n * HEAD_DIM
-            r["ours_tflops"] = flops / t_ours / 1e9
+            r["ours_tflops"] = flops / r["ours_ms"] / 1e9
             r["sdpa_tflops"] = flops / r["torch_sdpa_ms"] / 1e9
         results[fn] = r
-        print(fn, json.dumps(r), flush=True)
+        print(fn, json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__)
-    print(json.dumps(results, indent=1))
+    if result_dir:
+        os.makedirs(result_dir, exist_ok=True)
+        with open(os.path.join(result_dir, "attention_cuda_tvm.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    print("\n== through the TVM library (fp16, ms, median of 25)")
+    for fn, label in (("window", "window 9x576"), ("global_", "global 1x5184")):
+        r = results[fn]
+        tir = results[fn.rstrip("_") + "_tir"]
+        none = results[fn.rstrip("_") + "_none"]
+        print(f"{label:14s} ours {r['ours_ms']:.4f} (no rope {none['ours_ms']:.4f}, TIR kernel {tir['ours_ms']:.3f})"
+              f"  torch sdpa {r['torch_sdpa_ms']:.4f}  torch rope+sdpa {r['torch_rope_sdpa_ms']:.4f}"
+              f"  ours/sdpa {r['ratio_vs_sdpa']:.2f}  ours/(rope+sdpa) {r['ratio_vs_rope_sdpa']:.2f}"
+              f"  rel err {r['rel_err']:.1e} (torch fp16 {r['torch_fp16_rel_err']:.1e})")
+    ok = all(r["finite"] and r["rel_err"] < 2e-3 for r in results.values())
+    print("output check:", "ok" if ok else "FAILED", {k: f"{v['rel_err']:.1e}" for k, v in results.items()})
+    return results
 
 
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in ("build", "run"):
         sys.exit(__doc__)
-    build(sys.argv[2]) if sys.argv[1] == "build" else run(sys.argv[2])
+    if sys.argv[1] == "build":
+        build(sys.argv[2])
+    else:
+        res_dir = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+        run(sys.argv[2], res_dir)

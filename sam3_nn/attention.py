@@ -13,7 +13,11 @@ a key-padding bias, run one fused flash-attention-style TIR kernel
 rotated q/k in memory, no ``Nq x Nk`` score matrix. ``NORMAL`` keeps the standalone
 RoPE kernel + composed softmax attention (``sdpa``) as the reference path.
 
-The kernel comes in a GPU schedule and a CPU one; which is emitted follows the
+On CUDA, float16 with head dims 32/64 goes to a hand-written tensor-core kernel instead
+(``sam3_nn.attention_cuda``, same semantics; its object is linked in by
+``attention_cuda.attach_pass``); float32 and other GPU targets keep the TIR kernel.
+
+The TIR kernel comes in a GPU schedule and a CPU one; which is emitted follows the
 target in scope at export time (``with tvm.target.Target(...):`` around
 ``export_tvm``, or ``kernel_target(...)``). With no target in scope, the
 self-attention modes that need the kernel (INLINE / NONE) emit the CPU one, and
@@ -35,6 +39,7 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
+from . import attention_cuda
 from .attention_kernels import attention_kernel, kernel_name
 from .rope import AxialRope, RopeMode, fused_qkv_rope
 
@@ -68,10 +73,13 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: i
     ``key_bias``: ``[B or 1, Nk]`` additive bias. Returns ``[B, Nq, num_heads * head_dim]``.
     """
     dtype = q.dtype
+    target = current_kernel_target()
+    if attention_cuda.supported(target, dtype, head_dim, (q.shape[2], k.shape[2], v.shape[2]), offsets):
+        return attention_cuda.emit(q, k, v, num_heads, head_dim, offsets, rope, key_bias)
     b, nq = q.shape[0], q.shape[1]
     bias_batched = key_bias is not None and not (isinstance(key_bias.shape[0], int) and key_bias.shape[0] == 1
                                                   and not (isinstance(b, int) and b == 1))
-    func = attention_kernel(current_kernel_target(), num_heads, head_dim, dtype, rope,
+    func = attention_kernel(target, num_heads, head_dim, dtype, rope,
                             tuple(offsets), key_bias is not None, bias_batched)
     args = [q, k, v] + ([op.astype(key_bias, "float32")] if key_bias is not None else [])
     return op.tensor_ir_op(func, kernel_name(rope, key_bias is not None), args=args,

@@ -842,7 +842,7 @@ inline bool wgmma_available() {
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
         major == 9 && minor == 0 &&
         cudaFuncGetAttributes(&attr, attention_wgmma_kernel<2, false, false>) == cudaSuccess &&
-        attr.binaryVersion == 90)
+        attr.binaryVersion == 90 && attr.numRegs >= 64)  // sm_90 without "a": a trap stub
       state = 1;
     cudaGetLastError();  // clear a failed query
   }
@@ -889,7 +889,7 @@ inline int auto_config(const Params& p, int head_dim) {
     const double fill = double(tiles * bh) / double(resident * sms);
     return double(tiles * bm) / p.nq / (fill < 1.0 ? fill : 1.0) * penalty;
   };
-  if (head_dim == 64 && wgmma_available()) return cost(128, 2, 1.0) <= cost(64, 4, 1.1) ? 6 : 7;
+  if (head_dim == 64 && wgmma_available()) return cost(128, 2, 1.0) <= cost(64, 4, 1.25) ? 6 : 7;
   // mma.sync: 4 warps x 32 rows when the grid is large; smaller tiles for short query sets
   const double c1 = cost(128, 2, 1.0), c4 = cost(64, 3, 1.15), c5 = cost(32, 4, 1.2);
   if (c1 <= c4 && c1 <= c5) return 1;
@@ -967,3 +967,101 @@ int sam3_attention_fp16(const void* q, const void* k, const void* v, const void*
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------- tvm-ffi entry points
+//
+// Built when the tvm-ffi headers are on the include path (sam3_nn.kernels.cuda_source);
+// the standalone build (bench/attention_cuda_kernel.py) has only the C launcher above.
+// Destination-passing style, as Relax's call_dps_packed calls them (out last):
+//   sam3_attention_cuda(q, k, v, heads, q_off, k_off, v_off, grid_h, grid_w, rope_scale,
+//                       rope_theta, out)
+//   sam3_attention_cuda_bias(q, k, v, bias, heads, ..., out)
+// q [B, Nq, Wq], k/v [B, Nk, Wk/Wv] fp16 (compact), bias [1 or B, Nk] float32,
+// out [B, Nq, heads * D] fp16; grid_w = 0: no RoPE. Runs on the stream tvm-ffi has for the
+// device (TVMFFIEnvGetStream), like TVM's own kernels.
+#if __has_include(<tvm/ffi/function.h>)
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/function.h>
+
+namespace sam3_attn {
+namespace ffi {
+
+using tvm::ffi::TensorView;
+
+inline void* data_of(const TensorView& t) {
+  return static_cast<char*>(t.data_ptr()) + t.byte_offset();
+}
+
+inline void check(const TensorView& t, const char* what, int bits, int ndim) {
+  if (t.dtype().code != kDLFloat || t.dtype().bits != bits || t.dtype().lanes != 1)
+    TVM_FFI_THROW(TypeError) << "sam3 attention: " << what << " must be float" << bits;
+  if (t.device().device_type != kDLCUDA)
+    TVM_FFI_THROW(ValueError) << "sam3 attention: " << what << " must be on CUDA";
+  if (t.ndim() != ndim)
+    TVM_FFI_THROW(ValueError) << "sam3 attention: " << what << " must be " << ndim << "-D";
+  if (!t.IsContiguous())
+    TVM_FFI_THROW(ValueError) << "sam3 attention: " << what << " must be contiguous";
+}
+
+void run(TensorView q, TensorView k, TensorView v, const TensorView* bias, int64_t heads,
+         int64_t q_off, int64_t k_off, int64_t v_off, int64_t grid_h, int64_t grid_w,
+         double rope_scale, double rope_theta, TensorView out) {
+  check(q, "q", 16, 3);
+  check(k, "k", 16, 3);
+  check(v, "v", 16, 3);
+  check(out, "out", 16, 3);
+  const int64_t b = q.shape()[0], nq = q.shape()[1], nk = k.shape()[1];
+  const int64_t hidden = out.shape()[2];
+  if (heads <= 0 || hidden % heads)
+    TVM_FFI_THROW(ValueError) << "sam3 attention: output width " << hidden << " is not a multiple of "
+                              << heads << " heads";
+  const int64_t d = hidden / heads;
+  if (k.shape()[0] != b || v.shape()[0] != b || out.shape()[0] != b || v.shape()[1] != nk ||
+      out.shape()[1] != nq)
+    TVM_FFI_THROW(ValueError) << "sam3 attention: batch/sequence sizes of q, k, v, out disagree";
+  if (q_off < 0 || k_off < 0 || v_off < 0 || q_off + hidden > q.shape()[2] ||
+      k_off + hidden > k.shape()[2] || v_off + hidden > v.shape()[2])
+    TVM_FFI_THROW(ValueError) << "sam3 attention: head columns out of range";
+  const float* bp = nullptr;
+  int64_t bias_bs = 0;
+  if (bias != nullptr) {
+    check(*bias, "bias", 32, 2);
+    const int64_t bb = bias->shape()[0];
+    if (bias->shape()[1] != nk || (bb != 1 && bb != b))
+      TVM_FFI_THROW(ValueError) << "sam3 attention: bias must be [1 or batch, Nk]";
+    bp = static_cast<const float*>(data_of(*bias));
+    bias_bs = bb == 1 ? 0 : nk;
+  }
+  const int dev = q.device().device_id;
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev));
+  const int err = sam3_attention_fp16(
+      data_of(q), data_of(k), data_of(v), bp, data_of(out), nq * q.shape()[2], q.shape()[2],
+      int(q_off), nk * k.shape()[2], k.shape()[2], int(k_off), nk * v.shape()[2], v.shape()[2],
+      int(v_off), nq * hidden, hidden, bias_bs, int(b), int(heads), int(d), int(nq), int(nk),
+      int(grid_h), int(grid_w), float(rope_scale), float(rope_theta), 0, stream);
+  if (err != 0)
+    TVM_FFI_THROW(RuntimeError) << "sam3 attention (B=" << b << " Nq=" << nq << " Nk=" << nk
+                                << " heads=" << heads << " D=" << d << "): "
+                                << cudaGetErrorString(static_cast<cudaError_t>(err));
+}
+
+void attention(TensorView q, TensorView k, TensorView v, int64_t heads, int64_t q_off,
+               int64_t k_off, int64_t v_off, int64_t grid_h, int64_t grid_w, double rope_scale,
+               double rope_theta, TensorView out) {
+  run(q, k, v, nullptr, heads, q_off, k_off, v_off, grid_h, grid_w, rope_scale, rope_theta, out);
+}
+
+void attention_bias(TensorView q, TensorView k, TensorView v, TensorView bias, int64_t heads,
+                    int64_t q_off, int64_t k_off, int64_t v_off, int64_t grid_h, int64_t grid_w,
+                    double rope_scale, double rope_theta, TensorView out) {
+  run(q, k, v, &bias, heads, q_off, k_off, v_off, grid_h, grid_w, rope_scale, rope_theta, out);
+}
+
+}  // namespace ffi
+}  // namespace sam3_attn
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda, sam3_attn::ffi::attention);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_bias, sam3_attn::ffi::attention_bias);
+#endif  // tvm-ffi

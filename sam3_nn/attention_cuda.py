@@ -1,0 +1,115 @@
+"""The fused attention on CUDA: a hand-written tensor-core kernel instead of the TIR one.
+
+``sam3_nn/kernels/cuda/attention.cu`` (flash-attention style, mma.sync; wgmma on sm_90a
+for head dim 64) computes exactly what ``sam3_nn.attention_kernels`` does (2D axial RoPE
+applied to q/k tiles in shared memory, key bias, fused-qkv column offsets, heads merged in
+the output). TIR has no practical route to tensor-core flash attention in TVM 0.27, so on
+CUDA, for float16 and head dims 32/64, :func:`sam3_nn.attention.fused_attention` emits a
+``call_dps_packed`` to the kernel's tvm-ffi entry point (:func:`emit`); float32, other
+head dims and other GPU targets keep the TIR kernel, llvm the CPU one.
+
+The kernel's object file must be linked into the library: :func:`attach_pass` (a Relax
+module pass, cheap when the module does not call the kernel) compiles ``attention.cu``
+with nvcc through ``sam3_nn.kernels.cuda_source`` (cached) and attaches it. It has to run
+in the CUDA pipeline before the build (``relax.build``/``tvm.compile``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import tvm
+from tvm import relax
+from tvm.relax.frontend.nn import Tensor, op
+
+from .rope import AxialRope
+
+SYMBOL = "sam3_attention_cuda"
+SYMBOL_BIAS = "sam3_attention_cuda_bias"
+SOURCE = "attention"  # sam3_nn/kernels/cuda/attention.cu
+HEAD_DIMS = (32, 64)
+
+# Set to False to keep the TIR kernel on CUDA too (e.g. to compare the two).
+ENABLED = True
+
+
+@contextlib.contextmanager
+def disabled():
+    """Emit the TIR kernel on CUDA too meanwhile."""
+    global ENABLED
+    old, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = old
+
+
+def _static_multiple(x, m: int) -> bool:
+    return isinstance(x, int) and x % m == 0
+
+
+def supported(target: Optional[tvm.target.Target], dtype: str, head_dim: int, widths, offsets) -> bool:
+    """Whether the CUDA kernel takes this call: CUDA target, float16, head dim 32/64, and
+    16-byte aligned rows and head columns (widths and offsets multiples of 8 elements)."""
+    if not ENABLED or target is None or target.kind.name != "cuda":
+        return False
+    if dtype != "float16" or head_dim not in HEAD_DIMS:
+        return False
+    return all(_static_multiple(w, 8) for w in widths) and all(_static_multiple(o, 8) for o in offsets)
+
+
+def emit(q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: int, offsets,
+         rope: Optional[AxialRope], key_bias: Optional[Tensor]) -> Tensor:
+    """``call_dps_packed`` of the kernel; same arguments and result as ``fused_attention``."""
+    b, nq = q.shape[0], q.shape[1]
+    grid_h, grid_w = (rope.grid_h, rope.grid_w) if rope is not None else (0, 0)
+    scale = float(rope.scale) if rope is not None else 1.0
+    theta = float(rope.theta) if rope is not None else 10000.0
+    tensors = [q, k, v] + ([op.astype(key_bias, "float32")] if key_bias is not None else [])
+    scalars = [int(num_heads), int(offsets[0]), int(offsets[1]), int(offsets[2]),
+               int(grid_h), int(grid_w), scale, theta]
+    return op.extern(SYMBOL_BIAS if key_bias is not None else SYMBOL, tensors + scalars,
+                     out=Tensor.placeholder((b, nq, num_heads * head_dim), q.dtype))
+
+
+def calls_kernel(mod: tvm.IRModule) -> bool:
+    """Whether a Relax function of ``mod`` calls the kernel."""
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.ExternFunc) and e.global_symbol in (SYMBOL, SYMBOL_BIAS):
+            found.append(e)
+
+    for _, func in mod.functions.items():
+        if isinstance(func, relax.Function) and not found:
+            relax.analysis.post_order_visit(func.body, visit)
+    return bool(found)
+
+
+def _arches(target: Optional[tvm.target.Target], cuda_arches: Optional[Sequence[str]]):
+    if cuda_arches:
+        return tuple(cuda_arches)
+    arch = str(target.attrs.get("arch", "")) if target is not None else ""
+    if not arch.startswith("sm_"):
+        raise ValueError("the CUDA attention kernel needs the target's SASS arch (e.g. sm_90a)")
+    return (arch,)
+
+
+def attach_pass(target: Optional[tvm.target.Target] = None,
+                cuda_arches: Optional[Sequence[str]] = None,
+                log=lambda s: None) -> tvm.transform.Pass:
+    """Module pass: compile ``attention.cu`` for ``cuda_arches`` (default: the target's arch)
+    and attach the object when the module calls the kernel."""
+
+    @tvm.transform.module_pass(opt_level=0, name="sam3_attention_cuda_object")
+    def _attach(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if not calls_kernel(mod):
+            return mod
+        from .kernels import cuda_source
+
+        tgt = target or tvm.target.Target.current(allow_none=True)
+        obj = cuda_source.compile_object(SOURCE, _arches(tgt, cuda_arches), log=log)
+        return cuda_source.attach(mod, [obj])
+
+    return _attach

@@ -1,0 +1,98 @@
+"""The CUDA attention path: routing at export time, and a library that links the kernel.
+
+No GPU is needed (the numerics are checked on the accelerator machine by
+bench/attention_cuda_kernel.py and bench/attention_cuda.py). Building the library needs
+nvcc (and sam3_nn.kernels.cuda_source); the test skips without them.
+"""
+
+import subprocess
+
+import pytest
+import tvm
+from tvm import relax
+from tvm.relax.frontend import nn
+
+from sam3_nn import attention_cuda
+from sam3_nn.attention import attention, kernel_target, qkv_self_attention
+from sam3_nn.rope import AxialRope, RopeMode
+
+CUDA = {"kind": "cuda", "arch": "sm_90a"}
+
+
+class Mod(nn.Module):
+    def __init__(self, heads=16, rope=AxialRope(24, 24, 64, 10000.0, 1.0)):
+        self.heads, self.rope = heads, rope
+
+    def inline(self, qkv):
+        return qkv_self_attention(qkv, self.heads, self.rope, RopeMode.INLINE)
+
+    def none(self, qkv):
+        return qkv_self_attention(qkv, self.heads, None, RopeMode.NONE)
+
+    def masked(self, q, k, v, bias):
+        return attention(q, k, v, 8, bias)
+
+
+def _spec(dtype, hidden=1024):
+    t = lambda *s, d=dtype: nn.spec.Tensor(list(s), d)
+    return {"inline": {"qkv": t("b", 576, 3 * hidden)},
+            "none": {"qkv": t("b", 576, 3 * hidden)},
+            "masked": {"q": t(1, "nq", 256), "k": t(1, "nk", 256), "v": t(1, "nk", 256),
+                       "bias": t(1, 1, 1, "nk", d="float32")}}
+
+
+def _export(dtype, module=None, hidden=1024, target=CUDA):
+    with kernel_target(target):
+        mod, _ = (module or Mod()).export_tvm(spec=_spec(dtype, hidden))
+    return mod
+
+
+def test_fp16_on_cuda_calls_the_cuda_kernel():
+    mod = _export("float16")
+    inline, none, masked = (mod[f].script() for f in ("inline", "none", "masked"))
+    assert 'call_dps_packed("sam3_attention_cuda", (qkv, qkv, qkv, 16, 0, 1024, 2048, 24, 24' in inline
+    assert 'call_dps_packed("sam3_attention_cuda", (qkv, qkv, qkv, 16, 0, 1024, 2048, 0, 0' in none
+    assert 'call_dps_packed("sam3_attention_cuda_bias"' in masked  # key bias, head dim 32
+    for s in (inline, none, masked):
+        assert "sam3_attention_rope" not in s and "softmax" not in s
+    assert attention_cuda.calls_kernel(mod)
+
+
+def test_other_cases_keep_the_tir_kernel():
+    # float32 on CUDA, head dim 128 on CUDA, float16 on Metal, float16 on llvm
+    cases = [("float32", None, 1024, CUDA),
+             ("float16", Mod(8, AxialRope(24, 24, 128, 10000.0, 1.0)), 1024, CUDA),
+             ("float16", None, 1024, {"kind": "metal"}),
+             ("float16", None, 1024, "llvm")]
+    for dtype, module, hidden, target in cases:
+        mod = _export(dtype, module, hidden, target)
+        inline = mod["inline"].script()
+        assert "sam3_attention_cuda" not in inline and "sam3_attention_rope" in inline, (dtype, target)
+        if module is None:
+            assert not attention_cuda.calls_kernel(mod), (dtype, target)
+    with attention_cuda.disabled():
+        assert not attention_cuda.calls_kernel(_export("float16"))
+    assert attention_cuda.ENABLED
+
+
+def test_attach_pass_leaves_other_modules_alone():
+    mod = _export("float32")
+    assert attention_cuda.attach_pass(tvm.target.Target(CUDA))(mod).same_as(mod)
+
+
+def test_cuda_library_links_the_kernel(tmp_path):
+    cuda_source = pytest.importorskip("sam3_nn.kernels.cuda_source")
+    if not cuda_source.nvcc_available():
+        pytest.skip("nvcc not found")
+    target = tvm.target.Target(CUDA)
+    mod = _export("float16")
+    seq = tvm.transform.Sequential([attention_cuda.attach_pass(target),
+                                    relax.get_default_pipeline(target)])
+    ex = tvm.compile(mod, target=target, relax_pipeline=seq)
+    lib = str(tmp_path / "attn.so")
+    ex.export_library(lib, fcompile=cuda_source.fcompile_with_cudart())
+    syms = subprocess.run(["nm", "-D", lib], capture_output=True, text=True).stdout
+    for s in ("__tvm_ffi_sam3_attention_cuda", "__tvm_ffi_sam3_attention_cuda_bias"):
+        assert s in syms, s
+    ldd = subprocess.run(["ldd", lib], capture_output=True, text=True).stdout
+    assert "libcudart" not in ldd  # the CUDA runtime is linked statically
