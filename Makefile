@@ -66,8 +66,10 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow tests
 
+# CPU: our llvm library vs transformers' Sam3Model, full size (bench/pipeline.py --help; GPU: README)
+BENCH_ARGS ?=
 bench: install
-	$(PY) bench/vision_cpu.py
+	$(PY) bench/pipeline.py --device cpu $(BENCH_ARGS)
 
 clean:
 	rm -rf $(OUT) build *.egg-info

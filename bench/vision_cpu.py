@@ -2,7 +2,8 @@
 """Vision backbone on the CPU: our llvm library vs transformers' Sam3VisionModel, one run.
 
 Same random weights, same input. Prints each side's time per image, the ratio
-(ours / PyTorch) and the largest output difference.
+(ours / PyTorch) and the largest output difference. ``bench/pipeline.py`` measures the
+whole model the same way (vision, text, detect, pipeline; CPU and GPU).
 
     python bench/vision_cpu.py                       # released size, 1008 px
     python bench/vision_cpu.py --image-size 336 --layers 4 --runs 3   # quick check
@@ -13,27 +14,15 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import os
-import statistics
 import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-
-
-def timed(fn, runs: int, warmup: int = 1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import rel_diff, timed  # noqa: E402  (puts the repository root and tests/ on sys.path)
+from flops import vision_flops  # noqa: E402
 
 
 def main() -> int:
@@ -93,12 +82,10 @@ def main() -> int:
         with torch.no_grad():
             return ref(pixels)
 
-    t_torch, _ = timed(run_torch, args.runs, args.warmup)
-    t_ours, _ = timed(run_ours, args.runs, args.warmup)
-    ours = [o.numpy() for o in x_dev[0]]
-    theirs = run_torch().fpn_hidden_states
-    err = max(float(np.abs(a - b.numpy()).max() / (np.abs(b.numpy()).max() + 1e-12)) for a, b in zip(ours, theirs))
-    gflop = vit_flops(cfg) / 1e9
+    t_torch, _, theirs = timed(run_torch, args.runs, args.warmup)
+    t_ours, _, _ = timed(run_ours, args.runs, args.warmup)
+    err = max(rel_diff(a, b) for a, b in zip(x_dev[0], theirs.fpn_hidden_states))
+    gflop = vision_flops(cfg) / 1e9
     print(f"vision backbone, {args.image_size} px, {cfg.vision.backbone.num_hidden_layers} blocks, "
           f"fp32, {args.threads} threads, median of {args.runs} (after {args.warmup} warm-up)")
     print(f"  build (ours)         {build_s:8.1f} s")
@@ -107,20 +94,6 @@ def main() -> int:
     print(f"  ratio ours/PyTorch   {t_ours / t_torch:10.2f}x")
     print(f"  max relative difference of FPN maps: {err:.2e}")
     return 0
-
-
-def vit_flops(cfg) -> float:
-    """Multiply-adds x 2 of the trunk's GEMMs and attention (the neck is small)."""
-    bb = cfg.vision.backbone
-    g, c, f = bb.grid_size, bb.hidden_size, bb.intermediate_size
-    n = g * g
-    gemm = 2 * n * c * (3 * c + c + 2 * f)
-    total = 2 * n * 3 * bb.patch_size ** 2 * c
-    for i in range(bb.num_hidden_layers):
-        seq = n if bb.is_global(i) else bb.window_size ** 2
-        tokens = n if bb.is_global(i) else (-(-g // bb.window_size) * bb.window_size) ** 2
-        total += gemm + 4 * tokens * seq * c
-    return float(total)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,178 @@
+"""Shared pieces of the benchmarks: timing, output comparison, model configs, weights.
+
+Nothing here needs the TVM compiler (the device runs a runtime-only TVM); torch and
+transformers are imported only inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _p in (ROOT, os.path.join(ROOT, "tests")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+
+# ----------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------
+def timed(fn: Callable[[], object], runs: int, warmup: int = 1,
+          sync: Optional[Callable[[], None]] = None) -> Tuple[float, List[float], object]:
+    """Median wall time of ``fn`` over ``runs`` calls after ``warmup`` calls.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called before the clock is started and
+    before it is read, so asynchronous device work is inside the measured interval.
+    Returns (median seconds, all times, the last call's result)."""
+    sync = sync or (lambda: None)
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    sync()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times, out
+
+
+def spread(times: Sequence[float]) -> float:
+    """(max - min) / median of a set of timings: how far apart repeated runs are."""
+    med = statistics.median(times)
+    return (max(times) - min(times)) / med if med > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------
+# comparison
+# ----------------------------------------------------------------------------
+def to_numpy(x) -> np.ndarray:
+    """A torch tensor, TVM tensor or array -> float32 (floats) numpy array."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    elif hasattr(x, "numpy") and not isinstance(x, np.ndarray):
+        x = x.numpy()
+    x = np.asarray(x)
+    return x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16" else x
+
+
+def rel_diff(ours, ref) -> float:
+    """``max |ours - ref| / max |ref|`` (NaN or a shape mismatch gives inf)."""
+    a, b = to_numpy(ours).astype(np.float64), to_numpy(ref).astype(np.float64)
+    if a.shape != b.shape or not np.isfinite(a).all():
+        return float("inf")
+    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
+
+
+# ----------------------------------------------------------------------------
+# model configs: ours (sam3_nn.config) <-> transformers' Sam3Config
+# ----------------------------------------------------------------------------
+def model_config(preset: str = "full", image_size: Optional[int] = None, layers: Optional[int] = None):
+    """Our ``Sam3Config``: ``full`` (released sizes) or ``tiny`` (the tests' config), with
+    the ViT input size and block count optionally changed (global blocks: the released
+    indexes below ``layers``, else the last block)."""
+    from sam3_nn.config import Sam3Config
+
+    if preset == "full":
+        cfg = Sam3Config()
+    elif preset == "tiny":
+        from refs import TINY_HF
+
+        cfg = Sam3Config.from_hf(copy.deepcopy(TINY_HF))
+    else:
+        raise ValueError(f"unknown model config {preset!r}; expected full or tiny")
+    bb = cfg.vision.backbone
+    if image_size:
+        bb.image_size = image_size
+    if layers is not None:
+        keep = [i for i in bb.global_attn_indexes if i < layers]
+        bb.num_hidden_layers = layers
+        bb.global_attn_indexes = keep or [layers - 1]
+    return cfg.validate()
+
+
+def hf_config_dict(cfg) -> Dict:
+    """Our config -> the ``transformers`` ``Sam3Config`` keyword arguments."""
+    from sam3_nn.config import _HF_SECTIONS  # HF section -> ours
+
+    d = cfg.to_dict()
+    bb = dict(d["vision"]["backbone"])
+    bb["model_type"] = "sam3_vit_model"
+    bb["rope_parameters"] = {"rope_theta": bb.pop("rope_theta"), "rope_type": "axial"}
+    vision = {k: v for k, v in d["vision"].items() if k != "backbone"}
+    out = {"vision_config": {**vision, "backbone_config": bb},
+           "text_config": {**d["text"], "model_type": "clip_text_model"}}
+    for hf_name, ours in _HF_SECTIONS.items():
+        if ours != "text":
+            out[hf_name] = dict(d[ours])
+    return out
+
+
+def hf_config(cfg, attn_implementation: Optional[str] = "sdpa"):
+    """``transformers.Sam3Config`` for our config; checked to map back to the same config."""
+    from transformers import Sam3Config as HFSam3Config
+
+    from sam3_nn.config import Sam3Config
+
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    hf = HFSam3Config(**hf_config_dict(cfg), **kw)
+    back = Sam3Config.from_hf(hf.to_dict()).to_dict()
+    if back != cfg.to_dict():
+        diff = [k for k in back if back[k] != cfg.to_dict()[k]]
+        raise ValueError(f"transformers' Sam3Config does not reproduce our config (sections {diff})")
+    return hf
+
+
+def reference_model(cfg, seed: int = 0, attn_implementation: Optional[str] = "sdpa"):
+    """``transformers`` ``Sam3Model`` with its own random initialisation (seeded), fp32, eval."""
+    import torch
+    from transformers import Sam3Model as HFSam3Model
+
+    torch.manual_seed(seed)
+    return HFSam3Model(hf_config(cfg, attn_implementation)).eval()
+
+
+def state_dict_source(state_dict, name: str = "<torch state dict>"):
+    """A ``sam3_nn.weights`` tensor source over an in-memory ``transformers`` state dict, so
+    our declarative loader maps it exactly as it maps an HF snapshot (no files written)."""
+    from sam3_nn.weights import TensorSource
+
+    meta = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in state_dict.items()}
+
+    def read(k: str) -> np.ndarray:
+        return state_dict[k].detach().float().cpu().numpy()
+
+    return TensorSource(name, "hf", meta, read)
+
+
+def our_params(cfg, state_dict, manifest) -> Dict[str, np.ndarray]:
+    """Our library's parameters (its dtype) from a ``Sam3Model`` state dict, through the loader."""
+    from sam3_nn.weights import load_params
+
+    expected = {p["name"]: (tuple(p["shape"]), p["dtype"]) for p in manifest["params"]}
+    params, _ = load_params(cfg, state_dict_source(state_dict), expected, manifest["parts"])
+    return params
+
+
+def text_inputs(cfg, batch: int, seed: int = 0, words: int = 6) -> Tuple[np.ndarray, np.ndarray]:
+    """Random prompts of ``words`` tokens between BOS and EOS, padded to the text context:
+    ``(input_ids, attention_mask)`` int64 ``[batch, L]``."""
+    t = cfg.text
+    L = t.max_position_embeddings
+    rng = np.random.default_rng(seed)
+    n = min(words, L - 2)
+    ids = np.full((batch, L), t.pad_token_id, np.int64)
+    mask = np.zeros((batch, L), np.int64)
+    ids[:, 0] = t.bos_token_id
+    ids[:, 1:1 + n] = rng.integers(2, min(t.bos_token_id, t.vocab_size) - 1, (batch, n))
+    ids[:, 1 + n] = t.eos_token_id
+    mask[:, :2 + n] = 1
+    return ids, mask
