@@ -704,6 +704,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
         for (int e = 0; e < 4; ++e)
           if (col_base + n * 8 + (e & 1) >= nk) s[4 * n + e] = kNegTail;
     }
+    float alpha[2];
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       float mx = m_run[hr];
@@ -711,7 +712,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
       for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hr], s[4 * n + 2 * hr + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float alpha = fast_exp2((m_run[hr] - mx) * sc);
+      alpha[hr] = mx > m_run[hr] ? fast_exp2((m_run[hr] - mx) * sc) : 1.f;
       m_run[hr] = mx;
       const float msc = mx * sc;
       float sum = 0.f;
@@ -721,11 +722,16 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
         s[4 * n + 2 * hr + 1] = fast_exp2(fmaf(s[4 * n + 2 * hr + 1], sc, -msc));
         sum += s[4 * n + 2 * hr] + s[4 * n + 2 * hr + 1];
       }
-      l_run[hr] = l_run[hr] * alpha + sum;
+      l_run[hr] = l_run[hr] * alpha[hr] + sum;
+    }
+    // rescale O only when some row of the warp saw a new maximum (rare after the first tiles)
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
       for (int d = 0; d < DS; ++d) {
-        o[4 * d + 2 * hr] *= alpha;
-        o[4 * d + 2 * hr + 1] *= alpha;
+        o[4 * d + 0] *= alpha[0];
+        o[4 * d + 1] *= alpha[0];
+        o[4 * d + 2] *= alpha[1];
+        o[4 * d + 3] *= alpha[1];
       }
     }
 
