@@ -15,7 +15,8 @@ RoPE kernel + composed softmax attention (``sdpa``) as the reference path.
 
 On CUDA, float16 with head dims 32/64 goes to a hand-written tensor-core kernel instead
 (``sam3_nn.attention_cuda``, same semantics; its object is linked in by
-``attention_cuda.attach_pass``); float32 and other GPU targets keep the TIR kernel.
+``attention_cuda.attach_pass``; off until the build pipeline runs that pass, see
+``attention_cuda.ENABLED``); float32 and other GPU targets keep the TIR kernel.
 
 The TIR kernel comes in a GPU schedule and a CPU one; which is emitted follows the
 target in scope at export time (``with tvm.target.Target(...):`` around

@@ -11,7 +11,8 @@ head dims and other GPU targets keep the TIR kernel, llvm the CPU one.
 The kernel's object file must be linked into the library: :func:`attach_pass` (a Relax
 module pass, cheap when the module does not call the kernel) compiles ``attention.cu``
 with nvcc through ``sam3_nn.kernels.cuda_source`` (cached) and attaches it. It has to run
-in the CUDA pipeline before the build (``relax.build``/``tvm.compile``).
+in the CUDA pipeline before the build (``relax.build``/``tvm.compile``). Until the
+project's CUDA pipeline runs it, the routing is off by default (``ENABLED``).
 """
 
 from __future__ import annotations
@@ -30,19 +31,30 @@ SYMBOL_BIAS = "sam3_attention_cuda_bias"
 SOURCE = "attention"  # sam3_nn/kernels/cuda/attention.cu
 HEAD_DIMS = (32, 64)
 
-# Set to False to keep the TIR kernel on CUDA too (e.g. to compare the two).
-ENABLED = True
+# Off until the CUDA build pipeline runs attach_pass (sam3_nn.targets / sam3_nn.kernels):
+# a library calling the kernel without its object fails at load ("sam3_attention_cuda" not
+# found). Turn on with ``attention_cuda.ENABLED = True`` or ``with attention_cuda.enabled():``.
+ENABLED = False
 
 
 @contextlib.contextmanager
-def disabled():
-    """Emit the TIR kernel on CUDA too meanwhile."""
+def _set(value: bool):
     global ENABLED
-    old, ENABLED = ENABLED, False
+    old, ENABLED = ENABLED, value
     try:
         yield
     finally:
         ENABLED = old
+
+
+def enabled():
+    """Route float16 CUDA attention to the kernel meanwhile."""
+    return _set(True)
+
+
+def disabled():
+    """Emit the TIR kernel on CUDA too meanwhile."""
+    return _set(False)
 
 
 def _static_multiple(x, m: int) -> bool:
