@@ -205,8 +205,7 @@ class Ours:
         t = time.perf_counter()
         params = common.our_params(cfg, state_dict, self.manifest)
         self.weight_bytes = sum(int(a.nbytes) for a in params.values())
-        self.lib.bind(params)
-        del params
+        self._bind_streaming(params)
         log(f"  ours: {library} ({self.manifest['target']}, {self.dtype}, parts "
             f"{','.join(self.manifest['parts'])}); {self.weight_bytes / 2**20:.0f} MiB of weights "
             f"bound in {time.perf_counter() - t:.1f} s")
@@ -218,6 +217,21 @@ class Ours:
         import tvm_ffi
 
         self._clear = tvm_ffi.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
+
+    def _bind_streaming(self, params: Dict[str, np.ndarray]) -> None:
+        """``CompiledModel.bind``'s checks, but each host array is dropped once it is on the
+        device: the full-size float32 CPU run then never holds the weights twice (plus the
+        reference model) in host memory."""
+        want = self.manifest["params"]
+        bad = [p["name"] for p in want if p["name"] not in params
+               or list(params[p["name"]].shape) != p["shape"] or str(params[p["name"]].dtype) != p["dtype"]]
+        extra = sorted(set(params) - {p["name"] for p in want})
+        if bad or extra:
+            raise ValueError(f"weights do not fit the library: missing or mis-shaped {bad[:8]}, extra {extra[:8]}")
+        tensors = []
+        for p in want:
+            tensors.append(self.tvm.runtime.tensor(np.ascontiguousarray(params.pop(p["name"])), self.lib.device))
+        self.lib.params = tensors
 
     def supports(self, part: str) -> bool:
         return all(f in self.functions for f in FUNCTIONS[part])
