@@ -161,6 +161,16 @@ def test_metal_dylib_is_macho_arm64_with_all_kernels(metal_build):
     # fast matmuls: the simdgroup schedule is in (tensorize works with the pinned tvm-ffi)
     if targets.tensorize_works():
         assert "simdgroup_multiply_accumulate" in text
+        # every GEMM / conv kernel takes the simdgroup schedule except the few GEMV-shaped
+        # ones (output width 1 or 2: presence / scoring heads), which dlight gives GEMV rules
+        bodies = re.split(r"(?=kernel\s+void\s)", text)[1:]
+        gemms = {}
+        for body in bodies:
+            name = re.match(r"kernel\s+void\s+(\w+)", body).group(1)
+            if "matmul" in name or "conv2d" in name:
+                gemms[name] = "simdgroup_multiply_accumulate" in body
+        plain = sorted(n for n, simd in gemms.items() if not simd)
+        assert len(gemms) > 20 and len(plain) <= 0.15 * len(gemms), plain
 
 
 @needs_ld64
