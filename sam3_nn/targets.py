@@ -84,13 +84,15 @@ def tensorize_works() -> bool:
     return p.returncode == 0
 
 
-def _kernel_passes(target: tvm.target.Target) -> List[tvm.transform.Pass]:
-    """Passes of ``sam3_nn.kernels`` (hand-written GEMMs) for ``target``, if any."""
+def _kernel_passes(target: tvm.target.Target, cuda_arches: Optional[Sequence[str]] = None
+                   ) -> List[tvm.transform.Pass]:
+    """Passes of ``sam3_nn.kernels`` (hand-written GEMMs) for ``target``, if any
+    (``cuda_arches``: the library's SASS arches, which pick the CUDA GEMM kernels)."""
     try:
         from sam3_nn.kernels import schedule_passes  # type: ignore
     except ImportError:
         return []
-    passes = schedule_passes(target)
+    passes = schedule_passes(target, cuda_arches)
     return list(passes or [])
 
 
@@ -154,7 +156,8 @@ def _fast_math_passes(target: tvm.target.Target) -> List[tvm.transform.Pass]:
 
 
 def make_pipeline(target: tvm.target.Target, gpu: bool,
-                  log: Callable[[str], None] = lambda s: None) -> tvm.transform.Pass:
+                  log: Callable[[str], None] = lambda s: None,
+                  cuda_arches: Optional[Sequence[str]] = None) -> tvm.transform.Pass:
     """Relax pipeline: [our GEMM kernels] + legalize/fuse + [dlight] + lowering."""
     if target.kind.name == "cuda":
         from tvm.relax.backend.cuda import pipeline as backend
@@ -180,7 +183,7 @@ def make_pipeline(target: tvm.target.Target, gpu: bool,
 
                 legalize.append(dl.ApplyDefaultSchedule(*cpu_rules()))
             seq = tvm.transform.Sequential(
-                _kernel_passes(target)
+                _kernel_passes(target, cuda_arches)
                 + _fast_math_passes(target)
                 + backend.library_dispatch_passes(target)
                 + legalize
@@ -382,7 +385,7 @@ class TargetPreset:
         return tvm.target.Target(self.target)
 
     def pipeline(self, log: Callable[[str], None] = lambda s: None):
-        return make_pipeline(self.tvm_target(), self.gpu, log)
+        return make_pipeline(self.tvm_target(), self.gpu, log, self.cuda_arches or None)
 
     def check_tools(self) -> None:
         """Raise ``TargetError`` naming the missing tool before any work is done."""

@@ -146,3 +146,96 @@ def test_pipeline_rewrites_and_matches_torch(dtype):
 
 def test_no_kernels_for_unknown_targets():
     assert kernels.schedule_passes(tvm.target.Target({"kind": "opencl"})) == []
+
+
+# ---- CUDA: CUTLASS route (Hopper builds) --------------------------------------------------
+
+class _Mlp(nn.Module):
+    """Every CUDA route: bias+GELU, bias, no bias, [K, N] weight, 3x3 conv, K % 8 fallback."""
+
+    def __init__(self):
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 64)
+        self.proj = nn.Linear(64, 64, bias=False)
+        self.odd = nn.Linear(64, 20)           # N % 8 != 0: TIR path
+        self.w_kn = nn.Parameter((64, 32))
+        self.conv = Conv2d(64, 64, 3)
+
+    def forward(self, x):
+        y = self.proj(self.fc2(op.gelu(self.fc1(x))))
+        return self.conv(y), op.matmul(y, self.w_kn), self.odd(y)
+
+
+def _cuda_sm90_preset():
+    return get_preset("cuda", "sm_90a")
+
+
+def _extern_symbols(mod):
+    from tvm.relax.analysis import post_order_visit  # noqa: F401 (import check)
+
+    syms = []
+    for _, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            def visit(e):
+                if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) \
+                        and e.op.name == "relax.call_dps_packed":
+                    syms.append(e.args[0].global_symbol)
+            relax.analysis.post_order_visit(f, visit)
+    return sorted(syms)
+
+
+def test_cuda_rewrite_routes_to_cutlass(monkeypatch):
+    """Hopper presets: the fp16 GEMMs/conv become call_dps_packed of the CUTLASS symbols
+    (no nvcc needed: the objects are stubbed); non-Hopper keeps every GEMM on TIR."""
+    from sam3_nn.kernels import cuda as kcuda
+    from sam3_nn.kernels import cuda_source
+
+    monkeypatch.setattr(kcuda._GemmObjects, "get", lambda self, part: (f"/x/gemm{part}.o",))
+    monkeypatch.setattr(kcuda._GemmObjects, "conv", lambda self: "/x/conv.o")
+    attached = []
+    monkeypatch.setattr(cuda_source, "attach", lambda mod, objs: attached.extend(objs) or mod)
+    m = _Mlp()
+    m.to("float16")
+    mod, _ = m.export_tvm(spec={"forward": {"x": nn.spec.Tensor(["b", 9, 7, 64], "float16"), "$": MODE}})
+    preset = _cuda_sm90_preset()
+    out = tvm.transform.Sequential(kernels.schedule_passes(preset.tvm_target(), preset.cuda_arches))(mod)
+    assert _extern_symbols(out) == sorted([
+        "sam3_cutlass_gemm_nk_bias_gelu", "sam3_cutlass_gemm_nk_bias", "sam3_cutlass_gemm_nk",
+        "sam3_cutlass_gemm_kn", "sam3_cutlass_conv2d_bias"])
+    assert sorted(set(attached)) == ["/x/conv.o", "/x/gemm0.o", "/x/gemm1.o", "/x/gemm2.o", "/x/gemm3.o"]
+    tir = [gv.name_hint for gv, f in out.functions.items()
+           if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("sam3_gemm")]
+    assert len(tir) == 1, tir  # the N=20 linear
+    # a library that also carries sm_80 SASS: TIR everywhere, nothing attached
+    attached.clear()
+    out = tvm.transform.Sequential(kernels.schedule_passes(preset.tvm_target(), ("sm_80", "sm_90")))(mod)
+    assert _extern_symbols(out) == [] and attached == []
+
+
+needs_cutlass = pytest.mark.skipif(
+    not (__import__("sam3_nn.kernels.cuda_source", fromlist=["x"]).nvcc_available()
+         and __import__("sam3_nn.kernels.cuda_source", fromlist=["x"]).cutlass_available()),
+    reason="nvcc or the CUTLASS headers (pip install 'sam3_nn[cuda]') are missing")
+
+
+@needs_cutlass
+def test_cuda_cutlass_library_links_kernels(tmp_path):
+    """Build for sm_90a here (first run compiles the CUTLASS objects: minutes; cached under
+    build/cuda-objects): the entry points are exported from the library, cudart is static."""
+    import subprocess
+
+    m = _Mlp()
+    m.to("float16")
+    mod, _ = m.export_tvm(spec={"forward": {"x": nn.spec.Tensor(["b", 9, 7, 64], "float16"), "$": MODE}})
+    preset = _cuda_sm90_preset()
+    ex = preset.compile(mod)
+    kinds = [x.kind for x in ex.mod.imports]
+    assert kinds.count("static_library") == 5, kinds
+    path = str(tmp_path / "lib.so")
+    preset.export(ex, path)
+    syms = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True).stdout
+    for s in ("sam3_cutlass_gemm_nk_bias_gelu", "sam3_cutlass_gemm_nk_bias", "sam3_cutlass_gemm_nk",
+              "sam3_cutlass_gemm_kn", "sam3_cutlass_conv2d_bias", "sam3_cutlass_gemm_set_tile"):
+        assert f"__tvm_ffi_{s}\n" in syms, s
+    deps = subprocess.run(["ldd", path], capture_output=True, text=True).stdout
+    assert "libcudart" not in deps and "libcuda.so" not in deps, deps

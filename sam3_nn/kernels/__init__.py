@@ -1,14 +1,15 @@
 """Hardware GEMM kernels and the passes that put them into the model.
 
-``schedule_passes(target)`` gives the passes to run on the Relax module before the
-default pipeline (legalization + dlight); ``pipeline(target)`` is that plus the
-default pipeline, ready for ``tvm.compile(..., relax_pipeline=)``.
-See docs/kernels.md.
+``schedule_passes(target, cuda_arches)`` gives the passes to run on the Relax module
+before the default pipeline (legalization + dlight); ``pipeline(target, cuda_arches=)``
+is that plus the default pipeline, ready for ``tvm.compile(..., relax_pipeline=)``.
+``cuda_arches``: the SASS arches the library is built for (a cuda preset's
+``cuda_arches``); None: the target's own arch. See docs/kernels.md.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import tvm
 from tvm import relax
@@ -16,14 +17,14 @@ from tvm import relax
 from .rewrite import make_gemm_pass
 
 
-def providers_for(target: tvm.target.Target):
+def providers_for(target: tvm.target.Target, cuda_arches: Optional[Sequence[str]] = None):
     """``(gemm_provider, conv_provider)`` for ``target``; ``(None, None)``: none of ours."""
     kind = target.kind.name
     if kind == "llvm":
         from .cpu import conv2d_nhwc, gemm
 
-        def cpu_gemm(bt, m, n, k, dtype, out_dtype, **kw):
-            if dtype not in ("float32", "float16"):
+        def cpu_gemm(bt, m, n, k, dtype, out_dtype, activation=None, **kw):
+            if dtype not in ("float32", "float16") or activation:
                 return None
             return gemm(bt, m, n, k, dtype, out_dtype, **kw)
 
@@ -34,24 +35,24 @@ def providers_for(target: tvm.target.Target):
 
         return cpu_gemm, cpu_conv
     if kind == "cuda":
-        from .cuda import gemm_cuda
+        from .cuda import cuda_providers
 
-        def cuda_gemm(bt, m, n, k, dtype, out_dtype, **kw):
-            return gemm_cuda(target, bt, m, n, k, dtype, out_dtype, **kw)
-
-        return cuda_gemm, None
+        return cuda_providers(target, cuda_arches)
     return None, None
 
 
-def schedule_passes(target: tvm.target.Target) -> List[tvm.transform.Pass]:
+def schedule_passes(target: tvm.target.Target, cuda_arches: Optional[Sequence[str]] = None
+                    ) -> List[tvm.transform.Pass]:
     """Passes to run on the Relax IRModule before the default pipeline."""
-    gemm, conv = providers_for(target)
+    gemm, conv = providers_for(target, cuda_arches)
     if gemm is None:
         return []
     return [make_gemm_pass(gemm, conv)]
 
 
-def pipeline(target: tvm.target.Target, base: Optional[tvm.transform.Pass] = None):
+def pipeline(target: tvm.target.Target, base: Optional[tvm.transform.Pass] = None,
+             cuda_arches: Optional[Sequence[str]] = None):
     """``schedule_passes(target)`` followed by ``base`` (default: TVM's default pipeline)."""
     base = base or relax.get_default_pipeline(target)
-    return tvm.transform.Sequential(schedule_passes(target) + [base], name="sam3_kernels_pipeline")
+    return tvm.transform.Sequential(schedule_passes(target, cuda_arches) + [base],
+                                    name="sam3_kernels_pipeline")

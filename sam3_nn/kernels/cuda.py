@@ -1,4 +1,13 @@
-"""CUDA GEMMs: TVM's own tensor-core schedule (dlight ``MatmulTensorization``),
+"""CUDA GEMMs.
+
+On Hopper builds (every SASS arch of the library is sm_90/sm_90a) fp16 GEMMs with
+8-aligned K and N go to CUTLASS 3.x kernels (TMA + wgmma, warp-specialized;
+``cuda/gemm_sm90.cu``, compiled for sm_90a and linked into the library, see
+``cuda_source.py``), with bias and bias+GELU epilogues. The choice is made at build
+time from the preset's arches: a library that also carries sm_80 SASS keeps the TIR
+path below for every GEMM. ``SAM3_CUTLASS=0`` turns the CUTLASS route off.
+
+Elsewhere: TVM's own tensor-core schedule (dlight ``MatmulTensorization``),
 applied to our GEMM definition.
 
 Two things keep the default pipeline from using tensor cores, and both are handled
@@ -12,8 +21,9 @@ packing stage (the weight is read in place).
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import tvm
 from tvm import te, tirx
@@ -65,3 +75,101 @@ def gemm_cuda(target: tvm.target.Target, bt, m, n: int, k: int, dtype: str, out_
     if "tirx.is_scheduled" not in (func.attrs or {}):
         return None
     return func
+
+
+# ---- CUTLASS (sm_90a) --------------------------------------------------------------------
+
+GEMM_PARTS = {"nk": 0, "nk_bias": 1, "nk_bias_gelu": 2, "kn": 3, "kn_bias": 3}
+# only the tvm-ffi entry points leave the library (CUTLASS's template instances stay local)
+HIDDEN = ("-Xcompiler=-fvisibility=hidden",)
+
+
+def arch_list(target: tvm.target.Target, cuda_arches: Optional[Sequence[str]]) -> Tuple[str, ...]:
+    if cuda_arches:
+        return tuple(cuda_arches)
+    arch = str(dict(target.export()).get("arch", "") or "")
+    return (arch,) if arch else ()
+
+
+def cutlass_route(arches: Sequence[str]) -> bool:
+    """Whether the CUTLASS sm_90a kernels serve a library built for ``arches``: all of
+    them Hopper (sm_90a SASS runs on every compute capability 9.0 device, nothing else)."""
+    if os.environ.get("SAM3_CUTLASS", "1") == "0" or not arches:
+        return False
+    return all(re.fullmatch(r"sm_90a?", a) for a in arches)
+
+
+class _GemmObjects:
+    """The four compiled parts of ``cuda/gemm_sm90.cu`` (compiled together on first use;
+    part 0 holds the shared state every part links against)."""
+
+    def __init__(self, log=lambda s: None):
+        self.paths = None
+        self.log = log
+
+    def get(self, part: int) -> Tuple[str, ...]:
+        if self.paths is None:
+            from .cuda_source import compile_objects
+
+            jobs = [dict(name="gemm_sm90", arches=("sm_90a",), cutlass=True, flags=HIDDEN,
+                         defines=[f"SAM3_GEMM_PART={i}"]) for i in range(4)]
+            self.paths = [str(p) for p in compile_objects(jobs, self.log)]
+        return tuple(dict.fromkeys([self.paths[0], self.paths[part]]))
+
+    def conv(self) -> str:
+        from .cuda_source import compile_object
+
+        return str(compile_object("conv_sm90", ("sm_90a",), cutlass=True, flags=HIDDEN,
+                                  log=self.log))
+
+
+def gemm_cutlass(objs: _GemmObjects, bt, m, n: int, k: int, dtype: str, out_dtype: str, *,
+                 w_batched: bool = False, w_layout: str = "nk", has_bias: bool = False,
+                 activation: Optional[str] = None):
+    """An ``Extern`` for this GEMM, or None where the CUTLASS kernels do not apply."""
+    from .rewrite import Extern
+
+    if dtype != "float16" or out_dtype != "float16" or w_batched or n % 8 or k % 8:
+        return None
+    if activation not in (None, "gelu") or (activation and (not has_bias or w_layout != "nk")):
+        return None
+    if _static_int(bt) != 1:  # shared weight: the rewrite passes bt = 1
+        return None
+    key = w_layout + ("_bias" if has_bias else "") + ("_gelu" if activation else "")
+    return Extern(f"sam3_cutlass_gemm_{key}", objs.get(GEMM_PARTS[key]))
+
+
+def _static_int(v) -> Optional[int]:
+    return int(v) if isinstance(v, (int, tirx.IntImm)) else None
+
+
+def cuda_providers(target: tvm.target.Target, cuda_arches: Optional[Sequence[str]] = None):
+    """``(gemm_provider, conv_provider)`` for a CUDA target."""
+    use_cutlass = cutlass_route(arch_list(target, cuda_arches))
+    objs = _GemmObjects()
+
+    def cuda_gemm(bt, m, n, k, dtype, out_dtype, activation=None, **kw):
+        if use_cutlass:
+            ext = gemm_cutlass(objs, bt, m, n, k, dtype, out_dtype, activation=activation, **kw)
+            if ext is not None:
+                return ext
+        if activation:
+            return None
+        return gemm_cuda(target, bt, m, n, k, dtype, out_dtype, **kw)
+
+    def cuda_conv(b, h, w, cin, cout, ksize, pad, dtype, out_dtype, has_bias):
+        if not use_cutlass:
+            return None
+        return conv_cutlass(objs, b, h, w, cin, cout, ksize, pad, dtype, out_dtype, has_bias)
+
+    return cuda_gemm, cuda_conv
+
+
+def conv_cutlass(objs: _GemmObjects, b, h, w, cin, cout, ksize, pad, dtype, out_dtype, has_bias):
+    """CUTLASS implicit-GEMM conv (``cuda/conv_sm90.cu``) for fp16 NHWC, channels % 8."""
+    from .rewrite import Extern
+
+    if dtype != "float16" or out_dtype != "float16" or cin % 8 or cout % 8:
+        return None
+    sym = "sam3_cutlass_conv2d" + ("_bias" if has_bias else "")
+    return Extern(sym, (objs.conv(),), conv_weight_layout="OHWI")

@@ -9,9 +9,15 @@ Runs before ``LegalizeOps``. Matches
 * batched ``matmul(q, permute_dims(k, [..., -1, -2]))`` and ``matmul(p, v)`` with
   equal leading dims (attention scores and values),
 
+* ``gelu(add(matmul(x, permute_dims(w)), bias))`` (the MLPs' first layer) when the
+  provider takes ``activation="gelu"`` (bias + erf-GELU epilogue),
+
 flattens the leading dims with zero-copy reshapes and calls a scheduled PrimFunc
 from the target's kernel provider (``provider(bt, m, n, k, dtype, out_dtype,
-w_batched=, w_layout=, has_bias=)``, returning ``None`` for "not mine"). Anything
+w_batched=, w_layout=, has_bias=, activation=)``, returning ``None`` for "not mine"),
+or, when the provider returns an :class:`Extern`, a ``call_dps_packed`` of a
+hand-written kernel linked into the library (``kernels/cuda_source.py``; the objects
+are attached to the module's ``external_mods``). Anything
 else (broadcast batches, dynamic K/N) is left to the default legalization: that
 is the fallback path. The new PrimFuncs carry ``tirx.is_scheduled`` (dlight skips
 them) and ``op_pattern = kOpaque`` (FuseOps leaves them alone, so FuseTIR never
@@ -20,7 +26,8 @@ merges a scheduled function with unscheduled neighbours).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import tvm
 from tvm import relax, tirx
@@ -28,8 +35,24 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 OPAQUE = 8  # relay/relax OpPatternKind.kOpaque
 
-Provider = Callable[..., Optional[tirx.PrimFunc]]
-ConvProvider = Callable[..., Optional[tirx.PrimFunc]]
+
+@dataclass(frozen=True)
+class Extern:
+    """A provider's answer for a kernel linked in as an object: ``symbol`` (tvm-ffi
+    exported, destination-passing) from ``objects``. GEMM externs take
+    ``(x [..., K], w [N, K] | [K, N], (bias [N]), out [..., N])`` (the kernel treats
+    the leading dims as rows); conv externs ``(x [B, H, W, Cin], w [Cout, Cin, kh, kw]
+    (or [Cout, kh, kw, Cin] with ``conv_weight_layout="OHWI"``), (bias [Cout]),
+    out [B, H, W, Cout])``. Inputs and outputs keep their shapes: a ``reshape`` of a
+    ``call_dps_packed`` result would be lowered to a copy kernel."""
+
+    symbol: str
+    objects: Tuple[str, ...] = ()
+    conv_weight_layout: str = "OIHW"  # "OHWI": the rewrite permutes the conv weight first
+
+
+Provider = Callable[..., Union[None, tirx.PrimFunc, Extern]]
+ConvProvider = Callable[..., Union[None, tirx.PrimFunc, Extern]]
 
 
 def _sinfo(e: relax.Expr):
@@ -73,19 +96,24 @@ class _Rewriter:
         self.provider = provider
         self.conv_provider = conv_provider
         self.bb = bb
-        self.funcs: Dict[Tuple, Tuple[tvm.ir.GlobalVar, tirx.PrimFunc]] = {}
+        self.funcs: Dict[Tuple, object] = {}
         self.count = 0
+        self.objects: Dict[str, None] = {}  # extern objects to attach (ordered set)
 
-    def _kernel(self, bt, m, n, k, dtype, out_dtype, w_batched, w_layout, has_bias):
+    def _kernel(self, bt, m, n, k, dtype, out_dtype, w_batched, w_layout, has_bias,
+                activation=None):
         sb, sm = _static(bt), _static(m)
-        key = (sb, sm, n, k, dtype, out_dtype, w_batched, w_layout, has_bias)
+        key = (sb, sm, n, k, dtype, out_dtype, w_batched, w_layout, has_bias, activation)
         if key not in self.funcs:
             vb = sb if sb is not None else tirx.Var("bt", "int64")
             vm = sm if sm is not None else tirx.Var("m", "int64")
+            kw = {"activation": activation} if activation else {}
             func = self.provider(vb, vm, n, k, dtype, out_dtype, w_batched=w_batched,
-                                 w_layout=w_layout, has_bias=has_bias)
+                                 w_layout=w_layout, has_bias=has_bias, **kw)
             if func is None:
                 self.funcs[key] = None
+            elif isinstance(func, Extern):
+                self.funcs[key] = func
             else:
                 name = f"sam3_gemm_{'b' if w_batched else ''}{w_layout}_{n}x{k}_{dtype}"
                 if has_bias:
@@ -127,20 +155,31 @@ class _Rewriter:
                                       has_bias=bias is not None)
             if func is None:
                 self.funcs[key] = None
+            elif isinstance(func, Extern):
+                self.funcs[key] = func
             else:
                 name = f"sam3_conv{kh}x{kw}_{h}x{w_}x{cin}to{cout}_{dtype}_{len(self.funcs)}"
                 func = func.with_attr("op_pattern", OPAQUE).with_attr("global_symbol", name)
                 self.funcs[key] = (self.bb.add_func(func, name), func)
-        if self.funcs[key] is None:
+        kern = self.funcs[key]
+        if kern is None:
             return orig
-        gv = self.funcs[key][0]
         args = [x, w] + ([bias] if bias is not None else [])
-        y = relax.call_tir(gv, args, relax.TensorType([nb, h * w_, cout], out_dtype))
+        if isinstance(kern, Extern):
+            # the output in its final shape: a reshape of a call_dps_packed result is
+            # lowered to a copy kernel, not a view
+            self.objects.update(dict.fromkeys(kern.objects))
+            if kern.conv_weight_layout == "OHWI":
+                args[1] = relax.op.permute_dims(w, [0, 2, 3, 1])
+            self.count += 1
+            return relax.call_dps_packed(kern.symbol, args,
+                                         relax.TensorType([nb, h, w_, cout], out_dtype))
+        y = relax.call_tir(kern[0], args, relax.TensorType([nb, h * w_, cout], out_dtype))
         self.count += 1
         return relax.op.reshape(y, relax.ShapeExpr([nb, h, w_, cout]))
 
-    def emit(self, orig, x, w, bias, w_layout: str) -> relax.Expr:
-        """``x @ op(w) (+ bias)`` with ``op`` = transpose for 'nk'."""
+    def emit(self, orig, x, w, bias, w_layout: str, activation: Optional[str] = None) -> relax.Expr:
+        """``act(x @ op(w) (+ bias))`` with ``op`` = transpose for 'nk'."""
         xs, dtype = _shape(x)
         ws, wdtype = _shape(w)
         if xs is None or ws is None or dtype != wdtype or len(xs) < 2 or len(ws) < 2:
@@ -167,10 +206,21 @@ class _Rewriter:
             if (bs is None or bdtype != out_dtype or _static(bs[-1]) != n
                     or any(_static(v) != 1 for v in bs[:-1]) or len(bs) > len(out_shape)):
                 return orig
-            bias = relax.op.reshape(bias, relax.ShapeExpr([n]))
-        kern = self._kernel(bt, m, n, k, dtype, out_dtype, w_batched, w_layout, bias is not None)
+            if len(bs) != 1:
+                bias = relax.op.reshape(bias, relax.ShapeExpr([n]))
+        kern = self._kernel(bt, m, n, k, dtype, out_dtype, w_batched, w_layout, bias is not None,
+                            activation)
         if kern is None:
             return orig
+        if isinstance(kern, Extern):  # shared 2D weight only: rows = all leading dims
+            if w_batched:
+                return orig
+            # x, the output in their own shapes (the kernel flattens the leading dims):
+            # a reshape of a call_dps_packed result is lowered to a copy, not a view
+            self.objects.update(dict.fromkeys(kern.objects))
+            args = [x, w] + ([bias] if bias is not None else [])
+            self.count += 1
+            return relax.call_dps_packed(kern.symbol, args, relax.TensorType(out_shape, out_dtype))
         gv, _ = kern
         a = relax.op.reshape(x, relax.ShapeExpr([bt, m, k]))
         bw = bt if w_batched else tirx.const(1, "int64")
@@ -212,6 +262,16 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
         def plain(orig, mt):
             return rw.emit(orig, mt[x], mt[w], None, "kn")
 
+        lin_b = is_op("relax.add")(mm_t, b)
+        gelu = is_op("relax.nn.gelu")(lin_b)
+
+        def gelu_rewrite(orig, mt):
+            call = mt[wt]
+            ws, _ = _shape(mt[w])
+            if ws is None or not _is_last_two_swap(call, len(ws)):
+                return orig
+            return rw.emit(orig, mt[x], mt[w], mt[b], "nk", activation="gelu")
+
         # channel-last conv: permute(conv2d(permute(x), w) [+ bias]) (layers.Conv2d)
         cx, cw, cb = wildcard(), wildcard(), wildcard()
         perm_in = is_op("relax.permute_dims")(cx)
@@ -235,7 +295,8 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
             if rw.conv_provider is not None:
                 f = rewrite_call(conv_b, lambda o, mt: conv_rewrite(o, mt, cb), f)
                 f = rewrite_call(conv_nb, conv_rewrite, f)
-            f = rewrite_call(is_op("relax.add")(mm_t, b), lambda o, mt: transposed(o, mt, b), f)
+            f = rewrite_call(gelu, gelu_rewrite, f)
+            f = rewrite_call(lin_b, lambda o, mt: transposed(o, mt, b), f)
             f = rewrite_call(mm_t, transposed, f)
             f = rewrite_call(mm, plain, f)
             if not f.same_as(func):
@@ -244,6 +305,11 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
             return mod
         for gv, f in updates.items():
             bb.update_func(gv, f)
-        return bb.get()
+        out = bb.get()
+        if rw.objects:
+            from .cuda_source import attach
+
+            out = attach(out, list(rw.objects))
+        return out
 
     return _pass

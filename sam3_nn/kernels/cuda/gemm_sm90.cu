@@ -1,0 +1,281 @@
+// fp16 GEMMs for Hopper (sm_90a): CUTLASS 3.x warp-specialized TMA + wgmma kernels.
+//
+//   out[M, N] = epi(A[M, K] @ op(W) + bias[N])      fp16 in/out, fp32 accumulation
+//   op(W) = W^T for W [N, K] ("nk", nn.Linear) or W for W [K, N] ("kn")
+//   epi   = identity | GELU (erf)
+//
+// One source, compiled once per part (-DSAM3_GEMM_PART=...) so the parts build in
+// parallel; each part exports its entry points with tvm-ffi (DPS: out is last):
+//   part 0: sam3_cutlass_gemm_nk(a, w, out)             + sam3_cutlass_gemm_set_tile(int)
+//   part 1: sam3_cutlass_gemm_nk_bias(a, w, bias, out)
+//   part 2: sam3_cutlass_gemm_nk_bias_gelu(a, w, bias, out)
+//   part 3: sam3_cutlass_gemm_kn(a, w, out), sam3_cutlass_gemm_kn_bias(a, w, bias, out)
+// a: [.., K] (leading dims flattened to M), w: [N, K] / [K, N], bias: [N], out: [.., N].
+// K and N must be multiples of 8 (16-byte TMA rows); M is free (TMA clips the tails).
+//
+// Tile configs (`pick_tile`: 2 unless forced by sam3_cutlass_gemm_set_tile(i), -1 = default):
+//   0: 128x128x64 cooperative (2 consumer warpgroups), cluster 2x1, persistent
+//   1: 128x256x64 cooperative, cluster 2x1, persistent
+//   2: 128x128x64 ping-pong (consumer warpgroups alternate tiles), cluster 2x1
+//   3: 128x128x64 cooperative, stream-K (splits K over the last wave)
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <mutex>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/thread/activation.h"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/function.h>
+
+#ifndef SAM3_GEMM_PART
+#define SAM3_GEMM_PART 0
+#endif
+
+using namespace cute;
+using tvm::ffi::TensorView;
+
+namespace sam3 {
+
+using half = cutlass::half_t;
+
+enum class Epi { kNone, kBias, kBiasGelu };
+
+template <Epi E>
+struct FusionFor;
+template <>
+struct FusionFor<Epi::kNone> {
+  using Op = cutlass::epilogue::fusion::LinearCombination<half, float, half, float>;
+};
+template <>
+struct FusionFor<Epi::kBias> {
+  using Op = cutlass::epilogue::fusion::LinCombPerColBias<half, float, half, half, float>;
+};
+template <>
+struct FusionFor<Epi::kBiasGelu> {
+  using Op = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::GELU, half,
+                                                                float, half, half, float>;
+};
+
+template <class Tile, class Cluster, class MainSched, class EpiSched, class Scheduler, Epi E,
+          class LayoutB>
+struct Gemm {
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutC = cutlass::layout::RowMajor;
+  static constexpr int kAlign = 8;
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, half, LayoutC, kAlign, half,
+      LayoutC, kAlign, EpiSched, typename FusionFor<E>::Op>::CollectiveOp;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, half, LayoutA, kAlign, half, LayoutB,
+      kAlign, float, Tile, Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      MainSched>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue, Scheduler>;
+  using Op = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  static constexpr bool kHasBias = E != Epi::kNone;
+};
+
+using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
+using Ping = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using PingEpi = cutlass::epilogue::TmaWarpSpecialized;
+using Persistent = cutlass::gemm::PersistentScheduler;
+using StreamK = cutlass::gemm::StreamKScheduler;
+
+template <Epi E, class LB>
+using Cfg0 = Gemm<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Coop, CoopEpi, Persistent, E, LB>;
+template <Epi E, class LB>
+using Cfg1 = Gemm<Shape<_128, _256, _64>, Shape<_2, _1, _1>, Coop, CoopEpi, Persistent, E, LB>;
+template <Epi E, class LB>
+using Cfg2 = Gemm<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Ping, PingEpi, Persistent, E, LB>;
+template <Epi E, class LB>
+using Cfg3 = Gemm<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Coop, CoopEpi, StreamK, E, LB>;
+
+// ---- shared state (defined in part 0) -------------------------------------------------
+extern int g_forced_tile;
+void* workspace(size_t bytes, int device);
+int sm_count(int device);
+
+#if SAM3_GEMM_PART == 0
+int g_forced_tile = -1;
+
+void* workspace(size_t bytes, int device) {
+  static std::mutex mu;
+  static void* bufs[64] = {};
+  static size_t sizes[64] = {};
+  if (bytes == 0) return nullptr;
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= 64) TVM_FFI_THROW(RuntimeError) << "bad device " << device;
+  if (sizes[device] < bytes) {
+    if (bufs[device]) cudaFree(bufs[device]);  // the previous GEMMs on the stream used it:
+    cudaDeviceSynchronize();                    // grows a few times at most, at the start
+    if (cudaMalloc(&bufs[device], bytes) != cudaSuccess)
+      TVM_FFI_THROW(RuntimeError) << "cudaMalloc of " << bytes << " bytes of GEMM workspace failed";
+    sizes[device] = bytes;
+  }
+  return bufs[device];
+}
+
+int sm_count(int device) {
+  static int counts[64] = {};
+  if (device < 0 || device >= 64) return 132;
+  if (counts[device] == 0) {
+    int n = 0;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    counts[device] = n > 0 ? n : 132;
+  }
+  return counts[device];
+}
+#endif
+
+// Default: ping-pong (config 2) for every shape. Measured on the H100 (bench/gemm.py,
+// fp16, M = 5184, bias epilogue, TFLOP/s for configs 0 / 1 / 2 / 3):
+//   1024->3072  533 / 584 / 627 / 492      1024->4736  544 / 527 / 641 / 506
+//   4736->1024  503 / 434 / 516 / 492      1024->1024  369 / 324 / 411 / 334
+//   1024->4736 +GELU 420 / 406 / 439 / 406   (M = 20736) 256->256  156 / 152 / 156 / 154
+// The ping-pong schedule overlaps one warpgroup's epilogue with the other's mainloop,
+// which pays at these short K (16 k-blocks at K = 1024).
+inline int pick_tile(int64_t, int64_t, int64_t, int) {
+  return g_forced_tile >= 0 ? g_forced_tile : 2;
+}
+
+template <class G>
+void run(int64_t m, int64_t n, int64_t k, const void* a, const void* w, const void* bias, void* out,
+         int device, cudaStream_t stream) {
+  using Op = typename G::Op;
+  using Kernel = typename G::Kernel;
+  auto sa = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, make_shape(int(m), int(k), 1));
+  auto sb = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, make_shape(int(n), int(k), 1));
+  auto sc = cutlass::make_cute_packed_stride(typename Kernel::StrideC{}, make_shape(int(m), int(n), 1));
+  auto sd = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, make_shape(int(m), int(n), 1));
+  cutlass::KernelHardwareInfo hw;
+  hw.device_id = device;
+  hw.sm_count = sm_count(device);
+  // C is never read (beta = 0); it aliases D so the C descriptor is valid
+  typename Op::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
+                              {int(m), int(n), int(k), 1},
+                              {static_cast<const half*>(a), sa, static_cast<const half*>(w), sb},
+                              {{}, static_cast<const half*>(out), sc, static_cast<half*>(out), sd},
+                              hw};
+  args.epilogue.thread.alpha = 1.0f;
+  args.epilogue.thread.beta = 0.0f;
+  if constexpr (G::kHasBias) {
+    args.epilogue.thread.bias_ptr = static_cast<const half*>(bias);
+  }
+  Op op;
+  cutlass::Status st = op.can_implement(args);
+  if (st != cutlass::Status::kSuccess)
+    TVM_FFI_THROW(RuntimeError) << "CUTLASS GEMM cannot run M=" << m << " N=" << n << " K=" << k
+                                << ": " << cutlassGetStatusString(st);
+  void* ws = workspace(Op::get_workspace_size(args), device);
+  st = op.initialize(args, ws, stream);
+  if (st != cutlass::Status::kSuccess)
+    TVM_FFI_THROW(RuntimeError) << "CUTLASS GEMM init failed: " << cutlassGetStatusString(st);
+  st = op.run(stream);
+  cudaError_t e = cudaGetLastError();
+  if (st != cutlass::Status::kSuccess || e != cudaSuccess)
+    TVM_FFI_THROW(RuntimeError) << "CUTLASS GEMM launch failed: " << cutlassGetStatusString(st)
+                                << " / " << cudaGetErrorString(e);
+}
+
+inline void* ptr(const TensorView& t) {
+  return static_cast<char*>(t.data_ptr()) + t.byte_offset();
+}
+
+inline void check(const TensorView& t, const char* what) {
+  if (t.dtype().code != kDLFloat || t.dtype().bits != 16)
+    TVM_FFI_THROW(TypeError) << what << " must be float16";
+  if (t.device().device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << what << " must be on CUDA";
+  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << what << " must be contiguous";
+  if (reinterpret_cast<uintptr_t>(ptr(t)) % 16 != 0)
+    TVM_FFI_THROW(ValueError) << what << " must be 16-byte aligned";
+}
+
+template <Epi E, bool kNK>
+void gemm(TensorView a, TensorView w, const TensorView* bias, TensorView out) {
+  check(a, "a");
+  check(w, "w");
+  check(out, "out");
+  if (bias) check(*bias, "bias");
+  if (w.ndim() != 2) TVM_FFI_THROW(ValueError) << "w must be 2-D";
+  int64_t k = a.shape()[a.ndim() - 1];
+  int64_t n = kNK ? w.shape()[0] : w.shape()[1];
+  int64_t wk = kNK ? w.shape()[1] : w.shape()[0];
+  int64_t m = a.numel() / (k ? k : 1);
+  if (wk != k || out.shape()[out.ndim() - 1] != n || out.numel() != m * n)
+    TVM_FFI_THROW(ValueError) << "GEMM shape mismatch";
+  if (bias && bias->numel() != n) TVM_FFI_THROW(ValueError) << "bias must have N elements";
+  if (k % 8 || n % 8) TVM_FFI_THROW(ValueError) << "K and N must be multiples of 8";
+  if (m == 0) return;
+  int dev = a.device().device_id;
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev));
+  using LB = std::conditional_t<kNK, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  const void* bp = bias ? ptr(*bias) : nullptr;
+  void *pa = ptr(a), *pw = ptr(w), *po = ptr(out);
+  if constexpr (!kNK) {  // kn: rare in the model, one config
+    run<Cfg0<E, LB>>(m, n, k, pa, pw, bp, po, dev, stream);
+    return;
+  } else {
+    switch (pick_tile(m, n, k, sm_count(dev))) {
+      case 1:
+        return run<Cfg1<E, LB>>(m, n, k, pa, pw, bp, po, dev, stream);
+      case 2:
+        return run<Cfg2<E, LB>>(m, n, k, pa, pw, bp, po, dev, stream);
+      case 3:
+        return run<Cfg3<E, LB>>(m, n, k, pa, pw, bp, po, dev, stream);
+      default:
+        return run<Cfg0<E, LB>>(m, n, k, pa, pw, bp, po, dev, stream);
+    }
+  }
+}
+
+}  // namespace sam3
+
+namespace {
+#if SAM3_GEMM_PART == 0
+void gemm_nk(TensorView a, TensorView w, TensorView out) {
+  sam3::gemm<sam3::Epi::kNone, true>(a, w, nullptr, out);
+}
+void set_tile(int tile) { sam3::g_forced_tile = tile; }
+#elif SAM3_GEMM_PART == 1
+void gemm_nk_bias(TensorView a, TensorView w, TensorView b, TensorView out) {
+  sam3::gemm<sam3::Epi::kBias, true>(a, w, &b, out);
+}
+#elif SAM3_GEMM_PART == 2
+void gemm_nk_bias_gelu(TensorView a, TensorView w, TensorView b, TensorView out) {
+  sam3::gemm<sam3::Epi::kBiasGelu, true>(a, w, &b, out);
+}
+#elif SAM3_GEMM_PART == 3
+void gemm_kn(TensorView a, TensorView w, TensorView out) {
+  sam3::gemm<sam3::Epi::kNone, false>(a, w, nullptr, out);
+}
+void gemm_kn_bias(TensorView a, TensorView w, TensorView b, TensorView out) {
+  sam3::gemm<sam3::Epi::kBias, false>(a, w, &b, out);
+}
+#endif
+}  // namespace
+
+#if SAM3_GEMM_PART == 0
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk, gemm_nk);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_set_tile, set_tile);
+#elif SAM3_GEMM_PART == 1
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_bias, gemm_nk_bias);
+#elif SAM3_GEMM_PART == 2
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_bias_gelu, gemm_nk_bias_gelu);
+#elif SAM3_GEMM_PART == 3
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_kn, gemm_kn);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_kn_bias, gemm_kn_bias);
+#endif
