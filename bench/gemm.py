@@ -5,6 +5,11 @@
     .venv/bin/python bench/gemm.py --mode cuda --export dist/bench  # compile here
     python bench/gemm.py --mode cuda --run dist/bench               # on the GPU host
 
+CUDA: all cases go into one library (``cases.so``, built with the ``cuda`` preset for
+``--arch``, default sm_90a: CUTLASS kernels), run with the runtime-only TVM; each case is
+checked against PyTorch (fp32 math on the same fp16 inputs) and the timed ones are
+timed (ours: VM time_evaluator; torch: CUDA events), best of 5 x 20 calls.
+
 Each case is one ``nn.Linear`` (``[M, K] -> [M, N]`` + bias) or the pixel decoder's
 3x3 conv (channel-last, 256 -> 256), compiled by the same pipeline as the model
 (``sam3_nn.kernels.pipeline``). Timings are the best of ``--repeat`` runs; on the
@@ -128,22 +133,129 @@ def run_cpu(args):
     _report(rows)
 
 
+# ---- CUDA: one library holding every case (compiled here, run on the GPU host) ----------
+
+# (name, kind, shape, timed): kind "linear" (M, K, N, bias, act), "kn" (M, K, N),
+# "conv" (B, H, W, Cin, Cout, bias), "im2col" (the same 3x3 conv as explicit im2col + one
+# GEMM, weight [Cout, 9*Cin] in (ky, kx, cin) order: the alternative to the implicit-GEMM
+# conv); timed cases are the report, all are checked
+CUDA_CASES = [
+    ("linear 5184x1024->3072 +bias", "linear", (5184, 1024, 3072, True, None), True),
+    ("linear 5184x1024->4736 +bias", "linear", (5184, 1024, 4736, True, None), True),
+    ("linear 5184x4736->1024 +bias", "linear", (5184, 4736, 1024, True, None), True),
+    ("linear 5184x1024->1024 +bias", "linear", (5184, 1024, 1024, True, None), True),
+    ("mlp fc1 5184x1024->4736 +bias+gelu", "linear", (5184, 1024, 4736, True, "gelu"), True),
+    ("linear 20736x256->256 +bias", "linear", (20736, 256, 256, True, None), True),
+    ("conv3x3 288x288x256->256 +bias", "conv", (1, 288, 288, 256, 256, True), True),
+    ("  (alt: im2col + GEMM, same conv)", "im2col", (1, 288, 288, 256, 256, True), True),
+    ("check: linear 37x1024->1024 (no bias)", "linear", (37, 1024, 1024, False, None), False),
+    ("check: linear 1x256->512 +bias", "linear", (1, 256, 512, True, None), False),
+    ("check: linear 200x256->2048 +bias+gelu", "linear", (200, 256, 2048, True, "gelu"), False),
+    ("check: linear 3x1297x768->256 +bias", "linear", ((3, 1297), 768, 256, True, None), False),
+    ("check: matmul 999x256 @ [256,520]", "kn", (999, 256, 520), False),
+    ("check: linear 64x100->200 (K%8: TIR)", "linear", (64, 100, 200, True, None), False),
+    ("check: conv3x3 2x37x29x64->128 +bias", "conv", (2, 37, 29, 64, 128, True), False),
+]
+
+
+def _cuda_module(dtype):
+    """One nn.Module with a method per case (packed params: each takes them all)."""
+    from tvm.relax.frontend import nn
+    from tvm.relax.frontend.nn import op
+
+    from sam3_nn.layers import Conv2d
+
+    class Case(nn.Module):
+        def __init__(self, kind, shape):
+            self.kind, self.shape = kind, shape
+            if kind == "linear":
+                _, k, n, bias, act = shape
+                self.lin = nn.Linear(k, n, bias=bias, dtype=dtype)
+            elif kind == "kn":
+                _, k, n = shape
+                self.w = nn.Parameter((k, n), dtype=dtype)
+            elif kind == "im2col":
+                _, _, _, cin, cout, bias = shape
+                self.lin = nn.Linear(9 * cin, cout, bias=bias, dtype=dtype)
+            else:
+                _, _, _, cin, cout, bias = shape
+                self.conv = Conv2d(cin, cout, 3, bias=bias)
+                self.conv.to(dtype)
+
+        def forward(self, x):
+            if self.kind == "linear":
+                y = self.lin(x)
+                return op.gelu(y) if self.shape[4] == "gelu" else y
+            if self.kind == "kn":
+                return op.matmul(x, self.w)
+            if self.kind == "im2col":
+                _, h, w, _ = self.shape[:4]
+                xp = op.pad(x, [0, 0, 1, 1, 1, 1, 0, 0])
+
+                def window(t, start, size, axis):  # t[start:start+size] along axis
+                    if start == 0:
+                        return op.split(t, [size], axis=axis)[0]
+                    if start + size == int(t.shape[axis]):
+                        return op.split(t, [start], axis=axis)[1]
+                    return op.split(t, [start, start + size], axis=axis)[1]
+
+                cols = []
+                for ky in range(3):
+                    row = window(xp, ky, h, 1)
+                    for kx in range(3):
+                        cols.append(window(row, kx, w, 2))
+                return self.lin(op.concat(cols, dim=3))
+            return self.conv(x)
+
+    class Cases(nn.Module):
+        def __init__(self):
+            for i, (_, kind, shape, _) in enumerate(CUDA_CASES):
+                setattr(self, f"c{i}", Case(kind, shape))
+
+    spec = {}
+    for i, (_, kind, shape, _) in enumerate(CUDA_CASES):
+        setattr(Cases, f"case{i}", lambda self, x, i=i: getattr(self, f"c{i}")(x))
+        spec[f"case{i}"] = {"x": nn.spec.Tensor(_cuda_x_shape(kind, shape), dtype),
+                            "$": {"param_mode": "packed", "effect_mode": "none"}}
+    return Cases().export_tvm(spec=spec)
+
+
+def _cuda_x_shape(kind, shape):
+    if kind in ("linear", "kn"):
+        m, k = shape[0], shape[1]
+        return (list(m) if isinstance(m, tuple) else [m]) + [k]
+    b, h, w, cin = shape[:4]
+    return [b, h, w, cin]
+
+
+def _cuda_flops(kind, shape):
+    if kind in ("linear", "kn"):
+        m = shape[0] if not isinstance(shape[0], tuple) else int(np.prod(shape[0]))
+        return 2.0 * m * shape[1] * shape[2]
+    b, h, w, cin, cout, _ = shape[:6]
+    return 2.0 * b * h * w * cin * cout * 9
+
+
 def export_cuda(args):
     import tvm
 
-    from sam3_nn import kernels
+    from sam3_nn.kernels import cuda_source
+    from sam3_nn.targets import get_preset
 
-    target = tvm.target.Target({"kind": "cuda", "arch": args.arch})
+    preset = get_preset("cuda", args.arch)
     os.makedirs(args.export, exist_ok=True)
-    meta = []
-    for i, (name, flops, mod, params, spec) in enumerate(_modules(args.m, args.conv_hw, args.dtype)):
-        t0 = time.time()
-        ex = tvm.compile(mod, target=target, relax_pipeline=kernels.pipeline(target))
-        path = os.path.join(args.export, f"case{i}.so")
-        ex.export_library(path)
-        print(f"  {name}: compiled in {time.time() - t0:.1f}s -> {path}", flush=True)
-        meta.append({"name": name, "flops": flops, "spec": list(spec), "lib": os.path.basename(path)})
-    json.dump({"dtype": args.dtype, "cases": meta}, open(os.path.join(args.export, "cases.json"), "w"))
+    mod, params = _cuda_module(args.dtype)
+    t0 = time.time()
+    ex = preset.compile(mod, print)
+    path = os.path.join(args.export, "cases.so")
+    preset.export(ex, path, print)
+    print(f"  {len(CUDA_CASES)} cases compiled for {preset.name} in {time.time() - t0:.1f}s -> {path}")
+    names = [n for n, _ in params]
+    shapes = [[int(v) for v in p.shape] for _, p in params]
+    json.dump({"dtype": args.dtype, "params": list(zip(names, shapes)),
+               "cases": [{"name": n, "kind": k, "shape": s, "timed": t, "flops": _cuda_flops(k, s)}
+                         for n, k, s, t in CUDA_CASES]},
+              open(os.path.join(args.export, "cases.json"), "w"))
 
 
 def _cuda_runtime_setup(arch: str):
@@ -169,25 +281,107 @@ def _cuda_runtime_setup(arch: str):
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
 
 
+def _torch_case(kind, shape, x, ps):
+    import torch.nn.functional as F
+
+    if kind == "linear":
+        y = F.linear(x, ps[0], ps[1] if shape[3] else None)
+        return F.gelu(y) if shape[4] == "gelu" else y
+    if kind == "kn":
+        return x @ ps[0]
+    xc = x.permute(0, 3, 1, 2).contiguous(memory_format=__import__("torch").channels_last)
+    w = ps[0]
+    if kind == "im2col":  # [Cout, (ky, kx, cin)] -> OIHW
+        w = w.reshape(w.shape[0], 3, 3, -1).permute(0, 3, 1, 2).contiguous()
+    y = F.conv2d(xc, w, ps[1] if shape[5] else None, padding=1)
+    return y.permute(0, 2, 3, 1)
+
+
+def _bench_torch(fn, iters=20, repeat=5):
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        best = min(best, a.elapsed_time(b) / 1e3 / iters)
+    return best
+
+
 def run_cuda(args):
     _cuda_runtime_setup(args.arch)
+    import torch
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
     meta = json.load(open(os.path.join(args.run, "cases.json")))
     dtype = meta["dtype"]
+    td = getattr(torch, dtype)
     dev = tvm.cuda(0)
-    rng = np.random.default_rng(0)
-    rows = []
-    for c in meta["cases"]:
-        lib = tvm.runtime.load_module(os.path.join(args.run, c["lib"]))
-        vm = VirtualMachine(lib, dev)
-        xs, ps = _inputs(tuple(c["spec"]), dtype, rng)
-        t_ours, out = _tvm_time(vm, dev, xs, ps, dtype, args.repeat)
-        t_ref = _torch_time(tuple(c["spec"]), xs, ps, "cuda", dtype, args.repeat)
-        rows.append((c["name"], c["flops"], t_ours, t_ref))
-    print(f"\nCUDA {dtype}")
-    _report(rows)
+    lib = tvm.runtime.load_module(os.path.join(args.run, "cases.so"))
+    vm = VirtualMachine(lib, dev)
+    try:
+        set_tile = lib.get_function("sam3_cutlass_gemm_set_tile", query_imports=True)
+    except AttributeError:  # a library without the CUTLASS kernels (e.g. --arch sm_80)
+        set_tile = None
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    # parameters: weights ~ 1/sqrt(fan_in), biases ~ 1 (fresh random, never zeros)
+    tparams = []
+    for name, shape in meta["params"]:
+        fan = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        if name.endswith(".w"):
+            fan = shape[0]
+        t = torch.randn(shape, device="cuda", generator=gen) / np.sqrt(fan)
+        tparams.append(t.to(td))
+    pnames = [n for n, _ in meta["params"]]
+    params = [tvm.runtime.from_dlpack(t) for t in tparams]
+    rows, checks = [], []
+    for i, c in enumerate(meta["cases"]):
+        kind, shape = c["kind"], c["shape"]
+        xs = _cuda_x_shape(kind, [tuple(v) if isinstance(v, list) else v for v in shape])
+        x = torch.randn(xs, device="cuda", generator=gen).to(td)
+        ps = [tparams[j] for j, n in enumerate(pnames) if n.startswith(f"c{i}.")]
+        ref = _torch_case(kind, shape, x.float(), [p.float() for p in ps])
+        got = vm[f"case{i}"](tvm.runtime.from_dlpack(x), params)
+        torch.cuda.synchronize()
+        out = torch.from_dlpack(got).reshape(ref.shape)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        maxerr = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+        finite = bool(torch.isfinite(out).all())
+        checks.append((c["name"], err, maxerr, finite))
+        if not c["timed"]:
+            continue
+        ev = vm.time_evaluator(f"case{i}", dev, number=20, repeat=5)
+        xt = tvm.runtime.from_dlpack(x)
+        tiles = {}
+        if kind in ("linear", "im2col") and set_tile is not None:
+            for tile in (0, 1, 2, 3):
+                set_tile(tile)
+                tiles[tile] = ev(xt, params).min
+            set_tile(-1)
+        t_ours = ev(xt, params).min
+        tps = ps
+        t_ref = _bench_torch(lambda: _torch_case(kind, shape, x, tps))
+        rows.append((c["name"], c["flops"], t_ours, t_ref, tiles))
+    print(f"\nCUDA {dtype}, {torch.cuda.get_device_name()}: correctness vs torch fp32 "
+          "(rel. Frobenius error, max-abs error / max |ref|)")
+    for name, err, maxerr, finite in checks:
+        ok = finite and err < 5e-3
+        print(f"  {'ok  ' if ok else 'FAIL'} {name:42s} {err:.2e} {maxerr:.2e}{'' if finite else ' NaN/inf'}")
+    print("\ntile sweep (TFLOP/s; 0: 128x128 coop, 1: 128x256 coop, 2: 128x128 ping-pong, "
+          "3: stream-K; default = pick_tile)")
+    for name, flops, t_ours, _, tiles in rows:
+        if tiles:
+            print(f"  {name:36s} " + " ".join(f"{k}:{flops / v / 1e12:6.1f}" for k, v in tiles.items())
+                  + f"  default:{flops / t_ours / 1e12:6.1f}")
+    print()
+    _report([(n, f, a, b) for n, f, a, b, _ in rows])
 
 
 def main():
