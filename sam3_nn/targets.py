@@ -393,6 +393,13 @@ class TargetPreset:
             if find_tool(names) is None:
                 raise TargetError(f"target {self.name!r} needs {what} ({' or '.join(names[:2])}), "
                                   f"which is not installed: {hint}")
+        if self.cuda_arches:
+            from sam3_nn.kernels.cuda import cutlass_route
+
+            if cutlass_route(self.cuda_arches):  # Hopper-only: the CUTLASS GEMM/conv kernels
+                from sam3_nn.kernels.cuda_source import cutlass_include
+
+                cutlass_include()  # raises with the install hint
 
     def compile(self, mod, log: Callable[[str], None] = lambda s: None):
         kw = {"system_lib": True} if self.system_lib else {}

@@ -63,8 +63,12 @@ CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"
 _ATTR = "sam3_cuda_objects"  # module attr: paths already attached (dedup)
 
 
-class CudaSourceError(RuntimeError):
-    """nvcc or CUTLASS missing, or a CUDA source failed to compile."""
+from sam3_nn.targets import TargetError
+
+
+class CudaSourceError(TargetError):
+    """nvcc or CUTLASS missing, or a CUDA source failed to compile (a ``TargetError``:
+    ``compile.py`` reports it without a traceback)."""
 
 
 def nvcc_path() -> str:
