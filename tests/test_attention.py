@@ -92,13 +92,13 @@ class CrossAttn(nn.Module):
         self.h = h
 
     def plain(self, q, k, v):
-        return attention(q, k, v, self.h)
+        return attention(q, k, v, self.h, fused=True)
 
     def masked(self, q, k, v, bias):
-        return attention(q, k, v, self.h, bias)
+        return attention(q, k, v, self.h, bias, fused=True)
 
     def per_query(self, q, k, v, bias):
-        return attention(q, k, v, self.h, bias)
+        return attention(q, k, v, self.h, bias, fused=True)
 
 
 def _compile(module, spec):

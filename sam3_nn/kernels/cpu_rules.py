@@ -6,7 +6,8 @@ TVM's CPU pipeline schedules nothing: legalized softmax, LayerNorm, GELU, transp
 run on one core without SIMD. At 672 px (2 ViT blocks, fp32, 2 threads) the global
 block's softmax alone took 491 ms and the two GELUs 116 ms, more than the GEMMs around
 them. ``cpu_rules()`` is dlight's ``cpu.GEMV`` and ``cpu.Reduction`` (softmax,
-LayerNorm: rows in parallel) followed by ``CPUFallback`` below for the rest.
+LayerNorm: rows in parallel; guarded by ``SafeReduction``) followed by ``CPUFallback``
+below for the rest.
 """
 
 from __future__ import annotations
@@ -77,9 +78,37 @@ class CPUFallback(dl.cpu.base.CPUScheduleRule if hasattr(dl.cpu, "base") else dl
         return sch
 
 
+class SafeReduction(dl.cpu.Reduction):
+    """dlight's ``cpu.Reduction`` only where it is correct: it parallelizes the last block's
+    leading spatial loops and computes every other block under them, which assumes all
+    blocks lead with the same spatial axes (softmax, LayerNorm rows). GroupNorm's
+    statistics lead with the group axis (8) while its output leads with the height (288):
+    the rule then re-ran the whole reduction in every parallel iteration, racing on one
+    accumulator (wrong masks, 8 s per call at 288x288x256). Such functions go to
+    ``CPUFallback``."""
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        lead = min(len(i.dom_kind()) - len(i.dom_kind().lstrip("S")) for i in infos)
+        if lead == 0:
+            return None
+        extents = set()
+        for info in infos:
+            loops = sch.get_loops(info.block_rv)[:lead]
+            extents.add(tuple(str(get_extent(sch, lp)) for lp in loops))
+        if len(extents) != 1:
+            return None
+        return super().apply(func, target, tunable)
+
+
 def cpu_rules():
     """dlight rules for llvm, in order."""
-    return [dl.cpu.GEMV(), dl.cpu.Reduction(), CPUFallback()]
+    return [dl.cpu.GEMV(), SafeReduction(), CPUFallback()]
 
 
 def fast_math_pass():
