@@ -15,14 +15,15 @@ RoPE kernel + composed softmax attention (``sdpa``) as the reference path.
 
 On CUDA, float16 with head dims 32/64 goes to a hand-written tensor-core kernel instead
 (``sam3_nn.attention_cuda``, same semantics; its object is linked in by
-``attention_cuda.attach_pass``; off until the build pipeline runs that pass, see
-``attention_cuda.ENABLED``); float32 and other GPU targets keep the TIR kernel.
+``attention_cuda.attach_pass``, which every CUDA build pipeline runs); float32 and other
+GPU targets keep the TIR kernel.
 
 The TIR kernel comes in a GPU schedule and a CPU one; which is emitted follows the
 target in scope at export time (``with tvm.target.Target(...):`` around
 ``export_tvm``, or ``kernel_target(...)``). With no target in scope, the
-self-attention modes that need the kernel (INLINE / NONE) emit the CPU one, and
-``attention`` keeps the portable composed path.
+self-attention modes that need the kernel (INLINE / NONE) emit the CPU one.
+``attention`` (DETR, text, geometry layers) takes the fused kernel on GPUs only; on
+CPUs the composed path, which measured faster there.
 
 Masks are finite large negatives (``MASK_VALUE``), never ``-inf``: a fully
 masked row then gives a uniform (finite) softmax instead of NaNs, and no bool/inf

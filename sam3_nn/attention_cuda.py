@@ -11,8 +11,8 @@ head dims and other GPU targets keep the TIR kernel, llvm the CPU one.
 The kernel's object file must be linked into the library: :func:`attach_pass` (a Relax
 module pass, cheap when the module does not call the kernel) compiles ``attention.cu``
 with nvcc through ``sam3_nn.kernels.cuda_source`` (cached) and attaches it. It has to run
-in the CUDA pipeline before the build (``relax.build``/``tvm.compile``). Until the
-project's CUDA pipeline runs it, the routing is off by default (``ENABLED``).
+in the CUDA pipeline before the build (``relax.build``/``tvm.compile``);
+``sam3_nn.kernels.schedule_passes`` puts it there for every CUDA target.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ SYMBOL_BIAS = "sam3_attention_cuda_bias"
 SOURCE = "attention"  # sam3_nn/kernels/cuda/attention.cu
 HEAD_DIMS = (32, 64)
 
-# Off until the CUDA build pipeline runs attach_pass (sam3_nn.targets / sam3_nn.kernels):
-# a library calling the kernel without its object fails at load ("sam3_attention_cuda" not
-# found). Turn on with ``attention_cuda.ENABLED = True`` or ``with attention_cuda.enabled():``.
-ENABLED = False
+# On: the CUDA build pipeline (``sam3_nn.kernels.schedule_passes``) runs attach_pass.
+# ``with attention_cuda.disabled():`` emits the TIR kernel instead (tests, benchmarks).
+ENABLED = True
 
 
 @contextlib.contextmanager

@@ -71,10 +71,18 @@ def test_other_cases_keep_the_tir_kernel():
         if module is None:
             assert not attention_cuda.calls_kernel(mod), (dtype, target)
     assert not attention_cuda.calls_kernel(_export("float16", route=False))
-    # off by default until the CUDA build pipeline runs attach_pass
+    # on by default: every CUDA build pipeline runs attach_pass
     with kernel_target(CUDA):
         mod, _ = Mod().export_tvm(spec=_spec("float16"))
-    assert attention_cuda.calls_kernel(mod) == attention_cuda.ENABLED
+    assert attention_cuda.ENABLED and attention_cuda.calls_kernel(mod)
+
+
+def test_cuda_pipeline_attaches_the_kernel_object():
+    from sam3_nn.kernels import schedule_passes
+
+    names = [p.info.name for p in schedule_passes(tvm.target.Target(CUDA))]
+    assert "sam3_attention_cuda_object" in names
+    assert "sam3_attention_cuda_object" not in [p.info.name for p in schedule_passes(tvm.target.Target("llvm"))]
 
 
 def test_attach_pass_leaves_other_modules_alone():

@@ -43,11 +43,15 @@ def providers_for(target: tvm.target.Target, cuda_arches: Optional[Sequence[str]
 
 def schedule_passes(target: tvm.target.Target, cuda_arches: Optional[Sequence[str]] = None
                     ) -> List[tvm.transform.Pass]:
-    """Passes to run on the Relax IRModule before the default pipeline."""
+    """Passes to run on the Relax IRModule before the default pipeline (on CUDA also the
+    one linking the hand-written attention kernel's object when the model calls it)."""
     gemm, conv = providers_for(target, cuda_arches)
-    if gemm is None:
-        return []
-    return [make_gemm_pass(gemm, conv)]
+    passes = [] if gemm is None else [make_gemm_pass(gemm, conv)]
+    if target.kind.name == "cuda":
+        from sam3_nn import attention_cuda
+
+        passes.append(attention_cuda.attach_pass(target, cuda_arches))
+    return passes
 
 
 def pipeline(target: tvm.target.Target, base: Optional[tvm.transform.Pass] = None,
