@@ -98,7 +98,6 @@ def _register_nvcc(arch: str) -> None:
 
 
 def run(out_dir: str, result_dir: str | None = None) -> dict:
-    import ctypes
 
     import torch
 
@@ -107,7 +106,9 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
     sys.path.insert(0, HERE)
     from attention_cuda_kernel import reference, rope_tables, time_cuda, torch_rope_sdpa
 
-    ctypes.CDLL(os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so"), ctypes.RTLD_GLOBAL)
+    from sam3_nn.engine import load_device_runtime
+
+    load_device_runtime("cuda")
     from tvm.runtime.vm import VirtualMachine
 
     import torch.nn.functional as F

@@ -237,9 +237,6 @@ def _cuda_flops(kind, shape):
 
 
 def export_cuda(args):
-    import tvm
-
-    from sam3_nn.kernels import cuda_source
     from sam3_nn.targets import get_preset
 
     preset = get_preset("cuda", args.arch)
@@ -260,16 +257,14 @@ def export_cuda(args):
 
 def _cuda_runtime_setup(arch: str):
     """Runtime-only TVM on the GPU host: load the CUDA loader, compile kernels with nvcc."""
-    import ctypes
     import subprocess
     import tempfile
 
-    import tvm
     import tvm_ffi
 
-    lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
-    if os.path.exists(lib):
-        ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    from sam3_nn.engine import load_device_runtime
+
+    load_device_runtime("cuda")
 
     def compile_cuda(code, *rest):
         with tempfile.TemporaryDirectory() as d:

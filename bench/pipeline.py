@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import json
 import logging
@@ -177,11 +176,9 @@ def library_path(args) -> Optional[str]:
 # ----------------------------------------------------------------------------
 def load_tvm_cuda_runtime() -> None:
     """A runtime-only TVM needs its CUDA loader loaded by hand (see platform notes)."""
-    import tvm
+    from sam3_nn.engine import load_device_runtime
 
-    lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
-    if os.path.exists(lib):
-        ctypes.CDLL(lib, ctypes.RTLD_GLOBAL)
+    load_device_runtime("cuda")
 
 
 class Ours:

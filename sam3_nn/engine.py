@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
 import tvm
@@ -32,9 +32,23 @@ def read_manifest(library: str) -> Dict:
     return manifest
 
 
+def load_device_runtime(kind: str) -> None:
+    """Make TVM's runtime for ``kind`` ("cuda") available. The wheel keeps the CUDA module
+    loader in ``tvm/lib/libtvm_runtime_cuda.so``; a runtime-only TVM (no compiler library)
+    does not load it by itself, and a CUDA library then fails to load."""
+    if kind != "cuda":
+        return
+    import ctypes
+
+    lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
+    if os.path.exists(lib):
+        ctypes.CDLL(lib, ctypes.RTLD_GLOBAL)
+
+
 def _device(name: str):
     kind = {"llvm": "cpu", "cpu": "cpu", "metal": "metal", "cuda": "cuda", "rocm": "rocm",
             "opencl": "opencl", "vulkan": "vulkan", "webgpu": "webgpu"}.get(name.split("-")[0], name)
+    load_device_runtime(kind)
     return tvm.device(kind, 0)
 
 

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import time
@@ -27,10 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load_cuda_runtime():
-    import tvm
+    from sam3_nn.engine import load_device_runtime
 
-    lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
-    ctypes.CDLL(lib, ctypes.RTLD_GLOBAL)
+    load_device_runtime("cuda")
 
 
 def random_weights(manifest, seed=0):

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Per-kernel time of one exported function of a compiled library (CPU or GPU).
+
+Runs the function once to warm up, then once more with a VM instrument that
+synchronizes the device around every call and adds up the wall time per callee
+(TIR kernels, extern kernels, VM builtins). Weights are random (seeded); inputs too
+(int32 masks all ones, box mask all zeros). Runtime-only TVM is enough.
+
+    python bench/profile_vm.py dist/sam3-llvm.so encode_image
+    python bench/profile_vm.py build/x/sam3-cuda-sm90a.so encode_image --top 40
+    (device machine: export PYTHONPATH=$PWD/.devbundle/site:$PWD first)
+
+Synchronizing after each call removes the overlap of launches with work, so the sum
+is a little above the function's own time; the split is what it is for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def random_inputs(manifest, function: str, batch: int, rng):
+    args = []
+    for spec in manifest["functions"][function]["inputs"]:
+        shape = [batch if isinstance(s, str) else int(s) for s in spec["shape"]]
+        if spec["dtype"].startswith("int"):
+            a = np.zeros(shape, spec["dtype"]) if spec["name"] == "box_mask" else np.ones(shape, spec["dtype"])
+        else:
+            a = rng.standard_normal(shape).astype(spec["dtype"])
+        args.append(a)
+    return args
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("library")
+    ap.add_argument("function")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--top", type=int, default=30)
+    args = ap.parse_args()
+
+    from sam3_nn.engine import CompiledModel
+
+    lib = CompiledModel(args.library)
+    rng = np.random.default_rng(0)
+    lib.bind({p["name"]: (0.02 * rng.standard_normal(p["shape"])).astype(np.float32)
+              for p in lib.manifest["params"]})
+    inputs = random_inputs(lib.manifest, args.function, args.batch, rng)
+    dev = lib.device
+
+    def call():
+        out = lib.call_device(args.function, *inputs)
+        dev.sync()
+        return out
+
+    call()
+    t = time.perf_counter()
+    call()
+    total = time.perf_counter() - t
+
+    acc = collections.defaultdict(float)
+    cnt = collections.Counter()
+    start = [0.0]
+
+    def instrument(func, symbol, before, ret, *_):
+        dev.sync()
+        if before:
+            start[0] = time.perf_counter()
+        else:
+            acc[symbol] += time.perf_counter() - start[0]
+            cnt[symbol] += 1
+        return 0
+
+    lib.vm.set_instrument(instrument)
+    t = time.perf_counter()
+    call()
+    instrumented = time.perf_counter() - t
+    summed = sum(acc.values())
+    print(f"{args.function} on {lib.manifest['target']} ({lib.manifest['dtype']}), batch {args.batch}: "
+          f"{total * 1e3:.2f} ms plain, {instrumented * 1e3:.2f} ms instrumented, "
+          f"{summed * 1e3:.2f} ms inside {sum(cnt.values())} calls")
+    print(f"{'ms':>9} {'share':>6} {'calls':>6}  callee")
+    for name, secs in sorted(acc.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"{secs * 1e3:9.3f} {secs / summed:6.1%} {cnt[name]:6d}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
