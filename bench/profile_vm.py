@@ -51,7 +51,7 @@ def main() -> int:
 
     lib = CompiledModel(args.library)
     rng = np.random.default_rng(0)
-    lib.bind({p["name"]: (0.02 * rng.standard_normal(p["shape"])).astype(np.float32)
+    lib.bind({p["name"]: (0.02 * rng.standard_normal(p["shape"])).astype(p["dtype"])
               for p in lib.manifest["params"]})
     inputs = random_inputs(lib.manifest, args.function, args.batch, rng)
     dev = lib.device
