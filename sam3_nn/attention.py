@@ -164,6 +164,37 @@ def qkv_self_attention(qkv: Tensor, num_heads: int, rope: AxialRope | None,
     return fused_attention(qkv, qkv, qkv, num_heads, head_dim, (0, hidden, 2 * hidden), use)
 
 
+def window_mode_supported(dtype: str, num_heads: int, hidden: int, rope: AxialRope | None,
+                          rope_mode: RopeMode) -> bool:
+    """Whether :func:`qkv_window_attention` can run: the CUDA kernel takes the call (CUDA
+    target in scope, float16, head dim 32/64, routing on) and RoPE is INLINE."""
+    if rope_mode != RopeMode.INLINE or rope is None or hidden % num_heads:
+        return False
+    head_dim = hidden // num_heads
+    return rope.head_dim == head_dim and attention_cuda.supported(
+        current_kernel_target(), dtype, head_dim, (3 * hidden,), (0, hidden, 2 * hidden))
+
+
+def qkv_window_attention(qkv: Tensor, num_heads: int, rope: AxialRope, window: int,
+                         grid_h: int, grid_w: int) -> Tensor:
+    """Windowed self-attention on the unpartitioned fused projection ``[B, grid_h*grid_w, 3C]``
+    -> ``[B, grid_h*grid_w, C]`` (CUDA window mode; check :func:`window_mode_supported`).
+
+    Same result as partitioning the rows into ``window x window`` windows, running
+    ``qkv_self_attention(..., RopeMode.INLINE)`` with ``rope`` (the window's grid) on them and
+    unpartitioning, without the two transposes. ``grid_h``/``grid_w``: multiples of ``window``.
+    """
+    b, n, width = qkv.shape
+    hidden = int(width) // 3
+    if grid_h % window or grid_w % window:
+        raise ValueError(f"a {grid_h}x{grid_w} grid is not a whole number of {window}x{window} windows")
+    if isinstance(n, int) and n != grid_h * grid_w:
+        raise ValueError(f"{n} tokens are not a {grid_h}x{grid_w} grid")
+    if (rope.grid_h, rope.grid_w) != (window, window):
+        raise ValueError(f"window RoPE grid must be {window}x{window}, got {rope.grid_h}x{rope.grid_w}")
+    return attention_cuda.emit_window(qkv, num_heads, hidden // num_heads, window, grid_h, grid_w, rope)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
               key_bias: Tensor | None = None, fused: bool | None = None) -> Tensor:
     """Multi-head attention on projected ``[B, N, hidden]`` tensors -> ``[B, Nq, hidden]``.

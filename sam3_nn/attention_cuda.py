@@ -13,6 +13,11 @@ module pass, cheap when the module does not call the kernel) compiles ``attentio
 with nvcc through ``sam3_nn.kernels.cuda_source`` (cached) and attaches it. It has to run
 in the CUDA pipeline before the build (``relax.build``/``tvm.compile``);
 ``sam3_nn.kernels.schedule_passes`` puts it there for every CUDA target.
+
+Window mode (:func:`emit_window`, used by the ViT's windowed blocks when the grid is a
+multiple of the window): the kernel reads each window's rows straight from the
+unpartitioned ``[B, H*W, 3C]`` projection and writes them back to ``[B, H*W, C]``, so the
+partition/unpartition transposes around the attention disappear.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from .rope import AxialRope
 
 SYMBOL = "sam3_attention_cuda"
 SYMBOL_BIAS = "sam3_attention_cuda_bias"
+SYMBOL_WINDOW = "sam3_attention_cuda_window"
+SYMBOLS = (SYMBOL, SYMBOL_BIAS, SYMBOL_WINDOW)
 SOURCE = "attention"  # sam3_nn/kernels/cuda/attention.cu
 HEAD_DIMS = (32, 64)
 
@@ -84,12 +91,33 @@ def emit(q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: int, offsets
                      out=Tensor.placeholder((b, nq, num_heads * head_dim), q.dtype))
 
 
+def emit_window(qkv: Tensor, num_heads: int, head_dim: int, window: int, grid_h: int, grid_w: int,
+                rope: Optional[AxialRope]) -> Tensor:
+    """Windowed self-attention in window mode, on the unpartitioned fused projection.
+
+    ``qkv``: ``[B, grid_h * grid_w, 3 * hidden]`` rows of a ``grid_h x grid_w`` token grid
+    (multiples of ``window``); each ``window x window`` window attends within itself with
+    ``rope`` over its in-window positions, exactly as ``qkv_self_attention`` on the
+    partitioned ``[B * windows, window^2, 3 * hidden]`` would, and its output rows land at the
+    same unpartitioned rows: ``[B, grid_h * grid_w, hidden]``, no transposes around it.
+    """
+    b, n = qkv.shape[0], qkv.shape[1]
+    hidden = num_heads * head_dim
+    rgh, rgw = (rope.grid_h, rope.grid_w) if rope is not None else (0, 0)
+    scale = float(rope.scale) if rope is not None else 1.0
+    theta = float(rope.theta) if rope is not None else 10000.0
+    scalars = [int(num_heads), 0, hidden, 2 * hidden, int(window), int(grid_h), int(grid_w),
+               int(rgh), int(rgw), scale, theta]
+    return op.extern(SYMBOL_WINDOW, [qkv, qkv, qkv] + scalars,
+                     out=Tensor.placeholder((b, n, hidden), qkv.dtype))
+
+
 def calls_kernel(mod: tvm.IRModule) -> bool:
     """Whether a Relax function of ``mod`` calls the kernel."""
     found = []
 
     def visit(e):
-        if isinstance(e, relax.ExternFunc) and e.global_symbol in (SYMBOL, SYMBOL_BIAS):
+        if isinstance(e, relax.ExternFunc) and e.global_symbol in SYMBOLS:
             found.append(e)
 
     for _, func in mod.functions.items():

@@ -13,7 +13,7 @@ from typing import List, Tuple
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from .attention import qkv_self_attention
+from .attention import qkv_self_attention, qkv_window_attention, window_mode_supported
 from .config import VisionConfig, ViTConfig
 from .layers import (MLP, Conv1x1, Conv2d, ConvTranspose2x2, PatchEmbed, max_pool_2x2,
                      nhwc_to_nchw, sine_position_encoding)
@@ -61,6 +61,17 @@ class ViTAttention(nn.Module):
         out = qkv_self_attention(self.qkv(x), self.num_heads, self.rope, self.rope_mode)
         return self.o_proj(out)
 
+    def window_mode(self, dtype: str) -> bool:
+        """Whether :meth:`forward_windows` can run (CUDA kernel, float16, INLINE RoPE)."""
+        return window_mode_supported(dtype, self.num_heads, int(self.qkv.out_features) // 3,
+                                     self.rope, self.rope_mode)
+
+    def forward_windows(self, x: Tensor, window: int, grid_h: int, grid_w: int) -> Tensor:
+        """``x``: unpartitioned ``[B, grid_h * grid_w, C]`` rows; windows of ``window`` tokens
+        a side attend within themselves (CUDA window mode) -> ``[B, grid_h * grid_w, C]``."""
+        out = qkv_window_attention(self.qkv(x), self.num_heads, self.rope, window, grid_h, grid_w)
+        return self.o_proj(out)
+
 
 class ViTLayer(nn.Module):
     def __init__(self, cfg: ViTConfig, window: int, rope_mode: RopeMode):
@@ -93,6 +104,11 @@ class ViTLayer(nn.Module):
         if ph or pw:
             # zero padding after the norm, attended to like real tokens (as the reference)
             y = op.pad(y, [0, 0, 0, ph, 0, pw, 0, 0])
+        if not (ph or pw) and self.attention.window_mode(y.dtype):
+            # CUDA window mode: the kernel gathers/scatters the window rows itself, so the
+            # projections run on the unpartitioned rows and no transposes are needed
+            y = self.attention.forward_windows(op.reshape(y, [b, h * w, c]), ws, h, w)
+            return op.reshape(y, [b, h, w, c])
         hh, ww = h + ph, w + pw
         nh, nw = hh // ws, ww // ws
         y = op.reshape(y, [b, nh, ws, nw, ws, c])

@@ -14,7 +14,9 @@ from tvm.relax.frontend import nn
 
 from sam3_nn import attention_cuda
 from sam3_nn.attention import attention, kernel_target, qkv_self_attention
+from sam3_nn.config import ViTConfig
 from sam3_nn.rope import AxialRope, RopeMode
+from sam3_nn.vision import ViTLayer
 
 CUDA = {"kind": "cuda", "arch": "sm_90a"}
 
@@ -77,6 +79,61 @@ def test_other_cases_keep_the_tir_kernel():
     assert attention_cuda.ENABLED and attention_cuda.calls_kernel(mod)
 
 
+class Windowed(nn.Module):
+    """One windowed ViT block (window 24, head dim 64) on a 48x48 grid (no padding) and on a
+    30x30 one (padded to 48x48)."""
+
+    def __init__(self, rope_mode=RopeMode.INLINE):
+        cfg = ViTConfig(hidden_size=128, intermediate_size=256, num_attention_heads=2, image_size=672)
+        self.layer = ViTLayer(cfg, cfg.window_size, rope_mode)
+
+    def exact(self, x):
+        return self.layer(x)
+
+    def padded(self, x):
+        return self.layer(x)
+
+
+def _export_windowed(dtype, target=CUDA, rope_mode=RopeMode.INLINE, route=True):
+    t = lambda *s: nn.spec.Tensor(list(s), dtype)
+    spec = {"exact": {"x": t("b", 48, 48, 128)}, "padded": {"x": t("b", 30, 30, 128)}}
+    with kernel_target(target), (attention_cuda.enabled() if route else attention_cuda.disabled()):
+        m = Windowed(rope_mode)
+        m.to(dtype)
+        mod, _ = m.export_tvm(spec=spec)
+    return mod
+
+
+PARTITION = "axes=[0, 1, 3, 2, 4, 5]"  # the window partition/unpartition transposes
+
+
+def test_windowed_block_uses_window_mode_without_transposes():
+    mod = _export_windowed("float16")
+    exact, padded = mod["exact"].script(), mod["padded"].script()
+    # no padding: qkv on the unpartitioned rows, window-mode kernel, o_proj on its output
+    assert ('call_dps_packed("sam3_attention_cuda_window", (add, add, add, 2, 0, 128, 256, 24, 48, 48, 24, 24'
+            in exact)  # heads, q/k/v columns, window, image grid, RoPE grid (the window's)
+    # the only transposes left are the weights' (Linear), none of activations
+    perms = [ln for ln in exact.splitlines() if "R.permute_dims(" in ln]
+    assert len(perms) == 4 and all("_weight, axes=None)" in ln for ln in perms), perms
+    assert 'call_dps_packed("sam3_attention_cuda",' not in exact
+    # padding: today's path (partition, per-window kernel call, unpartition)
+    assert exact.count(PARTITION) == 0 and padded.count(PARTITION) == 2
+    assert 'call_dps_packed("sam3_attention_cuda", ' in padded and "sam3_attention_cuda_window" not in padded
+    assert attention_cuda.calls_kernel(mod)
+
+
+def test_windowed_block_keeps_transposes_elsewhere():
+    # float32 on CUDA, float16 with NORMAL RoPE, float16 on Metal and llvm, routing off
+    for kw in ({"dtype": "float32"}, {"dtype": "float16", "rope_mode": RopeMode.NORMAL},
+               {"dtype": "float16", "target": {"kind": "metal"}}, {"dtype": "float16", "target": "llvm"},
+               {"dtype": "float16", "route": False}):
+        mod = _export_windowed(**kw)
+        for f in ("exact", "padded"):
+            s = mod[f].script()
+            assert "sam3_attention_cuda_window" not in s and s.count(PARTITION) == 2, (kw, f)
+
+
 def test_cuda_pipeline_attaches_the_kernel_object():
     from sam3_nn.kernels import schedule_passes
 
@@ -95,14 +152,15 @@ def test_cuda_library_links_the_kernel(tmp_path):
     if not cuda_source.nvcc_available():
         pytest.skip("nvcc not found")
     target = tvm.target.Target(CUDA)
-    mod = _export("float16")
+    mod = _export_windowed("float16")  # window mode ("exact") and the per-window kernel ("padded")
     seq = tvm.transform.Sequential([attention_cuda.attach_pass(target),
                                     relax.get_default_pipeline(target)])
     ex = tvm.compile(mod, target=target, relax_pipeline=seq)
     lib = str(tmp_path / "attn.so")
     ex.export_library(lib, fcompile=cuda_source.fcompile_with_cudart())
     syms = subprocess.run(["nm", "-D", lib], capture_output=True, text=True).stdout
-    for s in ("__tvm_ffi_sam3_attention_cuda", "__tvm_ffi_sam3_attention_cuda_bias"):
+    for s in ("__tvm_ffi_sam3_attention_cuda", "__tvm_ffi_sam3_attention_cuda_bias",
+              "__tvm_ffi_sam3_attention_cuda_window"):
         assert s in syms, s
     ldd = subprocess.run(["ldd", lib], capture_output=True, text=True).stdout
     assert "libcudart" not in ldd  # the CUDA runtime is linked statically

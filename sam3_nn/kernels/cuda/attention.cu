@@ -24,6 +24,11 @@
 // * bias (optional): additive float32 key bias [Bb, Nk] (Bb = B, or 1 with batch stride 0),
 //   clamped below at -1e30 so that even -inf stays finite (a fully masked row gives a uniform
 //   softmax, as the TIR kernels do).
+// * window mode (ViT windowed blocks): the batch index is (image, window) and the rows of a
+//   window are gathered from / scattered to the unpartitioned [images, img_h * img_w, W]
+//   token rows (token i of window (wy, wx) is row (wy*ws + i/ws) * img_w + wx*ws + i%ws), so
+//   the model needs no partition/unpartition transposes around the kernel; RoPE uses the
+//   in-window positions, as for a partitioned window.
 // * Softmax scale 1/sqrt(D); fp32 accumulation; online softmax in base 2 with finite
 //   sentinels (no inf arithmetic).
 //
@@ -40,6 +45,12 @@
 #include <stdlib.h>
 
 namespace sam3_attn {
+// Internal linkage for everything but the C launchers and the tvm-ffi entry points: the
+// function-local statics below (launch's `configured`, wgmma_available's `state`) would
+// otherwise be process-wide unique symbols (template/inline statics), shared by every
+// library that links this file; a second library in the process then skipped
+// cudaFuncSetAttribute and its launches failed with "invalid argument".
+namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInit = -3.0e38f;   // running max before any key (finite)
@@ -60,7 +71,50 @@ struct Params {
   float inv_grid_w;  // 1 / grid_w
   int rope_half;     // wgmma kernels: rotate k tiles in half2 arithmetic
   float scale_log2;  // softmax scale * log2(e)
+  // window mode (win > 0): batch index = (image, window); q/k/v/out are the unpartitioned
+  // [images, img_h * img_w, W] token rows and token i of window (wy, wx) of image `img` is
+  // row (wy * win + i / win) * img_w + wx * win + i % win of image img (see row_index).
+  int win;             // window side, 0: off
+  int win_nw;          // windows per image row (img_w / win)
+  int win_nwin;        // windows per image
+  int win_w;           // img_w: tokens per image row
+  uint32_t win_magic;  // ceil(2^32 / win): gr / win = umulhi(gr, magic) for gr < 2^16; 0: off
+  int win_skip;        // img_w - win: rows skipped between two window rows; 0: off
 };
+
+// Token rows of one batch entry. Plain: row gr is row gr of the batch entry. Window mode:
+// row gr of the window is row (gr / ws) * img_w + gr % ws = gr + (gr / ws) * (img_w - ws)
+// from the window's first token; gr / ws is one umulhi with a magic multiplier (exact for
+// gr < 2^16, ws < 256: the launcher's limits). Plain mode is the same formula with zeros, so
+// the row addressing costs two integer instructions and no branch.
+struct RowMap {
+  uint32_t magic;  // ceil(2^32 / ws), 0: plain
+  int skip;        // img_w - ws, 0: plain
+};
+
+__device__ __forceinline__ RowMap row_map(const Params& p) { return RowMap{p.win_magic, p.win_skip}; }
+
+__device__ __forceinline__ int row_index(const RowMap& m, int gr) {
+  return gr + int(__umulhi(uint32_t(gr), m.magic)) * m.skip;
+}
+
+// Element offset of batch entry b's first token (window mode: the window's top-left token).
+__device__ __forceinline__ int64_t batch_offset(const Params& p, int b, int64_t bs, int64_t rs) {
+  if (p.win == 0) return int64_t(b) * bs;
+  const int img = b / p.win_nwin, rem = b - img * p.win_nwin;
+  const int wy = rem / p.win_nw, wx = rem - wy * p.win_nw;
+  return int64_t(img) * bs + (int64_t(wy) * p.win * p.win_w + int64_t(wx) * p.win) * rs;
+}
+
+// Why the last launcher call on this thread failed (for the tvm-ffi error message).
+inline const char*& last_failure() {
+  static thread_local const char* why = "";
+  return why;
+}
+inline cudaError_t fail(const char* why, cudaError_t err = cudaErrorInvalidValue) {
+  last_failure() = why;
+  return err;
+}
 
 // ---------------------------------------------------------------- PTX helpers
 
@@ -127,7 +181,7 @@ __device__ __forceinline__ int swz(int row, int chunk) {
 // swizzled tile; rows at or past `nrows` are zero-filled.
 template <int D, int ROWS, int NT>
 __device__ __forceinline__ void load_tile(half* s, const half* g, int64_t rs, int row0, int nrows,
-                                          int tid) {
+                                          int tid, const RowMap& rm) {
   constexpr int CH = D / 8;
   constexpr int TOTAL = ROWS * CH;
 #pragma unroll
@@ -137,7 +191,7 @@ __device__ __forceinline__ void load_tile(half* s, const half* g, int64_t rs, in
       const int r = idx / CH, c = idx % CH;
       const int gr = row0 + r;
       const bool ok = gr < nrows;
-      cp_async16(s + swz<D>(r, c), g + (ok ? gr : 0) * rs + c * 8, ok);
+      cp_async16(s + swz<D>(r, c), g + int64_t(row_index(rm, ok ? gr : 0)) * rs + c * 8, ok);
     }
   }
 }
@@ -258,17 +312,18 @@ __global__ void __launch_bounds__(NW * 32)
   const int h = blockIdx.y;
   const int b = blockIdx.z;
 
-  const half* gq = p.q + b * p.q_bs + p.q_off + h * D;
-  const half* gk = p.k + b * p.k_bs + p.k_off + h * D;
-  const half* gv = p.v + b * p.v_bs + p.v_off + h * D;
+  const half* gq = p.q + batch_offset(p, b, p.q_bs, p.q_rs) + p.q_off + h * D;
+  const half* gk = p.k + batch_offset(p, b, p.k_bs, p.k_rs) + p.k_off + h * D;
+  const half* gv = p.v + batch_offset(p, b, p.v_bs, p.v_rs) + p.v_off + h * D;
   const float* gbias = BIAS ? p.bias + b * p.bias_bs : nullptr;
   const int nk = p.nk, nq = p.nq;
   const int ntiles = (nk + BN - 1) / BN;
+  const RowMap rm = row_map(p);
 
   // q tile and the first k/v tile start copying before the rotation table is built
-  load_tile<D, BM, NT>(sQ, gq, p.q_rs, q0, nq, tid);
-  load_tile<D, BN, NT>(sK, gk, p.k_rs, 0, nk, tid);
-  load_tile<D, BN, NT>(sV, gv, p.v_rs, 0, nk, tid);
+  load_tile<D, BM, NT>(sQ, gq, p.q_rs, q0, nq, tid, rm);
+  load_tile<D, BN, NT>(sK, gk, p.k_rs, 0, nk, tid, rm);
+  load_tile<D, BN, NT>(sV, gv, p.v_rs, 0, nk, tid, rm);
   cp_async_commit();
 
   float bias_next = 0.f;
@@ -326,8 +381,8 @@ __global__ void __launch_bounds__(NW * 32)
     const bool has_next = j + 1 < ntiles;
     if (has_next) {
       const int kv1 = kv0 + BN;
-      load_tile<D, BN, NT>(sK + (st ^ 1) * BN * D, gk, p.k_rs, kv1, nk, tid);
-      load_tile<D, BN, NT>(sV + (st ^ 1) * BN * D, gv, p.v_rs, kv1, nk, tid);
+      load_tile<D, BN, NT>(sK + (st ^ 1) * BN * D, gk, p.k_rs, kv1, nk, tid, rm);
+      load_tile<D, BN, NT>(sV + (st ^ 1) * BN * D, gv, p.v_rs, kv1, nk, tid, rm);
       cp_async_commit();
       if constexpr (BIAS) {
         if (tid < BN) {
@@ -474,14 +529,14 @@ __global__ void __launch_bounds__(NW * 32)
   {
     constexpr int CH = D / 8;
     constexpr int ROWS = 16 * MT;
-    half* go = p.out + b * p.o_bs + h * D;
+    half* go = p.out + batch_offset(p, b, p.o_bs, p.o_rs) + h * D;
 #pragma unroll
     for (int it = 0; it < ROWS * CH / 32; ++it) {
       const int idx = it * 32 + lane;
       const int r = warp * ROWS + idx / CH, c = idx % CH;
       const int gr = q0 + r;
       if (gr < nq) {
-        *reinterpret_cast<uint4*>(go + gr * p.o_rs + c * 8) =
+        *reinterpret_cast<uint4*>(go + int64_t(row_index(rm, gr)) * p.o_rs + c * 8) =
             *reinterpret_cast<const uint4*>(sQ + swz<D>(r, c));
       }
     }
@@ -595,12 +650,13 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
   const int h = blockIdx.y;
   const int b = blockIdx.z;
 
-  const half* gq = p.q + b * p.q_bs + p.q_off + h * D;
-  const half* gk = p.k + b * p.k_bs + p.k_off + h * D;
-  const half* gv = p.v + b * p.v_bs + p.v_off + h * D;
+  const half* gq = p.q + batch_offset(p, b, p.q_bs, p.q_rs) + p.q_off + h * D;
+  const half* gk = p.k + batch_offset(p, b, p.k_bs, p.k_rs) + p.k_off + h * D;
+  const half* gv = p.v + batch_offset(p, b, p.v_bs, p.v_rs) + p.v_off + h * D;
   const float* gbias = BIAS ? p.bias + b * p.bias_bs : nullptr;
   const int nk = p.nk, nq = p.nq;
   const int ntiles = (nk + BN - 1) / BN;
+  const RowMap rm = row_map(p);
   const bool rope_half = ROPE && p.rope_half;
 
   auto bias_val = [&](int key) {
@@ -615,13 +671,13 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
   };
 
   // prologue: group 0 = q + tile 0, group 1 = tile 1 (possibly empty)
-  load_tile<D, BM, NT>(sQ, gq, p.q_rs, q0, nq, tid);
-  load_tile<D, BN, NT>(sK, gk, p.k_rs, 0, nk, tid);
-  load_tile<D, BN, NT>(sV, gv, p.v_rs, 0, nk, tid);
+  load_tile<D, BM, NT>(sQ, gq, p.q_rs, q0, nq, tid, rm);
+  load_tile<D, BN, NT>(sK, gk, p.k_rs, 0, nk, tid, rm);
+  load_tile<D, BN, NT>(sV, gv, p.v_rs, 0, nk, tid, rm);
   cp_async_commit();
   if (ntiles > 1) {
-    load_tile<D, BN, NT>(sK + TILE, gk, p.k_rs, BN, nk, tid);
-    load_tile<D, BN, NT>(sV + TILE, gv, p.v_rs, BN, nk, tid);
+    load_tile<D, BN, NT>(sK + TILE, gk, p.k_rs, BN, nk, tid, rm);
+    load_tile<D, BN, NT>(sV + TILE, gv, p.v_rs, BN, nk, tid, rm);
   }
   cp_async_commit();
   if constexpr (BIAS) {
@@ -652,8 +708,8 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
     // copies of tile j+2 into the stage tile j-1 used (freed by the last barrier)
     if (j + 2 < ntiles) {
       const int s2 = (j + 2) % ST;
-      load_tile<D, BN, NT>(sK + s2 * TILE, gk, p.k_rs, kv0 + 2 * BN, nk, tid);
-      load_tile<D, BN, NT>(sV + s2 * TILE, gv, p.v_rs, kv0 + 2 * BN, nk, tid);
+      load_tile<D, BN, NT>(sK + s2 * TILE, gk, p.k_rs, kv0 + 2 * BN, nk, tid, rm);
+      load_tile<D, BN, NT>(sV + s2 * TILE, gv, p.v_rs, kv0 + 2 * BN, nk, tid, rm);
     }
     cp_async_commit();  // one group per iteration (empty near the end): wait_group 1 below
 
@@ -780,7 +836,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
   __syncwarp();
   {
     constexpr int CH = D / 8;
-    half* go = p.out + b * p.o_bs + h * D;
+    half* go = p.out + batch_offset(p, b, p.o_bs, p.o_rs) + h * D;
     const int row0 = wg * 64 + warp_in_wg * 16;
 #pragma unroll
     for (int it = 0; it < 16 * CH / 32; ++it) {
@@ -788,7 +844,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
       const int r = row0 + idx / CH, c = idx % CH;
       const int gr = q0 + r;
       if (gr < nq) {
-        *reinterpret_cast<uint4*>(go + gr * p.o_rs + c * 8) =
+        *reinterpret_cast<uint4*>(go + int64_t(row_index(rm, gr)) * p.o_rs + c * 8) =
             *reinterpret_cast<const uint4*>(sQ + swz<D>(r, c));
       }
     }
@@ -809,12 +865,13 @@ cudaError_t launch(const Params& p, cudaStream_t stream) {
   static int configured = 0;  // largest dynamic shared memory size set so far
   if (smem > 48 * 1024 && smem > configured) {
     cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
+    if (err != cudaSuccess) return fail("cudaFuncSetAttribute(max dynamic shared memory)", err);
     configured = smem;
   }
   dim3 grid((p.nq + C::BM - 1) / C::BM, p.heads, p.batch);
   kern<<<grid, C::NT, smem, stream>>>(p);
-  return cudaGetLastError();
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? err : fail("kernel launch", err);
 }
 
 template <int NWG, bool ROPE, bool BIAS>
@@ -826,12 +883,13 @@ cudaError_t launch_wg(const Params& p, cudaStream_t stream) {
   static int configured = 0;
   if (smem > 48 * 1024 && smem > configured) {
     cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
+    if (err != cudaSuccess) return fail("cudaFuncSetAttribute(max dynamic shared memory)", err);
     configured = smem;
   }
   dim3 grid((p.nq + C::BM - 1) / C::BM, p.heads, p.batch);
   kern<<<grid, C::NT, smem, stream>>>(p);
-  return cudaGetLastError();
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? err : fail("kernel launch", err);
 }
 
 // Whether the wgmma kernels were built for this device (sm_90a code present, CC 9.0).
@@ -872,11 +930,11 @@ cudaError_t dispatch_cfg(const Params& p, int config, cudaStream_t stream) {
     case 8:
     case 9:
       if constexpr (D == 64) {
-        if (!wgmma_available()) return cudaErrorInvalidValue;
+        if (!wgmma_available()) return fail("wgmma configuration without sm_90a code");
         return (config % 2 == 0) ? launch_wg<2, ROPE, BIAS>(p, stream) : launch_wg<1, ROPE, BIAS>(p, stream);
       }
-      return cudaErrorInvalidValue;
-    default: return cudaErrorInvalidValue;
+      return fail("wgmma configuration with head dim 32");
+    default: return fail("unknown tile configuration");
   }
 }
 
@@ -902,6 +960,7 @@ inline int auto_config(const Params& p, int head_dim) {
   return c4 <= c5 ? 4 : 5;
 }
 
+}  // namespace
 }  // namespace sam3_attn
 
 extern "C" {
@@ -911,29 +970,49 @@ extern "C" {
 // elements, pointers not 16-byte aligned, empty key sequence).
 // Strides are in elements; bias (float32 [Bb, Nk], rows contiguous) may be null (no bias),
 // bias_batch_stride 0 broadcasts it.
-// grid_w <= 0: no RoPE. config 0: automatic tile choice (1..7: see dispatch_cfg).
-int sam3_attention_fp16(const void* q, const void* k, const void* v, const void* bias, void* out,
-                        long long q_batch_stride, long long q_row_stride, int q_offset,
-                        long long k_batch_stride, long long k_row_stride, int k_offset,
-                        long long v_batch_stride, long long v_row_stride, int v_offset,
-                        long long out_batch_stride, long long out_row_stride,
-                        long long bias_batch_stride, int batch, int heads, int head_dim, int nq,
-                        int nk, int grid_h, int grid_w, float rope_scale, float rope_theta,
-                        int config, cudaStream_t stream) {
+// grid_w <= 0: no RoPE. config 0: automatic tile choice (1..9: see dispatch_cfg).
+//
+// Window mode (sam3_attention_fp16_window, window > 0): q/k/v/out hold `batch` images of
+// img_h x img_w token rows each (batch strides per image), cut into window x window windows
+// (img_h, img_w multiples of window, nq = nk = window^2, no bias). Each window attends within
+// itself exactly as if it had been partitioned into a batch entry of its own (RoPE positions
+// are the in-window ones, grid_h x grid_w as given), and its output rows land where its
+// input rows are: no partition/unpartition copies around the kernel.
+int sam3_attention_fp16_window(const void* q, const void* k, const void* v, const void* bias,
+                               void* out, long long q_batch_stride, long long q_row_stride,
+                               int q_offset, long long k_batch_stride, long long k_row_stride,
+                               int k_offset, long long v_batch_stride, long long v_row_stride,
+                               int v_offset, long long out_batch_stride, long long out_row_stride,
+                               long long bias_batch_stride, int batch, int heads, int head_dim,
+                               int nq, int nk, int grid_h, int grid_w, float rope_scale,
+                               float rope_theta, int window, int img_h, int img_w, int config,
+                               cudaStream_t stream) {
   using namespace sam3_attn;
+  last_failure() = "";
   if (batch <= 0 || heads <= 0 || nq <= 0) return 0;
-  if (nk <= 0 || (head_dim != 32 && head_dim != 64)) return cudaErrorInvalidValue;
+  if (nk <= 0 || (head_dim != 32 && head_dim != 64)) return fail("empty keys or head dim not 32/64");
+  int nwin = 0, nw = 0;
+  if (window > 0) {
+    if (img_h <= 0 || img_w <= 0 || img_h % window || img_w % window || bias != nullptr ||
+        (long long)window * window != nq || nq != nk)
+      return fail("window mode: grid not a multiple of the window, bias, or nq/nk != window^2");
+    if (window > 255) return fail("window mode: window over 255 tokens a side");
+    nw = img_w / window;
+    nwin = (img_h / window) * nw;
+    if ((long long)batch * nwin > 65535) return fail("window mode: more than 65535 windows");
+    batch *= nwin;  // one batch entry per window from here on
+  }
   auto m8 = [](long long x) { return x % 8 == 0; };
   if (!m8(q_batch_stride) || !m8(q_row_stride) || !m8(q_offset) || !m8(k_batch_stride) ||
       !m8(k_row_stride) || !m8(k_offset) || !m8(v_batch_stride) || !m8(v_row_stride) ||
       !m8(v_offset) || !m8(out_batch_stride) || !m8(out_row_stride))
-    return cudaErrorInvalidValue;
+    return fail("strides/offsets not multiples of 8 elements");
   auto a16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
-  if (!a16(q) || !a16(k) || !a16(v) || !a16(out)) return cudaErrorInvalidValue;
+  if (!a16(q) || !a16(k) || !a16(v) || !a16(out)) return fail("pointers not 16-byte aligned");
   const bool rope = grid_w > 0;
   if (rope && (grid_h <= 0 || (long long)grid_h * grid_w < nq || (long long)grid_h * grid_w < nk))
-    return cudaErrorInvalidValue;
-  if (batch > 65535 || heads > 65535) return cudaErrorInvalidValue;
+    return fail("RoPE grid smaller than the sequence");
+  if (batch > 65535 || heads > 65535) return fail("batch or heads over 65535");
 
   Params p;
   p.q = static_cast<const half*>(q);
@@ -953,6 +1032,13 @@ int sam3_attention_fp16(const void* q, const void* k, const void* v, const void*
   p.rope_theta = rope_theta;
   p.inv_grid_w = rope ? 1.0f / float(grid_w) : 0.f;
   p.scale_log2 = kLog2e / sqrtf(float(head_dim));
+  p.win = window > 0 ? window : 0;
+  p.win_nw = nw;
+  p.win_nwin = nwin;
+  p.win_w = window > 0 ? img_w : 0;
+  // window 1: magic 2^32 - 1 is exact for the only row (0)
+  p.win_magic = window > 0 ? uint32_t(((1ull << 32) + window - 1) / window - (window == 1 ? 1 : 0)) : 0u;
+  p.win_skip = window > 0 ? img_w - window : 0;
   if (config <= 0) config = auto_config(p, head_dim);
   p.rope_half = config >= 8 ? 1 : 0;
 
@@ -972,6 +1058,21 @@ int sam3_attention_fp16(const void* q, const void* k, const void* v, const void*
   return static_cast<int>(err);
 }
 
+int sam3_attention_fp16(const void* q, const void* k, const void* v, const void* bias, void* out,
+                        long long q_batch_stride, long long q_row_stride, int q_offset,
+                        long long k_batch_stride, long long k_row_stride, int k_offset,
+                        long long v_batch_stride, long long v_row_stride, int v_offset,
+                        long long out_batch_stride, long long out_row_stride,
+                        long long bias_batch_stride, int batch, int heads, int head_dim, int nq,
+                        int nk, int grid_h, int grid_w, float rope_scale, float rope_theta,
+                        int config, cudaStream_t stream) {
+  return sam3_attention_fp16_window(q, k, v, bias, out, q_batch_stride, q_row_stride, q_offset,
+                                    k_batch_stride, k_row_stride, k_offset, v_batch_stride,
+                                    v_row_stride, v_offset, out_batch_stride, out_row_stride,
+                                    bias_batch_stride, batch, heads, head_dim, nq, nk, grid_h,
+                                    grid_w, rope_scale, rope_theta, 0, 0, 0, config, stream);
+}
+
 }  // extern "C"
 
 // ---------------------------------------------------------------- tvm-ffi entry points
@@ -982,6 +1083,8 @@ int sam3_attention_fp16(const void* q, const void* k, const void* v, const void*
 //   sam3_attention_cuda(q, k, v, heads, q_off, k_off, v_off, grid_h, grid_w, rope_scale,
 //                       rope_theta, out)
 //   sam3_attention_cuda_bias(q, k, v, bias, heads, ..., out)
+//   sam3_attention_cuda_window(q, k, v, heads, q_off, k_off, v_off, window, img_h, img_w,
+//                              grid_h, grid_w, rope_scale, rope_theta, out)
 // q [B, Nq, Wq], k/v [B, Nk, Wk/Wv] fp16 (compact), bias [1 or B, Nk] float32,
 // out [B, Nq, heads * D] fp16; grid_w = 0: no RoPE. Runs on the stream tvm-ffi has for the
 // device (TVMFFIEnvGetStream), like TVM's own kernels.
@@ -1050,7 +1153,51 @@ void run(TensorView q, TensorView k, TensorView v, const TensorView* bias, int64
   if (err != 0)
     TVM_FFI_THROW(RuntimeError) << "sam3 attention (B=" << b << " Nq=" << nq << " Nk=" << nk
                                 << " heads=" << heads << " D=" << d << "): "
-                                << cudaGetErrorString(static_cast<cudaError_t>(err));
+                                << cudaGetErrorString(static_cast<cudaError_t>(err)) << " ("
+                                << last_failure() << ")";
+}
+
+// Window mode: q/k/v [B, img_h * img_w, W], out [B, img_h * img_w, heads * D]; windows of
+// window x window tokens attend within themselves (see sam3_attention_fp16_window).
+void run_window(TensorView q, TensorView k, TensorView v, int64_t heads, int64_t q_off,
+                int64_t k_off, int64_t v_off, int64_t window, int64_t img_h, int64_t img_w,
+                int64_t grid_h, int64_t grid_w, double rope_scale, double rope_theta,
+                TensorView out) {
+  check(q, "q", 16, 3);
+  check(k, "k", 16, 3);
+  check(v, "v", 16, 3);
+  check(out, "out", 16, 3);
+  const int64_t b = q.shape()[0], n = q.shape()[1];
+  const int64_t hidden = out.shape()[2];
+  if (heads <= 0 || hidden % heads)
+    TVM_FFI_THROW(ValueError) << "sam3 attention: output width " << hidden << " is not a multiple of "
+                              << heads << " heads";
+  const int64_t d = hidden / heads;
+  if (window <= 0 || img_h <= 0 || img_w <= 0 || img_h % window || img_w % window ||
+      img_h * img_w != n)
+    TVM_FFI_THROW(ValueError) << "sam3 attention: " << n << " tokens are not a " << img_h << "x"
+                              << img_w << " grid of " << window << "x" << window << " windows";
+  if (k.shape()[0] != b || v.shape()[0] != b || out.shape()[0] != b || k.shape()[1] != n ||
+      v.shape()[1] != n || out.shape()[1] != n)
+    TVM_FFI_THROW(ValueError) << "sam3 attention: batch/sequence sizes of q, k, v, out disagree";
+  if (q_off < 0 || k_off < 0 || v_off < 0 || q_off + hidden > q.shape()[2] ||
+      k_off + hidden > k.shape()[2] || v_off + hidden > v.shape()[2])
+    TVM_FFI_THROW(ValueError) << "sam3 attention: head columns out of range";
+  const int dev = q.device().device_id;
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev));
+  const int64_t nwin = window * window;
+  const int err = sam3_attention_fp16_window(
+      data_of(q), data_of(k), data_of(v), nullptr, data_of(out), n * q.shape()[2], q.shape()[2],
+      int(q_off), n * k.shape()[2], k.shape()[2], int(k_off), n * v.shape()[2], v.shape()[2],
+      int(v_off), n * hidden, hidden, 0, int(b), int(heads), int(d), int(nwin), int(nwin),
+      int(grid_h), int(grid_w), float(rope_scale), float(rope_theta), int(window), int(img_h),
+      int(img_w), 0, stream);
+  if (err != 0)
+    TVM_FFI_THROW(RuntimeError) << "sam3 attention, windows of " << window << " (B=" << b
+                                << " grid " << img_h << "x" << img_w << " heads=" << heads
+                                << " D=" << d << "): "
+                                << cudaGetErrorString(static_cast<cudaError_t>(err)) << " ("
+                                << last_failure() << ")";
 }
 
 void attention(TensorView q, TensorView k, TensorView v, int64_t heads, int64_t q_off,
@@ -1070,4 +1217,5 @@ void attention_bias(TensorView q, TensorView k, TensorView v, TensorView bias, i
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda, sam3_attn::ffi::attention);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_bias, sam3_attn::ffi::attention_bias);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_window, sam3_attn::ffi::run_window);
 #endif  // tvm-ffi

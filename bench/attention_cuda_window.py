@@ -1,0 +1,253 @@
+"""Window mode of the CUDA attention kernel: check against torch, time against the
+partitioned call + the two transposes it replaces.
+
+The ViT's windowed blocks used to partition the LayerNorm output [B, 72, 72, 1024] into
+9 windows of 24x24 tokens (a transpose), run qkv / the attention kernel / o_proj on
+[B*9, 576, C], and unpartition the attention output (another transpose). In window mode the
+kernel reads each window's rows from the unpartitioned [B, 5184, 3072] qkv and writes them
+back to [B, 5184, 1024] (sam3_nn/kernels/cuda/attention.cu, ``sam3_attention_fp16_window``).
+
+  build (here: nvcc; the TVM library needs the full TVM):
+      .venv/bin/python bench/attention_cuda_window.py build build/attn_win
+  optional: the kernel before window mode for comparison, build/attn_win/head/libsam3_attention.so
+  run (accelerator machine, torch with CUDA; carry .devbundle and build/attn_win):
+      export PYTHONPATH=$PWD/.devbundle/site:$PWD; python3 bench/attention_cuda_window.py run build/attn_win
+
+Checks (fp16 in, float64 reference with complex RoPE computed on the partitioned windows,
+then unpartitioned): window mode for every tile configuration, 2 images of 72x72 tokens
+(16 heads, head dim 64), a 48x72 grid with head dim 32 (mma.sync kernels), and bit-equality
+with the partitioned kernel call (same arithmetic, other addresses). The TVM library's
+``sam3_attention_cuda_window`` (the model's ``qkv_window_attention``) is checked the same way.
+Timings: CUDA-event medians over graph replays with 4 rotating input sets
+(bench/attention_cuda_kernel.time_cuda): window mode against partition (torch
+permute + contiguous of the [B, 72, 72, 1024] norm output) + kernel on the partitioned qkv +
+unpartition (permute + contiguous of [B*9, 576, 1024]).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import attention_cuda_kernel as akern  # noqa: E402
+
+HEADS, HEAD_DIM, WS = 16, 64, 24
+
+
+def build(out_dir: str, arch: str = "sm_90a") -> None:
+    akern.build(out_dir, arch)
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend import nn
+
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    from sam3_nn import attention_cuda
+    from sam3_nn.attention import kernel_target, qkv_self_attention, qkv_window_attention
+    from sam3_nn.kernels.cuda_source import fcompile_with_cudart
+    from sam3_nn.rope import AxialRope, RopeMode
+
+    rope = AxialRope(WS, WS, HEAD_DIM, akern.THETA, 1.0)
+
+    class Win(nn.Module):
+        def window(self, qkv):
+            return qkv_window_attention(qkv, HEADS, rope, WS, 72, 72)
+
+        def partitioned(self, qkv):  # the per-window call (sam3_attention_cuda) on [B*9, 576, 3C]
+            return qkv_self_attention(qkv, HEADS, rope, RopeMode.INLINE)
+
+    target = tvm.target.Target({"kind": "cuda", "arch": arch})
+    spec = {"window": {"qkv": nn.spec.Tensor(["b", 72 * 72, 3 * HEADS * HEAD_DIM], "float16")},
+            "partitioned": {"qkv": nn.spec.Tensor(["b", WS * WS, 3 * HEADS * HEAD_DIM], "float16")}}
+    with kernel_target(target), attention_cuda.enabled():
+        mod, _ = Win().export_tvm(spec=spec)
+    seq = tvm.transform.Sequential([attention_cuda.attach_pass(target, log=print),
+                                    relax.get_default_pipeline(target)])
+    ex = tvm.compile(mod, target=target, relax_pipeline=seq)
+    ex.export_library(os.path.join(out_dir, "attn_window.so"), fcompile=fcompile_with_cudart())
+    print("built", out_dir)
+
+
+class WindowKernel(akern.Kernel):
+    """ctypes binding of ``sam3_attention_fp16_window`` (unpartitioned [B, gh*gw, W] tensors)."""
+
+    def __init__(self, so: str):
+        super().__init__(so)
+        import ctypes
+
+        f = self.lib.sam3_attention_fp16_window
+        P, LL, I, F = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
+        f.argtypes = [P, P, P, P, P, LL, LL, I, LL, LL, I, LL, LL, I, LL, LL, LL,
+                      I, I, I, I, I, I, I, F, F, I, I, I, I, P]
+        f.restype = I
+        self.wfn = f
+
+    def window(self, qkv, heads, head_dim, ws, gh, gw, rope=True, config=0, out=None):
+        import torch
+
+        b, n, _ = qkv.shape
+        c = heads * head_dim
+        if out is None:
+            out = torch.empty(b, n, c, dtype=qkv.dtype, device=qkv.device)
+        r = ws if rope else 0
+        err = self.wfn(qkv.data_ptr(), qkv.data_ptr(), qkv.data_ptr(), None, out.data_ptr(),
+                       qkv.stride(0), qkv.stride(1), 0, qkv.stride(0), qkv.stride(1), c,
+                       qkv.stride(0), qkv.stride(1), 2 * c, out.stride(0), out.stride(1), 0,
+                       b, heads, head_dim, ws * ws, ws * ws, r, r, 1.0, akern.THETA, ws, gh, gw, config,
+                       torch.cuda.current_stream().cuda_stream)
+        if err:
+            raise RuntimeError(f"sam3_attention_fp16_window returned {err}")
+        return out
+
+
+def partition(x, ws):
+    """[B, gh*gw, C] or [B, gh, gw, C] -> [B * windows, ws*ws, C] (contiguous)."""
+    b, c = x.shape[0], x.shape[-1]
+    gh, gw = (x.shape[1], x.shape[2]) if x.dim() == 4 else (None, None)
+    if gh is None:
+        raise ValueError("pass [B, gh, gw, C]")
+    x = x.view(b, gh // ws, ws, gw // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b * (gh // ws) * (gw // ws), ws * ws, c)
+
+
+def unpartition(x, b, gh, gw, ws):
+    """[B * windows, ws*ws, C] -> [B, gh, gw, C] (contiguous)."""
+    c = x.shape[-1]
+    x = x.view(b, gh // ws, gw // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, gh, gw, c)
+
+
+def run(out_dir: str, result_dir: str | None = None) -> dict:
+    import torch
+
+    dev = "cuda"
+    kern = WindowKernel(os.path.join(out_dir, akern.LIB))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, device=dev, dtype=torch.float16, generator=gen)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": [], "timings": {}}
+
+    def reference(qkv, b, gh, gw, ws, heads, d, rope=True):
+        c = heads * d
+        part = partition(qkv.view(b, gh, gw, 3 * c), ws)
+        ref = akern.reference(part, part, part, heads, d, (0, c, 2 * c), None, (ws, ws) if rope else None, 1.0)
+        return part, unpartition(ref, b, gh, gw, ws).reshape(b, gh * gw, c)
+
+    ok_all = True
+    for name, b, gh, gw, heads, d, configs in [
+        ("2 images 72x72 h16 d64", 2, 72, 72, 16, 64, (0, 1, 4, 5, 6, 7, 8, 9)),
+        ("3 images 48x72 h3 d32", 3, 48, 72, 3, 32, (0, 1, 2, 3, 4, 5)),
+    ]:
+        c = heads * d
+        qkv = rnd(b, gh * gw, 3 * c)
+        part, ref = reference(qkv, b, gh, gw, WS, heads, d)
+        for cfg in configs:
+            out = torch.full((b, gh * gw, c), float("nan"), device=dev, dtype=torch.float16)
+            kern.window(qkv, heads, d, WS, gh, gw, config=cfg, out=out)
+            base = kern(part, part, part, heads, d, (0, c, 2 * c), None, (WS, WS), 1.0, config=cfg)
+            torch.cuda.synchronize()
+            e = akern.errors(out, ref)
+            same = torch.equal(out, unpartition(base, b, gh, gw, WS).reshape(b, gh * gw, c))
+            ok = e["finite"] and e["rel"] < 2e-3 and same
+            ok_all &= ok
+            results["checks"].append({"case": name, "config": cfg, **e, "bit_equal_partitioned": same, "ok": ok})
+            print(f"check window {name:24s} cfg {cfg}: rel {e['rel']:.2e} max_abs {e['max_abs']:.2e} "
+                  f"bit-equal to partitioned {same} {'ok' if ok else 'FAIL'}", flush=True)
+    # no RoPE, 2 images
+    qkv = rnd(2, 72 * 72, 3 * 1024)
+    _, ref = reference(qkv, 2, 72, 72, WS, 16, 64, rope=False)
+    e = akern.errors(kern.window(qkv, 16, 64, WS, 72, 72, rope=False), ref)
+    ok_all &= e["finite"] and e["rel"] < 2e-3
+    results["checks"].append({"case": "2 images 72x72 no rope", "config": 0, **e})
+    print(f"check window no rope: rel {e['rel']:.2e}", flush=True)
+
+    # through the TVM library (the model's qkv_window_attention -> sam3_attention_cuda_window)
+    lib = os.path.join(out_dir, "attn_window.so")
+    if os.path.exists(lib):
+        try:
+            import tvm
+            from sam3_nn.engine import load_device_runtime
+
+            load_device_runtime("cuda")
+            from tvm.runtime.vm import VirtualMachine
+
+            vm = VirtualMachine(tvm.runtime.load_module(lib), tvm.cuda(0))
+            qkv = rnd(2, 72 * 72, 3 * 1024)
+            part, ref = reference(qkv, 2, 72, 72, WS, 16, 64)
+            try:
+                po = torch.from_numpy(vm["partitioned"](tvm.runtime.tensor(part.cpu().numpy(), tvm.cuda(0))).numpy()).cuda()
+                e = akern.errors(unpartition(po, 2, 72, 72, WS).reshape(2, 72 * 72, 1024), ref)
+                results["checks"].append({"case": "TVM library sam3_attention_cuda (partitioned)", **e})
+                print(f"check TVM library partitioned: rel {e['rel']:.2e}", flush=True)
+            except Exception as exc:
+                print("TVM library partitioned call failed:", repr(exc)[:500], flush=True)
+            ours = torch.from_numpy(vm["window"](tvm.runtime.tensor(qkv.cpu().numpy(), tvm.cuda(0))).numpy()).cuda()
+            direct = kern.window(qkv, 16, 64, WS, 72, 72)
+            torch.cuda.synchronize()
+            e = akern.errors(ours, ref)
+            same = torch.equal(ours, direct)
+            ok_all &= e["finite"] and e["rel"] < 2e-3 and same
+            results["checks"].append({"case": "TVM library sam3_attention_cuda_window", **e, "equal_to_direct": same})
+            print(f"check TVM library window: rel {e['rel']:.2e} equal to the direct call {same}", flush=True)
+        except Exception as exc:  # report, keep the timings
+            ok_all = False
+            results["checks"].append({"case": "TVM library", "error": repr(exc)[:500]})
+            print("TVM library check failed:", repr(exc)[:500], flush=True)
+
+    # timings: window mode vs partition + kernel + unpartition
+    for b in (1, 2):
+        gh = gw = 72
+        n, c = gh * gw, HEADS * HEAD_DIM
+        nwin = (gh // WS) * (gw // WS)
+        qkvs = [rnd(b, n, 3 * c) for _ in range(4)]
+        parts = [rnd(b * nwin, WS * WS, 3 * c) for _ in range(4)]
+        ys = [rnd(b, gh, gw, c) for _ in range(4)]  # the LayerNorm output (partitioned before qkv)
+        outs = [torch.empty(b, n, c, device=dev, dtype=torch.float16) for _ in range(4)]
+        pouts = [torch.empty(b * nwin, WS * WS, c, device=dev, dtype=torch.float16) for _ in range(4)]
+        r = {}
+        r["window_mode_ms"] = akern.time_cuda([lambda i=i: kern.window(qkvs[i], HEADS, HEAD_DIM, WS, gh, gw, out=outs[i])
+                                               for i in range(4)])
+        r["partitioned_kernel_ms"] = akern.time_cuda([lambda i=i: kern(parts[i], parts[i], parts[i], HEADS, HEAD_DIM,
+                                                                      (0, c, 2 * c), None, (WS, WS), 1.0, out=pouts[i])
+                                                     for i in range(4)])
+        head = os.path.join(out_dir, "head", akern.LIB)  # the kernel before window mode, if built
+        if os.path.exists(head):
+            try:
+                hk = akern.Kernel(head)
+                r["partitioned_kernel_before_ms"] = akern.time_cuda(
+                    [lambda i=i: hk(parts[i], parts[i], parts[i], HEADS, HEAD_DIM, (0, c, 2 * c), None, (WS, WS),
+                                    1.0, out=pouts[i]) for i in range(4)])
+            except Exception as exc:  # an older kernel build may clash with the one loaded first
+                print("kernel before window mode:", repr(exc)[:300], flush=True)
+        r["partition_ms"] = akern.time_cuda([lambda i=i: partition(ys[i], WS) for i in range(4)])
+        r["unpartition_ms"] = akern.time_cuda([lambda i=i: unpartition(pouts[i], b, gh, gw, WS) for i in range(4)])
+
+        def old(i):
+            partition(ys[i], WS)
+            kern(parts[i], parts[i], parts[i], HEADS, HEAD_DIM, (0, c, 2 * c), None, (WS, WS), 1.0, out=pouts[i])
+            unpartition(pouts[i], b, gh, gw, WS)
+
+        r["partitioned_total_ms"] = akern.time_cuda([lambda i=i: old(i) for i in range(4)])
+        r["saving_ms"] = r["partitioned_total_ms"] - r["window_mode_ms"]
+        r["saving_28_blocks_ms"] = 28 * r["saving_ms"]
+        results["timings"][f"batch{b}"] = r
+        print(f"batch {b}", json.dumps({k: round(v, 4) for k, v in r.items()}), flush=True)
+    results["all_ok"] = ok_all
+    print("checks:", "all ok" if ok_all else "FAILURES")
+    if result_dir:
+        os.makedirs(result_dir, exist_ok=True)
+        with open(os.path.join(result_dir, "attention_cuda_window.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] not in ("build", "run"):
+        sys.exit(__doc__)
+    if sys.argv[1] == "build":
+        build(sys.argv[2])
+    else:
+        res_dir = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+        run(sys.argv[2], res_dir)
