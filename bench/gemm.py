@@ -136,6 +136,10 @@ def run_cpu(args):
 # ---- CUDA: one library holding every case (compiled here, run on the GPU host) ----------
 
 # (name, kind, shape, timed): kind "linear" (M, K, N, bias, act), "kn" (M, K, N),
+# "linres" (M, K, N, bias, reshape, swap): a residual added to the linear's output (first
+# reshaped to `reshape` when given; `swap`: linear + r instead of r + linear), the
+# residual a parameter of the output's shape (the ViT's o_proj / fc2 adds; torch: linear,
+# then add),
 # "conv" (B, H, W, Cin, Cout, bias), "im2col" (the same 3x3 conv as explicit im2col + one
 # GEMM, weight [Cout, 9*Cin] in (ky, kx, cin) order: the alternative to the implicit-GEMM
 # conv); timed cases are the report, all are checked
@@ -145,6 +149,9 @@ CUDA_CASES = [
     ("linear 5184x4736->1024 +bias", "linear", (5184, 4736, 1024, True, None), True),
     ("linear 5184x1024->1024 +bias", "linear", (5184, 1024, 1024, True, None), True),
     ("mlp fc1 5184x1024->4736 +bias+gelu", "linear", (5184, 1024, 4736, True, "gelu"), True),
+    ("linear 5184x4736->1024 +bias+residual", "linres", (5184, 4736, 1024, True, None, True), True),
+    ("linear 5184x1024->1024 +bias+residual", "linres",
+     ((1, 5184), 1024, 1024, True, (1, 72, 72, 1024), False), True),
     ("linear 20736x256->256 +bias", "linear", (20736, 256, 256, True, None), True),
     ("conv3x3 288x288x256->256 +bias", "conv", (1, 288, 288, 256, 256, True), True),
     ("  (alt: im2col + GEMM, same conv)", "im2col", (1, 288, 288, 256, 256, True), True),
@@ -154,6 +161,10 @@ CUDA_CASES = [
     ("check: linear 3x1297x768->256 +bias", "linear", ((3, 1297), 768, 256, True, None), False),
     ("check: matmul 999x256 @ [256,520]", "kn", (999, 256, 520), False),
     ("check: linear 64x100->200 (K%8: TIR)", "linear", (64, 100, 200, True, None), False),
+    ("check: linear 37x1024->1024 +bias+residual", "linres", (37, 1024, 1024, True, None, False), False),
+    ("check: linear 2x63x256->256 +bias, reshape, +res", "linres",
+     ((2, 63), 256, 256, True, (2, 7, 9, 256), True), False),
+    ("check: linear 3x1297x768->256 +residual", "linres", ((3, 1297), 768, 256, False, None, True), False),
     ("check: conv3x3 2x37x29x64->128 +bias", "conv", (2, 37, 29, 64, 128, True), False),
 ]
 
@@ -171,6 +182,11 @@ def _cuda_module(dtype):
             if kind == "linear":
                 _, k, n, bias, act = shape
                 self.lin = nn.Linear(k, n, bias=bias, dtype=dtype)
+            elif kind == "linres":
+                m, k, n, bias, rshape, _ = shape
+                self.lin = nn.Linear(k, n, bias=bias, dtype=dtype)
+                lead = list(m) if isinstance(m, tuple) else [m]
+                self.res = nn.Parameter(tuple(rshape) if rshape else tuple(lead) + (n,), dtype=dtype)
             elif kind == "kn":
                 _, k, n = shape
                 self.w = nn.Parameter((k, n), dtype=dtype)
@@ -186,6 +202,11 @@ def _cuda_module(dtype):
             if self.kind == "linear":
                 y = self.lin(x)
                 return op.gelu(y) if self.shape[4] == "gelu" else y
+            if self.kind == "linres":
+                y = self.lin(x)
+                if self.shape[4]:
+                    y = op.reshape(y, list(self.shape[4]))
+                return y + self.res if self.shape[5] else self.res + y
             if self.kind == "kn":
                 return op.matmul(x, self.w)
             if self.kind == "im2col":
@@ -221,7 +242,7 @@ def _cuda_module(dtype):
 
 
 def _cuda_x_shape(kind, shape):
-    if kind in ("linear", "kn"):
+    if kind in ("linear", "linres", "kn"):
         m, k = shape[0], shape[1]
         return (list(m) if isinstance(m, tuple) else [m]) + [k]
     b, h, w, cin = shape[:4]
@@ -229,7 +250,7 @@ def _cuda_x_shape(kind, shape):
 
 
 def _cuda_flops(kind, shape):
-    if kind in ("linear", "kn"):
+    if kind in ("linear", "linres", "kn"):
         m = shape[0] if not isinstance(shape[0], tuple) else int(np.prod(shape[0]))
         return 2.0 * m * shape[1] * shape[2]
     b, h, w, cin, cout, _ = shape[:6]
@@ -282,6 +303,9 @@ def _torch_case(kind, shape, x, ps):
     if kind == "linear":
         y = F.linear(x, ps[0], ps[1] if shape[3] else None)
         return F.gelu(y) if shape[4] == "gelu" else y
+    if kind == "linres":
+        y = F.linear(x, ps[0], ps[1] if shape[3] else None)
+        return (y.reshape(shape[4]) if shape[4] else y) + ps[-1]
     if kind == "kn":
         return x @ ps[0]
     xc = x.permute(0, 3, 1, 2).contiguous(memory_format=__import__("torch").channels_last)
@@ -332,6 +356,8 @@ def run_cuda(args):
         fan = int(np.prod(shape[1:])) if len(shape) > 1 else 1
         if name.endswith(".w"):
             fan = shape[0]
+        if name.endswith(".res"):  # residual stream ~ N(0, 1)
+            fan = 1
         t = torch.randn(shape, device="cuda", generator=gen) / np.sqrt(fan)
         tparams.append(t.to(td))
     pnames = [n for n, _ in meta["params"]]
@@ -350,12 +376,12 @@ def run_cuda(args):
         maxerr = ((out.float() - ref).abs().max() / ref.abs().max()).item()
         finite = bool(torch.isfinite(out).all())
         checks.append((c["name"], err, maxerr, finite))
-        if not c["timed"]:
+        if not c["timed"] or (args.timed and not any(t in c["name"] for t in args.timed.split(","))):
             continue
         ev = vm.time_evaluator(f"case{i}", dev, number=20, repeat=5)
         xt = tvm.runtime.from_dlpack(x)
         tiles = {}
-        if kind in ("linear", "im2col") and set_tile is not None:
+        if kind in ("linear", "linres", "im2col") and set_tile is not None and not args.no_sweep:
             for tile in (0, 1, 2, 3):
                 set_tile(tile)
                 tiles[tile] = ev(xt, params).min
@@ -390,6 +416,9 @@ def main():
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--export", default=None, help="cuda: compile the cases into this folder")
     ap.add_argument("--run", default=None, help="cuda: run the cases compiled into this folder")
+    ap.add_argument("--timed", default=None, help="cuda --run: time only the cases whose name "
+                    "holds one of these comma-separated strings (all are still checked)")
+    ap.add_argument("--no-sweep", action="store_true", help="cuda --run: skip the tile sweep")
     args = ap.parse_args()
     cpu = args.mode == "cpu"
     args.m = args.m or (1296 if cpu else 5184)

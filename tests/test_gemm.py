@@ -212,6 +212,80 @@ def test_cuda_rewrite_routes_to_cutlass(monkeypatch):
     assert _extern_symbols(out) == [] and attached == []
 
 
+class _Residual(nn.Module):
+    """The ViT layer's residual adds (o_proj behind a reshape, fc2 with swapped operands, a
+    bias-free one) and adds that must stay: broadcast, a linear with another use, y + y."""
+
+    def __init__(self):
+        self.o_proj = nn.Linear(64, 64)
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 64)
+        self.proj = nn.Linear(64, 64, bias=False)
+        self.twice = nn.Linear(64, 64)
+        self.bc = nn.Linear(64, 64)
+        self.dbl = nn.Linear(64, 64)
+
+    def forward(self, x, r1):
+        b, h, w, c = x.shape
+        y = op.reshape(self.o_proj(op.reshape(x, [b, h * w, c])), [b, h, w, c])
+        x = x + y                                  # add(r, reshape(linear))
+        x = self.fc2(op.gelu(self.fc1(x))) + x     # add(linear, r)
+        x = x + self.proj(x)                       # no bias
+        t = self.twice(x)
+        u = x + t                                  # t has another use: stays
+        v = r1 + self.bc(x)                        # r1 [1, ...] broadcasts over b: stays
+        d = self.dbl(x)
+        return u, t, v, d + d                      # y + y: stays
+
+
+def test_cuda_rewrite_fuses_residual_adds(monkeypatch):
+    """Hopper presets: x + linear(...) (through a reshape, either order, bias or not) is
+    one call of the residual-epilogue GEMM whose output has the add's shape; broadcasting
+    adds and linears with other uses are left alone. llvm: no residual fusion."""
+    from sam3_nn.kernels import cuda as kcuda
+    from sam3_nn.kernels import cuda_source
+
+    monkeypatch.setattr(kcuda._GemmObjects, "get", lambda self, part: (f"/x/gemm{part}.o",))
+    monkeypatch.setattr(kcuda._GemmObjects, "conv", lambda self: "/x/conv.o")
+    monkeypatch.setattr(cuda_source, "attach", lambda mod, objs: mod)
+    m = _Residual()
+    m.to("float16")
+    spec = {"forward": {"x": nn.spec.Tensor(["b", 9, 7, 64], "float16"),
+                        "r1": nn.spec.Tensor([1, 9, 7, 64], "float16"), "$": MODE}}
+    mod, _ = m.export_tvm(spec=spec)
+    preset = _cuda_sm90_preset()
+    out = tvm.transform.Sequential(kernels.schedule_passes(preset.tvm_target(), preset.cuda_arches))(mod)
+    assert _extern_symbols(out) == sorted([
+        "sam3_cutlass_gemm_nk_bias_residual", "sam3_cutlass_gemm_nk_bias_gelu",
+        "sam3_cutlass_gemm_nk_bias_residual", "sam3_cutlass_gemm_nk_residual",
+        "sam3_cutlass_gemm_nk_bias", "sam3_cutlass_gemm_nk_bias", "sam3_cutlass_gemm_nk_bias"])
+    calls, adds, reshapes = [], [], []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            if e.op.name == "relax.call_dps_packed":
+                calls.append(e)
+            elif e.op.name == "relax.add":
+                adds.append(e)
+            elif e.op.name == "relax.reshape":
+                reshapes.append(e)
+    relax.analysis.post_order_visit(out["forward"], visit)
+    assert len(adds) == 3, adds  # u = x + t, the broadcast v, d + d
+    for c in calls:
+        if "residual" in c.args[0].global_symbol:
+            # output in the add's (consumer's) shape: [b, 9, 7, 64], no reshape after it
+            dims = [int(v) if isinstance(v, tirx.IntImm) else str(v) for v in c.ty.shape.values]
+            assert dims == ["b", 9, 7, 64], c.ty
+    assert len(reshapes) == 1  # the o_proj input's [b, 63, 64] view only
+    # the llvm pipeline and non-Hopper CUDA keep every add
+    for passes in (kernels.schedule_passes(TARGET),
+                   kernels.schedule_passes(preset.tvm_target(), ("sm_80", "sm_90"))):
+        o = tvm.transform.Sequential(passes)(mod)
+        adds.clear()
+        relax.analysis.post_order_visit(o["forward"], visit)
+        assert len(adds) == 6, adds  # the residual/broadcast adds (bias adds: in the GEMMs)
+
+
 needs_cutlass = pytest.mark.skipif(
     not (__import__("sam3_nn.kernels.cuda_source", fromlist=["x"]).nvcc_available()
          and __import__("sam3_nn.kernels.cuda_source", fromlist=["x"]).cutlass_available()),
@@ -235,7 +309,8 @@ def test_cuda_cutlass_library_links_kernels(tmp_path):
     preset.export(ex, path)
     syms = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True).stdout
     for s in ("sam3_cutlass_gemm_nk_bias_gelu", "sam3_cutlass_gemm_nk_bias", "sam3_cutlass_gemm_nk",
-              "sam3_cutlass_gemm_kn", "sam3_cutlass_conv2d_bias", "sam3_cutlass_gemm_set_tile"):
+              "sam3_cutlass_gemm_kn", "sam3_cutlass_conv2d_bias", "sam3_cutlass_gemm_set_tile",
+              "sam3_cutlass_gemm_nk_bias_residual", "sam3_cutlass_gemm_nk_residual"):
         assert f"__tvm_ffi_{s}\n" in syms, s
     deps = subprocess.run(["ldd", path], capture_output=True, text=True).stdout
     assert "libcudart" not in deps and "libcuda.so" not in deps, deps

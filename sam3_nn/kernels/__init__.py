@@ -23,8 +23,8 @@ def providers_for(target: tvm.target.Target, cuda_arches: Optional[Sequence[str]
     if kind == "llvm":
         from .cpu import conv2d_nhwc, gemm
 
-        def cpu_gemm(bt, m, n, k, dtype, out_dtype, activation=None, **kw):
-            if dtype not in ("float32", "float16") or activation:
+        def cpu_gemm(bt, m, n, k, dtype, out_dtype, activation=None, residual=False, **kw):
+            if dtype not in ("float32", "float16") or activation or residual:
                 return None
             return gemm(bt, m, n, k, dtype, out_dtype, **kw)
 

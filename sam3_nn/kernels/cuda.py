@@ -3,9 +3,9 @@
 On Hopper builds (every SASS arch of the library is sm_90/sm_90a) fp16 GEMMs with
 8-aligned K and N go to CUTLASS 3.x kernels (TMA + wgmma, warp-specialized;
 ``cuda/gemm_sm90.cu``, compiled for sm_90a and linked into the library, see
-``cuda_source.py``), with bias and bias+GELU epilogues. The choice is made at build
-time from the preset's arches: a library that also carries sm_80 SASS keeps the TIR
-path below for every GEMM. ``SAM3_CUTLASS=0`` turns the CUTLASS route off.
+``cuda_source.py``), with bias, bias+GELU and (bias +) residual epilogues. The choice
+is made at build time from the preset's arches: a library that also carries sm_80 SASS
+keeps the TIR path below for every GEMM. ``SAM3_CUTLASS=0`` turns the CUTLASS route off.
 
 Elsewhere: TVM's own tensor-core schedule (dlight ``MatmulTensorization``),
 applied to our GEMM definition.
@@ -79,7 +79,8 @@ def gemm_cuda(target: tvm.target.Target, bt, m, n: int, k: int, dtype: str, out_
 
 # ---- CUTLASS (sm_90a) --------------------------------------------------------------------
 
-GEMM_PARTS = {"nk": 0, "nk_bias": 1, "nk_bias_gelu": 2, "kn": 3, "kn_bias": 3}
+GEMM_PARTS = {"nk": 0, "nk_residual": 0, "nk_bias": 1, "nk_bias_residual": 1, "nk_bias_gelu": 2,
+              "kn": 3, "kn_bias": 3}
 # only the tvm-ffi entry points leave the library (CUTLASS's template instances stay local)
 HIDDEN = ("-Xcompiler=-fvisibility=hidden",)
 
@@ -125,17 +126,21 @@ class _GemmObjects:
 
 def gemm_cutlass(objs: _GemmObjects, bt, m, n: int, k: int, dtype: str, out_dtype: str, *,
                  w_batched: bool = False, w_layout: str = "nk", has_bias: bool = False,
-                 activation: Optional[str] = None):
-    """An ``Extern`` for this GEMM, or None where the CUTLASS kernels do not apply."""
+                 activation: Optional[str] = None, residual: bool = False):
+    """An ``Extern`` for this GEMM, or None where the CUTLASS kernels do not apply.
+    ``residual``: out = x @ w^T (+ bias) + r, r read by the epilogue (``nk`` only)."""
     from .rewrite import Extern
 
     if dtype != "float16" or out_dtype != "float16" or w_batched or n % 8 or k % 8:
         return None
     if activation not in (None, "gelu") or (activation and (not has_bias or w_layout != "nk")):
         return None
+    if residual and (activation or w_layout != "nk"):
+        return None
     if _static_int(bt) != 1:  # shared weight: the rewrite passes bt = 1
         return None
-    key = w_layout + ("_bias" if has_bias else "") + ("_gelu" if activation else "")
+    key = (w_layout + ("_bias" if has_bias else "") + ("_gelu" if activation else "")
+           + ("_residual" if residual else ""))
     return Extern(f"sam3_cutlass_gemm_{key}", objs.get(GEMM_PARTS[key]))
 
 
@@ -148,12 +153,13 @@ def cuda_providers(target: tvm.target.Target, cuda_arches: Optional[Sequence[str
     use_cutlass = cutlass_route(arch_list(target, cuda_arches))
     objs = _GemmObjects()
 
-    def cuda_gemm(bt, m, n, k, dtype, out_dtype, activation=None, **kw):
+    def cuda_gemm(bt, m, n, k, dtype, out_dtype, activation=None, residual=False, **kw):
         if use_cutlass:
-            ext = gemm_cutlass(objs, bt, m, n, k, dtype, out_dtype, activation=activation, **kw)
+            ext = gemm_cutlass(objs, bt, m, n, k, dtype, out_dtype, activation=activation,
+                               residual=residual, **kw)
             if ext is not None:
                 return ext
-        if activation:
+        if activation or residual:  # fused epilogues: CUTLASS only
             return None
         return gemm_cuda(target, bt, m, n, k, dtype, out_dtype, **kw)
 

@@ -11,10 +11,16 @@ Runs before ``LegalizeOps``. Matches
 
 * ``gelu(add(matmul(x, permute_dims(w)), bias))`` (the MLPs' first layer) when the
   provider takes ``activation="gelu"`` (bias + erf-GELU epilogue),
+* ``add(r, [reshape](add(matmul(x, permute_dims(w)), bias)))`` (either operand order,
+  bias optional: the ViT's residual adds after ``o_proj`` and ``fc2``) when the provider
+  takes ``residual=True`` and ``r`` has exactly the add's shape and dtype (no broadcast:
+  ``r`` flattened is the GEMM's row-major ``[M, N]``) and the linear's result has no
+  other use; the extern's output is emitted in ``r``'s shape (no reshape, no copy),
 
 flattens the leading dims with zero-copy reshapes and calls a scheduled PrimFunc
 from the target's kernel provider (``provider(bt, m, n, k, dtype, out_dtype,
-w_batched=, w_layout=, has_bias=, activation=)``, returning ``None`` for "not mine"),
+w_batched=, w_layout=, has_bias=, activation=, residual=)``, returning ``None`` for
+"not mine"; ``activation``/``residual`` are passed only when set),
 or, when the provider returns an :class:`Extern`, a ``call_dps_packed`` of a
 hand-written kernel linked into the library (``kernels/cuda_source.py``; the objects
 are attached to the module's ``external_mods``). Anything
@@ -41,9 +47,10 @@ class Extern:
     """A provider's answer for a kernel linked in as an object: ``symbol`` (tvm-ffi
     exported, destination-passing) from ``objects``. GEMM externs take
     ``(x [..., K], w [N, K] | [K, N], (bias [N]), out [..., N])`` (the kernel treats
-    the leading dims as rows); conv externs ``(x [B, H, W, Cin], w [Cout, Cin, kh, kw]
-    (or [Cout, kh, kw, Cin] with ``conv_weight_layout="OHWI"``), (bias [Cout]),
-    out [B, H, W, Cout])``. Inputs and outputs keep their shapes: a ``reshape`` of a
+    the leading dims as rows), with a residual ``(x, w, (bias), r, out)``, ``r`` and
+    ``out`` of one shape holding ``M * N`` elements; conv externs ``(x [B, H, W, Cin],
+    w [Cout, Cin, kh, kw] (or [Cout, kh, kw, Cin] with ``conv_weight_layout="OHWI"``),
+    (bias [Cout]), out [B, H, W, Cout])``. Inputs and outputs keep their shapes: a ``reshape`` of a
     ``call_dps_packed`` result would be lowered to a copy kernel."""
 
     symbol: str
@@ -101,13 +108,15 @@ class _Rewriter:
         self.objects: Dict[str, None] = {}  # extern objects to attach (ordered set)
 
     def _kernel(self, bt, m, n, k, dtype, out_dtype, w_batched, w_layout, has_bias,
-                activation=None):
+                activation=None, residual=False):
         sb, sm = _static(bt), _static(m)
-        key = (sb, sm, n, k, dtype, out_dtype, w_batched, w_layout, has_bias, activation)
+        key = (sb, sm, n, k, dtype, out_dtype, w_batched, w_layout, has_bias, activation, residual)
         if key not in self.funcs:
             vb = sb if sb is not None else tirx.Var("bt", "int64")
             vm = sm if sm is not None else tirx.Var("m", "int64")
             kw = {"activation": activation} if activation else {}
+            if residual:
+                kw["residual"] = True
             func = self.provider(vb, vm, n, k, dtype, out_dtype, w_batched=w_batched,
                                  w_layout=w_layout, has_bias=has_bias, **kw)
             if func is None:
@@ -178,14 +187,19 @@ class _Rewriter:
         self.count += 1
         return relax.op.reshape(y, relax.ShapeExpr([nb, h, w_, cout]))
 
-    def emit(self, orig, x, w, bias, w_layout: str, activation: Optional[str] = None) -> relax.Expr:
-        """``act(x @ op(w) (+ bias))`` with ``op`` = transpose for 'nk'."""
+    def emit(self, orig, x, w, bias, w_layout: str, activation: Optional[str] = None,
+             residual: Optional[relax.Expr] = None) -> relax.Expr:
+        """``act(x @ op(w) (+ bias)) (+ residual)`` with ``op`` = transpose for 'nk'.
+        ``residual`` (``orig`` is then the add): the caller checked that it has ``orig``'s
+        shape and dtype; only an extern takes it (else ``orig`` stays)."""
         xs, dtype = _shape(x)
         ws, wdtype = _shape(w)
         if xs is None or ws is None or dtype != wdtype or len(xs) < 2 or len(ws) < 2:
             return orig
         out_dtype = _sinfo(orig).dtype
         if out_dtype not in ("float32", "float16"):
+            return orig
+        if residual is not None and _shape(residual)[1] != out_dtype:
             return orig
         if w_layout == "nk":
             n, k = _static(ws[-2]), _static(ws[-1])
@@ -209,18 +223,24 @@ class _Rewriter:
             if len(bs) != 1:
                 bias = relax.op.reshape(bias, relax.ShapeExpr([n]))
         kern = self._kernel(bt, m, n, k, dtype, out_dtype, w_batched, w_layout, bias is not None,
-                            activation)
+                            activation, residual is not None)
         if kern is None:
             return orig
         if isinstance(kern, Extern):  # shared 2D weight only: rows = all leading dims
             if w_batched:
                 return orig
             # x, the output in their own shapes (the kernel flattens the leading dims):
-            # a reshape of a call_dps_packed result is lowered to a copy, not a view
+            # a reshape of a call_dps_packed result is lowered to a copy, not a view. With
+            # a residual the output takes the residual's (= the add's) shape.
             self.objects.update(dict.fromkeys(kern.objects))
             args = [x, w] + ([bias] if bias is not None else [])
+            if residual is not None:
+                args.append(residual)
+                out_shape = _shape(residual)[0]
             self.count += 1
             return relax.call_dps_packed(kern.symbol, args, relax.TensorType(out_shape, out_dtype))
+        if residual is not None:  # residual epilogues are extern-only
+            return orig
         gv, _ = kern
         a = relax.op.reshape(x, relax.ShapeExpr([bt, m, k]))
         bw = bt if w_batched else tirx.const(1, "int64")
@@ -237,6 +257,40 @@ def _is_last_two_swap(call: relax.Call, ndim: int) -> bool:
         return ndim == 2
     axes = [int(a) for a in axes]
     return axes == list(range(ndim - 2)) + [ndim - 1, ndim - 2]
+
+
+class _Uses:
+    """Per function: the var each bound value is bound to, and how often each var is
+    used (a fused linear's result must have no other use, else its GEMM would run twice)."""
+
+    def __init__(self, func: relax.Function):
+        self.var_of: Dict[object, relax.Var] = {}
+        self.count: Dict[relax.Var, int] = {}
+        body = func.body
+        if not isinstance(body, relax.SeqExpr):
+            return
+        for block in body.blocks:
+            for bd in block.bindings:
+                if isinstance(bd, relax.VarBinding):
+                    self.var_of[bd.value] = bd.var
+                self._use(bd.value)
+        self._use(body.body)
+
+    def _use(self, expr):  # a var used twice in one expression counts once (see the caller)
+        counts = {}
+
+        def visit(e):
+            if isinstance(e, relax.Var):
+                counts[e] = counts.get(e, 0) + 1
+
+        relax.analysis.post_order_visit(expr, visit)
+        for v, c in counts.items():
+            self.count[v] = self.count.get(v, 0) + c
+
+    def single_use(self, value) -> bool:
+        """``value`` is bound to a dataflow var used exactly once."""
+        var = self.var_of.get(value)
+        return isinstance(var, relax.DataflowVar) and self.count.get(var, 0) == 1
 
 
 def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = None,
@@ -265,6 +319,39 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
         lin_b = is_op("relax.add")(mm_t, b)
         gelu = is_op("relax.nn.gelu")(lin_b)
 
+        # residual: add(r, [reshape](linear)); the add matches either operand order
+        r, rs = wildcard(), wildcard()
+        res_pats = []
+        for lin in (lin_b, mm_t):
+            res_pats.append((is_op("relax.add")(r, lin), lin, None))
+            lin_rs = is_op("relax.reshape")(lin, rs)
+            res_pats.append((is_op("relax.add")(r, lin_rs), lin, lin_rs))
+        uses = [None]  # the function being rewritten
+
+        def residual_rewrite(orig, mt, lin, lin_rs):
+            call = mt[wt]
+            ws, _ = _shape(mt[w])
+            if ws is None or not _is_last_two_swap(call, len(ws)):
+                return orig
+            res, inner = mt[r], mt[lin_rs if lin_rs is not None else lin]
+            rsh, rdt = _shape(res)
+            osh, odt = _shape(orig)
+            ish, _ = _shape(inner)
+            if (rsh is None or osh is None or ish is None or rdt != odt
+                    or not (len(rsh) == len(osh) == len(ish))
+                    or not all(_same(a, c) and _same(a, d) for a, c, d in zip(rsh, osh, ish))):
+                return orig  # broadcasting add: not a residual of the GEMM's shape
+            # every intermediate (linear [, reshape]) used only here
+            chain = [mt[lin]] + ([inner] if lin_rs is not None else [])
+            if lin is lin_b:
+                chain.append(mt[mm_t])
+            if uses[0] is None or not all(uses[0].single_use(e) for e in chain):
+                return orig
+            if any(uses[0].var_of[e].same_as(res) for e in chain):  # add(y, y)
+                return orig
+            return rw.emit(orig, mt[x], mt[w], mt[b] if lin is lin_b else None, "nk",
+                           residual=res)
+
         def gelu_rewrite(orig, mt):
             call = mt[wt]
             ws, _ = _shape(mt[w])
@@ -292,6 +379,11 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
             if not isinstance(func, relax.Function):
                 continue
             f = func
+            uses[0] = _Uses(func)
+            for pat, lin, lin_rs in res_pats:
+                f = rewrite_call(pat, lambda o, mt, lin=lin, lin_rs=lin_rs:
+                                 residual_rewrite(o, mt, lin, lin_rs), f)
+                uses[0] = _Uses(f)
             if rw.conv_provider is not None:
                 f = rewrite_call(conv_b, lambda o, mt: conv_rewrite(o, mt, cb), f)
                 f = rewrite_call(conv_nb, conv_rewrite, f)

@@ -1,16 +1,22 @@
 // fp16 GEMMs for Hopper (sm_90a): CUTLASS 3.x warp-specialized TMA + wgmma kernels.
 //
-//   out[M, N] = epi(A[M, K] @ op(W) + bias[N])      fp16 in/out, fp32 accumulation
+//   out[M, N] = epi(A[M, K] @ op(W) + bias[N]) (+ R[M, N])   fp16 in/out, fp32 accumulation
 //   op(W) = W^T for W [N, K] ("nk", nn.Linear) or W for W [K, N] ("kn")
 //   epi   = identity | GELU (erf)
+//   R     = a residual read by the epilogue (CUTLASS's source C with beta = 1: the same
+//           kernel instances as without it; beta = 0 skips the C load)
 //
 // One source, compiled once per part (-DSAM3_GEMM_PART=...) so the parts build in
 // parallel; each part exports its entry points with tvm-ffi (DPS: out is last):
 //   part 0: sam3_cutlass_gemm_nk(a, w, out)             + sam3_cutlass_gemm_set_tile(int)
+//           sam3_cutlass_gemm_nk_residual(a, w, r, out)
 //   part 1: sam3_cutlass_gemm_nk_bias(a, w, bias, out)
+//           sam3_cutlass_gemm_nk_bias_residual(a, w, bias, r, out)
 //   part 2: sam3_cutlass_gemm_nk_bias_gelu(a, w, bias, out)
 //   part 3: sam3_cutlass_gemm_kn(a, w, out), sam3_cutlass_gemm_kn_bias(a, w, bias, out)
-// a: [.., K] (leading dims flattened to M), w: [N, K] / [K, N], bias: [N], out: [.., N].
+// a: [.., K] (leading dims flattened to M), w: [N, K] / [K, N], bias: [N], out: [.., N];
+// with a residual r, out and r are any shape of M * N elements (row-major [M, N] flattened:
+// the rewrite emits out in its consumer's shape, so no reshape copy follows).
 // K and N must be multiples of 8 (16-byte TMA rows); M is free (TMA clips the tails).
 //
 // Tile configs (`pick_tile`: 2 unless forced by sam3_cutlass_gemm_set_tile(i), -1 = default):
@@ -153,8 +159,8 @@ inline int pick_tile(int64_t, int64_t, int64_t, int) {
 }
 
 template <class G>
-void run(int64_t m, int64_t n, int64_t k, const void* a, const void* w, const void* bias, void* out,
-         int device, cudaStream_t stream) {
+void run(int64_t m, int64_t n, int64_t k, const void* a, const void* w, const void* bias,
+         const void* residual, void* out, int device, cudaStream_t stream) {
   using Op = typename G::Op;
   using Kernel = typename G::Kernel;
   auto sa = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, make_shape(int(m), int(k), 1));
@@ -164,14 +170,16 @@ void run(int64_t m, int64_t n, int64_t k, const void* a, const void* w, const vo
   cutlass::KernelHardwareInfo hw;
   hw.device_id = device;
   hw.sm_count = sm_count(device);
-  // C is never read (beta = 0); it aliases D so the C descriptor is valid
+  // C = the residual (beta = 1), else never read (beta = 0): it aliases D so the C
+  // descriptor is valid
+  const void* src = residual ? residual : out;
   typename Op::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                               {int(m), int(n), int(k), 1},
                               {static_cast<const half*>(a), sa, static_cast<const half*>(w), sb},
-                              {{}, static_cast<const half*>(out), sc, static_cast<half*>(out), sd},
+                              {{}, static_cast<const half*>(src), sc, static_cast<half*>(out), sd},
                               hw};
   args.epilogue.thread.alpha = 1.0f;
-  args.epilogue.thread.beta = 0.0f;
+  args.epilogue.thread.beta = residual ? 1.0f : 0.0f;
   if constexpr (G::kHasBias) {
     args.epilogue.thread.bias_ptr = static_cast<const half*>(bias);
   }
@@ -205,18 +213,23 @@ inline void check(const TensorView& t, const char* what) {
 }
 
 template <Epi E, bool kNK>
-void gemm(TensorView a, TensorView w, const TensorView* bias, TensorView out) {
+void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* residual,
+          TensorView out) {
   check(a, "a");
   check(w, "w");
   check(out, "out");
   if (bias) check(*bias, "bias");
+  if (residual) check(*residual, "residual");
   if (w.ndim() != 2) TVM_FFI_THROW(ValueError) << "w must be 2-D";
   int64_t k = a.shape()[a.ndim() - 1];
   int64_t n = kNK ? w.shape()[0] : w.shape()[1];
   int64_t wk = kNK ? w.shape()[1] : w.shape()[0];
   int64_t m = a.numel() / (k ? k : 1);
-  if (wk != k || out.shape()[out.ndim() - 1] != n || out.numel() != m * n)
+  // with a residual, out (and r) may have any shape of M * N elements (see the top)
+  if (wk != k || out.numel() != m * n || (!residual && out.shape()[out.ndim() - 1] != n))
     TVM_FFI_THROW(ValueError) << "GEMM shape mismatch";
+  if (residual && residual->numel() != m * n)
+    TVM_FFI_THROW(ValueError) << "residual must have M * N elements";
   if (bias && bias->numel() != n) TVM_FFI_THROW(ValueError) << "bias must have N elements";
   if (k % 8 || n % 8) TVM_FFI_THROW(ValueError) << "K and N must be multiples of 8";
   if (m == 0) return;
@@ -224,20 +237,21 @@ void gemm(TensorView a, TensorView w, const TensorView* bias, TensorView out) {
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev));
   using LB = std::conditional_t<kNK, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
   const void* bp = bias ? ptr(*bias) : nullptr;
+  const void* rp = residual ? ptr(*residual) : nullptr;
   void *pa = ptr(a), *pw = ptr(w), *po = ptr(out);
   if constexpr (!kNK) {  // kn: rare in the model, one config
-    run<Cfg0<E, LB>>(m, n, k, pa, pw, bp, po, dev, stream);
+    run<Cfg0<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
     return;
   } else {
     switch (pick_tile(m, n, k, sm_count(dev))) {
       case 1:
-        return run<Cfg1<E, LB>>(m, n, k, pa, pw, bp, po, dev, stream);
+        return run<Cfg1<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
       case 2:
-        return run<Cfg2<E, LB>>(m, n, k, pa, pw, bp, po, dev, stream);
+        return run<Cfg2<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
       case 3:
-        return run<Cfg3<E, LB>>(m, n, k, pa, pw, bp, po, dev, stream);
+        return run<Cfg3<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
       default:
-        return run<Cfg0<E, LB>>(m, n, k, pa, pw, bp, po, dev, stream);
+        return run<Cfg0<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
     }
   }
 }
@@ -247,23 +261,29 @@ void gemm(TensorView a, TensorView w, const TensorView* bias, TensorView out) {
 namespace {
 #if SAM3_GEMM_PART == 0
 void gemm_nk(TensorView a, TensorView w, TensorView out) {
-  sam3::gemm<sam3::Epi::kNone, true>(a, w, nullptr, out);
+  sam3::gemm<sam3::Epi::kNone, true>(a, w, nullptr, nullptr, out);
+}
+void gemm_nk_residual(TensorView a, TensorView w, TensorView r, TensorView out) {
+  sam3::gemm<sam3::Epi::kNone, true>(a, w, nullptr, &r, out);
 }
 void set_tile(int tile) { sam3::g_forced_tile = tile; }
 #elif SAM3_GEMM_PART == 1
 void gemm_nk_bias(TensorView a, TensorView w, TensorView b, TensorView out) {
-  sam3::gemm<sam3::Epi::kBias, true>(a, w, &b, out);
+  sam3::gemm<sam3::Epi::kBias, true>(a, w, &b, nullptr, out);
+}
+void gemm_nk_bias_residual(TensorView a, TensorView w, TensorView b, TensorView r, TensorView out) {
+  sam3::gemm<sam3::Epi::kBias, true>(a, w, &b, &r, out);
 }
 #elif SAM3_GEMM_PART == 2
 void gemm_nk_bias_gelu(TensorView a, TensorView w, TensorView b, TensorView out) {
-  sam3::gemm<sam3::Epi::kBiasGelu, true>(a, w, &b, out);
+  sam3::gemm<sam3::Epi::kBiasGelu, true>(a, w, &b, nullptr, out);
 }
 #elif SAM3_GEMM_PART == 3
 void gemm_kn(TensorView a, TensorView w, TensorView out) {
-  sam3::gemm<sam3::Epi::kNone, false>(a, w, nullptr, out);
+  sam3::gemm<sam3::Epi::kNone, false>(a, w, nullptr, nullptr, out);
 }
 void gemm_kn_bias(TensorView a, TensorView w, TensorView b, TensorView out) {
-  sam3::gemm<sam3::Epi::kBias, false>(a, w, &b, out);
+  sam3::gemm<sam3::Epi::kBias, false>(a, w, &b, nullptr, out);
 }
 #endif
 }  // namespace
@@ -271,8 +291,10 @@ void gemm_kn_bias(TensorView a, TensorView w, TensorView b, TensorView out) {
 #if SAM3_GEMM_PART == 0
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk, gemm_nk);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_set_tile, set_tile);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_residual, gemm_nk_residual);
 #elif SAM3_GEMM_PART == 1
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_bias, gemm_nk_bias);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_bias_residual, gemm_nk_bias_residual);
 #elif SAM3_GEMM_PART == 2
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_bias_gelu, gemm_nk_bias_gelu);
 #elif SAM3_GEMM_PART == 3
