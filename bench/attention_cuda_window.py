@@ -244,10 +244,6 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] not in ("build", "run"):
-        sys.exit(__doc__)
-    if sys.argv[1] == "build":
-        build(sys.argv[2])
-    else:
-        res_dir = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
-        run(sys.argv[2], res_dir)
+    from common import build_or_run_main
+
+    build_or_run_main(__doc__, build, run)

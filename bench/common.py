@@ -176,3 +176,16 @@ def text_inputs(cfg, batch: int, seed: int = 0, words: int = 6) -> Tuple[np.ndar
     ids[:, 1 + n] = t.eos_token_id
     mask[:, :2 + n] = 1
     return ids, mask
+
+
+def build_or_run_main(doc: str, build: Callable[[str], object],
+                      run: Callable[[str, Optional[str]], object]) -> None:
+    """``script build DIR`` / ``script run DIR [--out RESULTS_DIR]`` (the kernel benches
+    that compile here and run on the accelerator machine)."""
+    argv = sys.argv
+    if len(argv) < 3 or argv[1] not in ("build", "run"):
+        sys.exit(doc)
+    if argv[1] == "build":
+        build(argv[2])
+    else:
+        run(argv[2], argv[argv.index("--out") + 1] if "--out" in argv else None)

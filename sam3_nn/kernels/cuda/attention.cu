@@ -106,6 +106,24 @@ __device__ __forceinline__ int64_t batch_offset(const Params& p, int b, int64_t 
   return int64_t(img) * bs + (int64_t(wy) * p.win * p.win_w + int64_t(wx) * p.win) * rs;
 }
 
+// Where block (blockIdx.y = head, blockIdx.z = batch entry) reads and writes: the head's
+// first q/k/v element, its key bias, the row map. Shared by both kernels' prologues.
+struct BlockInputs {
+  const half* q;
+  const half* k;
+  const half* v;
+  const float* bias;
+  RowMap rm;
+};
+
+template <int D, bool BIAS>
+__device__ __forceinline__ BlockInputs block_inputs(const Params& p, int b, int h) {
+  return BlockInputs{p.q + batch_offset(p, b, p.q_bs, p.q_rs) + p.q_off + h * D,
+                     p.k + batch_offset(p, b, p.k_bs, p.k_rs) + p.k_off + h * D,
+                     p.v + batch_offset(p, b, p.v_bs, p.v_rs) + p.v_off + h * D,
+                     BIAS ? p.bias + b * p.bias_bs : nullptr, row_map(p)};
+}
+
 // Why the last launcher call on this thread failed (for the tvm-ffi error message).
 inline const char*& last_failure() {
   static thread_local const char* why = "";
@@ -312,13 +330,12 @@ __global__ void __launch_bounds__(NW * 32)
   const int h = blockIdx.y;
   const int b = blockIdx.z;
 
-  const half* gq = p.q + batch_offset(p, b, p.q_bs, p.q_rs) + p.q_off + h * D;
-  const half* gk = p.k + batch_offset(p, b, p.k_bs, p.k_rs) + p.k_off + h * D;
-  const half* gv = p.v + batch_offset(p, b, p.v_bs, p.v_rs) + p.v_off + h * D;
-  const float* gbias = BIAS ? p.bias + b * p.bias_bs : nullptr;
+  const BlockInputs in = block_inputs<D, BIAS>(p, b, h);
+  const half *gq = in.q, *gk = in.k, *gv = in.v;
+  const float* gbias = in.bias;
+  const RowMap rm = in.rm;
   const int nk = p.nk, nq = p.nq;
   const int ntiles = (nk + BN - 1) / BN;
-  const RowMap rm = row_map(p);
 
   // q tile and the first k/v tile start copying before the rotation table is built
   load_tile<D, BM, NT>(sQ, gq, p.q_rs, q0, nq, tid, rm);
@@ -650,13 +667,12 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
   const int h = blockIdx.y;
   const int b = blockIdx.z;
 
-  const half* gq = p.q + batch_offset(p, b, p.q_bs, p.q_rs) + p.q_off + h * D;
-  const half* gk = p.k + batch_offset(p, b, p.k_bs, p.k_rs) + p.k_off + h * D;
-  const half* gv = p.v + batch_offset(p, b, p.v_bs, p.v_rs) + p.v_off + h * D;
-  const float* gbias = BIAS ? p.bias + b * p.bias_bs : nullptr;
+  const BlockInputs in = block_inputs<D, BIAS>(p, b, h);
+  const half *gq = in.q, *gk = in.k, *gv = in.v;
+  const float* gbias = in.bias;
+  const RowMap rm = in.rm;
   const int nk = p.nk, nq = p.nq;
   const int ntiles = (nk + BN - 1) / BN;
-  const RowMap rm = row_map(p);
   const bool rope_half = ROPE && p.rope_half;
 
   auto bias_val = [&](int key) {

@@ -25,6 +25,7 @@
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
+#include "tensor_args.cuh"
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/c_env_api.h>
@@ -61,34 +62,9 @@ struct Conv {
   using Op = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
 };
 
-inline void* ptr(const TensorView& t) {
-  return static_cast<char*>(t.data_ptr()) + t.byte_offset();
-}
-
-inline void check(const TensorView& t, const char* what) {
-  if (t.dtype().code != kDLFloat || t.dtype().bits != 16)
-    TVM_FFI_THROW(TypeError) << what << " must be float16";
-  if (t.device().device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << what << " must be on CUDA";
-  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << what << " must be contiguous";
-  if (reinterpret_cast<uintptr_t>(ptr(t)) % 16 != 0)
-    TVM_FFI_THROW(ValueError) << what << " must be 16-byte aligned";
-}
-
-void* workspace(size_t bytes, int device) {
-  static void* bufs[64] = {};
-  static size_t sizes[64] = {};
-  if (bytes == 0 || device < 0 || device >= 64) return nullptr;
-  if (sizes[device] < bytes) {
-    if (bufs[device]) {
-      cudaDeviceSynchronize();
-      cudaFree(bufs[device]);
-    }
-    if (cudaMalloc(&bufs[device], bytes) != cudaSuccess)
-      TVM_FFI_THROW(RuntimeError) << "cudaMalloc of conv workspace failed";
-    sizes[device] = bytes;
-  }
-  return bufs[device];
-}
+using sam3_cuda::check;
+using sam3_cuda::ptr;
+using sam3_cuda::workspace;
 
 template <bool kBias>
 void conv(TensorView x, TensorView w, const TensorView* bias, TensorView out) {

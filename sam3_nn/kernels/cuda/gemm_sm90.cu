@@ -38,6 +38,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
+#include "tensor_args.cuh"
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/c_env_api.h>
@@ -112,28 +113,11 @@ using Cfg3 = Gemm<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Coop, CoopEpi, Stre
 
 // ---- shared state (defined in part 0) -------------------------------------------------
 extern int g_forced_tile;
-void* workspace(size_t bytes, int device);
+using sam3_cuda::workspace;
 int sm_count(int device);
 
 #if SAM3_GEMM_PART == 0
 int g_forced_tile = -1;
-
-void* workspace(size_t bytes, int device) {
-  static std::mutex mu;
-  static void* bufs[64] = {};
-  static size_t sizes[64] = {};
-  if (bytes == 0) return nullptr;
-  std::lock_guard<std::mutex> lock(mu);
-  if (device < 0 || device >= 64) TVM_FFI_THROW(RuntimeError) << "bad device " << device;
-  if (sizes[device] < bytes) {
-    if (bufs[device]) cudaFree(bufs[device]);  // the previous GEMMs on the stream used it:
-    cudaDeviceSynchronize();                    // grows a few times at most, at the start
-    if (cudaMalloc(&bufs[device], bytes) != cudaSuccess)
-      TVM_FFI_THROW(RuntimeError) << "cudaMalloc of " << bytes << " bytes of GEMM workspace failed";
-    sizes[device] = bytes;
-  }
-  return bufs[device];
-}
 
 int sm_count(int device) {
   static int counts[64] = {};
@@ -199,18 +183,8 @@ void run(int64_t m, int64_t n, int64_t k, const void* a, const void* w, const vo
                                 << " / " << cudaGetErrorString(e);
 }
 
-inline void* ptr(const TensorView& t) {
-  return static_cast<char*>(t.data_ptr()) + t.byte_offset();
-}
-
-inline void check(const TensorView& t, const char* what) {
-  if (t.dtype().code != kDLFloat || t.dtype().bits != 16)
-    TVM_FFI_THROW(TypeError) << what << " must be float16";
-  if (t.device().device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << what << " must be on CUDA";
-  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << what << " must be contiguous";
-  if (reinterpret_cast<uintptr_t>(ptr(t)) % 16 != 0)
-    TVM_FFI_THROW(ValueError) << what << " must be 16-byte aligned";
-}
+using sam3_cuda::check;
+using sam3_cuda::ptr;
 
 template <Epi E, bool kNK>
 void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* residual,

@@ -1,0 +1,50 @@
+// Argument checks and the scratch buffer shared by the CUTLASS entry points
+// (gemm_sm90.cu, conv_sm90.cu).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <mutex>
+
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+
+namespace sam3_cuda {
+
+using tvm::ffi::TensorView;
+
+inline void* ptr(const TensorView& t) {
+  return static_cast<char*>(t.data_ptr()) + t.byte_offset();
+}
+
+// float16, on CUDA, contiguous, 16-byte aligned: what the TMA kernels assume
+inline void check(const TensorView& t, const char* what) {
+  if (t.dtype().code != kDLFloat || t.dtype().bits != 16)
+    TVM_FFI_THROW(TypeError) << what << " must be float16";
+  if (t.device().device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << what << " must be on CUDA";
+  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << what << " must be contiguous";
+  if (reinterpret_cast<uintptr_t>(ptr(t)) % 16 != 0)
+    TVM_FFI_THROW(ValueError) << what << " must be 16-byte aligned";
+}
+
+// One growing scratch buffer per device for CUTLASS's workspace (kernels on one stream
+// use it one after another). It grows a few times at most, at the start.
+inline void* workspace(size_t bytes, int device) {
+  static std::mutex mu;
+  static void* bufs[64] = {};
+  static size_t sizes[64] = {};
+  if (bytes == 0) return nullptr;
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= 64) TVM_FFI_THROW(RuntimeError) << "bad device " << device;
+  if (sizes[device] < bytes) {
+    cudaDeviceSynchronize();  // earlier kernels may still read the old buffer
+    if (bufs[device]) cudaFree(bufs[device]);
+    if (cudaMalloc(&bufs[device], bytes) != cudaSuccess)
+      TVM_FFI_THROW(RuntimeError) << "cudaMalloc of " << bytes << " bytes of CUTLASS workspace failed";
+    sizes[device] = bytes;
+  }
+  return bufs[device];
+}
+
+}  // namespace sam3_cuda
