@@ -43,17 +43,25 @@ def flatten_tokens(x: Tensor, hidden: int, what: str) -> Tensor:
                      f"got shape {list(x.shape)}")
 
 
-class DetrEncoderLayer(nn.Module):
+class SelfCrossLayer(nn.Module):
+    """Pre-norm self-attention, cross-attention and MLP blocks with their LayerNorms
+    (the parameters of the DETR encoder's and the geometry encoder's layers; each
+    subclass's ``forward`` wires them)."""
+
+    def __init__(self, hidden: int, heads: int, intermediate: int, act: str):
+        self.layer_norm1 = nn.LayerNorm(hidden, eps=LN_EPS)
+        self.self_attn = Attention(hidden, heads)
+        self.cross_attn = Attention(hidden, heads)
+        self.layer_norm2 = nn.LayerNorm(hidden, eps=LN_EPS)
+        self.mlp = MLP(hidden, intermediate, act)
+        self.layer_norm3 = nn.LayerNorm(hidden, eps=LN_EPS)
+
+
+class DetrEncoderLayer(SelfCrossLayer):
     def __init__(self, cfg: DetrEncoderConfig):
-        c = cfg.hidden_size
         if cfg.hidden_act != "relu":
             raise ValueError(f"DETR encoder: unsupported hidden_act {cfg.hidden_act!r} (expected 'relu')")
-        self.layer_norm1 = nn.LayerNorm(c, eps=LN_EPS)
-        self.self_attn = Attention(c, cfg.num_attention_heads)
-        self.cross_attn = Attention(c, cfg.num_attention_heads)
-        self.layer_norm2 = nn.LayerNorm(c, eps=LN_EPS)
-        self.mlp = MLP(c, cfg.intermediate_size, cfg.hidden_act)
-        self.layer_norm3 = nn.LayerNorm(c, eps=LN_EPS)
+        super().__init__(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act)
 
     def forward(self, x: Tensor, pos: Tensor, prompt: Tensor, prompt_bias: Optional[Tensor]) -> Tensor:
         h = self.layer_norm1(x)

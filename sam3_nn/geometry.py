@@ -40,8 +40,8 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from .config import GeometryEncoderConfig
-from .detr_encoder import Attention, LN_EPS, flatten_tokens, key_padding_bias
-from .layers import MLP, linear_nd
+from .detr_encoder import LN_EPS, SelfCrossLayer, flatten_tokens, key_padding_bias
+from .layers import linear_nd
 from .roi_align import roi_align
 
 
@@ -129,15 +129,9 @@ class PoolProject(nn.Module):
         return linear_nd(x, w, self.bias)
 
 
-class GeometryEncoderLayer(nn.Module):
+class GeometryEncoderLayer(SelfCrossLayer):
     def __init__(self, cfg: GeometryEncoderConfig):
-        c = cfg.hidden_size
-        self.layer_norm1 = nn.LayerNorm(c, eps=LN_EPS)
-        self.self_attn = Attention(c, cfg.num_attention_heads)
-        self.cross_attn = Attention(c, cfg.num_attention_heads)
-        self.layer_norm2 = nn.LayerNorm(c, eps=LN_EPS)
-        self.mlp = MLP(c, cfg.intermediate_size, cfg.hidden_act)
-        self.layer_norm3 = nn.LayerNorm(c, eps=LN_EPS)
+        super().__init__(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act)
 
     def forward(self, x: Tensor, prompt_bias: Tensor, image: Tensor, image_key: Tensor) -> Tensor:
         h = self.layer_norm1(x)

@@ -6,7 +6,6 @@ spread (some pushed to sigmoid's ends so inverse_sigmoid's eps clamp is used).
 Tolerance float32: rtol 1e-4, atol 1e-5 (values of O(0.1-1)).
 """
 
-import numpy as np
 import pytest
 import torch
 import tvm

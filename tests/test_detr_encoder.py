@@ -8,7 +8,6 @@ Cases: batch 2, 12x12 image tokens, 7 prompt tokens with two mask patterns
 Tolerance float32: rtol 1e-4, atol 1e-5 (outputs O(1)).
 """
 
-import json
 
 import numpy as np
 import pytest

@@ -16,7 +16,7 @@ from sam3_nn import kernels
 from sam3_nn.targets import get_preset
 from sam3_nn.attention import sdpa
 from sam3_nn.kernels.cpu import conv2d_nhwc, gemm
-from sam3_nn.layers import Conv1x1, Conv2d, ConvTranspose2x2, linear_nd
+from sam3_nn.layers import Conv1x1, Conv2d, ConvTranspose2x2
 
 TARGET = get_preset("llvm").tvm_target()
 MODE = {"param_mode": "packed", "effect_mode": "none"}
@@ -171,8 +171,6 @@ def _cuda_sm90_preset():
 
 
 def _extern_symbols(mod):
-    from tvm.relax.analysis import post_order_visit  # noqa: F401 (import check)
-
     syms = []
     for _, f in mod.functions.items():
         if isinstance(f, relax.Function):

@@ -307,7 +307,6 @@ def test_fixture_coverage():
 def test_bad_inputs_are_reported():
     cfg = Sam3Config.from_hf(tiny_hf_config().to_dict())
     c = cfg.mask_decoder.hidden_size
-    mode = {"param_mode": "packed", "effect_mode": "none"}
 
     class Two(Heads):
         def masks_no_prompt(self, queries, f0, f1, f2, enc):

@@ -4,9 +4,7 @@ Tiny config: 12x12 token grid with window 5 (padding to 15x15 exercised), one gl
 block, batch 2. Tolerance float32: rtol 1e-4, atol 1e-5 (relative to values of O(0.1-1)).
 """
 
-import os
 
-import numpy as np
 import pytest
 import torch
 

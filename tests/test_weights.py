@@ -10,7 +10,6 @@ import torch
 from refs import fixture_source
 from sam3_nn.config import Sam3Config
 from sam3_nn.weights import CheckpointError, load_converted, load_params, open_checkpoint, plan, save_converted
-from sam3_nn.weights.loader import TensorSource
 
 
 def full_size_vision_params(dtype="float32"):

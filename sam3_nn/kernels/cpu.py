@@ -39,6 +39,15 @@ MB = 64  # rows per parallel task
 Dim = Union[int, "tvm.tirx.PrimExpr"]
 
 
+def _crop_epilogue(c, shape, bias, acc: str, out_dtype: str) -> list:
+    """``[bias,] out``: the padded accumulator ``c`` cropped to ``shape`` (+ bias), cast."""
+    if bias is None:
+        return [te.compute(shape, lambda bb, i, j: c[bb, i, j].astype(out_dtype), name="out")]
+    out = te.compute(shape, lambda bb, i, j: (c[bb, i, j] + bias[j].astype(acc)).astype(out_dtype),
+                     name="out")
+    return [bias, out]
+
+
 def _ceil_to(x: Dim, f: int) -> Dim:
     if isinstance(x, int):
         return (x + f - 1) // f * f
@@ -70,12 +79,7 @@ def gemm_te(bt: Dim, m: Dim, n: int, k: int, dtype: str, out_dtype: str, *,
         return te.sum(a[bb, row, r].astype(acc) * wp[wb, j // bn, r, j % bn], axis=r)
 
     c = te.compute((bt, _ceil_to(m, mr), no * bn), mm, name="c")
-    if has_bias:
-        out = te.compute((bt, m, n), lambda bb, i, j: (c[bb, i, j] + bias[j].astype(acc))
-                         .astype(out_dtype), name="out")
-        return [a, w, bias, out]
-    out = te.compute((bt, m, n), lambda bb, i, j: c[bb, i, j].astype(out_dtype), name="out")
-    return [a, w, out]
+    return [a, w] + _crop_epilogue(c, (bt, m, n), bias if has_bias else None, acc, out_dtype)
 
 
 def schedule_gemm(func: tirx.PrimFunc, n: int, mr: int = MR, bn: int = BN,
@@ -152,12 +156,7 @@ def conv2d_nhwc_te(b: Dim, h: int, w: int, cin: int, cout: int, ksize: int, pad:
                       axis=[ry, rx, rc])
 
     c = te.compute((b, _ceil_to(m, mr), no * bn), mm, name="c")
-    if has_bias:
-        out = te.compute((b, m, cout), lambda n, i, j: (c[n, i, j] + bias[j].astype(acc))
-                         .astype(out_dtype), name="out")
-        return [x, wt, bias, out]
-    out = te.compute((b, m, cout), lambda n, i, j: c[n, i, j].astype(out_dtype), name="out")
-    return [x, wt, out]
+    return [x, wt] + _crop_epilogue(c, (b, m, cout), bias if has_bias else None, acc, out_dtype)
 
 
 def conv2d_nhwc(b: Dim, h: int, w: int, cin: int, cout: int, ksize: int, pad: int,

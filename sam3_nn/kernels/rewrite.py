@@ -119,18 +119,19 @@ class _Rewriter:
                 kw["residual"] = True
             func = self.provider(vb, vm, n, k, dtype, out_dtype, w_batched=w_batched,
                                  w_layout=w_layout, has_bias=has_bias, **kw)
-            if func is None:
-                self.funcs[key] = None
-            elif isinstance(func, Extern):
-                self.funcs[key] = func
-            else:
-                name = f"sam3_gemm_{'b' if w_batched else ''}{w_layout}_{n}x{k}_{dtype}"
-                if has_bias:
-                    name += "_bias"
-                name += f"_{len(self.funcs)}"
-                func = func.with_attr("op_pattern", OPAQUE).with_attr("global_symbol", name)
-                self.funcs[key] = (self.bb.add_func(func, name), func)
+            name = f"sam3_gemm_{'b' if w_batched else ''}{w_layout}_{n}x{k}_{dtype}"
+            self._register(key, func, name + ("_bias" if has_bias else ""))
         return self.funcs[key]
+
+    def _register(self, key, func, name: str) -> None:
+        """Remember a provider's answer: None (not ours), an ``Extern``, or a PrimFunc added
+        to the module under ``name`` (made unique), opaque to FuseOps."""
+        if func is None or isinstance(func, Extern):
+            self.funcs[key] = func
+            return
+        name += f"_{len(self.funcs)}"
+        func = func.with_attr("op_pattern", OPAQUE).with_attr("global_symbol", name)
+        self.funcs[key] = (self.bb.add_func(func, name), func)
 
     def emit_conv(self, orig, x, w, bias, conv) -> relax.Expr:
         """``permute(conv2d(permute(x), w) (+ bias))``: NHWC in, NHWC out."""
@@ -162,14 +163,7 @@ class _Rewriter:
             vb = _static(nb) if _static(nb) is not None else tirx.Var("b", "int64")
             func = self.conv_provider(vb, h, w_, cin, cout, kh, pads[0], dtype, out_dtype,
                                       has_bias=bias is not None)
-            if func is None:
-                self.funcs[key] = None
-            elif isinstance(func, Extern):
-                self.funcs[key] = func
-            else:
-                name = f"sam3_conv{kh}x{kw}_{h}x{w_}x{cin}to{cout}_{dtype}_{len(self.funcs)}"
-                func = func.with_attr("op_pattern", OPAQUE).with_attr("global_symbol", name)
-                self.funcs[key] = (self.bb.add_func(func, name), func)
+            self._register(key, func, f"sam3_conv{kh}x{kw}_{h}x{w_}x{cin}to{cout}_{dtype}")
         kern = self.funcs[key]
         if kern is None:
             return orig
@@ -208,7 +202,7 @@ class _Rewriter:
         if n is None or k is None or _static(xs[-1]) != k:
             return orig
         if len(ws) == 2:  # shared weight: all leading dims of x are rows
-            lead, m, bt, w_batched = xs[:-1], _prod(xs[:-1]), tirx.const(1, "int64"), False
+            m, bt, w_batched = _prod(xs[:-1]), tirx.const(1, "int64"), False
             out_shape = xs[:-1] + [n]
         else:
             if len(ws) != len(xs) or not all(_same(a, b) for a, b in zip(xs[:-2], ws[:-2])):
