@@ -3,13 +3,17 @@
 
     python compile.py --target T [--arch sm_80,sm_90] [--model PATH]
                       [--dtype float32|float16] [--image-size N] [--parts vision,text,detector]
-                      [--rope-mode inline|normal] [--output dist]
+                      [--rope-mode inline|normal] [--batch 1|N|any] [--no-cuda-graph]
+                      [--output dist]
     python compile.py --list-targets
 
 Targets (sam3_nn/targets.py, docs/targets.md): llvm, llvm-aarch64, llvm-macos, metal,
 metal-ios, cuda (sm_80 + sm_90 fatbin; --arch for others), cuda-sm90a, opencl.
 
 Writes ``DIR/sam3-<target>.<ext>`` and ``DIR/sam3-<target>.json`` (the manifest).
+``--batch`` (default 1) fixes the batch size the functions take; static shapes let TVM
+plan every intermediate buffer ahead of time and, on CUDA, replay each call as CUDA graphs
+(``--batch any``: one library for every batch size, without either).
 ``--model`` only decides the architecture (HF snapshot directory, config.json,
 sam3.pt or a hub id); without it the released SAM 3 architecture is used.
 """
@@ -55,6 +59,11 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--rope-mode", default=None, choices=["normal", "inline"],
                     help="ViT attention path (default: the target's, inline on GPUs)")
+    ap.add_argument("--batch", default="1",
+                    help="the batch size the library takes: an integer (default 1: static shapes, "
+                         "memory planned ahead of time, CUDA graphs on CUDA) or 'any'")
+    ap.add_argument("--no-cuda-graph", action="store_true",
+                    help="CUDA targets: launch kernels one by one instead of replaying CUDA graphs")
     ap.add_argument("--output", default="dist")
     args = ap.parse_args(argv)
 
@@ -74,6 +83,13 @@ def main(argv=None) -> int:
     except TargetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        batch = None if args.batch == "any" else int(args.batch)
+        if batch is not None and batch < 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: --batch must be a positive integer or 'any', got {args.batch!r}", file=sys.stderr)
+        return 2
     parts = tuple(p.strip() for p in args.parts.split(",")) if args.parts else PARTS
     bad = sorted(set(parts) - set(PARTS))
     if bad:
@@ -90,7 +106,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         art = build(cfg, args.target, args.dtype, args.rope_mode, args.output,
-                    log=lambda s: print(s, flush=True), parts=parts, arch=args.arch)
+                    log=lambda s: print(s, flush=True), parts=parts, arch=args.arch,
+                    batch=batch, cuda_graph=not args.no_cuda_graph)
     except TargetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

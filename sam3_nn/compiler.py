@@ -30,19 +30,22 @@ def _shape_list(shape):
     return [int(s) if isinstance(s, (int, tvm.tirx.IntImm)) else str(s) for s in shape]
 
 
-def export(cfg: Sam3Config, dtype: str, rope_mode: RopeMode, parts=PARTS, target=None):
+def export(cfg: Sam3Config, dtype: str, rope_mode: RopeMode, parts=PARTS, target=None,
+           batch: Optional[int] = None):
     """Trace the model to Relax. ``target`` (a ``tvm.target.Target``) decides which
     hand-written kernels are emitted (GPU or CPU attention schedule); None: the current
-    target, else the CPU kernels."""
+    target, else the CPU kernels. ``batch``: the one batch size the functions take, or
+    None for any (see ``Sam3Model.export_spec``)."""
     with (kernel_target(target) if target is not None else contextlib.nullcontext()):
         model = Sam3Model(cfg, rope_mode, parts)
         model.to(dtype)
-        spec = model.export_spec(dtype)
+        spec = model.export_spec(dtype, batch)
         mod, params = model.export_tvm(spec=spec)
     return model, mod, params, spec
 
 
-def manifest_for(cfg, model, mod, params, spec, dtype, target_name, rope_mode) -> Dict:
+def manifest_for(cfg, model, mod, params, spec, dtype, target_name, rope_mode,
+                 batch: Optional[int] = None) -> Dict:
     functions = {}
     outs = model.output_names()
     for fname, args in spec.items():
@@ -66,6 +69,7 @@ def manifest_for(cfg, model, mod, params, spec, dtype, target_name, rope_mode) -
         "target": target_name,
         "dtype": dtype,
         "rope_mode": rope_mode.name.lower(),
+        "batch": batch,  # null: any batch size
         "parts": list(model.parts),
         "config": cfg.to_dict(),
         "functions": functions,
@@ -94,10 +98,14 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
 def build(cfg: Sam3Config, target: str = "llvm", dtype: Optional[str] = None,
           rope_mode: Optional[str] = None, output: str = "dist",
           log: Callable[[str], None] = lambda s: None, parts=PARTS,
-          arch: Optional[str] = None) -> Dict[str, str]:
+          arch: Optional[str] = None, batch: Optional[int] = None,
+          cuda_graph: bool = True) -> Dict[str, str]:
     """Compile the model for ``target``; write ``sam3-<target>.<ext>`` and ``.json``.
 
     ``arch`` (cuda targets only): comma-separated SASS arches, e.g. ``sm_80,sm_90a``.
+    ``batch``: compile for that batch size only (static shapes: memory planned ahead of
+    time, CUDA graphs on CUDA targets); None: any batch size.
+    ``cuda_graph`` (CUDA targets): replay each call's kernel launches as CUDA graphs.
     Nothing is left in ``output`` when a step fails."""
     preset = get_preset(target, arch)
     target = preset.name
@@ -110,13 +118,16 @@ def build(cfg: Sam3Config, target: str = "llvm", dtype: Optional[str] = None,
     preset.check_tools()
     mode = ROPE_MODES[rope_mode]
     t0 = time.time()
-    log(f"[1/4] export: {target}, {dtype}, rope {rope_mode}, parts {', '.join(parts)}")
-    model, mod, params, spec = export(cfg, dtype, mode, parts, preset.tvm_target())
-    manifest = manifest_for(cfg, model, mod, params, spec, dtype, target, mode)
+    if batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"batch must be a positive integer or None (any size), got {batch!r}")
+    log(f"[1/4] export: {target}, {dtype}, rope {rope_mode}, parts {', '.join(parts)}, "
+        f"batch {batch or 'any'}")
+    model, mod, params, spec = export(cfg, dtype, mode, parts, preset.tvm_target(), batch)
+    manifest = manifest_for(cfg, model, mod, params, spec, dtype, target, mode, batch)
     t1 = time.time()
     log(f"[2/4] compile for {preset.description} ({len(params)} parameters) "
         f"[{t1 - t0:.1f} s]")
-    ex = preset.compile(mod, log)
+    ex = preset.compile(mod, log, cuda_graph=cuda_graph)
     t2 = time.time()
     kernels = device_kernels(ex.mod)
     lib_path = os.path.join(output, f"sam3-{target}.{preset.suffix}")

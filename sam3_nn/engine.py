@@ -58,8 +58,14 @@ class CompiledModel:
             raise LibraryError(f"library {library} does not exist")
         self.manifest = read_manifest(library)
         self.device = _device(device or self.manifest["target"])
-        self.vm = VirtualMachine(tvm.runtime.load_module(library), self.device)
+        self.module = tvm.runtime.load_module(library)
+        self.vm = VirtualMachine(self.module, self.device)
         self.params: List = []
+
+    def reset(self) -> None:
+        """A fresh virtual machine over the same library and weights: what the old one
+        held (its CUDA graphs and their buffers) is released with it."""
+        self.vm = VirtualMachine(self.module, self.device)
 
     @property
     def dtype(self) -> str:
@@ -90,12 +96,27 @@ class CompiledModel:
     def __call__(self, function: str, *args) -> List[np.ndarray]:
         return [o.numpy() for o in self.call_device(function, *args)]
 
+    def _check_batch(self, function: str, args) -> None:
+        """A library compiled for one batch size (``compile.py --batch N``) takes exactly
+        that many: say so, rather than TVM's shape-match error from inside the call."""
+        batch = self.manifest.get("batch")
+        if batch is None:
+            return
+        for spec, a in zip(self.manifest["functions"][function]["inputs"], args):
+            shape = getattr(a, "shape", None)
+            if spec["shape"] and shape is not None and len(shape) and int(shape[0]) != batch:
+                raise LibraryError(
+                    f"{function}: input {spec['name']} has batch {int(shape[0])}, but this library "
+                    f"was compiled for batch {batch} only (compile.py --batch {int(shape[0])}, or "
+                    f"--batch any for every size)")
+
     def call_device(self, function: str, *args) -> List:
         if function not in self.manifest["functions"]:
             raise LibraryError(f"library has no function {function!r}; it has "
                                f"{', '.join(self.manifest['functions'])}")
         if not self.params and self.manifest["params"]:
             raise LibraryError("no weights bound: call bind() first")
+        self._check_batch(function, args)
         conv = []
         for a in args:
             if isinstance(a, np.ndarray):

@@ -17,7 +17,7 @@ exported functions follow that:
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
@@ -117,29 +117,36 @@ class Sam3Model(nn.Module):
         return (_last(logits), box_cxcywh_to_xyxy(_last(boxes_all)), masks,
                 _last(presence_all), semantic)
 
-    def export_spec(self, dtype: str) -> Dict[str, Dict]:
+    def export_spec(self, dtype: str, batch: Optional[int] = None) -> Dict[str, Dict]:
+        """Input specs of the exported functions. ``batch``: None, any batch size (a
+        symbolic ``batch``); an int, that size only: every shape is then static, which lets
+        TVM plan all intermediate memory ahead of time and, on CUDA, capture the calls as
+        CUDA graphs."""
+        if batch is not None and (not isinstance(batch, int) or batch < 1):
+            raise ValueError(f"batch must be a positive int or None (any), got {batch!r}")
+        b = "batch" if batch is None else batch
         s = self.cfg.image_size
         c = self.cfg.vision.backbone.num_channels
         ctx = self.cfg.text.max_position_embeddings
         mode = {"param_mode": "packed", "effect_mode": "none"}
         spec = {
-            "encode_image": {"pixel_values": nn.spec.Tensor(["batch", c, s, s], dtype), "$": mode},
+            "encode_image": {"pixel_values": nn.spec.Tensor([b, c, s, s], dtype), "$": mode},
             "image_position_encoding": {"batch": nn.spec.Int(), "$": mode},
-            "encode_text": {"input_ids": nn.spec.Tensor(["batch", ctx], "int32"),
-                            "attention_mask": nn.spec.Tensor(["batch", ctx], "int32"), "$": mode},
+            "encode_text": {"input_ids": nn.spec.Tensor([b, ctx], "int32"),
+                            "attention_mask": nn.spec.Tensor([b, ctx], "int32"), "$": mode},
         }
         if "detector" in self.parts:
             c = self.cfg.detr_encoder.hidden_size
             n = self.max_boxes
             sizes = self.cfg.vision.level_sizes()[:3]
             spec["detect"] = {
-                **{f"fpn_hidden_states_{i}": nn.spec.Tensor(["batch", c, sz, sz], dtype)
+                **{f"fpn_hidden_states_{i}": nn.spec.Tensor([b, c, sz, sz], dtype)
                    for i, sz in enumerate(sizes)},
-                "text_features": nn.spec.Tensor(["batch", ctx, c], dtype),
-                "text_mask": nn.spec.Tensor(["batch", ctx], "int32"),
-                "boxes": nn.spec.Tensor(["batch", n, 4], "float32"),
-                "box_labels": nn.spec.Tensor(["batch", n], "int32"),
-                "box_mask": nn.spec.Tensor(["batch", n], "int32"),
+                "text_features": nn.spec.Tensor([b, ctx, c], dtype),
+                "text_mask": nn.spec.Tensor([b, ctx], "int32"),
+                "boxes": nn.spec.Tensor([b, n, 4], "float32"),
+                "box_labels": nn.spec.Tensor([b, n], "int32"),
+                "box_mask": nn.spec.Tensor([b, n], "int32"),
                 "$": mode,
             }
         return {f: spec[f] for f in self.functions()}

@@ -106,8 +106,23 @@ def _gpu_rules(target: tvm.target.Target, log: Callable[[str], None]):
             ">= 0.1.15 with apache-tvm 0.27: run `make install`); using non-tensorized "
             "matmul schedules")
         matmul = [_PlainMatmul()]
-    return matmul + [dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+    return matmul + [_SafeGEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                      dl.gpu.Fallback()]
+
+
+def _SafeGEMV():
+    """dlight's ``gpu.GEMV``; where it raises (with static shapes: "'Add' object has no
+    attribute 'value'" on a split it assumes constant), the next rule schedules the block."""
+    from tvm.s_tir import dlight as dl
+
+    class SafeGEMV(dl.gpu.GEMV):
+        def apply(self, func, target, tunable):
+            try:
+                return super().apply(func, target, tunable)
+            except Exception:  # noqa: BLE001 - a schedule error: Reduction/Fallback take it
+                return None
+
+    return SafeGEMV()
 
 
 def _SafeMatmul():
@@ -401,13 +416,19 @@ class TargetPreset:
 
                 cutlass_include()  # raises with the install hint
 
-    def compile(self, mod, log: Callable[[str], None] = lambda s: None):
+    def compile(self, mod, log: Callable[[str], None] = lambda s: None, cuda_graph: bool = True):
+        """``cuda_graph`` (CUDA): TVM's RewriteCUDAGraph lifts the statically planned
+        buffers into one allocation and each run of kernel launches on them into a CUDA
+        graph, captured at the first call and replayed after; it needs static shapes
+        (``build(batch=N)``), and leaves dynamic-shape code as it is."""
         kw = {"system_lib": True} if self.system_lib else {}
         target = self.tvm_target()
-        if self.cuda_arches:
-            with _cuda_compile_callback(self.cuda_arches, self.cuda_ptx):
-                return relax.build(mod, target=target, relax_pipeline=self.pipeline(log), **kw)
-        return relax.build(mod, target=target, relax_pipeline=self.pipeline(log), **kw)
+        config = {"relax.backend.use_cuda_graph": bool(cuda_graph and self.target["kind"] == "cuda")}
+        with tvm.transform.PassContext(config=config):
+            if self.cuda_arches:
+                with _cuda_compile_callback(self.cuda_arches, self.cuda_ptx):
+                    return relax.build(mod, target=target, relax_pipeline=self.pipeline(log), **kw)
+            return relax.build(mod, target=target, relax_pipeline=self.pipeline(log), **kw)
 
     def export(self, ex, path: str, log: Callable[[str], None] = lambda s: None,
                final_name: Optional[str] = None) -> None:

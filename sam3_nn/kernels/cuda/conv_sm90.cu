@@ -123,7 +123,7 @@ void conv(TensorView x, TensorView w, const TensorView* bias, TensorView out) {
   if (st != cutlass::Status::kSuccess)
     TVM_FFI_THROW(RuntimeError) << "CUTLASS conv cannot run " << n << "x" << h << "x" << wd << "x" << c
                                 << " -> " << k << ": " << cutlassGetStatusString(st);
-  void* ws = workspace(Op::get_workspace_size(args), dev);
+  void* ws = workspace(Op::get_workspace_size(args), dev, stream);
   st = op.initialize(args, ws, stream);
   if (st != cutlass::Status::kSuccess)
     TVM_FFI_THROW(RuntimeError) << "CUTLASS conv init failed: " << cutlassGetStatusString(st);

@@ -172,7 +172,7 @@ void run(int64_t m, int64_t n, int64_t k, const void* a, const void* w, const vo
   if (st != cutlass::Status::kSuccess)
     TVM_FFI_THROW(RuntimeError) << "CUTLASS GEMM cannot run M=" << m << " N=" << n << " K=" << k
                                 << ": " << cutlassGetStatusString(st);
-  void* ws = workspace(Op::get_workspace_size(args), device);
+  void* ws = workspace(Op::get_workspace_size(args), device, stream);
   st = op.initialize(args, ws, stream);
   if (st != cutlass::Status::kSuccess)
     TVM_FFI_THROW(RuntimeError) << "CUTLASS GEMM init failed: " << cutlassGetStatusString(st);

@@ -29,8 +29,11 @@ inline void check(const TensorView& t, const char* what) {
 }
 
 // One growing scratch buffer per device for CUTLASS's workspace (kernels on one stream
-// use it one after another). It grows a few times at most, at the start.
-inline void* workspace(size_t bytes, int device) {
+// use it one after another). A buffer that is outgrown is kept, not freed: a CUDA graph
+// captured earlier may still point at it. It cannot grow while a stream is being
+// captured (cudaMalloc is not capturable); TVM runs every function once uncaptured before
+// capturing it, so the sizes a graph needs are allocated by then.
+inline void* workspace(size_t bytes, int device, cudaStream_t stream) {
   static std::mutex mu;
   static void* bufs[64] = {};
   static size_t sizes[64] = {};
@@ -38,10 +41,17 @@ inline void* workspace(size_t bytes, int device) {
   std::lock_guard<std::mutex> lock(mu);
   if (device < 0 || device >= 64) TVM_FFI_THROW(RuntimeError) << "bad device " << device;
   if (sizes[device] < bytes) {
-    cudaDeviceSynchronize();  // earlier kernels may still read the old buffer
-    if (bufs[device]) cudaFree(bufs[device]);
-    if (cudaMalloc(&bufs[device], bytes) != cudaSuccess)
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    cudaStreamIsCapturing(stream, &capturing);
+    if (capturing != cudaStreamCaptureStatusNone)
+      TVM_FFI_THROW(RuntimeError) << "CUTLASS workspace of " << bytes
+                                  << " bytes needed while capturing a CUDA graph; run the "
+                                     "function once without capture first";
+    bytes = bytes < (size_t(4) << 20) ? (size_t(4) << 20) : bytes;  // few regrowths
+    void* buf = nullptr;
+    if (cudaMalloc(&buf, bytes) != cudaSuccess)
       TVM_FFI_THROW(RuntimeError) << "cudaMalloc of " << bytes << " bytes of CUTLASS workspace failed";
+    bufs[device] = buf;  // the old buffer stays allocated (see above)
     sizes[device] = bytes;
   }
   return bufs[device];
