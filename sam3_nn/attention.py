@@ -195,6 +195,13 @@ def qkv_window_attention(qkv: Tensor, num_heads: int, rope: AxialRope, window: i
     return attention_cuda.emit_window(qkv, num_heads, hidden // num_heads, window, grid_h, grid_w, rope)
 
 
+def _is_full_bias(bias: Tensor, batch, heads: int, nq, nk) -> bool:
+    """``bias`` is ``[B or 1, heads, Nq, Nk]`` (a per-query, per-head bias)."""
+    s = list(bias.shape)
+    return (len(s) == 4 and (_same_dim(s[0], 1) or _same_dim(s[0], batch)) and _same_dim(s[1], heads)
+            and _same_dim(s[2], nq) and _same_dim(s[3], nk))
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
               key_bias: Tensor | None = None, fused: bool | None = None) -> Tensor:
     """Multi-head attention on projected ``[B, N, hidden]`` tensors -> ``[B, Nq, hidden]``.
@@ -204,8 +211,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
     kernel (needs a kernel target in scope and no bias or such a key-padding one);
     default: on GPU targets only. On CPUs the composed path (GEMM kernels + softmax) is
     faster: DETR encoder self-attention at full size (5184 tokens, 6 layers) took 4.6 s
-    in the fused CPU kernel against ~1 s composed. Per-query / per-head biases always
-    take the composed path.
+    in the fused CPU kernel against ~1 s composed. A per-query, per-head bias
+    ``[B or 1, H, Nq, Nk]`` takes the fused CUDA kernel where it applies (fp16, head dim
+    32/64, even Nk), otherwise the composed path.
     """
     b, nq, c = q.shape
     head_dim = int(c) // num_heads
@@ -217,6 +225,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
         fused = is_gpu(target)
     if fused and target is not None and (key_bias is None or bias2d is not None):
         return fused_attention(q, k, v, num_heads, head_dim, (0, 0, 0), None, bias2d)
+    if fused and key_bias is not None and _is_full_bias(key_bias, b, num_heads, nq, k.shape[1]) \
+            and attention_cuda.supported_full_bias(target, q.dtype, head_dim, (c, k.shape[2], v.shape[2]),
+                                                   k.shape[1]):
+        return attention_cuda.emit_full_bias(q, k, v, num_heads, head_dim, key_bias)
     out = sdpa(_heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads), key_bias)
     return _merge_heads(out)
 

@@ -22,45 +22,35 @@ partition/unpartition transposes around the attention disappear.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import tvm
-from tvm import relax
 from tvm.relax.frontend.nn import Tensor, op
 
+from .kernels.switch import Switch
 from .rope import AxialRope
 
 SYMBOL = "sam3_attention_cuda"
 SYMBOL_BIAS = "sam3_attention_cuda_bias"
 SYMBOL_WINDOW = "sam3_attention_cuda_window"
-SYMBOLS = (SYMBOL, SYMBOL_BIAS, SYMBOL_WINDOW)
+SYMBOL_FULL_BIAS = "sam3_attention_cuda_full_bias"
+SYMBOLS = (SYMBOL, SYMBOL_BIAS, SYMBOL_WINDOW, SYMBOL_FULL_BIAS)
 SOURCE = "attention"  # sam3_nn/kernels/cuda/attention.cu
 HEAD_DIMS = (32, 64)
 
 # On: the CUDA build pipeline (``sam3_nn.kernels.schedule_passes``) runs attach_pass.
 # ``with attention_cuda.disabled():`` emits the TIR kernel instead (tests, benchmarks).
-ENABLED = True
-
-
-@contextlib.contextmanager
-def _set(value: bool):
-    global ENABLED
-    old, ENABLED = ENABLED, value
-    try:
-        yield
-    finally:
-        ENABLED = old
+SWITCH = Switch(True)
 
 
 def enabled():
     """Route float16 CUDA attention to the kernel meanwhile."""
-    return _set(True)
+    return SWITCH.enabled()
 
 
 def disabled():
     """Emit the TIR kernel on CUDA too meanwhile."""
-    return _set(False)
+    return SWITCH.disabled()
 
 
 def _static_multiple(x, m: int) -> bool:
@@ -70,7 +60,7 @@ def _static_multiple(x, m: int) -> bool:
 def supported(target: Optional[tvm.target.Target], dtype: str, head_dim: int, widths, offsets) -> bool:
     """Whether the CUDA kernel takes this call: CUDA target, float16, head dim 32/64, and
     16-byte aligned rows and head columns (widths and offsets multiples of 8 elements)."""
-    if not ENABLED or target is None or target.kind.name != "cuda":
+    if not SWITCH.on or target is None or target.kind.name != "cuda":
         return False
     if dtype != "float16" or head_dim not in HEAD_DIMS:
         return False
@@ -88,6 +78,25 @@ def emit(q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: int, offsets
     scalars = [int(num_heads), int(offsets[0]), int(offsets[1]), int(offsets[2]),
                int(grid_h), int(grid_w), scale, theta]
     return op.extern(SYMBOL_BIAS if key_bias is not None else SYMBOL, tensors + scalars,
+                     out=Tensor.placeholder((b, nq, num_heads * head_dim), q.dtype))
+
+
+def supported_full_bias(target: Optional[tvm.target.Target], dtype: str, head_dim: int, widths,
+                        nk) -> bool:
+    """Whether the kernel takes an attention with a full ``[B or 1, H, Nq, Nk]`` bias:
+    as :func:`supported` (offsets 0), and ``Nk`` static and even (pairs of fp16 bias
+    values are read as one aligned ``half2``)."""
+    return supported(target, dtype, head_dim, widths, (0, 0, 0)) and _static_multiple(nk, 2)
+
+
+def emit_full_bias(q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: int,
+                   bias: Tensor) -> Tensor:
+    """``call_dps_packed`` of the kernel with a full bias ``[B or 1, H, Nq, Nk]`` (read as
+    fp16) added to the scores; ``q [B, Nq, H*D]``, ``k``/``v [B, Nk, H*D]``, no RoPE."""
+    b, nq = q.shape[0], q.shape[1]
+    bias = bias if bias.dtype == "float16" else op.astype(bias, "float16")
+    scalars = [int(num_heads), 0, 0, 0]
+    return op.extern(SYMBOL_FULL_BIAS, [q, k, v, bias] + scalars,
                      out=Tensor.placeholder((b, nq, num_heads * head_dim), q.dtype))
 
 
@@ -114,25 +123,9 @@ def emit_window(qkv: Tensor, num_heads: int, head_dim: int, window: int, grid_h:
 
 def calls_kernel(mod: tvm.IRModule) -> bool:
     """Whether a Relax function of ``mod`` calls the kernel."""
-    found = []
+    from .kernels import cuda_source
 
-    def visit(e):
-        if isinstance(e, relax.ExternFunc) and e.global_symbol in SYMBOLS:
-            found.append(e)
-
-    for _, func in mod.functions.items():
-        if isinstance(func, relax.Function) and not found:
-            relax.analysis.post_order_visit(func.body, visit)
-    return bool(found)
-
-
-def _arches(target: Optional[tvm.target.Target], cuda_arches: Optional[Sequence[str]]):
-    if cuda_arches:
-        return tuple(cuda_arches)
-    arch = str(target.attrs.get("arch", "")) if target is not None else ""
-    if not arch.startswith("sm_"):
-        raise ValueError("the CUDA attention kernel needs the target's SASS arch (e.g. sm_90a)")
-    return (arch,)
+    return cuda_source.calls_extern(mod, SYMBOLS)
 
 
 def attach_pass(target: Optional[tvm.target.Target] = None,
@@ -140,15 +133,6 @@ def attach_pass(target: Optional[tvm.target.Target] = None,
                 log=lambda s: None) -> tvm.transform.Pass:
     """Module pass: compile ``attention.cu`` for ``cuda_arches`` (default: the target's arch)
     and attach the object when the module calls the kernel."""
+    from .kernels import cuda_source
 
-    @tvm.transform.module_pass(opt_level=0, name="sam3_attention_cuda_object")
-    def _attach(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if not calls_kernel(mod):
-            return mod
-        from .kernels import cuda_source
-
-        tgt = target or tvm.target.Target.current(allow_none=True)
-        obj = cuda_source.compile_object(SOURCE, _arches(tgt, cuda_arches), log=log)
-        return cuda_source.attach(mod, [obj])
-
-    return _attach
+    return cuda_source.attach_pass(SOURCE, SYMBOLS, "attention", target, cuda_arches, log)

@@ -223,14 +223,19 @@ class DetrDecoder(nn.Module):
         self.box_rpb_embed_y = DecoderMLP(2, c, cfg.num_attention_heads, 2)
 
     def box_rpb(self, boxes: Tensor, height: int, width: int) -> Tensor:
-        """Box relative position bias ``[B, heads, Q, H*W]`` (float32) for boxes ``[B, Q, 4]``."""
+        """Box relative position bias ``[B, heads, Q, H*W]`` (the model's dtype) for boxes
+        ``[B, Q, 4]``. Kept in that dtype: the fused CUDA attention reads it as fp16, the
+        composed path casts it to float32 (its value is the same: computed in that dtype)."""
         b, q = boxes.shape[0], boxes.shape[1]
         heads = self.cfg.num_attention_heads
         dx = self.box_rpb_embed_x(box_log_deltas(boxes, width, "x"))  # b, q, w, heads
         dy = self.box_rpb_embed_y(box_log_deltas(boxes, height, "y"))  # b, q, h, heads
-        rpb = op.unsqueeze(dy, 3) + op.unsqueeze(dx, 2)  # b, q, h, w, heads
-        rpb = op.reshape(rpb, [b, q, height * width, heads])
-        return op.astype(op.permute_dims(rpb, [0, 3, 1, 2]), "float32")
+        # heads first on the small factors, so the [b, heads, q, h, w] sum is written in
+        # order (no transpose of the 16 MB result)
+        dx = op.permute_dims(dx, [0, 3, 1, 2])  # b, heads, q, w
+        dy = op.permute_dims(dy, [0, 3, 1, 2])  # b, heads, q, h
+        rpb = op.unsqueeze(dy, 4) + op.unsqueeze(dx, 3)  # b, heads, q, h, w
+        return op.reshape(rpb, [b, heads, q, height * width])
 
     def forward(self, vision_features: Tensor, vision_pos_encoding: Tensor, text_features: Tensor,
                 text_mask: Optional[Tensor], spatial_shape: Tuple[int, int]):
@@ -256,7 +261,7 @@ class DetrDecoder(nn.Module):
         text_bias = key_padding_bias(text_mask) if text_mask is not None else None
         vision_key = vision_features + vision_pos_encoding
         zero_pos = op.zeros([b, 1, c], dtype)
-        zero_rpb = op.zeros([b, cfg.num_attention_heads, 1, height * width], "float32")
+        zero_rpb = op.zeros([b, cfg.num_attention_heads, 1, height * width], dtype)
 
         hidden, refs, preds, presence_logits = [], [], [], []
         for layer in self.layers:

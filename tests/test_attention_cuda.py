@@ -34,13 +34,18 @@ class Mod(nn.Module):
     def masked(self, q, k, v, bias):
         return attention(q, k, v, 8, bias)
 
+    def full(self, q, k, v, bias):
+        return attention(q, k, v, 8, bias)
+
 
 def _spec(dtype, hidden=1024):
     t = lambda *s, d=dtype: nn.spec.Tensor(list(s), d)
     return {"inline": {"qkv": t("b", 576, 3 * hidden)},
             "none": {"qkv": t("b", 576, 3 * hidden)},
             "masked": {"q": t(1, "nq", 256), "k": t(1, "nk", 256), "v": t(1, "nk", 256),
-                       "bias": t(1, 1, 1, "nk", d="float32")}}
+                       "bias": t(1, 1, 1, "nk", d="float32")},
+            "full": {"q": t(1, 201, 256), "k": t(1, 5184, 256), "v": t(1, 5184, 256),
+                     "bias": t(1, 8, 201, 5184)}}
 
 
 def _export(dtype, module=None, hidden=1024, target=CUDA, route=True):
@@ -60,6 +65,17 @@ def test_fp16_on_cuda_calls_the_cuda_kernel():
     assert attention_cuda.calls_kernel(mod)
 
 
+def test_full_bias_takes_the_cuda_kernel_on_cuda_only():
+    """A per-query, per-head bias (the DETR decoder's box RPB) goes to the kernel's full-bias
+    entry on CUDA fp16 (read as fp16, no score matrix); elsewhere the composed path."""
+    full = _export("float16")["full"].script()
+    assert 'call_dps_packed("sam3_attention_cuda_full_bias", (q, k, v, bias, 8, 0, 0, 0)' in full
+    assert "softmax" not in full and "matmul" not in full
+    for dtype, target in (("float32", CUDA), ("float16", {"kind": "metal"}), ("float16", "llvm")):
+        s = _export(dtype, target=target)["full"].script()
+        assert "sam3_attention_cuda" not in s and "softmax" in s, (dtype, target)
+
+
 def test_other_cases_keep_the_tir_kernel():
     # float32 on CUDA, head dim 128 on CUDA, float16 on Metal, float16 on llvm
     cases = [("float32", None, 1024, CUDA),
@@ -76,7 +92,7 @@ def test_other_cases_keep_the_tir_kernel():
     # on by default: every CUDA build pipeline runs attach_pass
     with kernel_target(CUDA):
         mod, _ = Mod().export_tvm(spec=_spec("float16"))
-    assert attention_cuda.ENABLED and attention_cuda.calls_kernel(mod)
+    assert attention_cuda.SWITCH.on and attention_cuda.calls_kernel(mod)
 
 
 class Windowed(nn.Module):
@@ -160,7 +176,7 @@ def test_cuda_library_links_the_kernel(tmp_path):
     ex.export_library(lib, fcompile=cuda_source.fcompile_with_cudart())
     syms = subprocess.run(["nm", "-D", lib], capture_output=True, text=True).stdout
     for s in ("__tvm_ffi_sam3_attention_cuda", "__tvm_ffi_sam3_attention_cuda_bias",
-              "__tvm_ffi_sam3_attention_cuda_window"):
+              "__tvm_ffi_sam3_attention_cuda_window", "__tvm_ffi_sam3_attention_cuda_full_bias"):
         assert s in syms, s
     ldd = subprocess.run(["ldd", lib], capture_output=True, text=True).stdout
     assert "libcudart" not in ldd  # the CUDA runtime is linked statically

@@ -52,7 +52,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Union
 
 import tvm
 from tvm import relax
@@ -269,3 +269,46 @@ def fcompile_with_cudart(base=None):
         return base(output, list(objects) + link_objects(), **kw)
 
     return fcompile
+
+
+def calls_extern(mod: tvm.IRModule, symbols: Sequence[str]) -> bool:
+    """Whether a Relax function of ``mod`` calls one of ``symbols``."""
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.ExternFunc) and e.global_symbol in symbols:
+            found.append(e)
+
+    for _, func in mod.functions.items():
+        if isinstance(func, relax.Function) and not found:
+            relax.analysis.post_order_visit(func.body, visit)
+    return bool(found)
+
+
+def sass_arches(target: Optional[tvm.target.Target], cuda_arches: Optional[Sequence[str]],
+                what: str) -> tuple:
+    """The SASS arches to compile ``what`` for: ``cuda_arches`` (a preset's), else the
+    target's own arch."""
+    if cuda_arches:
+        return tuple(cuda_arches)
+    arch = str(target.attrs.get("arch", "")) if target is not None else ""
+    if not arch.startswith("sm_"):
+        raise ValueError(f"the CUDA {what} kernel needs the target's SASS arch (e.g. sm_90a)")
+    return (arch,)
+
+
+def attach_pass(source: str, symbols: Sequence[str], what: str,
+                target: Optional[tvm.target.Target] = None,
+                cuda_arches: Optional[Sequence[str]] = None, log=lambda s: None) -> tvm.transform.Pass:
+    """Module pass: compile ``cuda/<source>.cu`` for ``cuda_arches`` (default: the target's
+    arch) and attach the object when the module calls one of ``symbols``; cheap otherwise.
+    It has to run in the CUDA pipeline before the build."""
+
+    @tvm.transform.module_pass(opt_level=0, name=f"sam3_{source}_cuda_object")
+    def _attach(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if not calls_extern(mod, symbols):
+            return mod
+        tgt = target or tvm.target.Target.current(allow_none=True)
+        return attach(mod, [compile_object(source, sass_arches(tgt, cuda_arches, what), log=log)])
+
+    return _attach

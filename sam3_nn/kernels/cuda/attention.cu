@@ -24,6 +24,9 @@
 // * bias (optional): additive float32 key bias [Bb, Nk] (Bb = B, or 1 with batch stride 0),
 //   clamped below at -1e30 so that even -inf stays finite (a fully masked row gives a uniform
 //   softmax, as the TIR kernels do).
+// * full bias (optional, mma.sync kernels): additive fp16 [Bb, H, Nq, Nk] (the DETR decoder's
+//   box relative position bias), read straight from global memory into the score fragments
+//   (two adjacent keys per load, so Nk must be even); it can be combined with the key bias.
 // * window mode (ViT windowed blocks): the batch index is (image, window) and the rows of a
 //   window are gathered from / scattered to the unpartitioned [images, img_h * img_w, W]
 //   token rows (token i of window (wy, wx) is row (wy*ws + i/ws) * img_w + wx*ws + i%ws), so
@@ -44,6 +47,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include <mutex>
+
 namespace sam3_attn {
 // Internal linkage for everything but the C launchers and the tvm-ffi entry points: the
 // function-local statics below (launch's `configured`, wgmma_available's `state`) would
@@ -62,8 +67,15 @@ struct Params {
   const half* k;
   const half* v;
   const float* bias;
+  const half* fbias;  // full bias [Bb, heads, nq, nk] fp16 (mma.sync kernels, BIAS), or null
   half* out;
   int64_t q_bs, q_rs, k_bs, k_rs, v_bs, v_rs, o_bs, o_rs, bias_bs;  // strides in elements
+  int64_t fb_bs, fb_hs;                                             // full bias: batch, head
+  // key split (mma.sync kernels, plain mode): blockIdx.z = batch * splits + split; split s
+  // takes key tiles [s * split_tiles, (s + 1) * split_tiles) and writes its unnormalised
+  // output and (log2-domain max, sum) per row to `part`; combine_splits merges them
+  int splits, split_tiles;
+  float* part;  // [batch, heads, splits, nq, D + 2] fp32
   int q_off, k_off, v_off;                                          // column of head 0
   int batch, heads, nq, nk;
   int grid_h, grid_w;  // RoPE grid (grid_w > 0 when rotating)
@@ -113,6 +125,7 @@ struct BlockInputs {
   const half* k;
   const half* v;
   const float* bias;
+  const half* fbias;  // this (batch, head)'s [nq, nk] full bias, or null
   RowMap rm;
 };
 
@@ -121,7 +134,8 @@ __device__ __forceinline__ BlockInputs block_inputs(const Params& p, int b, int 
   return BlockInputs{p.q + batch_offset(p, b, p.q_bs, p.q_rs) + p.q_off + h * D,
                      p.k + batch_offset(p, b, p.k_bs, p.k_rs) + p.k_off + h * D,
                      p.v + batch_offset(p, b, p.v_bs, p.v_rs) + p.v_off + h * D,
-                     BIAS ? p.bias + b * p.bias_bs : nullptr, row_map(p)};
+                     BIAS && p.bias ? p.bias + b * p.bias_bs : nullptr,
+                     BIAS && p.fbias ? p.fbias + b * p.fb_bs + h * p.fb_hs : nullptr, row_map(p)};
 }
 
 // Why the last launcher call on this thread failed (for the tvm-ffi error message).
@@ -328,25 +342,31 @@ __global__ void __launch_bounds__(NW * 32)
   const int warp = tid >> 5, lane = tid & 31;
   const int q0 = blockIdx.x * BM;
   const int h = blockIdx.y;
-  const int b = blockIdx.z;
+  const int split = p.splits > 1 ? int(blockIdx.z) % p.splits : 0;
+  const int b = p.splits > 1 ? int(blockIdx.z) / p.splits : int(blockIdx.z);
 
   const BlockInputs in = block_inputs<D, BIAS>(p, b, h);
   const half *gq = in.q, *gk = in.k, *gv = in.v;
   const float* gbias = in.bias;
+  const half* gfb = in.fbias;
   const RowMap rm = in.rm;
   const int nk = p.nk, nq = p.nq;
-  const int ntiles = (nk + BN - 1) / BN;
+  const int all_tiles = (nk + BN - 1) / BN;
+  const int j_begin = p.splits > 1 ? split * p.split_tiles : 0;
+  const int ntiles = p.splits > 1 ? min(all_tiles, j_begin + p.split_tiles) - j_begin : all_tiles;
+  const int kv_start = j_begin * BN;
 
   // q tile and the first k/v tile start copying before the rotation table is built
   load_tile<D, BM, NT>(sQ, gq, p.q_rs, q0, nq, tid, rm);
-  load_tile<D, BN, NT>(sK, gk, p.k_rs, 0, nk, tid, rm);
-  load_tile<D, BN, NT>(sV, gv, p.v_rs, 0, nk, tid, rm);
+  load_tile<D, BN, NT>(sK, gk, p.k_rs, kv_start, nk, tid, rm);
+  load_tile<D, BN, NT>(sV, gv, p.v_rs, kv_start, nk, tid, rm);
   cp_async_commit();
 
   float bias_next = 0.f;
   if constexpr (BIAS) {
     if (tid < BN) {
-      bias_next = tid < nk ? fmaxf(gbias[tid], kBiasFloor) * kLog2e : kNegTail;
+      const int key = kv_start + tid;
+      bias_next = key < nk ? (gbias ? fmaxf(gbias[key], kBiasFloor) * kLog2e : 0.f) : kNegTail;
     }
   }
   if constexpr (ROPE) build_rope_table<D, NT>(p, sTab, nullptr, tid);
@@ -357,7 +377,7 @@ __global__ void __launch_bounds__(NW * 32)
   if constexpr (ROPE) {
     __syncthreads();  // the table
     rope_tile<D, BM, NT>(sQ, q0, nq, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
-    rope_tile<D, BN, NT>(sK, 0, nk, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
+    rope_tile<D, BN, NT>(sK, kv_start, nk, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
   }
   __syncthreads();
 
@@ -392,10 +412,10 @@ __global__ void __launch_bounds__(NW * 32)
   // log2-domain logits first (scale 1 afterwards)
   const float sc = BIAS ? 1.f : p.scale_log2;
 
-  for (int j = 0; j < ntiles; ++j) {
-    const int st = j & 1;
-    const int kv0 = j * BN;
-    const bool has_next = j + 1 < ntiles;
+  for (int jj = 0; jj < ntiles; ++jj) {
+    const int st = jj & 1;
+    const int kv0 = (j_begin + jj) * BN;
+    const bool has_next = jj + 1 < ntiles;
     if (has_next) {
       const int kv1 = kv0 + BN;
       load_tile<D, BN, NT>(sK + (st ^ 1) * BN * D, gk, p.k_rs, kv1, nk, tid, rm);
@@ -404,7 +424,7 @@ __global__ void __launch_bounds__(NW * 32)
       if constexpr (BIAS) {
         if (tid < BN) {
           const int key = kv1 + tid;
-          bias_next = key < nk ? fmaxf(gbias[key], kBiasFloor) * kLog2e : kNegTail;
+          bias_next = key < nk ? (gbias ? fmaxf(gbias[key], kBiasFloor) * kLog2e : 0.f) : kNegTail;
         }
       }
     }
@@ -448,6 +468,26 @@ __global__ void __launch_bounds__(NW * 32)
           s[mt][n][1] = fmaf(s[mt][n][1], p.scale_log2, bb.y);
           s[mt][n][2] = fmaf(s[mt][n][2], p.scale_log2, bb.x);
           s[mt][n][3] = fmaf(s[mt][n][3], p.scale_log2, bb.y);
+        }
+      }
+      if (gfb != nullptr) {  // full bias: nk even, so a pair of columns is one aligned half2
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const int row = q0 + warp * 16 * MT + mt * 16 + (lane >> 2) + hr * 8;
+            if (row >= nq) continue;
+            const half* rp = gfb + int64_t(row) * nk;
+#pragma unroll
+            for (int n = 0; n < NS; ++n) {
+              const int col = col_base + n * 8;
+              if (col < nk) {
+                const float2 f = __half22float2(*reinterpret_cast<const __half2*>(rp + col));
+                s[mt][n][2 * hr] = fmaf(f.x, kLog2e, s[mt][n][2 * hr]);
+                s[mt][n][2 * hr + 1] = fmaf(f.y, kLog2e, s[mt][n][2 * hr + 1]);
+              }
+            }
+          }
         }
       }
     }
@@ -523,6 +563,27 @@ __global__ void __launch_bounds__(NW * 32)
       }
     }
     __syncthreads();
+  }
+
+  if (p.splits > 1) {  // ---- key split: this split's unnormalised rows, max and sum
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float l = l_run[mt][hr];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int row = q0 + warp * 16 * MT + mt * 16 + (lane >> 2) + hr * 8;
+        if (row >= nq) continue;
+        float* dst = p.part + ((int64_t(b * p.heads + h) * p.splits + split) * nq + row) * (D + 2);
+#pragma unroll
+        for (int d = 0; d < DS; ++d)
+          *reinterpret_cast<float2*>(dst + d * 8 + 2 * (lane & 3)) =
+              make_float2(o[mt][d][2 * hr], o[mt][d][2 * hr + 1]);
+        if ((lane & 3) == 0) *reinterpret_cast<float2*>(dst + D) = make_float2(m_run[mt][hr] * sc, l);
+      }
+    }
+    return;
   }
 
   // ---- normalise, stage through this warp's rows of sQ, 16-byte stores
@@ -676,7 +737,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
   const bool rope_half = ROPE && p.rope_half;
 
   auto bias_val = [&](int key) {
-    return key < nk ? fmaxf(gbias[key], kBiasFloor) * kLog2e : kNegTail;
+    return key < nk ? (gbias ? fmaxf(gbias[key], kBiasFloor) * kLog2e : 0.f) : kNegTail;
   };
   auto rope_k = [&](int tile) {
     half* dst = sK + (tile % ST) * TILE;
@@ -870,6 +931,33 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
 #endif
 }
 
+// Merge the key splits of attention_kernel: one warp per (row, head, batch entry), lane c
+// holding columns c, c + 32, ... of the head: out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s.
+template <int D>
+__global__ void __launch_bounds__(128) combine_splits(const Params p) {
+  const int row = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  const int h = blockIdx.y, b = blockIdx.z;
+  if (row >= p.nq) return;
+  const float* src = p.part + (int64_t(b * p.heads + h) * p.splits * p.nq + row) * (D + 2);
+  const int64_t step = int64_t(p.nq) * (D + 2);  // one split further
+  float mx = kNegInit;
+  for (int s = 0; s < p.splits; ++s) mx = fmaxf(mx, src[s * step + D]);
+  float l = 0.f, acc[D / 32];
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) acc[i] = 0.f;
+  for (int s = 0; s < p.splits; ++s) {
+    const float* ps = src + s * step;
+    const float w = fast_exp2(ps[D] - mx);
+    l = fmaf(w, ps[D + 1], l);
+#pragma unroll
+    for (int i = 0; i < D / 32; ++i) acc[i] = fmaf(w, ps[lane + 32 * i], acc[i]);
+  }
+  const float inv = 1.f / l;
+  half* go = p.out + int64_t(b) * p.o_bs + int64_t(row) * p.o_rs + h * D;
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) go[lane + 32 * i] = __float2half_rn(acc[i] * inv);
+}
+
 // ---------------------------------------------------------------- launch
 
 template <int D, int NW, int MT, int BN, bool ROPE, bool BIAS>
@@ -884,8 +972,9 @@ cudaError_t launch(const Params& p, cudaStream_t stream) {
     if (err != cudaSuccess) return fail("cudaFuncSetAttribute(max dynamic shared memory)", err);
     configured = smem;
   }
-  dim3 grid((p.nq + C::BM - 1) / C::BM, p.heads, p.batch);
+  dim3 grid((p.nq + C::BM - 1) / C::BM, p.heads, p.batch * (p.splits > 1 ? p.splits : 1));
   kern<<<grid, C::NT, smem, stream>>>(p);
+  if (p.splits > 1) combine_splits<D><<<dim3((p.nq + 3) / 4, p.heads, p.batch), 128, 0, stream>>>(p);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? err : fail("kernel launch", err);
 }
@@ -954,28 +1043,170 @@ cudaError_t dispatch_cfg(const Params& p, int config, cudaStream_t stream) {
   }
 }
 
+// Scratch for the key splits' partial results, one growing buffer per device. An
+// outgrown buffer is kept (a CUDA graph captured earlier may point at it); it cannot grow
+// while the stream is being captured (TVM runs every function once before capturing it).
+inline float* split_workspace(size_t bytes, cudaStream_t stream) {
+  static std::mutex mu;
+  static float* bufs[64] = {};
+  static size_t sizes[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return nullptr;
+  std::lock_guard<std::mutex> lock(mu);
+  if (sizes[dev] < bytes) {
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    cudaStreamIsCapturing(stream, &capturing);
+    if (capturing != cudaStreamCaptureStatusNone) return nullptr;
+    void* buf = nullptr;
+    if (cudaMalloc(&buf, bytes) != cudaSuccess) return nullptr;
+    bufs[dev] = static_cast<float*>(buf);
+    sizes[dev] = bytes;
+  }
+  return bufs[dev];
+}
+
+// Rows per block of the mma.sync configurations 1..5 (dispatch_cfg).
+inline int config_rows(int config) {
+  static const int rows[] = {0, 128, 96, 64, 64, 32};
+  return config >= 1 && config <= 5 ? rows[config] : 0;
+}
+
+inline int sm_count() {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0)
+    return v;
+  return 132;
+}
+
 // Automatic choice: padding of the last query tile against filling the multiprocessors
 // (blocks resident per SM: 2 for the 128-row tiles, 4 for the 64/32-row ones).
-inline int auto_config(const Params& p, int head_dim) {
-  int sms = 132;
-  int dev = 0;
-  if (cudaGetDevice(&dev) == cudaSuccess) {
-    int v = 0;
-    if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0) sms = v;
-  }
+inline int auto_config(const Params& p, int head_dim, bool wgmma_ok = true) {
+  const int sms = sm_count();
   const long long bh = (long long)p.batch * p.heads;
   auto cost = [&](int bm, int resident, double penalty) {
     const long long tiles = (p.nq + bm - 1) / bm;
     const double fill = double(tiles * bh) / double(resident * sms);
     return double(tiles * bm) / p.nq / (fill < 1.0 ? fill : 1.0) * penalty;
   };
-  if (head_dim == 64 && wgmma_available()) return cost(128, 2, 1.0) <= cost(64, 4, 1.25) ? 6 : 7;
+  if (head_dim == 64 && wgmma_ok && wgmma_available()) return cost(128, 2, 1.0) <= cost(64, 4, 1.25) ? 6 : 7;
   // mma.sync: 4 warps x 32 rows when the grid is large; smaller tiles for short query sets
   const double c1 = cost(128, 2, 1.0), c4 = cost(64, 3, 1.15), c5 = cost(32, 4, 1.2);
   if (c1 <= c4 && c1 <= c5) return 1;
   return c4 <= c5 ? 4 : 5;
 }
 
+}  // namespace
+}  // namespace sam3_attn
+
+namespace sam3_attn {
+namespace {
+// The launcher behind the C entry points: their arguments plus the full bias (fp16
+// [Bb, heads, nq, nk] rows contiguous, batch/head strides in elements; null: none), which
+// the mma.sync kernels read (head dim 32, or 64 without wgmma) and which needs nk even.
+int launch_all(const void* q, const void* k, const void* v, const void* bias, const void* fbias,
+               void* out, long long q_batch_stride, long long q_row_stride, int q_offset,
+               long long k_batch_stride, long long k_row_stride, int k_offset,
+               long long v_batch_stride, long long v_row_stride, int v_offset,
+               long long out_batch_stride, long long out_row_stride, long long bias_batch_stride,
+               long long fb_batch_stride, long long fb_head_stride, int batch, int heads,
+               int head_dim, int nq, int nk, int grid_h, int grid_w, float rope_scale,
+               float rope_theta, int window, int img_h, int img_w, int config, cudaStream_t stream) {
+  last_failure() = "";
+  if (batch <= 0 || heads <= 0 || nq <= 0) return 0;
+  if (nk <= 0 || (head_dim != 32 && head_dim != 64)) return fail("empty keys or head dim not 32/64");
+  int nwin = 0, nw = 0;
+  if (window > 0) {
+    if (img_h <= 0 || img_w <= 0 || img_h % window || img_w % window || bias != nullptr ||
+        fbias != nullptr || (long long)window * window != nq || nq != nk)
+      return fail("window mode: grid not a multiple of the window, bias, or nq/nk != window^2");
+    if (window > 255) return fail("window mode: window over 255 tokens a side");
+    nw = img_w / window;
+    nwin = (img_h / window) * nw;
+    if ((long long)batch * nwin > 65535) return fail("window mode: more than 65535 windows");
+    batch *= nwin;  // one batch entry per window from here on
+  }
+  auto m8 = [](long long x) { return x % 8 == 0; };
+  if (!m8(q_batch_stride) || !m8(q_row_stride) || !m8(q_offset) || !m8(k_batch_stride) ||
+      !m8(k_row_stride) || !m8(k_offset) || !m8(v_batch_stride) || !m8(v_row_stride) ||
+      !m8(v_offset) || !m8(out_batch_stride) || !m8(out_row_stride))
+    return fail("strides/offsets not multiples of 8 elements");
+  auto a16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
+  if (!a16(q) || !a16(k) || !a16(v) || !a16(out)) return fail("pointers not 16-byte aligned");
+  const bool rope = grid_w > 0;
+  if (rope && (grid_h <= 0 || (long long)grid_h * grid_w < nq || (long long)grid_h * grid_w < nk))
+    return fail("RoPE grid smaller than the sequence");
+  if (batch > 65535 || heads > 65535) return fail("batch or heads over 65535");
+  if (fbias != nullptr && ((reinterpret_cast<uintptr_t>(fbias) & 3) || nk % 2 || fb_head_stride % 2 ||
+                           fb_batch_stride % 2))
+    return fail("full bias: nk and strides must be even, the pointer 4-byte aligned");
+
+  Params p;
+  p.q = static_cast<const half*>(q);
+  p.k = static_cast<const half*>(k);
+  p.v = static_cast<const half*>(v);
+  p.bias = static_cast<const float*>(bias);
+  p.fbias = static_cast<const half*>(fbias);
+  p.fb_bs = fb_batch_stride;
+  p.fb_hs = fb_head_stride;
+  p.out = static_cast<half*>(out);
+  p.q_bs = q_batch_stride; p.q_rs = q_row_stride; p.q_off = q_offset;
+  p.k_bs = k_batch_stride; p.k_rs = k_row_stride; p.k_off = k_offset;
+  p.v_bs = v_batch_stride; p.v_rs = v_row_stride; p.v_off = v_offset;
+  p.o_bs = out_batch_stride; p.o_rs = out_row_stride;
+  p.bias_bs = bias_batch_stride;
+  p.batch = batch; p.heads = heads; p.nq = nq; p.nk = nk;
+  p.grid_h = rope ? grid_h : 0;
+  p.grid_w = rope ? grid_w : 0;
+  p.rope_scale = rope_scale;
+  p.rope_theta = rope_theta;
+  p.inv_grid_w = rope ? 1.0f / float(grid_w) : 0.f;
+  p.scale_log2 = kLog2e / sqrtf(float(head_dim));
+  p.win = window > 0 ? window : 0;
+  p.win_nw = nw;
+  p.win_nwin = nwin;
+  p.win_w = window > 0 ? img_w : 0;
+  // window 1: magic 2^32 - 1 is exact for the only row (0)
+  p.win_magic = window > 0 ? uint32_t(((1ull << 32) + window - 1) / window - (window == 1 ? 1 : 0)) : 0u;
+  p.win_skip = window > 0 ? img_w - window : 0;
+  if (config <= 0) config = auto_config(p, head_dim, fbias == nullptr);
+  if (fbias != nullptr && config >= 6) return fail("full bias with a wgmma configuration");
+  // a full-bias call has few query rows and many keys (201 x 5184 in the DETR decoder): split
+  // the keys over blocks until every multiprocessor has about four, at least 4 key tiles each
+  p.splits = 0;
+  p.split_tiles = 0;
+  p.part = nullptr;
+  if (fbias != nullptr && window <= 0) {
+    const int bm = config_rows(config), sms = sm_count(), tiles = (nk + 63) / 64;
+    const long long blocks = (long long)((nq + bm - 1) / bm) * heads * batch;
+    long long want = (4LL * sms + blocks - 1) / blocks;
+    if (want > tiles / 4) want = tiles / 4;
+    if (bm > 0 && blocks < 2LL * sms && want > 1) {
+      p.split_tiles = int((tiles + want - 1) / want);
+      p.splits = (tiles + p.split_tiles - 1) / p.split_tiles;
+      if ((long long)batch * p.splits > 65535) return fail("key split: batch x splits over 65535");
+      p.part = split_workspace(sizeof(float) * size_t(batch) * heads * p.splits * nq * (head_dim + 2),
+                               stream);
+      if (p.part == nullptr) return fail("key split: no scratch memory (or growing it during capture)");
+    }
+  }
+  p.rope_half = config >= 8 ? 1 : 0;
+
+  const bool has_bias = bias != nullptr || fbias != nullptr;
+  cudaError_t err;
+  if (head_dim == 64) {
+    if (rope) err = has_bias ? dispatch_cfg<64, true, true>(p, config, stream)
+                             : dispatch_cfg<64, true, false>(p, config, stream);
+    else err = has_bias ? dispatch_cfg<64, false, true>(p, config, stream)
+                        : dispatch_cfg<64, false, false>(p, config, stream);
+  } else {
+    if (rope) err = has_bias ? dispatch_cfg<32, true, true>(p, config, stream)
+                             : dispatch_cfg<32, true, false>(p, config, stream);
+    else err = has_bias ? dispatch_cfg<32, false, true>(p, config, stream)
+                        : dispatch_cfg<32, false, false>(p, config, stream);
+  }
+  return static_cast<int>(err);
+}
 }  // namespace
 }  // namespace sam3_attn
 
@@ -1003,75 +1234,11 @@ int sam3_attention_fp16_window(const void* q, const void* k, const void* v, cons
                                int nq, int nk, int grid_h, int grid_w, float rope_scale,
                                float rope_theta, int window, int img_h, int img_w, int config,
                                cudaStream_t stream) {
-  using namespace sam3_attn;
-  last_failure() = "";
-  if (batch <= 0 || heads <= 0 || nq <= 0) return 0;
-  if (nk <= 0 || (head_dim != 32 && head_dim != 64)) return fail("empty keys or head dim not 32/64");
-  int nwin = 0, nw = 0;
-  if (window > 0) {
-    if (img_h <= 0 || img_w <= 0 || img_h % window || img_w % window || bias != nullptr ||
-        (long long)window * window != nq || nq != nk)
-      return fail("window mode: grid not a multiple of the window, bias, or nq/nk != window^2");
-    if (window > 255) return fail("window mode: window over 255 tokens a side");
-    nw = img_w / window;
-    nwin = (img_h / window) * nw;
-    if ((long long)batch * nwin > 65535) return fail("window mode: more than 65535 windows");
-    batch *= nwin;  // one batch entry per window from here on
-  }
-  auto m8 = [](long long x) { return x % 8 == 0; };
-  if (!m8(q_batch_stride) || !m8(q_row_stride) || !m8(q_offset) || !m8(k_batch_stride) ||
-      !m8(k_row_stride) || !m8(k_offset) || !m8(v_batch_stride) || !m8(v_row_stride) ||
-      !m8(v_offset) || !m8(out_batch_stride) || !m8(out_row_stride))
-    return fail("strides/offsets not multiples of 8 elements");
-  auto a16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
-  if (!a16(q) || !a16(k) || !a16(v) || !a16(out)) return fail("pointers not 16-byte aligned");
-  const bool rope = grid_w > 0;
-  if (rope && (grid_h <= 0 || (long long)grid_h * grid_w < nq || (long long)grid_h * grid_w < nk))
-    return fail("RoPE grid smaller than the sequence");
-  if (batch > 65535 || heads > 65535) return fail("batch or heads over 65535");
-
-  Params p;
-  p.q = static_cast<const half*>(q);
-  p.k = static_cast<const half*>(k);
-  p.v = static_cast<const half*>(v);
-  p.bias = static_cast<const float*>(bias);
-  p.out = static_cast<half*>(out);
-  p.q_bs = q_batch_stride; p.q_rs = q_row_stride; p.q_off = q_offset;
-  p.k_bs = k_batch_stride; p.k_rs = k_row_stride; p.k_off = k_offset;
-  p.v_bs = v_batch_stride; p.v_rs = v_row_stride; p.v_off = v_offset;
-  p.o_bs = out_batch_stride; p.o_rs = out_row_stride;
-  p.bias_bs = bias_batch_stride;
-  p.batch = batch; p.heads = heads; p.nq = nq; p.nk = nk;
-  p.grid_h = rope ? grid_h : 0;
-  p.grid_w = rope ? grid_w : 0;
-  p.rope_scale = rope_scale;
-  p.rope_theta = rope_theta;
-  p.inv_grid_w = rope ? 1.0f / float(grid_w) : 0.f;
-  p.scale_log2 = kLog2e / sqrtf(float(head_dim));
-  p.win = window > 0 ? window : 0;
-  p.win_nw = nw;
-  p.win_nwin = nwin;
-  p.win_w = window > 0 ? img_w : 0;
-  // window 1: magic 2^32 - 1 is exact for the only row (0)
-  p.win_magic = window > 0 ? uint32_t(((1ull << 32) + window - 1) / window - (window == 1 ? 1 : 0)) : 0u;
-  p.win_skip = window > 0 ? img_w - window : 0;
-  if (config <= 0) config = auto_config(p, head_dim);
-  p.rope_half = config >= 8 ? 1 : 0;
-
-  const bool has_bias = bias != nullptr;
-  cudaError_t err;
-  if (head_dim == 64) {
-    if (rope) err = has_bias ? dispatch_cfg<64, true, true>(p, config, stream)
-                             : dispatch_cfg<64, true, false>(p, config, stream);
-    else err = has_bias ? dispatch_cfg<64, false, true>(p, config, stream)
-                        : dispatch_cfg<64, false, false>(p, config, stream);
-  } else {
-    if (rope) err = has_bias ? dispatch_cfg<32, true, true>(p, config, stream)
-                             : dispatch_cfg<32, true, false>(p, config, stream);
-    else err = has_bias ? dispatch_cfg<32, false, true>(p, config, stream)
-                        : dispatch_cfg<32, false, false>(p, config, stream);
-  }
-  return static_cast<int>(err);
+  return sam3_attn::launch_all(q, k, v, bias, nullptr, out, q_batch_stride, q_row_stride, q_offset,
+                               k_batch_stride, k_row_stride, k_offset, v_batch_stride, v_row_stride,
+                               v_offset, out_batch_stride, out_row_stride, bias_batch_stride, 0, 0,
+                               batch, heads, head_dim, nq, nk, grid_h, grid_w, rope_scale,
+                               rope_theta, window, img_h, img_w, config, stream);
 }
 
 int sam3_attention_fp16(const void* q, const void* k, const void* v, const void* bias, void* out,
@@ -1130,9 +1297,9 @@ inline void check(const TensorView& t, const char* what, int bits, int ndim) {
     TVM_FFI_THROW(ValueError) << "sam3 attention: " << what << " must be contiguous";
 }
 
-void run(TensorView q, TensorView k, TensorView v, const TensorView* bias, int64_t heads,
-         int64_t q_off, int64_t k_off, int64_t v_off, int64_t grid_h, int64_t grid_w,
-         double rope_scale, double rope_theta, TensorView out) {
+void run(TensorView q, TensorView k, TensorView v, const TensorView* bias, const TensorView* fbias,
+         int64_t heads, int64_t q_off, int64_t k_off, int64_t v_off, int64_t grid_h,
+         int64_t grid_w, double rope_scale, double rope_theta, TensorView out) {
   check(q, "q", 16, 3);
   check(k, "k", 16, 3);
   check(v, "v", 16, 3);
@@ -1159,13 +1326,25 @@ void run(TensorView q, TensorView k, TensorView v, const TensorView* bias, int64
     bp = static_cast<const float*>(data_of(*bias));
     bias_bs = bb == 1 ? 0 : nk;
   }
+  const void* fp = nullptr;
+  int64_t fb_bs = 0;
+  if (fbias != nullptr) {
+    check(*fbias, "full bias", 16, 4);
+    const int64_t bb = fbias->shape()[0];
+    if ((bb != 1 && bb != b) || fbias->shape()[1] != heads || fbias->shape()[2] != nq ||
+        fbias->shape()[3] != nk)
+      TVM_FFI_THROW(ValueError) << "sam3 attention: full bias must be [1 or batch, heads, Nq, Nk]";
+    fp = data_of(*fbias);
+    fb_bs = bb == 1 ? 0 : heads * nq * nk;
+  }
   const int dev = q.device().device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev));
-  const int err = sam3_attention_fp16(
-      data_of(q), data_of(k), data_of(v), bp, data_of(out), nq * q.shape()[2], q.shape()[2],
+  const int err = launch_all(
+      data_of(q), data_of(k), data_of(v), bp, fp, data_of(out), nq * q.shape()[2], q.shape()[2],
       int(q_off), nk * k.shape()[2], k.shape()[2], int(k_off), nk * v.shape()[2], v.shape()[2],
-      int(v_off), nq * hidden, hidden, bias_bs, int(b), int(heads), int(d), int(nq), int(nk),
-      int(grid_h), int(grid_w), float(rope_scale), float(rope_theta), 0, stream);
+      int(v_off), nq * hidden, hidden, bias_bs, fb_bs, nq * nk, int(b), int(heads), int(d),
+      int(nq), int(nk), int(grid_h), int(grid_w), float(rope_scale), float(rope_theta), 0, 0, 0,
+      0, stream);
   if (err != 0)
     TVM_FFI_THROW(RuntimeError) << "sam3 attention (B=" << b << " Nq=" << nq << " Nk=" << nk
                                 << " heads=" << heads << " D=" << d << "): "
@@ -1219,13 +1398,23 @@ void run_window(TensorView q, TensorView k, TensorView v, int64_t heads, int64_t
 void attention(TensorView q, TensorView k, TensorView v, int64_t heads, int64_t q_off,
                int64_t k_off, int64_t v_off, int64_t grid_h, int64_t grid_w, double rope_scale,
                double rope_theta, TensorView out) {
-  run(q, k, v, nullptr, heads, q_off, k_off, v_off, grid_h, grid_w, rope_scale, rope_theta, out);
+  run(q, k, v, nullptr, nullptr, heads, q_off, k_off, v_off, grid_h, grid_w, rope_scale,
+      rope_theta, out);
 }
 
 void attention_bias(TensorView q, TensorView k, TensorView v, TensorView bias, int64_t heads,
                     int64_t q_off, int64_t k_off, int64_t v_off, int64_t grid_h, int64_t grid_w,
                     double rope_scale, double rope_theta, TensorView out) {
-  run(q, k, v, &bias, heads, q_off, k_off, v_off, grid_h, grid_w, rope_scale, rope_theta, out);
+  run(q, k, v, &bias, nullptr, heads, q_off, k_off, v_off, grid_h, grid_w, rope_scale,
+      rope_theta, out);
+}
+
+// fbias: fp16 [1 or B, heads, Nq, Nk] added to the scores (no RoPE: the DETR decoder's box
+// relative position bias)
+void attention_full_bias(TensorView q, TensorView k, TensorView v, TensorView fbias,
+                         int64_t heads, int64_t q_off, int64_t k_off, int64_t v_off,
+                         TensorView out) {
+  run(q, k, v, nullptr, &fbias, heads, q_off, k_off, v_off, 0, 0, 1.0, 10000.0, out);
 }
 
 }  // namespace ffi
@@ -1234,4 +1423,5 @@ void attention_bias(TensorView q, TensorView k, TensorView v, TensorView bias, i
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda, sam3_attn::ffi::attention);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_bias, sam3_attn::ffi::attention_bias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_window, sam3_attn::ffi::run_window);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_full_bias, sam3_attn::ffi::attention_full_bias);
 #endif  // tvm-ffi
