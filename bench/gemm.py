@@ -153,11 +153,19 @@ CUDA_CASES = [
     ("linear 5184x1024->1024 +bias+residual", "linres",
      ((1, 5184), 1024, 1024, True, (1, 72, 72, 1024), False), True),
     ("linear 20736x256->256 +bias", "linear", (20736, 256, 256, True, None), True),
+    # few output tiles (text encoder: 32 tokens; DETR decoder: 201 queries): stream-K
+    ("text 32x1024->3072 +bias", "linear", (32, 1024, 3072, True, None), True),
+    ("text fc1 32x1024->4096 +bias+gelu", "linear", (32, 1024, 4096, True, "gelu"), True),
+    ("text fc2 32x4096->1024 +bias+residual", "linres", (32, 4096, 1024, True, None, True), True),
+    ("detr 201x256->256 +bias", "linear", (201, 256, 256, True, None), True),
+    ("detr ffn 201x256->2048 +bias", "linear", (201, 256, 2048, True, None), True),
+    ("detr enc fc1 5184x256->2048 +bias+relu", "linear", (5184, 256, 2048, True, "relu"), True),
     ("conv3x3 288x288x256->256 +bias", "conv", (1, 288, 288, 256, 256, True), True),
     ("  (alt: im2col + GEMM, same conv)", "im2col", (1, 288, 288, 256, 256, True), True),
     ("check: linear 37x1024->1024 (no bias)", "linear", (37, 1024, 1024, False, None), False),
     ("check: linear 1x256->512 +bias", "linear", (1, 256, 512, True, None), False),
     ("check: linear 200x256->2048 +bias+gelu", "linear", (200, 256, 2048, True, "gelu"), False),
+    ("check: linear 37x256->520 +bias+relu", "linear", (37, 256, 520, True, "relu"), False),
     ("check: linear 3x1297x768->256 +bias", "linear", ((3, 1297), 768, 256, True, None), False),
     ("check: matmul 999x256 @ [256,520]", "kn", (999, 256, 520), False),
     ("check: linear 64x100->200 (K%8: TIR)", "linear", (64, 100, 200, True, None), False),
@@ -201,7 +209,7 @@ def _cuda_module(dtype):
         def forward(self, x):
             if self.kind == "linear":
                 y = self.lin(x)
-                return op.gelu(y) if self.shape[4] == "gelu" else y
+                return {"gelu": op.gelu, "relu": op.relu}.get(self.shape[4], lambda t: t)(y)
             if self.kind == "linres":
                 y = self.lin(x)
                 if self.shape[4]:
@@ -302,7 +310,7 @@ def _torch_case(kind, shape, x, ps):
 
     if kind == "linear":
         y = F.linear(x, ps[0], ps[1] if shape[3] else None)
-        return F.gelu(y) if shape[4] == "gelu" else y
+        return {"gelu": F.gelu, "relu": F.relu}.get(shape[4], lambda t: t)(y)
     if kind == "linres":
         y = F.linear(x, ps[0], ps[1] if shape[3] else None)
         return (y.reshape(shape[4]) if shape[4] else y) + ps[-1]
@@ -382,7 +390,7 @@ def run_cuda(args):
         xt = tvm.runtime.from_dlpack(x)
         tiles = {}
         if kind in ("linear", "linres", "im2col") and set_tile is not None and not args.no_sweep:
-            for tile in (0, 1, 2, 3):
+            for tile in (0, 1, 2, 3, 4):
                 set_tile(tile)
                 tiles[tile] = ev(xt, params).min
             set_tile(-1)
@@ -396,7 +404,7 @@ def run_cuda(args):
         ok = finite and err < 5e-3
         print(f"  {'ok  ' if ok else 'FAIL'} {name:42s} {err:.2e} {maxerr:.2e}{'' if finite else ' NaN/inf'}")
     print("\ntile sweep (TFLOP/s; 0: 128x128 coop, 1: 128x256 coop, 2: 128x128 ping-pong, "
-          "3: stream-K; default = pick_tile)")
+          "3: stream-K, 4: 128x192 coop; default = pick_tile)")
     for name, flops, t_ours, _, tiles in rows:
         if tiles:
             print(f"  {name:36s} " + " ".join(f"{k}:{flops / v / 1e12:6.1f}" for k, v in tiles.items())

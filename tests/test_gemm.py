@@ -158,12 +158,13 @@ class _Mlp(nn.Module):
         self.fc2 = nn.Linear(256, 64)
         self.proj = nn.Linear(64, 64, bias=False)
         self.odd = nn.Linear(64, 20)           # N % 8 != 0: TIR path
+        self.ffn = nn.Linear(64, 128)          # + ReLU: the DETR feed-forward
         self.w_kn = nn.Parameter((64, 32))
         self.conv = Conv2d(64, 64, 3)
 
     def forward(self, x):
         y = self.proj(self.fc2(op.gelu(self.fc1(x))))
-        return self.conv(y), op.matmul(y, self.w_kn), self.odd(y)
+        return self.conv(y), op.matmul(y, self.w_kn), self.odd(y), op.relu(self.ffn(y))
 
 
 def _cuda_sm90_preset():
@@ -199,7 +200,7 @@ def test_cuda_rewrite_routes_to_cutlass(monkeypatch):
     out = tvm.transform.Sequential(kernels.schedule_passes(preset.tvm_target(), preset.cuda_arches))(mod)
     assert _extern_symbols(out) == sorted([
         "sam3_cutlass_gemm_nk_bias_gelu", "sam3_cutlass_gemm_nk_bias", "sam3_cutlass_gemm_nk",
-        "sam3_cutlass_gemm_kn", "sam3_cutlass_conv2d_bias"])
+        "sam3_cutlass_gemm_kn", "sam3_cutlass_conv2d_bias", "sam3_cutlass_gemm_nk_bias_relu"])
     assert sorted(set(attached)) == ["/x/conv.o", "/x/gemm0.o", "/x/gemm1.o", "/x/gemm2.o", "/x/gemm3.o"]
     tir = [gv.name_hint for gv, f in out.functions.items()
            if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("sam3_gemm")]
@@ -308,7 +309,8 @@ def test_cuda_cutlass_library_links_kernels(tmp_path):
     syms = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True).stdout
     for s in ("sam3_cutlass_gemm_nk_bias_gelu", "sam3_cutlass_gemm_nk_bias", "sam3_cutlass_gemm_nk",
               "sam3_cutlass_gemm_kn", "sam3_cutlass_conv2d_bias", "sam3_cutlass_gemm_set_tile",
-              "sam3_cutlass_gemm_nk_bias_residual", "sam3_cutlass_gemm_nk_residual"):
+              "sam3_cutlass_gemm_nk_bias_residual", "sam3_cutlass_gemm_nk_residual",
+              "sam3_cutlass_gemm_nk_bias_relu"):
         assert f"__tvm_ffi_{s}\n" in syms, s
     deps = subprocess.run(["ldd", path], capture_output=True, text=True).stdout
     assert "libcudart" not in deps and "libcuda.so" not in deps, deps

@@ -80,6 +80,7 @@ def gemm_cuda(target: tvm.target.Target, bt, m, n: int, k: int, dtype: str, out_
 # ---- CUTLASS (sm_90a) --------------------------------------------------------------------
 
 GEMM_PARTS = {"nk": 0, "nk_residual": 0, "nk_bias": 1, "nk_bias_residual": 1, "nk_bias_gelu": 2,
+              "nk_bias_relu": 2,
               "kn": 3, "kn_bias": 3}
 # only the tvm-ffi entry points leave the library (CUTLASS's template instances stay local)
 HIDDEN = ("-Xcompiler=-fvisibility=hidden",)
@@ -133,13 +134,13 @@ def gemm_cutlass(objs: _GemmObjects, bt, m, n: int, k: int, dtype: str, out_dtyp
 
     if dtype != "float16" or out_dtype != "float16" or w_batched or n % 8 or k % 8:
         return None
-    if activation not in (None, "gelu") or (activation and (not has_bias or w_layout != "nk")):
+    if activation not in (None, "gelu", "relu") or (activation and (not has_bias or w_layout != "nk")):
         return None
     if residual and (activation or w_layout != "nk"):
         return None
     if _static_int(bt) != 1:  # shared weight: the rewrite passes bt = 1
         return None
-    key = (w_layout + ("_bias" if has_bias else "") + ("_gelu" if activation else "")
+    key = (w_layout + ("_bias" if has_bias else "") + (f"_{activation}" if activation else "")
            + ("_residual" if residual else ""))
     return Extern(f"sam3_cutlass_gemm_{key}", objs.get(GEMM_PARTS[key]))
 

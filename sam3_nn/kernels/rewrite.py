@@ -9,8 +9,9 @@ Runs before ``LegalizeOps``. Matches
 * batched ``matmul(q, permute_dims(k, [..., -1, -2]))`` and ``matmul(p, v)`` with
   equal leading dims (attention scores and values),
 
-* ``gelu(add(matmul(x, permute_dims(w)), bias))`` (the MLPs' first layer) when the
-  provider takes ``activation="gelu"`` (bias + erf-GELU epilogue),
+* ``gelu(add(matmul(x, permute_dims(w)), bias))`` (the ViT and text MLPs' first layer)
+  and ``relu(...)`` (the DETR feed-forward layers') when the provider takes
+  ``activation="gelu"`` / ``"relu"`` (bias + activation epilogue),
 * ``add(r, [reshape](add(matmul(x, permute_dims(w)), bias)))`` (either operand order,
   bias optional: the ViT's residual adds after ``o_proj`` and ``fc2``) when the provider
   takes ``residual=True`` and ``r`` has exactly the add's shape and dtype (no broadcast:
@@ -311,7 +312,7 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
             return rw.emit(orig, mt[x], mt[w], None, "kn")
 
         lin_b = is_op("relax.add")(mm_t, b)
-        gelu = is_op("relax.nn.gelu")(lin_b)
+        acts = {name: is_op(f"relax.nn.{name}")(lin_b) for name in ("gelu", "relu")}
 
         # residual: add(r, [reshape](linear)); the add matches either operand order
         r, rs = wildcard(), wildcard()
@@ -346,12 +347,12 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
             return rw.emit(orig, mt[x], mt[w], mt[b] if lin is lin_b else None, "nk",
                            residual=res)
 
-        def gelu_rewrite(orig, mt):
+        def activation_rewrite(orig, mt, name):
             call = mt[wt]
             ws, _ = _shape(mt[w])
             if ws is None or not _is_last_two_swap(call, len(ws)):
                 return orig
-            return rw.emit(orig, mt[x], mt[w], mt[b], "nk", activation="gelu")
+            return rw.emit(orig, mt[x], mt[w], mt[b], "nk", activation=name)
 
         # channel-last conv: permute(conv2d(permute(x), w) [+ bias]) (layers.Conv2d)
         cx, cw, cb = wildcard(), wildcard(), wildcard()
@@ -381,7 +382,8 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
             if rw.conv_provider is not None:
                 f = rewrite_call(conv_b, lambda o, mt: conv_rewrite(o, mt, cb), f)
                 f = rewrite_call(conv_nb, conv_rewrite, f)
-            f = rewrite_call(gelu, gelu_rewrite, f)
+            for name, pat in acts.items():
+                f = rewrite_call(pat, lambda o, mt, name=name: activation_rewrite(o, mt, name), f)
             f = rewrite_call(lin_b, lambda o, mt: transposed(o, mt, b), f)
             f = rewrite_call(mm_t, transposed, f)
             f = rewrite_call(mm, plain, f)

@@ -2,7 +2,7 @@
 //
 //   out[M, N] = epi(A[M, K] @ op(W) + bias[N]) (+ R[M, N])   fp16 in/out, fp32 accumulation
 //   op(W) = W^T for W [N, K] ("nk", nn.Linear) or W for W [K, N] ("kn")
-//   epi   = identity | GELU (erf)
+//   epi   = identity | GELU (erf) | ReLU
 //   R     = a residual read by the epilogue (CUTLASS's source C with beta = 1: the same
 //           kernel instances as without it; beta = 0 skips the C load)
 //
@@ -13,17 +13,20 @@
 //   part 1: sam3_cutlass_gemm_nk_bias(a, w, bias, out)
 //           sam3_cutlass_gemm_nk_bias_residual(a, w, bias, r, out)
 //   part 2: sam3_cutlass_gemm_nk_bias_gelu(a, w, bias, out)
+//           sam3_cutlass_gemm_nk_bias_relu(a, w, bias, out)
 //   part 3: sam3_cutlass_gemm_kn(a, w, out), sam3_cutlass_gemm_kn_bias(a, w, bias, out)
 // a: [.., K] (leading dims flattened to M), w: [N, K] / [K, N], bias: [N], out: [.., N];
 // with a residual r, out and r are any shape of M * N elements (row-major [M, N] flattened:
 // the rewrite emits out in its consumer's shape, so no reshape copy follows).
 // K and N must be multiples of 8 (16-byte TMA rows); M is free (TMA clips the tails).
 //
-// Tile configs (`pick_tile`: 2 unless forced by sam3_cutlass_gemm_set_tile(i), -1 = default):
+// Tile configs (`pick_tile`: 4 for K >= 4096 and the GELU epilogue, else 2, unless forced by
+// sam3_cutlass_gemm_set_tile(i), -1 = default):
 //   0: 128x128x64 cooperative (2 consumer warpgroups), cluster 2x1, persistent
 //   1: 128x256x64 cooperative, cluster 2x1, persistent
 //   2: 128x128x64 ping-pong (consumer warpgroups alternate tiles), cluster 2x1
 //   3: 128x128x64 cooperative, stream-K (splits K over the last wave)
+//   4: 128x192x64 cooperative, cluster 2x1, persistent
 #include <cuda_runtime.h>
 
 #include <cstdlib>
@@ -55,7 +58,7 @@ namespace sam3 {
 
 using half = cutlass::half_t;
 
-enum class Epi { kNone, kBias, kBiasGelu };
+enum class Epi { kNone, kBias, kBiasGelu, kBiasRelu };
 
 template <Epi E>
 struct FusionFor;
@@ -70,6 +73,11 @@ struct FusionFor<Epi::kBias> {
 template <>
 struct FusionFor<Epi::kBiasGelu> {
   using Op = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::GELU, half,
+                                                                float, half, half, float>;
+};
+template <>
+struct FusionFor<Epi::kBiasRelu> {
+  using Op = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::ReLu, half,
                                                                 float, half, half, float>;
 };
 
@@ -110,6 +118,9 @@ template <Epi E, class LB>
 using Cfg2 = Gemm<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Ping, PingEpi, Persistent, E, LB>;
 template <Epi E, class LB>
 using Cfg3 = Gemm<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Coop, CoopEpi, StreamK, E, LB>;
+template <Epi E, class LB>
+using Cfg4 = Gemm<Shape<_128, _192, _64>, Shape<_2, _1, _1>, Coop, CoopEpi, Persistent, E, LB>;
+
 
 // ---- shared state (defined in part 0) -------------------------------------------------
 extern int g_forced_tile;
@@ -131,15 +142,25 @@ int sm_count(int device) {
 }
 #endif
 
-// Default: ping-pong (config 2) for every shape. Measured on the H100 (bench/gemm.py,
+// Ping-pong (config 2) unless K >= 4096 or GELU (config 4). Measured on the H100 (bench/gemm.py,
 // fp16, M = 5184, bias epilogue, TFLOP/s for configs 0 / 1 / 2 / 3):
 //   1024->3072  533 / 584 / 627 / 492      1024->4736  544 / 527 / 641 / 506
 //   4736->1024  503 / 434 / 516 / 492      1024->1024  369 / 324 / 411 / 334
 //   1024->4736 +GELU 420 / 406 / 439 / 406   (M = 20736) 256->256  156 / 152 / 156 / 154
 // The ping-pong schedule overlaps one warpgroup's epilogue with the other's mainloop,
 // which pays at these short K (16 k-blocks at K = 1024).
-inline int pick_tile(int64_t, int64_t, int64_t, int) {
-  return g_forced_tile >= 0 ? g_forced_tile : 2;
+// H200 sweep of the same bench (configs 2 / 4): 4736->1024 549 / 558, with residual
+// 539 / 558, 1024->4736 + GELU 439 / 449, 1024->3072 642 / 511, 1024->1024 446 / 410: the
+// 128x192 cooperative tile wins on the long-K fc2 and the GELU epilogue (a 128x160 one was
+// slower everywhere: 311-394). Stream-K (3) lost
+// on the text encoder's 32-row GEMMs too (12.7 vs 16.8 TFLOP/s at 32x1024->3072).
+// Few rows (the text encoder's 32 tokens): the cooperative 128x128 tile (config 0) led the
+// same sweep, 17.7-18.1 TFLOP/s against 15.4-17.6, and 10.7 against 7.7 for config 4 at
+// 32x4096->1024.
+inline int pick_tile(int64_t m, int64_t, int64_t k, bool gelu) {
+  if (g_forced_tile >= 0) return g_forced_tile;
+  if (m <= 256) return 0;
+  return (gelu || k >= 4096) ? 4 : 2;
 }
 
 template <class G>
@@ -217,13 +238,16 @@ void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* 
     run<Cfg0<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
     return;
   } else {
-    switch (pick_tile(m, n, k, sm_count(dev))) {
+    switch (pick_tile(m, n, k, E == Epi::kBiasGelu)) {
       case 1:
         return run<Cfg1<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
       case 2:
         return run<Cfg2<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
       case 3:
         return run<Cfg3<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
+      case 4:
+        return run<Cfg4<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
+
       default:
         return run<Cfg0<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
     }
@@ -252,6 +276,9 @@ void gemm_nk_bias_residual(TensorView a, TensorView w, TensorView b, TensorView 
 void gemm_nk_bias_gelu(TensorView a, TensorView w, TensorView b, TensorView out) {
   sam3::gemm<sam3::Epi::kBiasGelu, true>(a, w, &b, nullptr, out);
 }
+void gemm_nk_bias_relu(TensorView a, TensorView w, TensorView b, TensorView out) {
+  sam3::gemm<sam3::Epi::kBiasRelu, true>(a, w, &b, nullptr, out);
+}
 #elif SAM3_GEMM_PART == 3
 void gemm_kn(TensorView a, TensorView w, TensorView out) {
   sam3::gemm<sam3::Epi::kNone, false>(a, w, nullptr, nullptr, out);
@@ -271,6 +298,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_bias, gemm_nk_bias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_bias_residual, gemm_nk_bias_residual);
 #elif SAM3_GEMM_PART == 2
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_bias_gelu, gemm_nk_bias_gelu);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_bias_relu, gemm_nk_bias_relu);
 #elif SAM3_GEMM_PART == 3
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_kn, gemm_kn);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_kn_bias, gemm_kn_bias);
