@@ -28,10 +28,10 @@ reference's work (``bench/flops.py``; vision ~5.6 TFLOP per 1008 px image, 5.4 o
 ViT trunk) over the time, the same count for both sides. Peak memory (GPU only) is the
 weights plus the extra device memory one call needs: PyTorch,
 ``torch.cuda.max_memory_allocated`` over the call minus what was allocated before it; ours,
-the drop in free device memory (``cudaMemGetInfo``) over one call after TVM's pooled
-allocator was emptied (``vm.builtin.memory_manager.clear``): the pool's growth, which holds
-at least the call's peak. Accuracy: every side's outputs of its last timed call against the
-float32 reference (GPU: ``Sam3Model`` fp32, TF32 off; CPU: the PyTorch side), as
+the drop in free device memory (``cudaMemGetInfo``) over two calls of a fresh VM after TVM's
+pooled allocator was emptied (``vm.builtin.memory_manager.clear``): the planned buffers a
+CUDA graph keeps, the pool's growth and CUTLASS's workspace, so at least the call's peak.
+Accuracy: every side's outputs of its last timed call against the float32 reference (GPU: ``Sam3Model`` fp32, TF32 off; CPU: the PyTorch side), as
 ``max |x - ref| / max |ref|`` per output; PyTorch's own fp16/bf16 rows show what the
 precision alone costs.
 
@@ -41,15 +41,18 @@ Run here (CPU, full TVM; compiles the llvm library first, ``make bench`` does th
     .venv/bin/python bench/pipeline.py --device cpu --config tiny --runs 3  # quick (~1 min)
     .venv/bin/python bench/pipeline.py --device cpu --parts vision,text --library dist/sam3-llvm.so
 
-GPU: compile here, run on the accelerator machine with the runtime-only TVM bundle:
+GPU: compile here, run on the accelerator machine with the runtime-only TVM bundle. One
+``--batch`` size with ``--build`` compiles a library for that size only (static shapes:
+memory planned ahead of time, CUDA graphs), as ``compile.py`` does by default; rows of
+other batch sizes are skipped for such a library:
 
-    .venv/bin/python bench/pipeline.py --device cuda --build build/bench/full-cuda
+    .venv/bin/python bench/pipeline.py --device cuda --build build/bench/b1 --target cuda-sm90a --batch 1
     bash ../shared/device/bundle.sh                      # -> .devbundle/ (27 MB)
-    # device `run`, carry [".devbundle", "build/bench/full-cuda"]:
+    # device `run`, carry [".devbundle", "build/bench/b1"]:
     export PYTHONPATH=$PWD/.devbundle/site:$PWD PYTHONUNBUFFERED=1; \\
-    python3 bench/pipeline.py --device cuda --library build/bench/full-cuda/sam3-cuda.so \\
+    python3 bench/pipeline.py --device cuda --library build/bench/b1/sam3-cuda-sm90a.so \\
         --batch 1 --out $OUT/b1.json
-    # a second call with --batch 4 --out $OUT/b4.json; then here:
+    # the same with --batch 4 (build/bench/b4) --out $OUT/b4.json; then here:
     .venv/bin/python bench/pipeline.py --merge b1.json b4.json
 
 The model config comes from the library's manifest when ``--library``/``--manifest`` is
@@ -278,17 +281,29 @@ class Ours:
             out = out[:1]
         return [common.to_numpy(o) for o in out]
 
+    def supports_batch(self, batch: int) -> bool:
+        fixed = self.manifest.get("batch")
+        return fixed is None or fixed == batch
+
     def peak_bytes(self, fn, sync) -> Optional[int]:
-        """Weights + the pool growth of one call (GPU); None on the CPU."""
+        """Weights + what a fresh VM holds after two calls (GPU); None on the CPU.
+
+        A fresh VM starts with no CUDA graph and no planned buffer; TVM's pool is emptied
+        first, so the drop of free device memory over the two calls is everything the
+        calls keep or need: the statically planned buffers (kept with the CUDA graphs),
+        the pool's growth and CUTLASS's workspace."""
         if not self.gpu or self._clear is None:
             return None
         import torch
 
+        self.lib.reset()
         gc.collect()
         sync()
         self._clear()
         sync()
         free0 = torch.cuda.mem_get_info()[0]
+        out = fn()
+        del out
         out = fn()
         sync()
         used = free0 - torch.cuda.mem_get_info()[0]
@@ -445,7 +460,10 @@ def build_library(args, cfg, parts, out_dir, log) -> str:
 
     dtype = "float16" if args.device == "cuda" else "float32"
     kw = {"arch": args.arch} if args.arch else {}
-    art = build(cfg, args.target, dtype, output=out_dir, log=lambda s: log("  " + s), parts=parts, **kw)
+    # one --batch size: a library for that size only (static shapes; CUDA graphs on CUDA)
+    batch = args.batches[0] if len(args.batches) == 1 else None
+    art = build(cfg, args.target, dtype, output=out_dir, log=lambda s: log("  " + s), parts=parts,
+                batch=batch, **kw)
     return art["library"]
 
 
@@ -538,8 +556,9 @@ def run(args) -> Dict:
                 name = side_name(side)
                 row = {"part": part, "batch": batch, "impl": side.label, "dtype": side.dtype,
                        "mode": side.mode, "flops": fl[part], "runs": args.runs, "warmup": args.warmup}
-                if not side.supports(part):
-                    row["skipped"] = "library lacks " + ",".join(FUNCTIONS[part])
+                if not side.supports(part) or not getattr(side, "supports_batch", bool)(batch):
+                    row["skipped"] = ("library lacks " + ",".join(FUNCTIONS[part]) if not side.supports(part)
+                                      else f"library compiled for batch {side.manifest['batch']}")
                     rows.append(row)
                     log(f"  {part:8s} b{batch} {name:24s} skipped: {row['skipped']}")
                     continue
@@ -624,8 +643,8 @@ def meta(args, cfg, manifest, torch) -> Dict:
          "config": cfg.to_dict(), "runs": args.runs, "warmup": args.warmup, "seed": args.seed,
          "timing": "median of runs; host clock with a device sync before start and before read",
          "peak_memory": ("torch: weights + max_memory_allocated over one call minus allocated before; "
-                         "ours: weights + drop of cudaMemGetInfo free memory over one call after "
-                         "emptying TVM's memory pool"),
+                         "ours: weights + drop of cudaMemGetInfo free memory over two calls of a fresh "
+                         "VM after emptying TVM's memory pool"),
          "accuracy": "max|x-ref|/max|ref| per output vs Sam3Model float32 (TF32 off)",
          "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if args.device == "cuda":

@@ -12,6 +12,11 @@ synchronizes the device around every call and adds up the wall time per callee
 
 Synchronizing after each call removes the overlap of launches with work, so the sum
 is a little above the function's own time; the split is what it is for.
+
+``--kernels`` (GPU, needs PyTorch with CUDA): instead, the device-side time of every CUDA
+kernel over ``--runs`` plain calls, from PyTorch's profiler (CUPTI), with no
+synchronization added: the kernels' sum against the calls' wall time says how much of
+a call the GPU is busy. Works inside CUDA graphs (each replayed kernel is recorded).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def main() -> int:
     ap.add_argument("function")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--kernels", action="store_true", help="GPU kernel times (torch.profiler)")
+    ap.add_argument("--runs", type=int, default=10, help="with --kernels: calls profiled")
     args = ap.parse_args()
 
     from sam3_nn.engine import CompiledModel
@@ -65,6 +72,8 @@ def main() -> int:
     t = time.perf_counter()
     call()
     total = time.perf_counter() - t
+    if args.kernels:
+        return kernel_profile(args, lib, call)
 
     acc = collections.defaultdict(float)
     cnt = collections.Counter()
@@ -87,9 +96,40 @@ def main() -> int:
     print(f"{args.function} on {lib.manifest['target']} ({lib.manifest['dtype']}), batch {args.batch}: "
           f"{total * 1e3:.2f} ms plain, {instrumented * 1e3:.2f} ms instrumented, "
           f"{summed * 1e3:.2f} ms inside {sum(cnt.values())} calls")
-    print(f"{'ms':>9} {'share':>6} {'calls':>6}  callee")
-    for name, secs in sorted(acc.items(), key=lambda kv: -kv[1])[:args.top]:
-        print(f"{secs * 1e3:9.3f} {secs / summed:6.1%} {cnt[name]:6d}  {name}")
+    print_table("callee", {k: v * 1e3 for k, v in acc.items()}, cnt, args.top)
+    return 0
+
+
+def print_table(what: str, ms: dict, calls: dict, top: int) -> None:
+    """The ``top`` entries of ``ms`` (name -> ms), largest first, with share and calls."""
+    total = sum(ms.values())
+    print(f"{'ms':>9} {'share':>6} {'calls':>6}  {what}")
+    for name, t in sorted(ms.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{t:9.3f} {t / total:6.1%} {calls[name]:6d}  {name[:110]}")
+
+
+def kernel_profile(args, lib, call) -> int:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        call()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(args.runs):
+            call()
+        wall = (time.perf_counter() - t) / args.runs
+    acc = collections.defaultdict(float)
+    cnt = collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            acc[e.name] += e.device_time / 1e3 / args.runs  # ms per call
+            cnt[e.name] += 1
+    busy = sum(acc.values())
+    print(f"{args.function} on {lib.manifest['target']} ({lib.manifest['dtype']}), batch {args.batch}: "
+          f"{wall * 1e3:.2f} ms per call (profiled, {args.runs} calls); kernels {busy:.2f} ms "
+          f"({busy / (wall * 1e3):.0%} busy), {sum(cnt.values()) // args.runs} launches per call")
+    print_table("kernel", acc, {k: v // args.runs for k, v in cnt.items()}, args.top)
     return 0
 
 
