@@ -11,9 +11,9 @@ Targets (sam3_nn/targets.py, docs/targets.md): llvm, llvm-aarch64, llvm-macos, m
 metal-ios, cuda (sm_80 + sm_90 fatbin; --arch for others), cuda-sm90a, opencl.
 
 Writes ``DIR/sam3-<target>.<ext>`` and ``DIR/sam3-<target>.json`` (the manifest).
-``--batch`` (default 1) fixes the batch size the functions take; static shapes let TVM
-plan every intermediate buffer ahead of time and, on CUDA, replay each call as CUDA graphs
-(``--batch any``: one library for every batch size, without either).
+``--batch`` fixes the batch size the functions take; static shapes let TVM plan every
+intermediate buffer ahead of time and, on CUDA, replay each call as CUDA graphs (default:
+1 on CUDA targets; ``any``, one library for every batch size, elsewhere).
 ``--model`` only decides the architecture (HF snapshot directory, config.json,
 sam3.pt or a hub id); without it the released SAM 3 architecture is used.
 """
@@ -59,9 +59,10 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--rope-mode", default=None, choices=["normal", "inline"],
                     help="ViT attention path (default: the target's, inline on GPUs)")
-    ap.add_argument("--batch", default="1",
-                    help="the batch size the library takes: an integer (default 1: static shapes, "
-                         "memory planned ahead of time, CUDA graphs on CUDA) or 'any'")
+    ap.add_argument("--batch", default=None,
+                    help="the batch size the library takes: an integer (static shapes: memory "
+                         "planned ahead of time, CUDA graphs on CUDA) or 'any' (default: 1 on "
+                         "CUDA targets, any elsewhere)")
     ap.add_argument("--no-cuda-graph", action="store_true",
                     help="CUDA targets: launch kernels one by one instead of replaying CUDA graphs")
     ap.add_argument("--output", default="dist")
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        batch = None if args.batch == "any" else int(args.batch)
+        batch = (preset.default_batch if args.batch is None
+                 else None if args.batch == "any" else int(args.batch))
         if batch is not None and batch < 1:
             raise ValueError
     except ValueError:

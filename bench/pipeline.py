@@ -460,8 +460,9 @@ def build_library(args, cfg, parts, out_dir, log) -> str:
 
     dtype = "float16" if args.device == "cuda" else "float32"
     kw = {"arch": args.arch} if args.arch else {}
-    # one --batch size: a library for that size only (static shapes; CUDA graphs on CUDA)
-    batch = args.batches[0] if len(args.batches) == 1 else None
+    # CUDA with one --batch size: a library for that size only (static shapes, CUDA graphs);
+    # elsewhere the target's default (any batch size: see TargetPreset.default_batch)
+    batch = args.batches[0] if len(args.batches) == 1 and args.device == "cuda" else None
     art = build(cfg, args.target, dtype, output=out_dir, log=lambda s: log("  " + s), parts=parts,
                 batch=batch, **kw)
     return art["library"]

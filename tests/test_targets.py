@@ -68,6 +68,13 @@ def hf_vision(tmp_path_factory):
     return model, folder
 
 
+def test_default_batch_is_static_on_cuda_only():
+    assert targets.get_preset("cuda-sm90a").default_batch == 1
+    assert targets.get_preset("cuda").default_batch == 1
+    assert targets.get_preset("llvm").default_batch is None
+    assert targets.get_preset("metal").default_batch is None
+
+
 def test_llvm_compile_cli_loads_and_matches(hf_vision, tmp_path):
     from sam3_nn.engine import CompiledModel
     from sam3_nn.weights import load_params, open_checkpoint
@@ -75,7 +82,7 @@ def test_llvm_compile_cli_loads_and_matches(hf_vision, tmp_path):
     model, folder = hf_vision
     out = tmp_path / "dist"
     code, stdout, stderr = compile_cli("--target", "llvm", "--model", folder, "--parts", "vision",
-                                       "--output", out)
+                                       "--batch", "1", "--output", out)
     assert code == 0, stderr
     assert files_in(out) == ["sam3-llvm.json", "sam3-llvm.so"]
     # one progress line per stage and a one-line summary with size and time
@@ -88,7 +95,7 @@ def test_llvm_compile_cli_loads_and_matches(hf_vision, tmp_path):
                 "tvm_ffi_version", "preset", "library", "build_seconds"):
         assert key in manifest, key
     assert manifest["dtype"] == "float32" and manifest["library"] == "sam3-llvm.so"
-    # the CLI's default: batch 1 only (static shapes: planned memory, CUDA graphs on CUDA)
+    # --batch 1: that batch size only (static shapes)
     assert manifest["batch"] == 1
     assert manifest["functions"]["encode_image"]["inputs"][0]["shape"] == [1, 3, 168, 168]
 
