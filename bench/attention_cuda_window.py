@@ -234,13 +234,9 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
         r["saving_28_blocks_ms"] = 28 * r["saving_ms"]
         results["timings"][f"batch{b}"] = r
         print(f"batch {b}", json.dumps({k: round(v, 4) for k, v in r.items()}), flush=True)
-    results["all_ok"] = ok_all
-    print("checks:", "all ok" if ok_all else "FAILURES")
-    if result_dir:
-        os.makedirs(result_dir, exist_ok=True)
-        with open(os.path.join(result_dir, "attention_cuda_window.json"), "w") as f:
-            json.dump(results, f, indent=1)
-    return results
+    from common import finish_run
+
+    return finish_run(results, ok_all, result_dir, "attention_cuda_window.json")
 
 
 if __name__ == "__main__":

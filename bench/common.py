@@ -7,6 +7,7 @@ transformers are imported only inside the functions that need them.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import statistics
 import sys
@@ -176,6 +177,18 @@ def text_inputs(cfg, batch: int, seed: int = 0, words: int = 6) -> Tuple[np.ndar
     ids[:, 1 + n] = t.eos_token_id
     mask[:, :2 + n] = 1
     return ids, mask
+
+
+def finish_run(results: dict, ok_all: bool, result_dir: Optional[str], name: str) -> dict:
+    """A kernel bench's ``run`` ending: the verdict line, and ``results`` written to
+    ``result_dir/name`` when a folder is given."""
+    results["all_ok"] = ok_all
+    print("checks:", "all ok" if ok_all else "FAILURES")
+    if result_dir:
+        os.makedirs(result_dir, exist_ok=True)
+        with open(os.path.join(result_dir, name), "w") as f:
+            json.dump(results, f, indent=1)
+    return results
 
 
 def build_or_run_main(doc: str, build: Callable[[str], object],

@@ -177,14 +177,10 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
         results["cases"][name] = r
         times = "  ".join(f"{k} {r[k + '_ms']:.4f} ms ({r[k + '_gbps']:.0f} GB/s)" for k in fns)
         print(f"time  {name:18s} {times}  tvm/ours {r['tvm_over_ours']:.2f}x", flush=True)
-    results["all_ok"] = ok_all
     print("device:", results["device"], "torch", results["torch"])
-    print("checks:", "all ok" if ok_all else "FAILURES")
-    if result_dir:
-        os.makedirs(result_dir, exist_ok=True)
-        with open(os.path.join(result_dir, "layer_norm_cuda.json"), "w") as f:
-            json.dump(results, f, indent=1)
-    return results
+    from common import finish_run
+
+    return finish_run(results, ok_all, result_dir, "layer_norm_cuda.json")
 
 
 if __name__ == "__main__":

@@ -184,6 +184,17 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Key `key`'s bias in the log2 domain: 0 without a key bias, the tail sentinel past nk.
+__device__ __forceinline__ float key_bias_log2(const float* gbias, int key, int nk) {
+  return key < nk ? (gbias ? fmaxf(gbias[key], kBiasFloor) * kLog2e : 0.f) : kNegTail;
+}
+
+// Sum over the four lanes that hold one row of an mma fragment.
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -366,7 +377,7 @@ __global__ void __launch_bounds__(NW * 32)
   if constexpr (BIAS) {
     if (tid < BN) {
       const int key = kv_start + tid;
-      bias_next = key < nk ? (gbias ? fmaxf(gbias[key], kBiasFloor) * kLog2e : 0.f) : kNegTail;
+      bias_next = key_bias_log2(gbias, key, nk);
     }
   }
   if constexpr (ROPE) build_rope_table<D, NT>(p, sTab, nullptr, tid);
@@ -424,7 +435,7 @@ __global__ void __launch_bounds__(NW * 32)
       if constexpr (BIAS) {
         if (tid < BN) {
           const int key = kv1 + tid;
-          bias_next = key < nk ? (gbias ? fmaxf(gbias[key], kBiasFloor) * kLog2e : 0.f) : kNegTail;
+          bias_next = key_bias_log2(gbias, key, nk);
         }
       }
     }
@@ -570,9 +581,7 @@ __global__ void __launch_bounds__(NW * 32)
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        float l = l_run[mt][hr];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float l = quad_sum(l_run[mt][hr]);
         const int row = q0 + warp * 16 * MT + mt * 16 + (lane >> 2) + hr * 8;
         if (row >= nq) continue;
         float* dst = p.part + ((int64_t(b * p.heads + h) * p.splits + split) * nq + row) * (D + 2);
@@ -591,9 +600,7 @@ __global__ void __launch_bounds__(NW * 32)
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      float l = l_run[mt][hr];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float l = quad_sum(l_run[mt][hr]);
       const float inv = 1.f / l;
       const int row = warp * 16 * MT + mt * 16 + (lane >> 2) + hr * 8;
 #pragma unroll
@@ -737,7 +744,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
   const bool rope_half = ROPE && p.rope_half;
 
   auto bias_val = [&](int key) {
-    return key < nk ? (gbias ? fmaxf(gbias[key], kBiasFloor) * kLog2e : 0.f) : kNegTail;
+    return key_bias_log2(gbias, key, nk);
   };
   auto rope_k = [&](int tile) {
     half* dst = sK + (tile % ST) * TILE;
@@ -899,9 +906,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
   // ---- normalise, stage through this warpgroup's rows of sQ, 16-byte stores
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    float l = l_run[hr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float l = quad_sum(l_run[hr]);
     const float inv = 1.f / l;
     const int row = wg * 64 + warp_in_wg * 16 + (lane >> 2) + hr * 8;
 #pragma unroll

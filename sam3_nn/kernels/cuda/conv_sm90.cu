@@ -64,7 +64,6 @@ struct Conv {
 
 using sam3_cuda::check;
 using sam3_cuda::ptr;
-using sam3_cuda::workspace;
 
 template <bool kBias>
 void conv(TensorView x, TensorView w, const TensorView* bias, TensorView out) {
@@ -112,26 +111,11 @@ void conv(TensorView x, TensorView w, const TensorView* bias, TensorView out) {
   args.epilogue.thread.beta = 0.0f;
   if constexpr (kBias) args.epilogue.thread.bias_ptr = static_cast<const half*>(ptr(*bias));
   args.hw_info.device_id = dev;
-  {
-    static int sms[64] = {};
-    if (dev >= 0 && dev < 64 && sms[dev] == 0)
-      cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev);
-    args.hw_info.sm_count = (dev >= 0 && dev < 64) ? sms[dev] : 0;
-  }
-  Op op;
-  cutlass::Status st = op.can_implement(args);
-  if (st != cutlass::Status::kSuccess)
-    TVM_FFI_THROW(RuntimeError) << "CUTLASS conv cannot run " << n << "x" << h << "x" << wd << "x" << c
-                                << " -> " << k << ": " << cutlassGetStatusString(st);
-  void* ws = workspace(Op::get_workspace_size(args), dev, stream);
-  st = op.initialize(args, ws, stream);
-  if (st != cutlass::Status::kSuccess)
-    TVM_FFI_THROW(RuntimeError) << "CUTLASS conv init failed: " << cutlassGetStatusString(st);
-  st = op.run(stream);
-  cudaError_t e = cudaGetLastError();
-  if (st != cutlass::Status::kSuccess || e != cudaSuccess)
-    TVM_FFI_THROW(RuntimeError) << "CUTLASS conv launch failed: " << cutlassGetStatusString(st) << " / "
-                                << cudaGetErrorString(e);
+  args.hw_info.sm_count = sam3_cuda::sm_count(dev);
+  sam3_cuda::run_cutlass<Op>(args, dev, stream,
+                             "conv " + std::to_string(n) + "x" + std::to_string(h) + "x" +
+                                 std::to_string(wd) + "x" + std::to_string(c) + " -> " +
+                                 std::to_string(k));
 }
 
 }  // namespace sam3_conv

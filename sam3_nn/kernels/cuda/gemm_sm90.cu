@@ -124,22 +124,11 @@ using Cfg4 = Gemm<Shape<_128, _192, _64>, Shape<_2, _1, _1>, Coop, CoopEpi, Pers
 
 // ---- shared state (defined in part 0) -------------------------------------------------
 extern int g_forced_tile;
-using sam3_cuda::workspace;
-int sm_count(int device);
+using sam3_cuda::sm_count;
 
 #if SAM3_GEMM_PART == 0
 int g_forced_tile = -1;
 
-int sm_count(int device) {
-  static int counts[64] = {};
-  if (device < 0 || device >= 64) return 132;
-  if (counts[device] == 0) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    counts[device] = n > 0 ? n : 132;
-  }
-  return counts[device];
-}
 #endif
 
 // Ping-pong (config 2) unless K >= 4096 or GELU (config 4). Measured on the H100 (bench/gemm.py,
@@ -188,20 +177,9 @@ void run(int64_t m, int64_t n, int64_t k, const void* a, const void* w, const vo
   if constexpr (G::kHasBias) {
     args.epilogue.thread.bias_ptr = static_cast<const half*>(bias);
   }
-  Op op;
-  cutlass::Status st = op.can_implement(args);
-  if (st != cutlass::Status::kSuccess)
-    TVM_FFI_THROW(RuntimeError) << "CUTLASS GEMM cannot run M=" << m << " N=" << n << " K=" << k
-                                << ": " << cutlassGetStatusString(st);
-  void* ws = workspace(Op::get_workspace_size(args), device, stream);
-  st = op.initialize(args, ws, stream);
-  if (st != cutlass::Status::kSuccess)
-    TVM_FFI_THROW(RuntimeError) << "CUTLASS GEMM init failed: " << cutlassGetStatusString(st);
-  st = op.run(stream);
-  cudaError_t e = cudaGetLastError();
-  if (st != cutlass::Status::kSuccess || e != cudaSuccess)
-    TVM_FFI_THROW(RuntimeError) << "CUTLASS GEMM launch failed: " << cutlassGetStatusString(st)
-                                << " / " << cudaGetErrorString(e);
+  sam3_cuda::run_cutlass<Op>(args, device, stream,
+                             "GEMM M=" + std::to_string(m) + " N=" + std::to_string(n) +
+                                 " K=" + std::to_string(k));
 }
 
 using sam3_cuda::check;

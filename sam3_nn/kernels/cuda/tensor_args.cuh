@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include <mutex>
+#include <string>
 
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
@@ -55,6 +56,38 @@ inline void* workspace(size_t bytes, int device, cudaStream_t stream) {
     sizes[device] = bytes;
   }
   return bufs[device];
+}
+
+// Multiprocessors of `device` (cached; 132 if the query fails).
+inline int sm_count(int device) {
+  static int counts[64] = {};
+  if (device < 0 || device >= 64) return 132;
+  if (counts[device] == 0) {
+    int n = 0;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    counts[device] = n > 0 ? n : 132;
+  }
+  return counts[device];
+}
+
+// Check, initialise (workspace from `workspace`) and launch a CUTLASS device operator;
+// `what` names the problem in the error messages.
+template <class Op>
+void run_cutlass(const typename Op::Arguments& args, int device, cudaStream_t stream,
+                 const std::string& what) {
+  Op op;
+  auto st = op.can_implement(args);
+  if (st != decltype(st)::kSuccess)
+    TVM_FFI_THROW(RuntimeError) << "CUTLASS " << what << " cannot run: " << cutlassGetStatusString(st);
+  void* ws = workspace(Op::get_workspace_size(args), device, stream);
+  st = op.initialize(args, ws, stream);
+  if (st != decltype(st)::kSuccess)
+    TVM_FFI_THROW(RuntimeError) << "CUTLASS " << what << " init failed: " << cutlassGetStatusString(st);
+  st = op.run(stream);
+  cudaError_t e = cudaGetLastError();
+  if (st != decltype(st)::kSuccess || e != cudaSuccess)
+    TVM_FFI_THROW(RuntimeError) << "CUTLASS " << what << " launch failed: " << cutlassGetStatusString(st)
+                                << " / " << cudaGetErrorString(e);
 }
 
 }  // namespace sam3_cuda
