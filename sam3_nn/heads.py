@@ -84,16 +84,31 @@ class GroupNormNHWC(nn.Module):
         # then over rows), in float32. The one-pass E[x^2] - E[x]^2 of ``op.group_norm``
         # summed 2.6M values per group in one running float32 sum at 288x288x256 and was
         # off by 8e-3 (absolute, unit-scale values) against PyTorch.
+        # Each pass widens the fp16 input to float32 itself, so the cast fuses into that
+        # pass's kernel and no float32 copy of the map is stored (at 288x288x256 two
+        # such copies were 2 x 85 MB of planned memory). The three casts are written in
+        # three different forms on purpose (the reshapes differ, and each reshape comes
+        # before its cast so that it stays a view): identical casts are merged by common
+        # subexpression elimination in the rewrite passes, and one cast with three
+        # consumers is stored in full again.
         b, h, w, c = x.shape
-        g = self.groups
+        g, cg = self.groups, int(c) // self.groups
         dtype = x.dtype
-        x5 = op.reshape(op.astype(x, "float32"), [b, h, w, g, int(c) // g])
-        n = float(int(h) * int(w) * (int(c) // g))
-        mean = op.sum(op.sum(x5, axis=[2, 4], keepdims=True), axis=1, keepdims=True) / n
-        d = x5 - mean
-        var = op.sum(op.sum(d * d, axis=[2, 4], keepdims=True), axis=1, keepdims=True) / n
-        y = op.reshape(d / op.sqrt(var + self.eps), [b, h, w, c])
-        return op.astype(y * op.astype(self.weight, "float32") + op.astype(self.bias, "float32"), dtype)
+        n = float(int(h) * int(w) * cg)
+        wide_a = op.astype(op.reshape(x, [b, h, w, g, cg]), "float32")
+        mean = op.sum(op.sum(wide_a, axis=[2, 4], keepdims=True), axis=1, keepdims=True) / n
+        wide_b = op.astype(op.reshape(x, [b, h, w, g, 1, cg]), "float32")  # (a unit axis)
+        d = wide_b - op.reshape(mean, [b, 1, 1, g, 1, 1])
+        var = op.sum(op.sum(d * d, axis=[2, 4, 5], keepdims=True), axis=1, keepdims=True) / n
+        var = op.reshape(var, [b, 1, 1, g, 1])
+        # per-channel scale and shift: y = x * scale + shift
+        scale = op.astype(op.reshape(self.weight, [g, cg]), "float32") / op.sqrt(var + self.eps)
+        shift = op.astype(op.reshape(self.bias, [g, cg]), "float32") - mean * scale
+        scale = op.reshape(scale, [b, 1, c])
+        shift = op.reshape(shift, [b, 1, c])
+        wide_c = op.astype(op.reshape(x, [b, int(h) * int(w), c]), "float32")
+        y = wide_c * scale + shift
+        return op.astype(op.reshape(y, [b, h, w, c]), dtype)
 
 
 def upsample_nearest(x: Tensor, height: int, width: int) -> Tensor:

@@ -314,3 +314,32 @@ def test_cuda_cutlass_library_links_kernels(tmp_path):
         assert f"__tvm_ffi_{s}\n" in syms, s
     deps = subprocess.run(["ldd", path], capture_output=True, text=True).stdout
     assert "libcudart" not in deps and "libcuda.so" not in deps, deps
+
+
+def test_cutlass_gelu_epilogue_constants_match_erf_gelu():
+    """The CUTLASS GEMM's GELU epilogue (``GeluFit`` in cuda/gemm_sm90.cu) is
+    x * sigmoid(x * P(min(x^2, 25))) with the polynomial's coefficients in the source.
+    Evaluate that formula in float32 with the coefficients read from the file, against
+    the exact 0.5 x (1 + erf(x / sqrt 2)) in float64: within 2e-5 absolute everywhere and
+    1e-4 relative where |GELU| > 0.03 (fp16 output rounding is 4.9e-4)."""
+    import re
+    from pathlib import Path
+
+    src = (Path(kernels.__file__).parent / "cuda" / "gemm_sm90.cu").read_text()
+    body = src[src.index("struct GeluFit {"):src.index("struct GeluFit<")]
+    coef = [np.float32(v) for v in re.findall(r"fmaf\((?:p|-?[0-9.e+-]+f), x2, (-?[0-9.e+-]+)f\)", body)]
+    lead = re.search(r"fmaf\((-?[0-9.e+-]+)f, x2,", body)
+    assert lead and len(coef) == 4, "GeluFit's polynomial changed shape; update this test"
+    coef = [np.float32(lead.group(1))] + coef
+    x = np.linspace(-16, 16, 400001).astype(np.float32)
+    x2 = np.minimum(x * x, np.float32(25))
+    p = np.zeros_like(x)
+    for c in coef:
+        p = p * x2 + c
+    y = (x / (np.float32(1) + np.exp2(x * p))).astype(np.float64)
+    xt = torch.from_numpy(x.astype(np.float64))
+    ref = (0.5 * xt * (1 + torch.erf(xt / np.sqrt(2.0)))).numpy()
+    err = np.abs(y - ref)
+    assert err.max() < 2e-5, err.max()
+    big = np.abs(ref) > 0.03
+    assert (err[big] / np.abs(ref[big])).max() < 1e-4

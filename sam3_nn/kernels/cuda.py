@@ -114,7 +114,8 @@ class _GemmObjects:
             from .cuda_source import compile_objects
 
             jobs = [dict(name="gemm_sm90", arches=("sm_90a",), cutlass=True, flags=HIDDEN,
-                         defines=[f"SAM3_GEMM_PART={i}"]) for i in range(4)]
+                         defines=[f"SAM3_GEMM_PART={i}", "CUTLASS_ENABLE_GDC_FOR_SM90"])
+                    for i in range(4)]  # GDC: the kernels wait on the previous grid (pdl.cuh)
             self.paths = [str(p) for p in compile_objects(jobs, self.log)]
         return tuple(dict.fromkeys([self.paths[0], self.paths[part]]))
 

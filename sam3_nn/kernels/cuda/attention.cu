@@ -49,6 +49,8 @@
 
 #include <mutex>
 
+#include "pdl.cuh"
+
 namespace sam3_attn {
 // Internal linkage for everything but the C launchers and the tvm-ffi entry points: the
 // function-local statics below (launch's `configured`, wgmma_available's `state`) would
@@ -335,6 +337,7 @@ struct Cfg {
 template <int D, int NW, int MT, int BN, bool ROPE, bool BIAS>
 __global__ void __launch_bounds__(NW * 32)
     attention_kernel(const Params p) {
+  sam3_cuda::pdl_wait_then_release();
   using C = Cfg<D, NW, MT, BN, ROPE, BIAS>;
   constexpr int NT = C::NT, BM = C::BM;
   constexpr int KS = D / 16;   // k-steps of Q K^T
@@ -711,6 +714,7 @@ template <int NWG, bool ROPE, bool BIAS>
 __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
     attention_wgmma_kernel(const Params p) {
 #ifdef SAM3_WGMMA
+  sam3_cuda::pdl_wait_then_release();
   using C = WgCfg<NWG, ROPE, BIAS>;
   constexpr int D = C::D, BN = C::BN, NT = C::NT, BM = C::BM, Q4 = C::Q4, ST = C::STAGES;
   constexpr int NS = BN / 8, DS = D / 8;
@@ -940,6 +944,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
 // holding columns c, c + 32, ... of the head: out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s.
 template <int D>
 __global__ void __launch_bounds__(128) combine_splits(const Params p) {
+  sam3_cuda::pdl_wait_then_release();
   const int row = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   const int h = blockIdx.y, b = blockIdx.z;
   if (row >= p.nq) return;
@@ -978,9 +983,11 @@ cudaError_t launch(const Params& p, cudaStream_t stream) {
     configured = smem;
   }
   dim3 grid((p.nq + C::BM - 1) / C::BM, p.heads, p.batch * (p.splits > 1 ? p.splits : 1));
-  kern<<<grid, C::NT, smem, stream>>>(p);
-  if (p.splits > 1) combine_splits<D><<<dim3((p.nq + 3) / 4, p.heads, p.batch), 128, 0, stream>>>(p);
-  const cudaError_t err = cudaGetLastError();
+  cudaError_t err = sam3_cuda::launch(kern, grid, dim3(C::NT), smem, stream, p);
+  if (err == cudaSuccess && p.splits > 1)
+    err = sam3_cuda::launch(combine_splits<D>, dim3((p.nq + 3) / 4, p.heads, p.batch), dim3(128), 0,
+                            stream, p);
+  if (err == cudaSuccess) err = cudaGetLastError();
   return err == cudaSuccess ? err : fail("kernel launch", err);
 }
 
@@ -997,8 +1004,8 @@ cudaError_t launch_wg(const Params& p, cudaStream_t stream) {
     configured = smem;
   }
   dim3 grid((p.nq + C::BM - 1) / C::BM, p.heads, p.batch);
-  kern<<<grid, C::NT, smem, stream>>>(p);
-  const cudaError_t err = cudaGetLastError();
+  cudaError_t err = sam3_cuda::launch(kern, grid, dim3(C::NT), smem, stream, p);
+  if (err == cudaSuccess) err = cudaGetLastError();
   return err == cudaSuccess ? err : fail("kernel launch", err);
 }
 

@@ -79,6 +79,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp, min_blocks(V))
     layer_norm_rows(const uint4* __restrict__ x, const uint4* __restrict__ gamma,
                     const uint4* __restrict__ beta, uint4* __restrict__ out, int64_t rows,
                     int chunks, float inv_c, float eps) {
+  sam3_cuda::pdl_wait_then_release();
   const int lane = threadIdx.x % kWarp;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   if (row >= rows) return;  // a whole warp: the shuffles below see full warps only
@@ -128,11 +129,12 @@ template <int V>
 cudaError_t launch_v(const void* x, const void* gamma, const void* beta, void* out, int64_t rows,
                      int64_t c, float eps, cudaStream_t stream) {
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  layer_norm_rows<V><<<unsigned(blocks), kRowsPerBlock * kWarp, 0, stream>>>(
+  cudaError_t err = sam3_cuda::launch(
+      layer_norm_rows<V>, dim3(unsigned(blocks)), dim3(kRowsPerBlock * kWarp), 0, stream,
       static_cast<const uint4*>(x), static_cast<const uint4*>(gamma),
       static_cast<const uint4*>(beta), static_cast<uint4*>(out), rows, int(c / kChunk),
       1.0f / float(c), eps);
-  return cudaGetLastError();
+  return err == cudaSuccess ? cudaGetLastError() : err;
 }
 
 // The instantiation with the fewest chunks per lane that holds a row of c elements

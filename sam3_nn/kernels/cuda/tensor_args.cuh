@@ -11,6 +11,8 @@
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 
+#include "pdl.cuh"
+
 namespace sam3_cuda {
 
 using tvm::ffi::TensorView;
@@ -71,8 +73,10 @@ inline int sm_count(int device) {
 }
 
 // Check, initialise (workspace from `workspace`) and launch a CUTLASS device operator;
-// `what` names the problem in the error messages.
-template <class Op>
+// `what` names the problem in the error messages. `kPdl`: launch it as a programmatic
+// dependent (pdl.cuh), for kernels built with CUTLASS_ENABLE_GDC_FOR_SM90 that wait on
+// the previous grid (the sm90 GEMMs; not the conv kernels, which have no wait).
+template <class Op, bool kPdl = false>
 void run_cutlass(const typename Op::Arguments& args, int device, cudaStream_t stream,
                  const std::string& what) {
   Op op;
@@ -83,7 +87,10 @@ void run_cutlass(const typename Op::Arguments& args, int device, cudaStream_t st
   st = op.initialize(args, ws, stream);
   if (st != decltype(st)::kSuccess)
     TVM_FFI_THROW(RuntimeError) << "CUTLASS " << what << " init failed: " << cutlassGetStatusString(st);
-  st = op.run(stream);
+  if constexpr (kPdl)
+    st = op.run(stream, nullptr, pdl_on(device));
+  else
+    st = op.run(stream);
   cudaError_t e = cudaGetLastError();
   if (st != decltype(st)::kSuccess || e != cudaSuccess)
     TVM_FFI_THROW(RuntimeError) << "CUTLASS " << what << " launch failed: " << cutlassGetStatusString(st)
