@@ -19,6 +19,8 @@ then unpartitioned): window mode for every tile configuration, 2 images of 72x72
 with the partitioned kernel call (same arithmetic, other addresses). The TVM library's
 ``sam3_attention_cuda_window`` (the model's ``qkv_window_attention``) is checked the same way.
 Timings: CUDA-event medians over graph replays with 4 rotating input sets
+(window mode with the automatic tile choice and with each wgmma tiling forced; a global
+block of 5184 tokens per tiling)
 (bench/attention_cuda_kernel.time_cuda): window mode against partition (torch
 permute + contiguous of the [B, 72, 72, 1024] norm output) + kernel on the partitioned qkv +
 unpartition (permute + contiguous of [B*9, 576, 1024]).
@@ -209,6 +211,10 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
         r = {}
         r["window_mode_ms"] = akern.time_cuda([lambda i=i: kern.window(qkvs[i], HEADS, HEAD_DIM, WS, gh, gw, out=outs[i])
                                                for i in range(4)])
+        for cfg in (6, 7, 8, 9):  # forced tile configurations (0 above: the automatic choice)
+            r[f"window_config{cfg}_ms"] = akern.time_cuda(
+                [lambda i=i, cfg=cfg: kern.window(qkvs[i], HEADS, HEAD_DIM, WS, gh, gw, config=cfg, out=outs[i])
+                 for i in range(4)])
         r["partitioned_kernel_ms"] = akern.time_cuda([lambda i=i: kern(parts[i], parts[i], parts[i], HEADS, HEAD_DIM,
                                                                       (0, c, 2 * c), None, (WS, WS), 1.0, out=pouts[i])
                                                      for i in range(4)])
@@ -234,6 +240,17 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
         r["saving_28_blocks_ms"] = 28 * r["saving_ms"]
         results["timings"][f"batch{b}"] = r
         print(f"batch {b}", json.dumps({k: round(v, 4) for k, v in r.items()}), flush=True)
+    # a global block (all 5184 tokens attend to each other) per tile configuration
+    c = HEADS * HEAD_DIM
+    qkvs = [rnd(1, 72 * 72, 3 * c) for _ in range(4)]
+    outs = [torch.empty(1, 72 * 72, c, device=dev, dtype=torch.float16) for _ in range(4)]
+    g = {}
+    for cfg in (0, 6, 7, 8, 9):
+        g[f"global_config{cfg}_ms"] = akern.time_cuda(
+            [lambda i=i, cfg=cfg: kern(qkvs[i], qkvs[i], qkvs[i], HEADS, HEAD_DIM, (0, c, 2 * c), None, (72, 72),
+                                       1.0, config=cfg, out=outs[i]) for i in range(4)])
+    results["timings"]["global"] = g
+    print("global", json.dumps({k: round(v, 4) for k, v in g.items()}), flush=True)
     from common import finish_run
 
     return finish_run(results, ok_all, result_dir, "attention_cuda_window.json")
