@@ -153,7 +153,7 @@ CUDA_CASES = [
     ("linear 5184x1024->1024 +bias+residual", "linres",
      ((1, 5184), 1024, 1024, True, (1, 72, 72, 1024), False), True),
     ("linear 20736x256->256 +bias", "linear", (20736, 256, 256, True, None), True),
-    # few output tiles (text encoder: 32 tokens; DETR decoder: 201 queries): stream-K
+    # few output tiles (text encoder: 32 tokens; DETR decoder: 201 queries)
     ("text 32x1024->3072 +bias", "linear", (32, 1024, 3072, True, None), True),
     ("text fc1 32x1024->4096 +bias+gelu", "linear", (32, 1024, 4096, True, "gelu"), True),
     ("text fc2 32x4096->1024 +bias+residual", "linres", (32, 4096, 1024, True, None, True), True),

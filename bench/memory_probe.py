@@ -31,7 +31,7 @@ def main() -> int:
 
     import torch
 
-    from profile_vm import random_inputs
+    from profile_vm import random_inputs, random_params
     from sam3_nn.engine import CompiledModel
 
     torch.cuda.init()
@@ -58,8 +58,7 @@ def main() -> int:
 
     report("library loaded")
     rng = np.random.default_rng(0)
-    params = {p["name"]: (0.02 * rng.standard_normal(p["shape"])).astype(p["dtype"])
-              for p in lib.manifest["params"]}
+    params = random_params(lib.manifest, rng)
     weights = sum(a.nbytes for a in params.values()) / 2**20
     lib.bind(params)
     del params

@@ -330,6 +330,9 @@ class TorchSide:
     def supports(self, part: str) -> bool:
         return True
 
+    def supports_batch(self, batch: int) -> bool:
+        return True
+
     def _part_fns(self):
         if self._fns:
             return self._fns
@@ -557,9 +560,11 @@ def run(args) -> Dict:
                 name = side_name(side)
                 row = {"part": part, "batch": batch, "impl": side.label, "dtype": side.dtype,
                        "mode": side.mode, "flops": fl[part], "runs": args.runs, "warmup": args.warmup}
-                if not side.supports(part) or not getattr(side, "supports_batch", bool)(batch):
-                    row["skipped"] = ("library lacks " + ",".join(FUNCTIONS[part]) if not side.supports(part)
-                                      else f"library compiled for batch {side.manifest['batch']}")
+                if not side.supports(part):
+                    row["skipped"] = "library lacks " + ",".join(FUNCTIONS[part])
+                elif not side.supports_batch(batch):
+                    row["skipped"] = f"library compiled for batch {side.manifest['batch']}"
+                if "skipped" in row:
                     rows.append(row)
                     log(f"  {part:8s} b{batch} {name:24s} skipped: {row['skipped']}")
                     continue

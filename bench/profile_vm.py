@@ -44,6 +44,12 @@ def random_inputs(manifest, function: str, batch: int, rng):
     return args
 
 
+def random_params(manifest, rng):
+    """Random weights (seeded, scale 0.02) for every parameter of a library's manifest."""
+    return {p["name"]: (0.02 * rng.standard_normal(p["shape"])).astype(p["dtype"])
+            for p in manifest["params"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("library")
@@ -57,11 +63,12 @@ def main() -> int:
     from sam3_nn.engine import CompiledModel
 
     lib = CompiledModel(args.library)
+    import tvm  # after CompiledModel: it loads TVM's device runtime first
     rng = np.random.default_rng(0)
-    lib.bind({p["name"]: (0.02 * rng.standard_normal(p["shape"])).astype(p["dtype"])
-              for p in lib.manifest["params"]})
-    inputs = random_inputs(lib.manifest, args.function, args.batch, rng)
+    lib.bind(random_params(lib.manifest, rng))
     dev = lib.device
+    # on the device once: the calls below time the function, not the inputs' upload
+    inputs = [tvm.runtime.tensor(a, dev) for a in random_inputs(lib.manifest, args.function, args.batch, rng)]
 
     def call():
         out = lib.call_device(args.function, *inputs)

@@ -118,8 +118,6 @@ def build(cfg: Sam3Config, target: str = "llvm", dtype: Optional[str] = None,
     preset.check_tools()
     mode = ROPE_MODES[rope_mode]
     t0 = time.time()
-    if batch is not None and (not isinstance(batch, int) or batch < 1):
-        raise ValueError(f"batch must be a positive integer or None (any size), got {batch!r}")
     log(f"[1/4] export: {target}, {dtype}, rope {rope_mode}, parts {', '.join(parts)}, "
         f"batch {batch or 'any'}")
     model, mod, params, spec = export(cfg, dtype, mode, parts, preset.tvm_target(), batch)

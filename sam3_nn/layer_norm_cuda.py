@@ -24,9 +24,10 @@ import os
 from typing import Optional, Sequence
 
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
+from .kernels.rewrite import _shape, _static
 from .kernels.switch import Switch
 
 SYMBOL = "sam3_cuda_layer_norm"
@@ -47,25 +48,13 @@ def disabled():
     return SWITCH.disabled()
 
 
-def _tensor(e: relax.Expr):
-    """``(shape values, dtype)`` of a tensor with a known shape, else ``(None, None)``."""
-    ty = getattr(e, "ty", None)
-    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
-        return None, None
-    return list(ty.shape.values), ty.dtype
-
-
-def _static(v) -> Optional[int]:
-    return int(v) if isinstance(v, tirx.IntImm) else None
-
-
 def supported(call: relax.Call) -> bool:
     """Whether the kernel computes ``call`` (a ``relax.nn.layer_norm``): float16 x, gamma,
     beta, output; one axis, the last; centred and scaled; a static last dim C, a multiple of
     8 (16-byte rows) in [8, MAX_C]; gamma and beta ``[C]``."""
     x, gamma, beta = call.args
-    xs, dtype = _tensor(x)
-    if xs is None or dtype != "float16" or _tensor(call)[1] != "float16":
+    xs, dtype = _shape(x)
+    if xs is None or dtype != "float16" or _shape(call)[1] != "float16":
         return False
     at = call.attrs
     if [int(a) for a in at.axes] not in ([-1], [len(xs) - 1]) or not (at.center and at.scale):
@@ -74,7 +63,7 @@ def supported(call: relax.Call) -> bool:
     if c is None or c % 8 or not 8 <= c <= MAX_C:
         return False
     for p in (gamma, beta):
-        ps, pdtype = _tensor(p)
+        ps, pdtype = _shape(p)
         if pdtype != "float16" or [_static(v) for v in ps] != [c]:
             return False
     return True

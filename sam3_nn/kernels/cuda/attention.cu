@@ -47,8 +47,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include <mutex>
-
+#include "device.cuh"
 #include "pdl.cuh"
 
 namespace sam3_attn {
@@ -1055,46 +1054,22 @@ cudaError_t dispatch_cfg(const Params& p, int config, cudaStream_t stream) {
   }
 }
 
-// Scratch for the key splits' partial results, one growing buffer per device. An
-// outgrown buffer is kept (a CUDA graph captured earlier may point at it); it cannot grow
-// while the stream is being captured (TVM runs every function once before capturing it).
-inline float* split_workspace(size_t bytes, cudaStream_t stream) {
-  static std::mutex mu;
-  static float* bufs[64] = {};
-  static size_t sizes[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return nullptr;
-  std::lock_guard<std::mutex> lock(mu);
-  if (sizes[dev] < bytes) {
-    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-    cudaStreamIsCapturing(stream, &capturing);
-    if (capturing != cudaStreamCaptureStatusNone) return nullptr;
-    void* buf = nullptr;
-    if (cudaMalloc(&buf, bytes) != cudaSuccess) return nullptr;
-    bufs[dev] = static_cast<float*>(buf);
-    sizes[dev] = bytes;
-  }
-  return bufs[dev];
-}
-
 // Rows per block of the mma.sync configurations 1..5 (dispatch_cfg).
 inline int config_rows(int config) {
   static const int rows[] = {0, 128, 96, 64, 64, 32};
   return config >= 1 && config <= 5 ? rows[config] : 0;
 }
 
-inline int sm_count() {
-  int dev = 0, v = 0;
-  if (cudaGetDevice(&dev) == cudaSuccess &&
-      cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0)
-    return v;
-  return 132;
+// Multiprocessors of the current device.
+inline int current_sm_count() {
+  int dev = 0;
+  return sam3_cuda::sm_count(cudaGetDevice(&dev) == cudaSuccess ? dev : 0);
 }
 
 // Automatic choice: padding of the last query tile against filling the multiprocessors
 // (blocks resident per SM: 2 for the 128-row tiles, 4 for the 64/32-row ones).
 inline int auto_config(const Params& p, int head_dim, bool wgmma_ok = true) {
-  const int sms = sm_count();
+  const int sms = current_sm_count();
   const long long bh = (long long)p.batch * p.heads;
   auto cost = [&](int bm, int resident, double penalty) {
     const long long tiles = (p.nq + bm - 1) / bm;
@@ -1189,7 +1164,7 @@ int launch_all(const void* q, const void* k, const void* v, const void* bias, co
   p.split_tiles = 0;
   p.part = nullptr;
   if (fbias != nullptr && window <= 0) {
-    const int bm = config_rows(config), sms = sm_count(), tiles = (nk + 63) / 64;
+    const int bm = config_rows(config), sms = current_sm_count(), tiles = (nk + 63) / 64;
     const long long blocks = (long long)((nq + bm - 1) / bm) * heads * batch;
     long long want = (4LL * sms + blocks - 1) / blocks;
     if (want > tiles / 4) want = tiles / 4;
@@ -1197,8 +1172,12 @@ int launch_all(const void* q, const void* k, const void* v, const void* bias, co
       p.split_tiles = int((tiles + want - 1) / want);
       p.splits = (tiles + p.split_tiles - 1) / p.split_tiles;
       if ((long long)batch * p.splits > 65535) return fail("key split: batch x splits over 65535");
-      p.part = split_workspace(sizeof(float) * size_t(batch) * heads * p.splits * nq * (head_dim + 2),
-                               stream);
+      int dev = 0;
+      const char* why = "";
+      cudaGetDevice(&dev);
+      p.part = static_cast<float*>(sam3_cuda::scratch(
+          sam3_cuda::kAttentionSplits,
+          sizeof(float) * size_t(batch) * heads * p.splits * nq * (head_dim + 2), dev, stream, 0, &why));
       if (p.part == nullptr) return fail("key split: no scratch memory (or growing it during capture)");
     }
   }

@@ -188,7 +188,7 @@ int g_forced_tile = -1;
 // With `GeluFit` the GELU epilogue is cheap enough for ping-pong to lead again (H200, fc1
 // 5184x1024->4736 + GELU, configs 0-4: 443 / 435 / 544 / 415 / 467; with CUTLASS's erff
 // GELU it was 431 for ping-pong and 435 for config 4).
-inline int pick_tile(int64_t m, int64_t, int64_t k, bool) {
+inline int pick_tile(int64_t m, int64_t k) {
   if (g_forced_tile >= 0) return g_forced_tile;
   if (m <= 256) return 0;
   return k >= 4096 ? 4 : 2;
@@ -258,7 +258,7 @@ void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* 
     run<Cfg0<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
     return;
   } else {
-    switch (pick_tile(m, n, k, E == Epi::kBiasGelu)) {
+    switch (pick_tile(m, k)) {
       case 1:
         return run<Cfg1<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
       case 2:

@@ -1,16 +1,16 @@
-// Argument checks and the scratch buffer shared by the CUTLASS entry points
+// Argument checks and the CUTLASS launch shared by the CUTLASS entry points
 // (gemm_sm90.cu, conv_sm90.cu).
 #pragma once
 
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include <mutex>
 #include <string>
 
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 
+#include "device.cuh"
 #include "pdl.cuh"
 
 namespace sam3_cuda {
@@ -31,45 +31,14 @@ inline void check(const TensorView& t, const char* what) {
     TVM_FFI_THROW(ValueError) << what << " must be 16-byte aligned";
 }
 
-// One growing scratch buffer per device for CUTLASS's workspace (kernels on one stream
-// use it one after another). A buffer that is outgrown is kept, not freed: a CUDA graph
-// captured earlier may still point at it. It cannot grow while a stream is being
-// captured (cudaMalloc is not capturable); TVM runs every function once uncaptured before
-// capturing it, so the sizes a graph needs are allocated by then.
+// CUTLASS's workspace: the kCutlassWorkspace scratch buffer (device.cuh), at least 4 MB.
 inline void* workspace(size_t bytes, int device, cudaStream_t stream) {
-  static std::mutex mu;
-  static void* bufs[64] = {};
-  static size_t sizes[64] = {};
-  if (bytes == 0) return nullptr;
-  std::lock_guard<std::mutex> lock(mu);
-  if (device < 0 || device >= 64) TVM_FFI_THROW(RuntimeError) << "bad device " << device;
-  if (sizes[device] < bytes) {
-    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-    cudaStreamIsCapturing(stream, &capturing);
-    if (capturing != cudaStreamCaptureStatusNone)
-      TVM_FFI_THROW(RuntimeError) << "CUTLASS workspace of " << bytes
-                                  << " bytes needed while capturing a CUDA graph; run the "
-                                     "function once without capture first";
-    bytes = bytes < (size_t(4) << 20) ? (size_t(4) << 20) : bytes;  // few regrowths
-    void* buf = nullptr;
-    if (cudaMalloc(&buf, bytes) != cudaSuccess)
-      TVM_FFI_THROW(RuntimeError) << "cudaMalloc of " << bytes << " bytes of CUTLASS workspace failed";
-    bufs[device] = buf;  // the old buffer stays allocated (see above)
-    sizes[device] = bytes;
-  }
-  return bufs[device];
-}
-
-// Multiprocessors of `device` (cached; 132 if the query fails).
-inline int sm_count(int device) {
-  static int counts[64] = {};
-  if (device < 0 || device >= 64) return 132;
-  if (counts[device] == 0) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    counts[device] = n > 0 ? n : 132;
-  }
-  return counts[device];
+  const char* why = "";
+  void* buf = scratch(kCutlassWorkspace, bytes, device, stream, size_t(4) << 20, &why);
+  if (buf == nullptr && bytes != 0)
+    TVM_FFI_THROW(RuntimeError) << "CUTLASS workspace of " << bytes << " bytes on device " << device
+                                << ": " << why;
+  return buf;
 }
 
 // Check, initialise (workspace from `workspace`) and launch a CUTLASS device operator;
