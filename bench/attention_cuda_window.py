@@ -18,6 +18,9 @@ then unpartitioned): window mode for every tile configuration, 2 images of 72x72
 (16 heads, head dim 64), a 48x72 grid with head dim 32 (mma.sync kernels), and bit-equality
 with the partitioned kernel call (same arithmetic, other addresses). The TVM library's
 ``sam3_attention_cuda_window`` (the model's ``qkv_window_attention``) is checked the same way.
+Keys rotated once (``sam3_rope_keys_fp16`` + the kernel rotating q only, what the model
+uses from 512 queries per sequence on): bit-equality with the inline rotation, window mode
+and a global block, and the time of each step.
 Timings: CUDA-event medians over graph replays with 4 rotating input sets
 (window mode with the automatic tile choice and with each wgmma tiling forced; a global
 block of 5184 tokens per tiling)
@@ -83,9 +86,47 @@ class WindowKernel(akern.Kernel):
         f = self.lib.sam3_attention_fp16_window
         P, LL, I, F = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
         f.argtypes = [P, P, P, P, P, LL, LL, I, LL, LL, I, LL, LL, I, LL, LL, LL,
-                      I, I, I, I, I, I, I, F, F, I, I, I, I, P]
+                      I, I, I, I, I, I, I, F, F, I, I, I, I, I, P]
         f.restype = I
         self.wfn = f
+        r = self.lib.sam3_rope_keys_fp16
+        r.argtypes = [P, P, LL, LL, I, I, I, I, I, I, I, F, F, I, I, I, P]
+        r.restype = I
+        self.rfn = r
+
+    def rope_keys(self, qkv, heads, head_dim, grid, window=0, img=(0, 0), out=None):
+        """The k columns of ``qkv [B, N, 3C]`` rotated once (``sam3_rope_keys_fp16``): [B, N, C]."""
+        import torch
+
+        b, n, _ = qkv.shape
+        c = heads * head_dim
+        if out is None:
+            out = torch.empty(b, n, c, dtype=qkv.dtype, device=qkv.device)
+        err = self.rfn(qkv.data_ptr(), out.data_ptr(), qkv.stride(0), qkv.stride(1), c, b, n, heads, head_dim,
+                       grid[0], grid[1], 1.0, akern.THETA, window, img[0], img[1],
+                       torch.cuda.current_stream().cuda_stream)
+        if err:
+            raise RuntimeError(f"sam3_rope_keys_fp16 returned {err}")
+        return out
+
+    def attend(self, q, k, v, offsets, heads, head_dim, grid, keys_rotated, window=0, img=(0, 0), config=0,
+               out=None):
+        """``sam3_attention_fp16_window`` on separate q/k/v tensors (window 0: global attention)."""
+        import torch
+
+        b, n, _ = q.shape
+        c = heads * head_dim
+        if out is None:
+            out = torch.empty(b, n, c, dtype=q.dtype, device=q.device)
+        nq = window * window if window else n
+        err = self.wfn(q.data_ptr(), k.data_ptr(), v.data_ptr(), None, out.data_ptr(),
+                       q.stride(0), q.stride(1), offsets[0], k.stride(0), k.stride(1), offsets[1],
+                       v.stride(0), v.stride(1), offsets[2], out.stride(0), out.stride(1), 0,
+                       b, heads, head_dim, nq, nq, grid[0], grid[1], 1.0, akern.THETA, window, img[0], img[1],
+                       config, int(keys_rotated), torch.cuda.current_stream().cuda_stream)
+        if err:
+            raise RuntimeError(f"sam3_attention_fp16_window returned {err}")
+        return out
 
     def window(self, qkv, heads, head_dim, ws, gh, gw, rope=True, config=0, out=None):
         import torch
@@ -98,7 +139,7 @@ class WindowKernel(akern.Kernel):
         err = self.wfn(qkv.data_ptr(), qkv.data_ptr(), qkv.data_ptr(), None, out.data_ptr(),
                        qkv.stride(0), qkv.stride(1), 0, qkv.stride(0), qkv.stride(1), c,
                        qkv.stride(0), qkv.stride(1), 2 * c, out.stride(0), out.stride(1), 0,
-                       b, heads, head_dim, ws * ws, ws * ws, r, r, 1.0, akern.THETA, ws, gh, gw, config,
+                       b, heads, head_dim, ws * ws, ws * ws, r, r, 1.0, akern.THETA, ws, gh, gw, config, 0,
                        torch.cuda.current_stream().cuda_stream)
         if err:
             raise RuntimeError(f"sam3_attention_fp16_window returned {err}")
@@ -251,6 +292,43 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
                                        1.0, config=cfg, out=outs[i]) for i in range(4)])
     results["timings"]["global"] = g
     print("global", json.dumps({k: round(v, 4) for k, v in g.items()}), flush=True)
+
+    # keys rotated once (sam3_rope_keys_fp16, then the kernel rotating q only) against the
+    # kernel rotating every k tile it reads: bit-equal, and the time of both steps
+    krs = [torch.empty(1, 72 * 72, c, device=dev, dtype=torch.float16) for _ in range(4)]
+    modes = {"global": dict(grid=(72, 72)), "window": dict(grid=(WS, WS), window=WS, img=(72, 72))}
+
+    def rotated(i, mode, cfg=0, rotate=True):
+        kw = modes[mode]
+        if rotate:
+            kern.rope_keys(qkvs[i], HEADS, HEAD_DIM, kw["grid"], kw.get("window", 0), kw.get("img", (0, 0)),
+                           out=krs[i])
+        return kern.attend(qkvs[i], krs[i], qkvs[i], (0, 0, 2 * c), HEADS, HEAD_DIM, kw["grid"], True,
+                           kw.get("window", 0), kw.get("img", (0, 0)), config=cfg, out=outs[i])
+
+    def inline(i, mode, cfg=0):
+        kw = modes[mode]
+        return kern.attend(qkvs[i], qkvs[i], qkvs[i], (0, c, 2 * c), HEADS, HEAD_DIM, kw["grid"], False,
+                           kw.get("window", 0), kw.get("img", (0, 0)), config=cfg, out=outs[i])
+
+    rk = {}
+    for mode in modes:
+        for cfg in (1, 6):  # an mma.sync and a wgmma tiling
+            a_ = rotated(0, mode, cfg).clone()
+            b_ = inline(0, mode, cfg).clone()
+            same = torch.equal(a_, b_)
+            ok_all &= same
+            results["checks"].append({"case": f"keys rotated once, {mode}", "config": cfg, "bit_equal_inline": same})
+            print(f"check keys rotated once, {mode} cfg {cfg}: bit-equal to inline rotation {same}", flush=True)
+        rk[f"{mode}_inline_ms"] = akern.time_cuda([lambda i=i, m=mode: inline(i, m) for i in range(4)])
+        rk[f"{mode}_rope_keys_ms"] = akern.time_cuda(
+            [lambda i=i, m=mode: kern.rope_keys(qkvs[i], HEADS, HEAD_DIM, modes[m]["grid"], modes[m].get("window", 0),
+                                                modes[m].get("img", (0, 0)), out=krs[i]) for i in range(4)])
+        rk[f"{mode}_attention_rotated_keys_ms"] = akern.time_cuda(
+            [lambda i=i, m=mode: rotated(i, m, rotate=False) for i in range(4)])
+        rk[f"{mode}_rotated_total_ms"] = akern.time_cuda([lambda i=i, m=mode: rotated(i, m) for i in range(4)])
+    results["timings"]["keys_rotated_once"] = rk
+    print("keys rotated once", json.dumps({k: round(v, 4) for k, v in rk.items()}), flush=True)
     from common import finish_run
 
     return finish_run(results, ok_all, result_dir, "attention_cuda_window.json")

@@ -25,9 +25,9 @@ from typing import Optional, Sequence
 
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_op, wildcard
 
-from .kernels.rewrite import _shape, _static
+from .kernels.rewrite import _shape, _static, rewrite_functions
 from .kernels.switch import Switch
 
 SYMBOL = "sam3_cuda_layer_norm"
@@ -91,18 +91,7 @@ def rewrite_pass() -> tvm.transform.Pass:
                 return orig
             return emit(*orig.args, float(orig.attrs.epsilon))
 
-        updates = {}
-        for gv, func in mod.functions.items():
-            if isinstance(func, relax.Function):
-                f = rewrite_call(pat, route, func)
-                if not f.same_as(func):
-                    updates[gv] = f
-        if not updates:
-            return mod
-        bb = relax.BlockBuilder(mod)
-        for gv, f in updates.items():
-            bb.update_func(gv, f)
-        return bb.get()
+        return rewrite_functions(mod, pat, route)
 
     return _rewrite
 

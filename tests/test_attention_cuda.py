@@ -57,12 +57,34 @@ def _export(dtype, module=None, hidden=1024, target=CUDA, route=True):
 def test_fp16_on_cuda_calls_the_cuda_kernel():
     mod = _export("float16")
     inline, none, masked = (mod[f].script() for f in ("inline", "none", "masked"))
-    assert 'call_dps_packed("sam3_attention_cuda", (qkv, qkv, qkv, 16, 0, 1024, 2048, 24, 24' in inline
-    assert 'call_dps_packed("sam3_attention_cuda", (qkv, qkv, qkv, 16, 0, 1024, 2048, 0, 0' in none
+    # 576 queries: the keys are rotated once (k columns at 1024, 16 heads, global positions on
+    # the 24x24 grid), the kernel reads them from that buffer and rotates only q
+    assert ('call_dps_packed("sam3_rope_keys_cuda", (qkv, 1024, 16, 0, 0, 0, 24, 24, T.float64(1.0), '
+            'T.float64(10000.0)), out_ty=R.Tensor((b, 576, 1024)') in inline
+    assert ('call_dps_packed("sam3_attention_cuda", (qkv, sam3_rope_keys_cuda, qkv, 16, 0, 0, 2048, 24, 24, '
+            'T.float64(1.0), T.float64(10000.0), 1)') in inline
+    assert ('call_dps_packed("sam3_attention_cuda", (qkv, qkv, qkv, 16, 0, 1024, 2048, 0, 0, T.float64(1.0), '
+            'T.float64(10000.0), 0)') in none
+    assert "sam3_rope_keys_cuda" not in none
     assert 'call_dps_packed("sam3_attention_cuda_bias"' in masked  # key bias, head dim 32
     for s in (inline, none, masked):
         assert "sam3_attention_rope" not in s and "softmax" not in s
     assert attention_cuda.calls_kernel(mod)
+
+
+def test_short_sequences_rotate_keys_inline():
+    """Below ROTATE_KEYS_MIN_QUERIES queries the kernel rotates the k tiles itself (few query
+    tiles re-read them); dynamic sequence lengths do too."""
+    t = lambda *s: nn.spec.Tensor(list(s), "float16")
+    assert attention_cuda.ROTATE_KEYS_MIN_QUERIES > 21 * 24
+    for n, (gh, gw) in ((21 * 24, (21, 24)), ("n", (24, 24))):
+        with kernel_target(CUDA):
+            mod, _ = Mod(rope=AxialRope(gh, gw, 64, 10000.0, 1.0)).export_tvm(
+                spec={"inline": {"qkv": t(1, n, 3072)}})
+        s = mod["inline"].script()
+        assert "sam3_rope_keys_cuda" not in s, n
+        assert f'call_dps_packed("sam3_attention_cuda", (qkv, qkv, qkv, 16, 0, 1024, 2048, {gh}, {gw}' in s, n
+        assert "T.float64(10000.0), 0)" in s, n
 
 
 def test_full_bias_takes_the_cuda_kernel_on_cuda_only():
@@ -127,8 +149,13 @@ def test_windowed_block_uses_window_mode_without_transposes():
     mod = _export_windowed("float16")
     exact, padded = mod["exact"].script(), mod["padded"].script()
     # no padding: qkv on the unpartitioned rows, window-mode kernel, o_proj on its output
-    assert ('call_dps_packed("sam3_attention_cuda_window", (add, add, add, 2, 0, 128, 256, 24, 48, 48, 24, 24'
-            in exact)  # heads, q/k/v columns, window, image grid, RoPE grid (the window's)
+    # keys rotated once at their in-window positions (k columns at 128, 2 heads, window 24 of
+    # the 48x48 grid, RoPE grid the window's), then the window-mode kernel: heads, q/k/v
+    # columns (k from the rotated buffer), window, image grid, RoPE grid, keys rotated
+    assert ('call_dps_packed("sam3_rope_keys_cuda", (add, 128, 2, 24, 48, 48, 24, 24, T.float64(1.0), '
+            'T.float64(10000.0)), out_ty=R.Tensor((b, 2304, 128)') in exact
+    assert ('call_dps_packed("sam3_attention_cuda_window", (add, sam3_rope_keys_cuda, add, 2, 0, 0, 256, 24, '
+            '48, 48, 24, 24, T.float64(1.0), T.float64(10000.0), 1)') in exact
     # the only transposes left are the weights' (Linear), none of activations
     perms = [ln for ln in exact.splitlines() if "R.permute_dims(" in ln]
     assert len(perms) == 4 and all("_weight, axes=None)" in ln for ln in perms), perms
@@ -176,7 +203,8 @@ def test_cuda_library_links_the_kernel(tmp_path):
     ex.export_library(lib, fcompile=cuda_source.fcompile_with_cudart())
     syms = subprocess.run(["nm", "-D", lib], capture_output=True, text=True).stdout
     for s in ("__tvm_ffi_sam3_attention_cuda", "__tvm_ffi_sam3_attention_cuda_bias",
-              "__tvm_ffi_sam3_attention_cuda_window", "__tvm_ffi_sam3_attention_cuda_full_bias"):
+              "__tvm_ffi_sam3_attention_cuda_window", "__tvm_ffi_sam3_attention_cuda_full_bias",
+              "__tvm_ffi_sam3_rope_keys_cuda"):
         assert s in syms, s
     ldd = subprocess.run(["ldd", lib], capture_output=True, text=True).stdout
     assert "libcudart" not in ldd  # the CUDA runtime is linked statically

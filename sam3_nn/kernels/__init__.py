@@ -44,15 +44,18 @@ def providers_for(target: tvm.target.Target, cuda_arches: Optional[Sequence[str]
 def schedule_passes(target: tvm.target.Target, cuda_arches: Optional[Sequence[str]] = None
                     ) -> List[tvm.transform.Pass]:
     """Passes to run on the Relax IRModule before the default pipeline (on CUDA also the
-    float16 layer norms' rewrite to the hand-written kernel, and the passes linking the
-    hand-written attention and layer norm kernels' objects when the model calls them)."""
+    float16 layer norms' and layout permutes' rewrites to the hand-written kernels, and the
+    passes linking the hand-written attention, layer norm and transpose kernels' objects
+    when the model calls them)."""
     gemm, conv = providers_for(target, cuda_arches)
     passes = [] if gemm is None else [make_gemm_pass(gemm, conv)]
     if target.kind.name == "cuda":
-        from sam3_nn import attention_cuda, layer_norm_cuda
+        from sam3_nn import attention_cuda, layer_norm_cuda, transpose_cuda
 
-        passes += [layer_norm_cuda.rewrite_pass(), attention_cuda.attach_pass(target, cuda_arches),
-                   layer_norm_cuda.attach_pass(target, cuda_arches)]
+        passes += [layer_norm_cuda.rewrite_pass(), transpose_cuda.rewrite_pass(),
+                   attention_cuda.attach_pass(target, cuda_arches),
+                   layer_norm_cuda.attach_pass(target, cuda_arches),
+                   transpose_cuda.attach_pass(target, cuda_arches)]
     return passes
 
 

@@ -98,6 +98,23 @@ def _same(a, b) -> bool:
     return _analyzer().can_prove_equal(a, b)
 
 
+def rewrite_functions(mod: tvm.IRModule, pattern, route) -> tvm.IRModule:
+    """``rewrite_call(pattern, route, f)`` on every Relax function of ``mod``; ``mod``
+    itself when nothing changed."""
+    updates = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            f = rewrite_call(pattern, route, func)
+            if not f.same_as(func):
+                updates[gv] = f
+    if not updates:
+        return mod
+    bb = relax.BlockBuilder(mod)
+    for gv, f in updates.items():
+        bb.update_func(gv, f)
+    return bb.get()
+
+
 class _Rewriter:
     def __init__(self, provider: Provider, bb: relax.BlockBuilder,
                  conv_provider: Optional[ConvProvider] = None):

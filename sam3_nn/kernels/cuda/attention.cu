@@ -83,6 +83,7 @@ struct Params {
   float rope_scale, rope_theta;
   float inv_grid_w;  // 1 / grid_w
   int rope_half;     // wgmma kernels: rotate k tiles in half2 arithmetic
+  int rope_k;        // 1: rotate the k tiles too; 0: the keys arrive rotated (rope_keys_kernel)
   float scale_log2;  // softmax scale * log2(e)
   // window mode (win > 0): batch index = (image, window); q/k/v/out are the unpartitioned
   // [images, img_h * img_w, W] token rows and token i of window (wy, wx) of image `img` is
@@ -321,6 +322,90 @@ __device__ __forceinline__ void build_rope_table(const Params& p, float2* tab, u
   }
 }
 
+// ---------------------------------------------------------------- keys rotated once
+
+// Rotated keys for the attention kernels' "keys arrive rotated" mode (Params::rope_k = 0).
+// With RoPE on, every query block used to rotate every k tile it read: a global ViT block
+// (81 query tiles x 81 key tiles per head) rotated each key 41 times, a quarter of the
+// kernel's time. This kernel rotates each key once, from the head columns of a fused
+// projection into a compact [B, N, heads * D] buffer, with exactly the arithmetic of
+// rope_tile (same table, same float32 rotation, one rounding), so the attention result is
+// the same as with inline rotation; q stays rotated inline (once per query tile).
+// Positions: window == 0: token t of a batch entry sits at (t / grid_w, t % grid_w) of the
+// RoPE grid; window > 0: token t of an img_h x img_w image at (y, x) = (t / img_w, t % img_w)
+// sits at (y % window, x % window) of its window (the window-mode attention's positions).
+struct RopeKeysParams {
+  const half* src;  // column k_off of row 0 of batch entry 0
+  half* dst;        // [batch, n, hidden], compact
+  int64_t src_bs, src_rs;
+  int batch, n, hidden;
+  int grid_h, grid_w;
+  float rope_scale, rope_theta;
+  int window, img_w;
+};
+
+template <int D>
+__global__ void __launch_bounds__(256) rope_keys_kernel(const RopeKeysParams rp) {
+  constexpr int Q4 = D / 4, CH = D / 8, NT = 256, U = 4;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float2* tab = reinterpret_cast<float2*>(smem_raw);
+  // the table needs only the parameters: built before waiting on the previous kernel; few
+  // blocks (a grid-stride loop over the chunks) so that it is built few times
+  Params tp;
+  tp.grid_h = rp.grid_h;
+  tp.grid_w = rp.grid_w;
+  tp.rope_scale = rp.rope_scale;
+  tp.rope_theta = rp.rope_theta;
+  build_rope_table<D, NT>(tp, tab, nullptr, threadIdx.x);
+  __syncthreads();
+  sam3_cuda::pdl_wait_then_release();
+  const int chunks = rp.hidden / 8;  // 16-byte chunks per row
+  const int total = rp.batch * rp.n * chunks;
+  for (int base = blockIdx.x * (NT * U) + threadIdx.x; base < total; base += gridDim.x * (NT * U)) {
+    uint4 val[U];
+    int row[U], cc[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // U independent 16-byte loads in flight per thread
+      const int idx = base + u * NT;
+      row[u] = idx / chunks;
+      cc[u] = idx - row[u] * chunks;
+      if (idx < total) {
+        const int b = row[u] / rp.n, t = row[u] - b * rp.n;
+        val[u] = *reinterpret_cast<const uint4*>(rp.src + int64_t(b) * rp.src_bs + int64_t(t) * rp.src_rs +
+                                                 cc[u] * 8);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (base + u * NT >= total) break;
+      const int b = row[u] / rp.n, t = row[u] - b * rp.n;
+      int gy, gx;
+      if (rp.window > 0) {
+        gy = (t / rp.img_w) % rp.window;
+        gx = (t % rp.img_w) % rp.window;
+      } else {
+        gy = t / rp.grid_w;
+        gx = t - gy * rp.grid_w;
+      }
+      const int p0 = (cc[u] % CH) * 4;  // first pair of the chunk within its head
+      const bool is_x = p0 < Q4;
+      const int e0 = (is_x ? gx : gy) * Q4 + (is_x ? p0 : p0 - Q4);
+      uint32_t w[4] = {val[u].x, val[u].y, val[u].z, val[u].w};
+      const float4* tt = reinterpret_cast<const float4*>(tab + e0);
+      const float4 t01 = tt[0], t23 = tt[1];
+      const float cs[4] = {t01.x, t01.z, t23.x, t23.z};
+      const float sn[4] = {t01.y, t01.w, t23.y, t23.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 xy = __half22float2(*reinterpret_cast<__half2*>(&w[e]));
+        w[e] = pack_half2(xy.x * cs[e] - xy.y * sn[e], xy.x * sn[e] + xy.y * cs[e]);
+      }
+      *reinterpret_cast<uint4*>(rp.dst + int64_t(row[u]) * rp.hidden + cc[u] * 8) =
+          make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- the kernel
 
 template <int D, int NW, int MT, int BN, bool ROPE, bool BIAS>
@@ -390,7 +475,7 @@ __global__ void __launch_bounds__(NW * 32)
   if constexpr (ROPE) {
     __syncthreads();  // the table
     rope_tile<D, BM, NT>(sQ, q0, nq, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
-    rope_tile<D, BN, NT>(sK, kv_start, nk, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
+    if (p.rope_k) rope_tile<D, BN, NT>(sK, kv_start, nk, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
   }
   __syncthreads();
 
@@ -569,7 +654,7 @@ __global__ void __launch_bounds__(NW * 32)
 
     if (has_next) {
       cp_async_wait_all();
-      if constexpr (ROPE)
+      if (ROPE && p.rope_k)
         rope_tile<D, BN, NT>(sK + (st ^ 1) * BN * D, kv0 + BN, nk, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
       if constexpr (BIAS) {
         if (tid < BN) sBias[(st ^ 1) * BN + tid] = bias_next;
@@ -749,7 +834,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
   auto bias_val = [&](int key) {
     return key_bias_log2(gbias, key, nk);
   };
-  auto rope_k = [&](int tile) {
+  auto rotate_k_tile = [&](int tile) {
     half* dst = sK + (tile % ST) * TILE;
     if (rope_half)
       rope_tile<D, BN, NT, true>(dst, tile * BN, nk, sTab, sTabH, p.grid_w, p.inv_grid_w, tid);
@@ -775,7 +860,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
   if constexpr (ROPE) {
     __syncthreads();  // the table
     rope_tile<D, BM, NT>(sQ, q0, nq, sTab, sTabH, p.grid_w, p.inv_grid_w, tid);
-    rope_tile<D, BN, NT>(sK, 0, nk, sTab, sTabH, p.grid_w, p.inv_grid_w, tid);
+    if (p.rope_k) rope_tile<D, BN, NT>(sK, 0, nk, sTab, sTabH, p.grid_w, p.inv_grid_w, tid);
   }
   fence_proxy_async();
   __syncthreads();
@@ -788,6 +873,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
   for (int i = 0; i < DS * 4; ++i) o[i] = 0.f;
   float m_run[2] = {kNegInit, kNegInit}, l_run[2] = {0.f, 0.f};
   const float sc = BIAS ? 1.f : p.scale_log2;
+
 
   for (int j = 0; j < ntiles; ++j) {
     const int st = j % ST;
@@ -817,7 +903,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
     // ---- meanwhile: finish tile j+1 (copies landed: only the newest group may be pending)
     if (j + 1 < ntiles) {
       asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-      if constexpr (ROPE) rope_k(j + 1);
+      if (ROPE && p.rope_k) rotate_k_tile(j + 1);
       if constexpr (BIAS) {
         if (tid < BN) sBias[((j + 1) % ST) * BN + tid] = bias_val(kv0 + BN + tid);
       }
@@ -1098,7 +1184,8 @@ int launch_all(const void* q, const void* k, const void* v, const void* bias, co
                long long out_batch_stride, long long out_row_stride, long long bias_batch_stride,
                long long fb_batch_stride, long long fb_head_stride, int batch, int heads,
                int head_dim, int nq, int nk, int grid_h, int grid_w, float rope_scale,
-               float rope_theta, int window, int img_h, int img_w, int config, cudaStream_t stream) {
+               float rope_theta, int window, int img_h, int img_w, int config, int keys_rotated,
+               cudaStream_t stream) {
   last_failure() = "";
   if (batch <= 0 || heads <= 0 || nq <= 0) return 0;
   if (nk <= 0 || (head_dim != 32 && head_dim != 64)) return fail("empty keys or head dim not 32/64");
@@ -1182,6 +1269,7 @@ int launch_all(const void* q, const void* k, const void* v, const void* bias, co
     }
   }
   p.rope_half = config >= 8 ? 1 : 0;
+  p.rope_k = rope && !keys_rotated ? 1 : 0;
 
   const bool has_bias = bias != nullptr || fbias != nullptr;
   cudaError_t err;
@@ -1197,6 +1285,52 @@ int launch_all(const void* q, const void* k, const void* v, const void* bias, co
                         : dispatch_cfg<32, false, false>(p, config, stream);
   }
   return static_cast<int>(err);
+}
+
+int launch_rope_keys(const void* src, void* dst, long long src_batch_stride, long long src_row_stride,
+                     int src_offset, int batch, int n, int heads, int head_dim, int grid_h, int grid_w,
+                     float rope_scale, float rope_theta, int window, int img_h, int img_w,
+                     cudaStream_t stream) {
+  last_failure() = "";
+  if (batch <= 0 || n <= 0 || heads <= 0) return 0;
+  if (head_dim != 32 && head_dim != 64) return fail("head dim not 32/64");
+  if (grid_h <= 0 || grid_w <= 0) return fail("RoPE grid not positive");
+  if (window > 0) {
+    if (img_h <= 0 || img_w <= 0 || img_h % window || img_w % window || (long long)img_h * img_w != n)
+      return fail("window mode: tokens not a grid of whole windows");
+    if (grid_h < window || grid_w < window) return fail("RoPE grid smaller than the window");
+  } else if ((long long)grid_h * grid_w < n) {
+    return fail("RoPE grid smaller than the sequence");
+  }
+  if (src_batch_stride % 8 || src_row_stride % 8 || src_offset % 8 ||
+      (reinterpret_cast<uintptr_t>(src) & 15) || (reinterpret_cast<uintptr_t>(dst) & 15))
+    return fail("strides/offset not multiples of 8 elements or pointers not 16-byte aligned");
+  RopeKeysParams rp;
+  rp.src = static_cast<const half*>(src) + src_offset;
+  rp.dst = static_cast<half*>(dst);
+  rp.src_bs = src_batch_stride;
+  rp.src_rs = src_row_stride;
+  rp.batch = batch;
+  rp.n = n;
+  rp.hidden = heads * head_dim;
+  rp.grid_h = grid_h;
+  rp.grid_w = grid_w;
+  rp.rope_scale = rope_scale;
+  rp.rope_theta = rope_theta;
+  rp.window = window > 0 ? window : 0;
+  rp.img_w = window > 0 ? img_w : 0;
+  const int smem = (grid_h > grid_w ? grid_h : grid_w) * (head_dim / 4) * 8;
+  if (smem > 48 * 1024) return fail("RoPE grid too large for the key rotation table");
+  const long long total = (long long)batch * n * (heads * head_dim / 8);
+  if (total > 0x7fffffffLL - 1024LL * 1024) return fail("over 2^31 16-byte chunks of keys");
+  long long blocks = (total + 1023) / 1024;  // 256 threads x 4 chunks
+  const long long cap = 4LL * current_sm_count();
+  if (blocks > cap) blocks = cap;
+  cudaError_t err = head_dim == 64
+      ? sam3_cuda::launch(rope_keys_kernel<64>, dim3(unsigned(blocks)), dim3(256), smem, stream, rp)
+      : sam3_cuda::launch(rope_keys_kernel<32>, dim3(unsigned(blocks)), dim3(256), smem, stream, rp);
+  if (err == cudaSuccess) err = cudaGetLastError();
+  return err == cudaSuccess ? 0 : static_cast<int>(fail("key rotation launch", err));
 }
 }  // namespace
 }  // namespace sam3_attn
@@ -1224,12 +1358,12 @@ int sam3_attention_fp16_window(const void* q, const void* k, const void* v, cons
                                long long bias_batch_stride, int batch, int heads, int head_dim,
                                int nq, int nk, int grid_h, int grid_w, float rope_scale,
                                float rope_theta, int window, int img_h, int img_w, int config,
-                               cudaStream_t stream) {
+                               int keys_rotated, cudaStream_t stream) {
   return sam3_attn::launch_all(q, k, v, bias, nullptr, out, q_batch_stride, q_row_stride, q_offset,
                                k_batch_stride, k_row_stride, k_offset, v_batch_stride, v_row_stride,
                                v_offset, out_batch_stride, out_row_stride, bias_batch_stride, 0, 0,
                                batch, heads, head_dim, nq, nk, grid_h, grid_w, rope_scale,
-                               rope_theta, window, img_h, img_w, config, stream);
+                               rope_theta, window, img_h, img_w, config, keys_rotated, stream);
 }
 
 int sam3_attention_fp16(const void* q, const void* k, const void* v, const void* bias, void* out,
@@ -1244,7 +1378,21 @@ int sam3_attention_fp16(const void* q, const void* k, const void* v, const void*
                                     k_batch_stride, k_row_stride, k_offset, v_batch_stride,
                                     v_row_stride, v_offset, out_batch_stride, out_row_stride,
                                     bias_batch_stride, batch, heads, head_dim, nq, nk, grid_h,
-                                    grid_w, rope_scale, rope_theta, 0, 0, 0, config, stream);
+                                    grid_w, rope_scale, rope_theta, 0, 0, 0, config, 0, stream);
+}
+
+// Keys rotated once for the "keys arrive rotated" mode (keys_rotated = 1 above): columns
+// [src_offset, src_offset + heads * head_dim) of `batch` x `n` rows of src (strides in
+// elements) -> dst [batch, n, heads * head_dim], each head rotated as the attention kernel
+// rotates k tiles. window 0: positions on the grid_h x grid_w grid (row-major);
+// window > 0: in-window positions of an img_h x img_w token grid (window mode).
+int sam3_rope_keys_fp16(const void* src, void* dst, long long src_batch_stride,
+                        long long src_row_stride, int src_offset, int batch, int n, int heads,
+                        int head_dim, int grid_h, int grid_w, float rope_scale, float rope_theta,
+                        int window, int img_h, int img_w, cudaStream_t stream) {
+  return sam3_attn::launch_rope_keys(src, dst, src_batch_stride, src_row_stride, src_offset, batch,
+                                     n, heads, head_dim, grid_h, grid_w, rope_scale, rope_theta,
+                                     window, img_h, img_w, stream);
 }
 
 }  // extern "C"
@@ -1255,12 +1403,16 @@ int sam3_attention_fp16(const void* q, const void* k, const void* v, const void*
 // the standalone build (bench/attention_cuda_kernel.py) has only the C launcher above.
 // Destination-passing style, as Relax's call_dps_packed calls them (out last):
 //   sam3_attention_cuda(q, k, v, heads, q_off, k_off, v_off, grid_h, grid_w, rope_scale,
-//                       rope_theta, out)
-//   sam3_attention_cuda_bias(q, k, v, bias, heads, ..., out)
+//                       rope_theta, keys_rotated, out)
+//   sam3_attention_cuda_bias(q, k, v, bias, heads, ..., keys_rotated, out)
 //   sam3_attention_cuda_window(q, k, v, heads, q_off, k_off, v_off, window, img_h, img_w,
-//                              grid_h, grid_w, rope_scale, rope_theta, out)
+//                              grid_h, grid_w, rope_scale, rope_theta, keys_rotated, out)
+//   sam3_attention_cuda_full_bias(q, k, v, fbias, heads, q_off, k_off, v_off, out)
+//   sam3_rope_keys_cuda(x, k_off, heads, window, img_h, img_w, grid_h, grid_w, rope_scale,
+//                       rope_theta, out)
 // q [B, Nq, Wq], k/v [B, Nk, Wk/Wv] fp16 (compact), bias [1 or B, Nk] float32,
-// out [B, Nq, heads * D] fp16; grid_w = 0: no RoPE. Runs on the stream tvm-ffi has for the
+// out [B, Nq, heads * D] fp16; grid_w = 0: no RoPE; keys_rotated = 1: k comes from
+// sam3_rope_keys_cuda and only q is rotated in the kernel. Runs on the stream tvm-ffi has for the
 // device (TVMFFIEnvGetStream), like TVM's own kernels.
 #if __has_include(<tvm/ffi/function.h>)
 #include <tvm/ffi/container/tensor.h>
@@ -1290,7 +1442,8 @@ inline void check(const TensorView& t, const char* what, int bits, int ndim) {
 
 void run(TensorView q, TensorView k, TensorView v, const TensorView* bias, const TensorView* fbias,
          int64_t heads, int64_t q_off, int64_t k_off, int64_t v_off, int64_t grid_h,
-         int64_t grid_w, double rope_scale, double rope_theta, TensorView out) {
+         int64_t grid_w, double rope_scale, double rope_theta, int64_t keys_rotated,
+         TensorView out) {
   check(q, "q", 16, 3);
   check(k, "k", 16, 3);
   check(v, "v", 16, 3);
@@ -1335,7 +1488,7 @@ void run(TensorView q, TensorView k, TensorView v, const TensorView* bias, const
       int(q_off), nk * k.shape()[2], k.shape()[2], int(k_off), nk * v.shape()[2], v.shape()[2],
       int(v_off), nq * hidden, hidden, bias_bs, fb_bs, nq * nk, int(b), int(heads), int(d),
       int(nq), int(nk), int(grid_h), int(grid_w), float(rope_scale), float(rope_theta), 0, 0, 0,
-      0, stream);
+      0, int(keys_rotated != 0), stream);
   if (err != 0)
     TVM_FFI_THROW(RuntimeError) << "sam3 attention (B=" << b << " Nq=" << nq << " Nk=" << nk
                                 << " heads=" << heads << " D=" << d << "): "
@@ -1348,7 +1501,7 @@ void run(TensorView q, TensorView k, TensorView v, const TensorView* bias, const
 void run_window(TensorView q, TensorView k, TensorView v, int64_t heads, int64_t q_off,
                 int64_t k_off, int64_t v_off, int64_t window, int64_t img_h, int64_t img_w,
                 int64_t grid_h, int64_t grid_w, double rope_scale, double rope_theta,
-                TensorView out) {
+                int64_t keys_rotated, TensorView out) {
   check(q, "q", 16, 3);
   check(k, "k", 16, 3);
   check(v, "v", 16, 3);
@@ -1377,7 +1530,7 @@ void run_window(TensorView q, TensorView k, TensorView v, int64_t heads, int64_t
       int(q_off), n * k.shape()[2], k.shape()[2], int(k_off), n * v.shape()[2], v.shape()[2],
       int(v_off), n * hidden, hidden, 0, int(b), int(heads), int(d), int(nwin), int(nwin),
       int(grid_h), int(grid_w), float(rope_scale), float(rope_theta), int(window), int(img_h),
-      int(img_w), 0, stream);
+      int(img_w), 0, int(keys_rotated != 0), stream);
   if (err != 0)
     TVM_FFI_THROW(RuntimeError) << "sam3 attention, windows of " << window << " (B=" << b
                                 << " grid " << img_h << "x" << img_w << " heads=" << heads
@@ -1388,16 +1541,44 @@ void run_window(TensorView q, TensorView k, TensorView v, int64_t heads, int64_t
 
 void attention(TensorView q, TensorView k, TensorView v, int64_t heads, int64_t q_off,
                int64_t k_off, int64_t v_off, int64_t grid_h, int64_t grid_w, double rope_scale,
-               double rope_theta, TensorView out) {
+               double rope_theta, int64_t keys_rotated, TensorView out) {
   run(q, k, v, nullptr, nullptr, heads, q_off, k_off, v_off, grid_h, grid_w, rope_scale,
-      rope_theta, out);
+      rope_theta, keys_rotated, out);
 }
 
 void attention_bias(TensorView q, TensorView k, TensorView v, TensorView bias, int64_t heads,
                     int64_t q_off, int64_t k_off, int64_t v_off, int64_t grid_h, int64_t grid_w,
-                    double rope_scale, double rope_theta, TensorView out) {
+                    double rope_scale, double rope_theta, int64_t keys_rotated, TensorView out) {
   run(q, k, v, &bias, nullptr, heads, q_off, k_off, v_off, grid_h, grid_w, rope_scale,
-      rope_theta, out);
+      rope_theta, keys_rotated, out);
+}
+
+// x [B, N, W] -> out [B, N, heads * D]: columns [k_off, k_off + heads * D) of x rotated as the
+// attention kernel rotates keys (sam3_rope_keys_fp16); window 0: positions on the
+// grid_h x grid_w grid, window > 0: in-window positions of the img_h x img_w token grid.
+void rope_keys(TensorView x, int64_t k_off, int64_t heads, int64_t window, int64_t img_h,
+               int64_t img_w, int64_t grid_h, int64_t grid_w, double rope_scale,
+               double rope_theta, TensorView out) {
+  check(x, "keys", 16, 3);
+  check(out, "rotated keys", 16, 3);
+  const int64_t b = x.shape()[0], n = x.shape()[1], hidden = out.shape()[2];
+  if (heads <= 0 || hidden % heads)
+    TVM_FFI_THROW(ValueError) << "sam3 key rotation: output width " << hidden
+                              << " is not a multiple of " << heads << " heads";
+  if (out.shape()[0] != b || out.shape()[1] != n)
+    TVM_FFI_THROW(ValueError) << "sam3 key rotation: output rows differ from the input's";
+  if (k_off < 0 || k_off + hidden > x.shape()[2])
+    TVM_FFI_THROW(ValueError) << "sam3 key rotation: key columns out of range";
+  const int dev = x.device().device_id;
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev));
+  const int err = sam3_rope_keys_fp16(data_of(x), data_of(out), n * x.shape()[2], x.shape()[2],
+                                      int(k_off), int(b), int(n), int(heads), int(hidden / heads),
+                                      int(grid_h), int(grid_w), float(rope_scale), float(rope_theta),
+                                      int(window), int(img_h), int(img_w), stream);
+  if (err != 0)
+    TVM_FFI_THROW(RuntimeError) << "sam3 key rotation (B=" << b << " N=" << n << " heads=" << heads
+                                << "): " << cudaGetErrorString(static_cast<cudaError_t>(err)) << " ("
+                                << last_failure() << ")";
 }
 
 // fbias: fp16 [1 or B, heads, Nq, Nk] added to the scores (no RoPE: the DETR decoder's box
@@ -1405,7 +1586,7 @@ void attention_bias(TensorView q, TensorView k, TensorView v, TensorView bias, i
 void attention_full_bias(TensorView q, TensorView k, TensorView v, TensorView fbias,
                          int64_t heads, int64_t q_off, int64_t k_off, int64_t v_off,
                          TensorView out) {
-  run(q, k, v, nullptr, &fbias, heads, q_off, k_off, v_off, 0, 0, 1.0, 10000.0, out);
+  run(q, k, v, nullptr, &fbias, heads, q_off, k_off, v_off, 0, 0, 1.0, 10000.0, 0, out);
 }
 
 }  // namespace ffi
@@ -1415,4 +1596,5 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda, sam3_attn::ffi::attention);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_bias, sam3_attn::ffi::attention_bias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_window, sam3_attn::ffi::run_window);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_full_bias, sam3_attn::ffi::attention_full_bias);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_rope_keys_cuda, sam3_attn::ffi::rope_keys);
 #endif  // tvm-ffi

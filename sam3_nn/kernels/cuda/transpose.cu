@@ -1,0 +1,134 @@
+// Channel-last <-> channel-first copies of float16 feature maps, for CUDA (sm_70+).
+//
+// Why CUDA source: encode_image returns its FPN maps channel first ([B, 256, H, W], as the
+// reference does) while the model computes them channel last, and detect turns them back.
+// TVM legalizes permute_dims to a TIR copy that dlight's fallback schedules with one
+// element per thread and no shared memory: 152 us for the [1, 288, 288, 256] map on an
+// H200 (0.56 TB/s), where its 85 MB of traffic allow ~25 us. Both directions are the same
+// batched 2D transpose, [B, R, S] -> [B, S, R]:
+//
+//   NHWC -> NCHW (permute_dims axes [0, 3, 1, 2]): R = H * W, S = C
+//   NCHW -> NHWC (permute_dims axes [0, 2, 3, 1]): R = C,     S = H * W
+//
+// * x, out: float16, contiguous, 16-byte aligned; R and S multiples of 8 (16-byte rows on
+//   both sides).
+// * One 64 x 64 tile per block of 256 threads: each thread loads two 16-byte chunks along S
+//   and spreads them over shared memory rows padded to 66 halves (conflict-free 4-byte
+//   stores); each then gathers 8 consecutive R values of one S column and writes them as
+//   one 16-byte chunk, so both global sides move whole 16-byte chunks, coalesced.
+// * No allocation, no synchronization beyond the block: capturable in a CUDA graph. Launched
+//   as a programmatic dependent (pdl.cuh) on the stream tvm-ffi has for the device.
+//
+// Entry point (tvm-ffi, destination-passing style as Relax's call_dps_packed calls it):
+//   sam3_cuda_transpose(x, split, out): x [B, d1, ..., dn] viewed as [B, R, S] with
+//   R = d1 * ... * d(split-1), S = d(split) * ... * dn; out [B, d(split), ..., dn, d1, ...,
+//   d(split-1)].
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <limits.h>
+#include <stdint.h>
+
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/function.h>
+
+#include "tensor_args.cuh"
+
+namespace sam3_tr {
+namespace {
+
+constexpr int kTile = 64;           // R and S extent of a tile
+constexpr int kPitch = kTile + 2;   // halves per shared-memory row (33 words: no bank conflicts)
+constexpr int kThreads = 256;
+
+__global__ void __launch_bounds__(kThreads) transpose_tiles(const half* __restrict__ x,
+                                                            half* __restrict__ out, int64_t r_len,
+                                                            int64_t s_len) {
+  __shared__ __align__(16) half tile[kTile * kPitch];
+  sam3_cuda::pdl_wait_then_release();
+  const int64_t s0 = int64_t(blockIdx.x) * kTile, r0 = int64_t(blockIdx.y) * kTile;
+  const int64_t b = blockIdx.z;
+  const half* xb = x + b * r_len * s_len;
+  half* ob = out + b * r_len * s_len;
+  const int tid = threadIdx.x;
+  // load: 64 rows x 8 chunks of 8 halves; thread -> (row, chunk), a warp covers 4 rows
+#pragma unroll
+  for (int it = 0; it < kTile * 8 / kThreads; ++it) {
+    const int idx = it * kThreads + tid;
+    const int r = idx >> 3, c = idx & 7;
+    const int64_t gr = r0 + r, gs = s0 + c * 8;
+    if (gr < r_len && gs < s_len) {
+      const uint4 v = *reinterpret_cast<const uint4*>(xb + gr * s_len + gs);
+      uint32_t* row = reinterpret_cast<uint32_t*>(tile + r * kPitch + c * 8);
+      row[0] = v.x;
+      row[1] = v.y;
+      row[2] = v.z;
+      row[3] = v.w;
+    }
+  }
+  __syncthreads();
+  // store: 64 output rows (S) x 8 chunks of 8 R values; a warp covers 4 rows of 128 bytes
+#pragma unroll
+  for (int it = 0; it < kTile * 8 / kThreads; ++it) {
+    const int idx = it * kThreads + tid;
+    const int s = idx >> 3, c = idx & 7;
+    const int64_t gs = s0 + s, gr = r0 + c * 8;
+    if (gs < s_len && gr < r_len) {
+      __align__(16) half v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = tile[(c * 8 + i) * kPitch + s];
+      *reinterpret_cast<uint4*>(ob + gs * r_len + gr) = *reinterpret_cast<const uint4*>(v);
+    }
+  }
+}
+
+}  // namespace
+
+namespace ffi {
+
+using tvm::ffi::TensorView;
+
+void transpose(TensorView x, int64_t split, TensorView out) {
+  sam3_cuda::check(x, "sam3 transpose: x");
+  sam3_cuda::check(out, "sam3 transpose: out");
+  const int nd = x.ndim();
+  if (nd < 3 || split < 2 || split >= nd)
+    TVM_FFI_THROW(ValueError) << "sam3 transpose: x must have >= 3 axes and 2 <= split < ndim, got "
+                              << nd << " axes, split " << split;
+  int64_t r_len = 1, s_len = 1;
+  for (int i = 1; i < split; ++i) r_len *= x.shape()[i];
+  for (int i = int(split); i < nd; ++i) s_len *= x.shape()[i];
+  // out: [B, x dims split.., x dims 1..split-1]
+  bool same = out.ndim() == nd && out.shape()[0] == x.shape()[0];
+  for (int i = int(split), j = 1; same && i < nd; ++i, ++j) same = out.shape()[j] == x.shape()[i];
+  for (int i = 1, j = nd - int(split) + 1; same && i < split; ++i, ++j) same = out.shape()[j] == x.shape()[i];
+  if (!same) TVM_FFI_THROW(ValueError) << "sam3 transpose: out must be x's axes [0, split.., 1..split)";
+  if (r_len % 8 || s_len % 8)
+    TVM_FFI_THROW(ValueError) << "sam3 transpose: both sides (" << r_len << " x " << s_len
+                              << ") must be multiples of 8";
+  if (x.device().device_id != out.device().device_id)
+    TVM_FFI_THROW(ValueError) << "sam3 transpose: x and out must be on one device";
+  const int64_t batch = x.shape()[0];
+  if (batch == 0 || r_len == 0 || s_len == 0) return;
+  const int64_t gx = (s_len + kTile - 1) / kTile, gy = (r_len + kTile - 1) / kTile;
+  if (gx > INT_MAX || gy > 65535 || batch > 65535)
+    TVM_FFI_THROW(ValueError) << "sam3 transpose: too large (" << batch << " x " << r_len << " x "
+                              << s_len << ")";
+  const int dev = x.device().device_id;
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev));
+  cudaError_t err = sam3_cuda::launch(transpose_tiles, dim3(unsigned(gx), unsigned(gy), unsigned(batch)),
+                                      dim3(kThreads), 0, stream,
+                                      static_cast<const half*>(sam3_cuda::ptr(x)),
+                                      static_cast<half*>(sam3_cuda::ptr(out)), r_len, s_len);
+  if (err == cudaSuccess) err = cudaGetLastError();
+  if (err != cudaSuccess)
+    TVM_FFI_THROW(RuntimeError) << "sam3 transpose (" << batch << " x " << r_len << " x " << s_len
+                                << "): " << cudaGetErrorString(err);
+}
+
+}  // namespace ffi
+}  // namespace sam3_tr
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cuda_transpose, sam3_tr::ffi::transpose);

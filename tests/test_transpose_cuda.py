@@ -1,0 +1,135 @@
+"""The CUDA layout transpose: which permutes the rewrite routes to the kernel, the passes in
+the CUDA pipeline, the kernel's library, and (on a GPU) its results against numpy.
+
+Building the library needs nvcc (skips without it); running the kernel needs a CUDA GPU
+(marked ``gpu``, skips where none is present).
+"""
+
+import subprocess
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from sam3_nn import transpose_cuda
+from sam3_nn.kernels import cuda_source
+
+CUDA = {"kind": "cuda", "arch": "sm_90a"}
+
+# (shape, axes): routed: NHWC -> NCHW with a tile-ragged H * W (36 * 36 = 1296), NCHW -> NHWC,
+# batch 2 with sizes that are not multiples of the 64 x 64 tile
+ROUTED = [((1, 36, 36, 256), (0, 3, 1, 2)), ((1, 256, 9, 8), (0, 2, 3, 1)), ((2, 5, 24, 40), (0, 3, 1, 2))]
+
+
+class Permutes(nn.Module):
+    """``forward(a, b, c, d, e, f, g)``: the ROUTED cases, then ones left to TVM: C = 12
+    (not a multiple of 8), other axes, float32, a dynamic batch."""
+
+    def forward(self, a, b, c, d, e, f, g):
+        routed = tuple(op.permute_dims(x, list(ax)) for x, (_, ax) in zip((a, b, c), ROUTED))
+        return routed + (op.permute_dims(d, [0, 3, 1, 2]), op.permute_dims(e, [0, 2, 1, 3]),
+                         op.permute_dims(f, [0, 3, 1, 2]), op.permute_dims(g, [0, 3, 1, 2]))
+
+
+def _module():
+    t = lambda *s, d="float16": nn.spec.Tensor(list(s), d)  # noqa: E731
+    spec = {"forward": {"a": t(*ROUTED[0][0]), "b": t(*ROUTED[1][0]), "c": t(*ROUTED[2][0]),
+                        "d": t(1, 4, 4, 12), "e": t(1, 8, 8, 16), "f": t(1, 8, 8, 16, d="float32"),
+                        "g": t("n", 8, 8, 16)}}
+    mod, _ = Permutes().export_tvm(spec=spec)
+    return mod
+
+
+def _calls(mod):
+    """(kernel calls' splits, remaining relax.permute_dims calls) in ``forward``."""
+    kernel, tir = [], []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            if e.op.name == "relax.call_dps_packed" and e.args[0].global_symbol == transpose_cuda.SYMBOL:
+                kernel.append(int(e.args[1].fields[1].value))
+            elif e.op.name == "relax.permute_dims":
+                tir.append(e)
+
+    relax.analysis.post_order_visit(mod["forward"], visit)
+    return kernel, tir
+
+
+def test_rewrite_routes_exactly_the_float16_layout_permutes():
+    mod = transpose_cuda.rewrite_pass()(_module())
+    kernel, tir = _calls(mod)
+    assert kernel == [3, 2, 3]  # NHWC -> NCHW splits after H, W; NCHW -> NHWC after C
+    assert len(tir) == 4
+    # the kernel's output keeps the permute's shape
+    assert "R.Tensor((1, 256, 36, 36)" in mod["forward"].script()
+
+
+def test_rewrite_off():
+    with transpose_cuda.disabled():
+        kernel, tir = _calls(transpose_cuda.rewrite_pass()(_module()))
+    assert kernel == [] and len(tir) == 7
+
+
+def test_cuda_pipeline_rewrites_and_attaches():
+    from sam3_nn.kernels import schedule_passes
+
+    names = [p.info.name for p in schedule_passes(tvm.target.Target(CUDA))]
+    assert "sam3_transpose_cuda_rewrite" in names and "sam3_transpose_cuda_object" in names
+    llvm = [p.info.name for p in schedule_passes(tvm.target.Target("llvm"))]
+    assert not any("transpose" in n for n in llvm)
+
+
+def test_attach_pass_leaves_other_modules_alone():
+    mod = _module()  # no kernel call before the rewrite
+    assert transpose_cuda.attach_pass(tvm.target.Target(CUDA))(mod).same_as(mod)
+
+
+class _Routed(nn.Module):
+    def forward(self, a, b, c):
+        return tuple(op.permute_dims(x, list(ax)) for x, (_, ax) in zip((a, b, c), ROUTED))
+
+
+@pytest.fixture(scope="module")
+def cuda_library(tmp_path_factory):
+    """A library for target cuda (sm_90a) computing the ROUTED cases with the kernel."""
+    if not cuda_source.nvcc_available():
+        pytest.skip("nvcc not found")
+    spec = {"forward": {k: nn.spec.Tensor(list(s), "float16") for k, (s, _) in zip("abc", ROUTED)}}
+    mod, _ = _Routed().export_tvm(spec=spec)
+    target = tvm.target.Target(CUDA)
+    with transpose_cuda.enabled():
+        seq = tvm.transform.Sequential([transpose_cuda.rewrite_pass(), transpose_cuda.attach_pass(target),
+                                        relax.get_default_pipeline(target)])
+        ex = tvm.compile(mod, target=target, relax_pipeline=seq)
+    lib = str(tmp_path_factory.mktemp("tr") / "tr.so")
+    ex.export_library(lib, fcompile=cuda_source.fcompile_with_cudart())
+    return lib
+
+
+def test_cuda_library_links_the_kernel(cuda_library):
+    syms = subprocess.run(["nm", "-D", cuda_library], capture_output=True, text=True).stdout
+    assert "__tvm_ffi_sam3_cuda_transpose" in syms
+
+
+@pytest.mark.gpu
+def test_kernel_matches_numpy_on_gpu(cuda_library):
+    """A copy: bit-equal to numpy's transpose."""
+    from sam3_nn.engine import load_device_runtime
+
+    try:
+        load_device_runtime("cuda")
+        dev = tvm.cuda(0)
+        present = dev.exist
+    except Exception:  # noqa: BLE001 - no CUDA runtime in this TVM
+        present = False
+    if not present:
+        pytest.skip("no CUDA GPU here")
+    vm = relax.VirtualMachine(tvm.runtime.load_module(cuda_library), dev)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(s).astype("float16") for s, _ in ROUTED]
+    outs = vm["forward"](*[tvm.runtime.tensor(x, dev) for x in xs])
+    for x, (_, axes), got in zip(xs, ROUTED, outs):
+        np.testing.assert_array_equal(got.numpy(), np.transpose(x, axes))
