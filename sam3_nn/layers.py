@@ -90,14 +90,18 @@ class ConvTranspose2x2(nn.Module):
         self.weight = nn.Parameter((cin, cout, 2, 2))
         self.bias = nn.Parameter((cout,))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gelu: bool = False) -> Tensor:
+        """``gelu``: GELU of the result (elementwise, so applied before the pixel shuffle,
+        where it and the bias fuse into the GEMM's epilogue)."""
         b, h, w, _ = x.shape
         wt = op.permute_dims(self.weight, [2, 3, 1, 0])  # dy, dx, out, in
         wt = op.reshape(wt, [4 * self.cout, self.cin])
-        y = linear_nd(x, wt, None)  # b, h, w, (dy dx out)
+        y = linear_nd(x, wt, op.concat([self.bias] * 4, dim=0))  # b, h, w, (dy dx out)
+        if gelu:
+            y = op.gelu(y)
         y = op.reshape(y, [b, h, w, 2, 2, self.cout])
         y = op.permute_dims(y, [0, 1, 3, 2, 4, 5])  # b, h, dy, w, dx, out
-        return op.reshape(y, [b, 2 * h, 2 * w, self.cout]) + self.bias
+        return op.reshape(y, [b, 2 * h, 2 * w, self.cout])
 
 
 class Conv2d(nn.Module):

@@ -9,9 +9,12 @@ memory with 16-byte accesses on both sides.
 
 Two module passes, run by the CUDA pipeline (``sam3_nn.kernels.schedule_passes``):
 
-* :func:`rewrite_pass` (before legalization) replaces each supported ``permute_dims`` (see
-  :func:`supported`: float16, static shape, axes ``[0, 3, 1, 2]`` or ``[0, 2, 3, 1]``) by
-  ``call_dps_packed("sam3_cuda_transpose", (x, split))``; anything else keeps TVM's copy.
+* :func:`rewrite_pass` (before legalization) replaces each supported ``permute_dims``:
+  float16 and static shape, axes ``[0, 3, 1, 2]`` or ``[0, 2, 3, 1]`` (:func:`split_of`) by
+  ``call_dps_packed("sam3_cuda_transpose", (x, split))``; a swap of two adjacent axes above
+  an inner block of a multiple of 8 elements (:func:`swap_axis_of`: the 2x2 transposed
+  convolutions' pixel shuffle, 33-82 us in TIR for the neck's maps) by
+  ``call_dps_packed("sam3_cuda_swap_axes", (x, axis))``; anything else keeps TVM's copy.
   ``SAM3_CUDA_TRANSPOSE=0`` in the environment, or ``with transpose_cuda.disabled():``,
   leaves them all to TVM;
 * :func:`attach_pass` compiles ``transpose.cu`` with nvcc (cached,
@@ -31,6 +34,8 @@ from .kernels.rewrite import _shape, _static, rewrite_functions
 from .kernels.switch import Switch
 
 SYMBOL = "sam3_cuda_transpose"
+SYMBOL_SWAP = "sam3_cuda_swap_axes"
+SYMBOLS = (SYMBOL, SYMBOL_SWAP)
 SOURCE = "transpose"  # sam3_nn/kernels/cuda/transpose.cu
 # axes of a 4D permute_dims -> the kernel's split ([B, R, S] with R = dims 1..split-1)
 SPLITS = {(0, 3, 1, 2): 3,  # NHWC -> NCHW: R = H * W, S = C
@@ -70,6 +75,27 @@ def split_of(call: relax.Call) -> Optional[int]:
     return split if r % 8 == 0 and s % 8 == 0 else None
 
 
+def swap_axis_of(call: relax.Call) -> Optional[int]:
+    """The kernel's ``axis`` for ``call`` (a ``relax.permute_dims``) that swaps two adjacent
+    axes ``axis``, ``axis + 1`` of a float16 static-shape tensor above an inner block of a
+    multiple of 8 elements (the 2x2 transposed convolutions' pixel shuffle, the window
+    partition); None otherwise."""
+    xs, dtype = _shape(call.args[0])
+    if xs is None or dtype != "float16" or call.attrs.axes is None:
+        return None
+    axes = [int(a) for a in call.attrs.axes]
+    moved = [i for i, a in enumerate(axes) if a != i]
+    if len(moved) != 2 or moved[1] != moved[0] + 1 or axes[moved[0]] != moved[1]:
+        return None
+    dims = [_static(v) for v in xs]
+    if any(d is None for d in dims) or moved[1] + 1 >= len(dims):
+        return None
+    inner = 1
+    for d in dims[moved[1] + 1:]:
+        inner *= d
+    return moved[0] if inner % 8 == 0 else None
+
+
 def rewrite_pass() -> tvm.transform.Pass:
     """Module pass (before ``LegalizeOps``): every supported permute -> the kernel. A no-op
     while routing is off (``SWITCH``, read when the pass runs)."""
@@ -82,9 +108,12 @@ def rewrite_pass() -> tvm.transform.Pass:
 
         def route(orig, _match):
             split = split_of(orig)
-            if split is None:
-                return orig
-            return relax.call_dps_packed(SYMBOL, [orig.args[0], relax.prim_value(split)], orig.ty)
+            if split is not None:
+                return relax.call_dps_packed(SYMBOL, [orig.args[0], relax.prim_value(split)], orig.ty)
+            axis = swap_axis_of(orig)
+            if axis is not None:
+                return relax.call_dps_packed(SYMBOL_SWAP, [orig.args[0], relax.prim_value(axis)], orig.ty)
+            return orig
 
         return rewrite_functions(mod, pat, route)
 
@@ -95,7 +124,7 @@ def calls_kernel(mod: tvm.IRModule) -> bool:
     """Whether a Relax function of ``mod`` calls the kernel."""
     from .kernels import cuda_source
 
-    return cuda_source.calls_extern(mod, (SYMBOL,))
+    return cuda_source.calls_extern(mod, SYMBOLS)
 
 
 def attach_pass(target: Optional[tvm.target.Target] = None,
@@ -105,4 +134,4 @@ def attach_pass(target: Optional[tvm.target.Target] = None,
     and attach the object when the module calls the kernel."""
     from .kernels import cuda_source
 
-    return cuda_source.attach_pass(SOURCE, (SYMBOL,), "transpose", target, cuda_arches, log)
+    return cuda_source.attach_pass(SOURCE, SYMBOLS, "transpose", target, cuda_arches, log)

@@ -166,7 +166,7 @@ class FPNLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.scale == 4.0:
-            x = self.scale_layers[2](op.gelu(self.scale_layers[0](x)))
+            x = self.scale_layers[2](self.scale_layers[0](x, gelu=True))
         elif self.scale == 2.0:
             x = self.scale_layers[0](x)
         elif self.scale == 0.5:

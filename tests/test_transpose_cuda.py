@@ -22,23 +22,29 @@ CUDA = {"kind": "cuda", "arch": "sm_90a"}
 # (shape, axes): routed: NHWC -> NCHW with a tile-ragged H * W (36 * 36 = 1296), NCHW -> NHWC,
 # batch 2 with sizes that are not multiples of the 64 x 64 tile
 ROUTED = [((1, 36, 36, 256), (0, 3, 1, 2)), ((1, 256, 9, 8), (0, 2, 3, 1)), ((2, 5, 24, 40), (0, 3, 1, 2))]
+# swaps of adjacent axes above a block of a multiple of 8: the pixel shuffle of a 2x2
+# transposed convolution ([B, H, W, 2, 2, C]), a window partition, a 4D swap
+SWAPS = [((1, 6, 10, 2, 2, 24), (0, 1, 3, 2, 4, 5)), ((2, 2, 3, 3, 3, 16), (0, 1, 3, 2, 4, 5)),
+         ((3, 7, 5, 8), (0, 2, 1, 3))]
 
 
 class Permutes(nn.Module):
-    """``forward(a, b, c, d, e, f, g)``: the ROUTED cases, then ones left to TVM: C = 12
-    (not a multiple of 8), other axes, float32, a dynamic batch."""
+    """``forward(a, b, c, d, e, f, g, h, i)``: the ROUTED cases, then ones left to TVM: C = 12
+    (not a multiple of 8), a swap above 4 elements, float32, a dynamic batch, a swap of the
+    last two axes (no inner block), a swap of two axes that are not adjacent."""
 
-    def forward(self, a, b, c, d, e, f, g):
+    def forward(self, a, b, c, d, e, f, g, h, i):
         routed = tuple(op.permute_dims(x, list(ax)) for x, (_, ax) in zip((a, b, c), ROUTED))
         return routed + (op.permute_dims(d, [0, 3, 1, 2]), op.permute_dims(e, [0, 2, 1, 3]),
-                         op.permute_dims(f, [0, 3, 1, 2]), op.permute_dims(g, [0, 3, 1, 2]))
+                         op.permute_dims(f, [0, 3, 1, 2]), op.permute_dims(g, [0, 3, 1, 2]),
+                         op.permute_dims(h, [0, 1, 3, 2]), op.permute_dims(i, [2, 1, 0, 3]))
 
 
 def _module():
     t = lambda *s, d="float16": nn.spec.Tensor(list(s), d)  # noqa: E731
     spec = {"forward": {"a": t(*ROUTED[0][0]), "b": t(*ROUTED[1][0]), "c": t(*ROUTED[2][0]),
-                        "d": t(1, 4, 4, 12), "e": t(1, 8, 8, 16), "f": t(1, 8, 8, 16, d="float32"),
-                        "g": t("n", 8, 8, 16)}}
+                        "d": t(1, 4, 4, 12), "e": t(1, 8, 8, 4), "f": t(1, 8, 8, 16, d="float32"),
+                        "g": t("n", 8, 8, 16), "h": t(2, 3, 8, 16), "i": t(2, 3, 4, 2)}}
     mod, _ = Permutes().export_tvm(spec=spec)
     return mod
 
@@ -49,8 +55,8 @@ def _calls(mod):
 
     def visit(e):
         if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
-            if e.op.name == "relax.call_dps_packed" and e.args[0].global_symbol == transpose_cuda.SYMBOL:
-                kernel.append(int(e.args[1].fields[1].value))
+            if e.op.name == "relax.call_dps_packed" and e.args[0].global_symbol in transpose_cuda.SYMBOLS:
+                kernel.append((e.args[0].global_symbol, int(e.args[1].fields[1].value)))
             elif e.op.name == "relax.permute_dims":
                 tir.append(e)
 
@@ -61,8 +67,9 @@ def _calls(mod):
 def test_rewrite_routes_exactly_the_float16_layout_permutes():
     mod = transpose_cuda.rewrite_pass()(_module())
     kernel, tir = _calls(mod)
-    assert kernel == [3, 2, 3]  # NHWC -> NCHW splits after H, W; NCHW -> NHWC after C
-    assert len(tir) == 4
+    # NHWC -> NCHW splits after H, W; NCHW -> NHWC after C
+    assert kernel == [(transpose_cuda.SYMBOL, 3), (transpose_cuda.SYMBOL, 2), (transpose_cuda.SYMBOL, 3)]
+    assert len(tir) == 6
     # the kernel's output keeps the permute's shape
     assert "R.Tensor((1, 256, 36, 36)" in mod["forward"].script()
 
@@ -70,7 +77,49 @@ def test_rewrite_routes_exactly_the_float16_layout_permutes():
 def test_rewrite_off():
     with transpose_cuda.disabled():
         kernel, tir = _calls(transpose_cuda.rewrite_pass()(_module()))
-    assert kernel == [] and len(tir) == 7
+    assert kernel == [] and len(tir) == 9
+
+
+class Swaps(nn.Module):
+    def forward(self, a, b, c):
+        return tuple(op.permute_dims(x, list(ax)) for x, (_, ax) in zip((a, b, c), SWAPS))
+
+
+def test_rewrite_routes_adjacent_swaps_above_a_block():
+    spec = {"forward": {k: nn.spec.Tensor(list(s), "float16") for k, (s, _) in zip("abc", SWAPS)}}
+    mod, _ = Swaps().export_tvm(spec=spec)
+    kernel, tir = _calls(transpose_cuda.rewrite_pass()(mod))
+    assert kernel == [(transpose_cuda.SYMBOL_SWAP, 2), (transpose_cuda.SYMBOL_SWAP, 2),
+                      (transpose_cuda.SYMBOL_SWAP, 1)] and not tir
+
+
+def test_neck_deconvolutions_fuse_bias_and_gelu_and_swap_on_cuda():
+    """The 2x2 transposed convolutions: bias (and the GELU between the two of the 4x level)
+    in the GEMM's epilogue, the pixel shuffle through the swap kernel; no TIR permute of an
+    activation is left."""
+    from sam3_nn.attention import kernel_target
+    from sam3_nn.kernels import schedule_passes
+    from sam3_nn.vision import FPNLayer
+
+    class Neck(nn.Module):
+        def __init__(self):
+            self.fpn = FPNLayer(64, 32, 4.0)
+
+        def forward(self, x):
+            return self.fpn(x)
+
+    m = Neck()
+    m.to("float16")
+    target = tvm.target.Target(CUDA)
+    with kernel_target(CUDA):
+        mod, _ = m.export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, 6, 6, 64], "float16")}})
+    mod = tvm.transform.Sequential(schedule_passes(target)[:3])(mod)  # GEMM, LN, transpose rewrites
+    s = mod["forward"].script()
+    assert s.count('call_dps_packed("sam3_cutlass_gemm_nk_bias_gelu"') == 1
+    assert s.count('call_dps_packed("sam3_cutlass_gemm_nk_bias"') == 2  # second deconv, 1x1 conv
+    assert s.count('call_dps_packed("sam3_cuda_swap_axes"') == 2
+    perms = [ln for ln in s.splitlines() if "R.permute_dims(" in ln]
+    assert all("weight" in ln for ln in perms), perms
 
 
 def test_cuda_pipeline_rewrites_and_attaches():
@@ -88,8 +137,8 @@ def test_attach_pass_leaves_other_modules_alone():
 
 
 class _Routed(nn.Module):
-    def forward(self, a, b, c):
-        return tuple(op.permute_dims(x, list(ax)) for x, (_, ax) in zip((a, b, c), ROUTED))
+    def forward(self, a, b, c, d, e, f):
+        return tuple(op.permute_dims(x, list(ax)) for x, (_, ax) in zip((a, b, c, d, e, f), ROUTED + SWAPS))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +146,7 @@ def cuda_library(tmp_path_factory):
     """A library for target cuda (sm_90a) computing the ROUTED cases with the kernel."""
     if not cuda_source.nvcc_available():
         pytest.skip("nvcc not found")
-    spec = {"forward": {k: nn.spec.Tensor(list(s), "float16") for k, (s, _) in zip("abc", ROUTED)}}
+    spec = {"forward": {k: nn.spec.Tensor(list(s), "float16") for k, (s, _) in zip("abcdef", ROUTED + SWAPS)}}
     mod, _ = _Routed().export_tvm(spec=spec)
     target = tvm.target.Target(CUDA)
     with transpose_cuda.enabled():
@@ -111,7 +160,7 @@ def cuda_library(tmp_path_factory):
 
 def test_cuda_library_links_the_kernel(cuda_library):
     syms = subprocess.run(["nm", "-D", cuda_library], capture_output=True, text=True).stdout
-    assert "__tvm_ffi_sam3_cuda_transpose" in syms
+    assert "__tvm_ffi_sam3_cuda_transpose" in syms and "__tvm_ffi_sam3_cuda_swap_axes" in syms
 
 
 @pytest.mark.gpu
@@ -129,7 +178,7 @@ def test_kernel_matches_numpy_on_gpu(cuda_library):
         pytest.skip("no CUDA GPU here")
     vm = relax.VirtualMachine(tvm.runtime.load_module(cuda_library), dev)
     rng = np.random.default_rng(0)
-    xs = [rng.standard_normal(s).astype("float16") for s, _ in ROUTED]
+    xs = [rng.standard_normal(s).astype("float16") for s, _ in ROUTED + SWAPS]
     outs = vm["forward"](*[tvm.runtime.tensor(x, dev) for x in xs])
-    for x, (_, axes), got in zip(xs, ROUTED, outs):
+    for x, (_, axes), got in zip(xs, ROUTED + SWAPS, outs):
         np.testing.assert_array_equal(got.numpy(), np.transpose(x, axes))

@@ -19,10 +19,12 @@
 // * No allocation, no synchronization beyond the block: capturable in a CUDA graph. Launched
 //   as a programmatic dependent (pdl.cuh) on the stream tvm-ffi has for the device.
 //
-// Entry point (tvm-ffi, destination-passing style as Relax's call_dps_packed calls it):
+// Entry points (tvm-ffi, destination-passing style as Relax's call_dps_packed calls them):
 //   sam3_cuda_transpose(x, split, out): x [B, d1, ..., dn] viewed as [B, R, S] with
 //   R = d1 * ... * d(split-1), S = d(split) * ... * dn; out [B, d(split), ..., dn, d1, ...,
 //   d(split-1)].
+//   sam3_cuda_swap_axes(x, axis, out): out = x with axes axis, axis + 1 swapped, the axes
+//   after them a contiguous block of a multiple of 8 elements (swap_axes_chunks below).
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -84,6 +86,28 @@ __global__ void __launch_bounds__(kThreads) transpose_tiles(const half* __restri
   }
 }
 
+// Swap of two adjacent axes above a contiguous inner block: x [A, P, Q, I] -> out [A, Q, P, I]
+// with I a multiple of 8 halves; one 16-byte chunk per thread and step, so both sides move
+// whole chunks at memory speed. The 2x2 transposed convolutions' pixel shuffle
+// ([B, H, W, 2, 2, C] -> [B, H, 2, W, 2, C]: A = B * H, P = W, Q = 2, I = 2 * C) and the
+// window partition ([B, nh, ws, nw, ws, C] -> [B, nh, nw, ws, ws, C]) are such swaps.
+__global__ void __launch_bounds__(kThreads) swap_axes_chunks(const uint4* __restrict__ x,
+                                                             uint4* __restrict__ out, uint32_t p_len,
+                                                             uint32_t q_len, uint32_t i_chunks,
+                                                             uint32_t total) {
+  sam3_cuda::pdl_wait_then_release();
+  const uint32_t stride = gridDim.x * kThreads;
+  for (uint32_t o = blockIdx.x * kThreads + threadIdx.x; o < total; o += stride) {
+    // o = ((a * Q + q) * P + p) * I + i in chunks (the output's order)
+    const uint32_t i = o % i_chunks;
+    uint32_t t = o / i_chunks;
+    const uint32_t p = t % p_len;
+    t /= p_len;
+    const uint32_t q = t % q_len, a = t / q_len;
+    out[o] = x[((a * p_len + p) * q_len + q) * i_chunks + i];
+  }
+}
+
 }  // namespace
 
 namespace ffi {
@@ -128,7 +152,52 @@ void transpose(TensorView x, int64_t split, TensorView out) {
                                 << "): " << cudaGetErrorString(err);
 }
 
+// out = x with axes `axis` and `axis + 1` swapped; the axes after them hold a multiple of 8
+// elements (whole 16-byte chunks).
+void swap_axes(TensorView x, int64_t axis, TensorView out) {
+  sam3_cuda::check(x, "sam3 swap axes: x");
+  sam3_cuda::check(out, "sam3 swap axes: out");
+  const int nd = x.ndim();
+  if (axis < 0 || axis + 2 >= nd)
+    TVM_FFI_THROW(ValueError) << "sam3 swap axes: axis " << axis << " and " << axis + 1
+                              << " must be followed by at least one axis of " << nd;
+  bool same = out.ndim() == nd;
+  for (int i = 0; same && i < nd; ++i) {
+    const int j = i == axis ? int(axis) + 1 : (i == axis + 1 ? int(axis) : i);
+    same = out.shape()[i] == x.shape()[j];
+  }
+  if (!same) TVM_FFI_THROW(ValueError) << "sam3 swap axes: out must be x with axes " << axis << ", "
+                                       << axis + 1 << " swapped";
+  int64_t a_len = 1, inner = 1;
+  for (int i = 0; i < axis; ++i) a_len *= x.shape()[i];
+  for (int i = int(axis) + 2; i < nd; ++i) inner *= x.shape()[i];
+  const int64_t p_len = x.shape()[axis], q_len = x.shape()[axis + 1];
+  if (inner % 8)
+    TVM_FFI_THROW(ValueError) << "sam3 swap axes: the inner block (" << inner
+                              << " elements) must be a multiple of 8";
+  if (x.device().device_id != out.device().device_id)
+    TVM_FFI_THROW(ValueError) << "sam3 swap axes: x and out must be on one device";
+  const int64_t total = a_len * p_len * q_len * (inner / 8);
+  if (total == 0) return;
+  if (total > 0x7fffffffLL)
+    TVM_FFI_THROW(ValueError) << "sam3 swap axes: too large (" << total << " chunks)";
+  const int dev = x.device().device_id;
+  int64_t blocks = (total + kThreads - 1) / kThreads;
+  const int64_t cap = 16LL * sam3_cuda::sm_count(dev);
+  if (blocks > cap) blocks = cap;
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev));
+  cudaError_t err = sam3_cuda::launch(swap_axes_chunks, dim3(unsigned(blocks)), dim3(kThreads), 0, stream,
+                                      static_cast<const uint4*>(sam3_cuda::ptr(x)),
+                                      static_cast<uint4*>(sam3_cuda::ptr(out)), uint32_t(p_len),
+                                      uint32_t(q_len), uint32_t(inner / 8), uint32_t(total));
+  if (err == cudaSuccess) err = cudaGetLastError();
+  if (err != cudaSuccess)
+    TVM_FFI_THROW(RuntimeError) << "sam3 swap axes (" << a_len << " x " << p_len << " x " << q_len
+                                << " x " << inner << "): " << cudaGetErrorString(err);
+}
+
 }  // namespace ffi
 }  // namespace sam3_tr
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cuda_transpose, sam3_tr::ffi::transpose);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cuda_swap_axes, sam3_tr::ffi::swap_axes);
