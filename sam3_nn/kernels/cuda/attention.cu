@@ -241,6 +241,23 @@ __device__ __forceinline__ void load_tile(half* s, const half* g, int64_t rs, in
   }
 }
 
+// One 16-byte chunk (4 interleaved pairs) rotated by table entries tab[e0 .. e0 + 3] in float32
+// (one rounding): shared by the inline rotation (rope_tile) and rope_keys_kernel, so the two
+// paths give bit-identical keys.
+__device__ __forceinline__ uint4 rotate_chunk(const uint4 val, const float2* tab, int e0) {
+  uint32_t w[4] = {val.x, val.y, val.z, val.w};
+  const float4* t = reinterpret_cast<const float4*>(tab + e0);
+  const float4 t01 = t[0], t23 = t[1];
+  const float cs[4] = {t01.x, t01.z, t23.x, t23.z};
+  const float sn[4] = {t01.y, t01.w, t23.y, t23.w};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float2 xy = __half22float2(*reinterpret_cast<__half2*>(&w[e]));
+    w[e] = pack_half2(xy.x * cs[e] - xy.y * sn[e], xy.x * sn[e] + xy.y * cs[e]);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 // Rotate, in place, the chunks this thread copied with load_tile (same index mapping).
 // tab[coord * D/4 + i] = (cos, sin) of coord * scale * f[i] (float32 arithmetic, one rounding);
 // HALF: tabh[...] = {(cos, cos), (-sin, sin)} as half2 pairs and the rotation in half2
@@ -289,18 +306,10 @@ __device__ __forceinline__ void rope_tile(half* s, int row0, int nrows, const fl
                                        __hmul2(v, *reinterpret_cast<const __half2*>(&cc[e])));
             w[e] = *reinterpret_cast<const uint32_t*>(&r2);
           }
+          *ptr = make_uint4(w[0], w[1], w[2], w[3]);
         } else {
-          const float4* t = reinterpret_cast<const float4*>(tab + e0);
-          const float4 t01 = t[0], t23 = t[1];
-          const float cs[4] = {t01.x, t01.z, t23.x, t23.z};
-          const float sn[4] = {t01.y, t01.w, t23.y, t23.w};
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float2 xy = __half22float2(*reinterpret_cast<__half2*>(&w[e]));
-            w[e] = pack_half2(xy.x * cs[e] - xy.y * sn[e], xy.x * sn[e] + xy.y * cs[e]);
-          }
+          *ptr = rotate_chunk(val, tab, e0);
         }
-        *ptr = make_uint4(w[0], w[1], w[2], w[3]);
       }
     }
   }
@@ -390,18 +399,8 @@ __global__ void __launch_bounds__(256) rope_keys_kernel(const RopeKeysParams rp)
       const int p0 = (cc[u] % CH) * 4;  // first pair of the chunk within its head
       const bool is_x = p0 < Q4;
       const int e0 = (is_x ? gx : gy) * Q4 + (is_x ? p0 : p0 - Q4);
-      uint32_t w[4] = {val[u].x, val[u].y, val[u].z, val[u].w};
-      const float4* tt = reinterpret_cast<const float4*>(tab + e0);
-      const float4 t01 = tt[0], t23 = tt[1];
-      const float cs[4] = {t01.x, t01.z, t23.x, t23.z};
-      const float sn[4] = {t01.y, t01.w, t23.y, t23.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 xy = __half22float2(*reinterpret_cast<__half2*>(&w[e]));
-        w[e] = pack_half2(xy.x * cs[e] - xy.y * sn[e], xy.x * sn[e] + xy.y * cs[e]);
-      }
       *reinterpret_cast<uint4*>(rp.dst + int64_t(row[u]) * rp.hidden + cc[u] * 8) =
-          make_uint4(w[0], w[1], w[2], w[3]);
+          rotate_chunk(val[u], tab, e0);
     }
   }
 }
