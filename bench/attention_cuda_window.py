@@ -129,21 +129,11 @@ class WindowKernel(akern.Kernel):
         return out
 
     def window(self, qkv, heads, head_dim, ws, gh, gw, rope=True, config=0, out=None):
-        import torch
-
-        b, n, _ = qkv.shape
+        """Window mode on a fused ``qkv [B, gh*gw, 3C]``, keys rotated inline."""
         c = heads * head_dim
-        if out is None:
-            out = torch.empty(b, n, c, dtype=qkv.dtype, device=qkv.device)
         r = ws if rope else 0
-        err = self.wfn(qkv.data_ptr(), qkv.data_ptr(), qkv.data_ptr(), None, out.data_ptr(),
-                       qkv.stride(0), qkv.stride(1), 0, qkv.stride(0), qkv.stride(1), c,
-                       qkv.stride(0), qkv.stride(1), 2 * c, out.stride(0), out.stride(1), 0,
-                       b, heads, head_dim, ws * ws, ws * ws, r, r, 1.0, akern.THETA, ws, gh, gw, config, 0,
-                       torch.cuda.current_stream().cuda_stream)
-        if err:
-            raise RuntimeError(f"sam3_attention_fp16_window returned {err}")
-        return out
+        return self.attend(qkv, qkv, qkv, (0, c, 2 * c), heads, head_dim, (r, r), False, ws, (gh, gw),
+                           config, out)
 
 
 def partition(x, ws):

@@ -120,13 +120,6 @@ def rewrite_pass() -> tvm.transform.Pass:
     return _rewrite
 
 
-def calls_kernel(mod: tvm.IRModule) -> bool:
-    """Whether a Relax function of ``mod`` calls the kernel."""
-    from .kernels import cuda_source
-
-    return cuda_source.calls_extern(mod, SYMBOLS)
-
-
 def attach_pass(target: Optional[tvm.target.Target] = None,
                 cuda_arches: Optional[Sequence[str]] = None,
                 log=lambda s: None) -> tvm.transform.Pass:

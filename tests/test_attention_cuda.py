@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 import tvm
-from tvm import relax
 from tvm.relax.frontend import nn
 
+from cuda_lib import build_library
 from sam3_nn import attention_cuda
 from sam3_nn.attention import attention, kernel_target, qkv_self_attention
 from sam3_nn.config import ViTConfig
@@ -196,11 +196,7 @@ def test_cuda_library_links_the_kernel(tmp_path):
         pytest.skip("nvcc not found")
     target = tvm.target.Target(CUDA)
     mod = _export_windowed("float16")  # window mode ("exact") and the per-window kernel ("padded")
-    seq = tvm.transform.Sequential([attention_cuda.attach_pass(target),
-                                    relax.get_default_pipeline(target)])
-    ex = tvm.compile(mod, target=target, relax_pipeline=seq)
-    lib = str(tmp_path / "attn.so")
-    ex.export_library(lib, fcompile=cuda_source.fcompile_with_cudart())
+    lib = build_library(mod, [attention_cuda.attach_pass(target)], target, tmp_path / "attn.so")
     syms = subprocess.run(["nm", "-D", lib], capture_output=True, text=True).stdout
     for s in ("__tvm_ffi_sam3_attention_cuda", "__tvm_ffi_sam3_attention_cuda_bias",
               "__tvm_ffi_sam3_attention_cuda_window", "__tvm_ffi_sam3_attention_cuda_full_bias",

@@ -17,6 +17,7 @@ from tvm import relax, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
+from cuda_lib import build_library, cuda_device
 from sam3_nn import layer_norm_cuda
 from sam3_nn.kernels import cuda_source
 
@@ -189,12 +190,8 @@ def cuda_library(tmp_path_factory):
     assert len(GPU_CASES) == len(_calls(layer_norm_cuda.rewrite_pass()(mod))[0])
     target = tvm.target.Target(CUDA)
     with layer_norm_cuda.enabled():
-        seq = tvm.transform.Sequential([layer_norm_cuda.rewrite_pass(), layer_norm_cuda.attach_pass(target),
-                                        relax.get_default_pipeline(target)])
-        ex = tvm.compile(mod, target=target, relax_pipeline=seq)
-    lib = str(tmp_path_factory.mktemp("ln") / "ln.so")
-    ex.export_library(lib, fcompile=cuda_source.fcompile_with_cudart())
-    return lib
+        return build_library(mod, [layer_norm_cuda.rewrite_pass(), layer_norm_cuda.attach_pass(target)],
+                             target, tmp_path_factory.mktemp("ln") / "ln.so")
 
 
 def test_cuda_library_links_the_kernel(cuda_library):
@@ -203,22 +200,11 @@ def test_cuda_library_links_the_kernel(cuda_library):
     assert "libcudart" not in subprocess.run(["ldd", cuda_library], capture_output=True, text=True).stdout
 
 
-def _cuda_device():
-    from sam3_nn.engine import load_device_runtime
-
-    try:
-        load_device_runtime("cuda")
-        dev = tvm.cuda(0)
-        return dev if dev.exist else None
-    except Exception:  # noqa: BLE001 - no CUDA runtime in this TVM
-        return None
-
-
 @pytest.mark.gpu
 def test_kernel_matches_reference_on_gpu(cuda_library):
     """fp16 output within 1e-3 + 1e-3 |ref| of the float64 reference (about two fp16 ulps:
     the kernel's fp32 statistics are far more accurate than the output's rounding)."""
-    dev = _cuda_device()
+    dev = cuda_device()
     if dev is None:
         pytest.skip("no CUDA GPU here")
     vm = relax.VirtualMachine(tvm.runtime.load_module(cuda_library), dev)

@@ -14,6 +14,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
+from cuda_lib import build_library, cuda_device
 from sam3_nn import transpose_cuda
 from sam3_nn.kernels import cuda_source
 
@@ -93,7 +94,8 @@ def test_rewrite_routes_adjacent_swaps_above_a_block():
                       (transpose_cuda.SYMBOL_SWAP, 1)] and not tir
 
 
-@pytest.mark.skipif(not cuda_source.cutlass_available(), reason="CUTLASS headers not found (the GEMM rewrite's CUDA provider needs them)")
+@pytest.mark.skipif(not cuda_source.cutlass_available(),
+                    reason="CUTLASS headers not found (the GEMM rewrite's CUDA provider needs them)")
 def test_neck_deconvolutions_fuse_bias_and_gelu_and_swap_on_cuda():
     """The 2x2 transposed convolutions: bias (and the GELU between the two of the 4x level)
     in the GEMM's epilogue, the pixel shuffle through the swap kernel; no TIR permute of an
@@ -151,12 +153,8 @@ def cuda_library(tmp_path_factory):
     mod, _ = _Routed().export_tvm(spec=spec)
     target = tvm.target.Target(CUDA)
     with transpose_cuda.enabled():
-        seq = tvm.transform.Sequential([transpose_cuda.rewrite_pass(), transpose_cuda.attach_pass(target),
-                                        relax.get_default_pipeline(target)])
-        ex = tvm.compile(mod, target=target, relax_pipeline=seq)
-    lib = str(tmp_path_factory.mktemp("tr") / "tr.so")
-    ex.export_library(lib, fcompile=cuda_source.fcompile_with_cudart())
-    return lib
+        return build_library(mod, [transpose_cuda.rewrite_pass(), transpose_cuda.attach_pass(target)],
+                             target, tmp_path_factory.mktemp("tr") / "tr.so")
 
 
 def test_cuda_library_links_the_kernel(cuda_library):
@@ -167,15 +165,8 @@ def test_cuda_library_links_the_kernel(cuda_library):
 @pytest.mark.gpu
 def test_kernel_matches_numpy_on_gpu(cuda_library):
     """A copy: bit-equal to numpy's transpose."""
-    from sam3_nn.engine import load_device_runtime
-
-    try:
-        load_device_runtime("cuda")
-        dev = tvm.cuda(0)
-        present = dev.exist
-    except Exception:  # noqa: BLE001 - no CUDA runtime in this TVM
-        present = False
-    if not present:
+    dev = cuda_device()
+    if dev is None:
         pytest.skip("no CUDA GPU here")
     vm = relax.VirtualMachine(tvm.runtime.load_module(cuda_library), dev)
     rng = np.random.default_rng(0)

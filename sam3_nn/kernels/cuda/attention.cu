@@ -317,13 +317,14 @@ __device__ __forceinline__ void rope_tile(half* s, int row0, int nrows, const fl
 
 // cos/sin table over the grid's distinct coordinates (and its half2 form when tabh is set).
 template <int D, int NT>
-__device__ __forceinline__ void build_rope_table(const Params& p, float2* tab, uint2* tabh, int tid) {
+__device__ __forceinline__ void build_rope_table(int grid_h, int grid_w, float rope_scale, float rope_theta,
+                                                 float2* tab, uint2* tabh, int tid) {
   constexpr int Q4 = D / 4;
-  const int g = max(p.grid_h, p.grid_w);
+  const int g = max(grid_h, grid_w);
   for (int e = tid; e < g * Q4; e += NT) {
     const int c = e / Q4, i = e - (e / Q4) * Q4;
-    const float inv = 1.0f / powf(p.rope_theta, float(2 * i) / float(D / 2));
-    const float a = (float(c) * p.rope_scale) * inv;
+    const float inv = 1.0f / powf(rope_theta, float(2 * i) / float(D / 2));
+    const float a = (float(c) * rope_scale) * inv;
     float sn, cs;
     sincosf(a, &sn, &cs);
     tab[e] = make_float2(cs, sn);
@@ -360,12 +361,7 @@ __global__ void __launch_bounds__(256) rope_keys_kernel(const RopeKeysParams rp)
   float2* tab = reinterpret_cast<float2*>(smem_raw);
   // the table needs only the parameters: built before waiting on the previous kernel; few
   // blocks (a grid-stride loop over the chunks) so that it is built few times
-  Params tp;
-  tp.grid_h = rp.grid_h;
-  tp.grid_w = rp.grid_w;
-  tp.rope_scale = rp.rope_scale;
-  tp.rope_theta = rp.rope_theta;
-  build_rope_table<D, NT>(tp, tab, nullptr, threadIdx.x);
+  build_rope_table<D, NT>(rp.grid_h, rp.grid_w, rp.rope_scale, rp.rope_theta, tab, nullptr, threadIdx.x);
   __syncthreads();
   sam3_cuda::pdl_wait_then_release();
   const int chunks = rp.hidden / 8;  // 16-byte chunks per row
@@ -466,7 +462,7 @@ __global__ void __launch_bounds__(NW * 32)
       bias_next = key_bias_log2(gbias, key, nk);
     }
   }
-  if constexpr (ROPE) build_rope_table<D, NT>(p, sTab, nullptr, tid);
+  if constexpr (ROPE) build_rope_table<D, NT>(p.grid_h, p.grid_w, p.rope_scale, p.rope_theta, sTab, nullptr, tid);
   if constexpr (BIAS) {
     if (tid < BN) sBias[tid] = bias_next;
   }
@@ -854,7 +850,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 2 ? 2 : 4)
   if constexpr (BIAS) {
     if (tid < BN) sBias[tid] = bias_val(tid);
   }
-  if constexpr (ROPE) build_rope_table<D, NT>(p, sTab, sTabH, tid);
+  if constexpr (ROPE) build_rope_table<D, NT>(p.grid_h, p.grid_w, p.rope_scale, p.rope_theta, sTab, sTabH, tid);
   asm volatile("cp.async.wait_group 1;\n" ::: "memory");
   if constexpr (ROPE) {
     __syncthreads();  // the table

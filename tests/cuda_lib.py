@@ -1,0 +1,28 @@
+"""Helpers for the CUDA kernel tests: build a library through given passes, find a GPU."""
+
+import tvm
+from tvm import relax
+
+
+def build_library(mod, passes, target, path):
+    """Compile ``mod`` for ``target`` with ``passes`` before TVM's default pipeline and
+    export it to ``path`` (the CUDA runtime linked statically); returns ``path``."""
+    from sam3_nn.kernels import cuda_source
+
+    seq = tvm.transform.Sequential(list(passes) + [relax.get_default_pipeline(target)])
+    ex = tvm.compile(mod, target=target, relax_pipeline=seq)
+    ex.export_library(str(path), fcompile=cuda_source.fcompile_with_cudart())
+    return str(path)
+
+
+def cuda_device():
+    """``tvm.cuda(0)`` when this TVM has a CUDA runtime (loaded here) and a GPU is present,
+    else None."""
+    from sam3_nn.engine import load_device_runtime
+
+    try:
+        load_device_runtime("cuda")
+        dev = tvm.cuda(0)
+        return dev if dev.exist else None
+    except Exception:  # noqa: BLE001 - no CUDA runtime in this TVM
+        return None
