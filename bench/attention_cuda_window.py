@@ -21,6 +21,9 @@ with the partitioned kernel call (same arithmetic, other addresses). The TVM lib
 Keys rotated once (``sam3_rope_keys_fp16`` + the kernel rotating q only, what the model
 uses from 512 queries per sequence on): bit-equality with the inline rotation, window mode
 and a global block, and the time of each step.
+The pipelined wgmma loop (configs 6, 8) against the serial one (7, 9): bit-equal.
+q and k rotated once (one rotation call over both, then the kernel without RoPE; not used by
+the model, it measured no faster): bit-equality with the inline rotation, and its times.
 Timings: CUDA-event medians over graph replays with 4 rotating input sets
 (window mode with the automatic tile choice and with each wgmma tiling forced; a global
 block of 5184 tokens per tiling)
@@ -94,15 +97,17 @@ class WindowKernel(akern.Kernel):
         r.restype = I
         self.rfn = r
 
-    def rope_keys(self, qkv, heads, head_dim, grid, window=0, img=(0, 0), out=None):
-        """The k columns of ``qkv [B, N, 3C]`` rotated once (``sam3_rope_keys_fp16``): [B, N, C]."""
+    def rope_keys(self, qkv, heads, head_dim, grid, window=0, img=(0, 0), out=None, offset=None):
+        """``heads`` head columns of ``qkv [B, N, 3C]`` from ``offset`` (default C: the keys)
+        rotated once (``sam3_rope_keys_fp16``): [B, N, heads * head_dim]."""
         import torch
 
         b, n, _ = qkv.shape
         c = heads * head_dim
+        offset = c if offset is None else offset
         if out is None:
             out = torch.empty(b, n, c, dtype=qkv.dtype, device=qkv.device)
-        err = self.rfn(qkv.data_ptr(), out.data_ptr(), qkv.stride(0), qkv.stride(1), c, b, n, heads, head_dim,
+        err = self.rfn(qkv.data_ptr(), out.data_ptr(), qkv.stride(0), qkv.stride(1), offset, b, n, heads, head_dim,
                        grid[0], grid[1], 1.0, akern.THETA, window, img[0], img[1],
                        torch.cuda.current_stream().cuda_stream)
         if err:
@@ -176,6 +181,7 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
         c = heads * d
         qkv = rnd(b, gh * gw, 3 * c)
         part, ref = reference(qkv, b, gh, gw, WS, heads, d)
+        outs_by_cfg = {}
         for cfg in configs:
             out = torch.full((b, gh * gw, c), float("nan"), device=dev, dtype=torch.float16)
             kern.window(qkv, heads, d, WS, gh, gw, config=cfg, out=out)
@@ -183,6 +189,12 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
             torch.cuda.synchronize()
             e = akern.errors(out, ref)
             same = torch.equal(out, unpartition(base, b, gh, gw, WS).reshape(b, gh * gw, c))
+            outs_by_cfg[cfg] = out
+            if cfg in (7, 9) and cfg - 1 in outs_by_cfg:  # serial loop (one warpgroup) vs pipelined (two)
+                pipe = torch.equal(out, outs_by_cfg[cfg - 1])
+                print(f"check window {name:24s} cfg {cfg - 1} (pipelined) bit-equal to cfg {cfg} (serial) {pipe}",
+                      flush=True)
+                same &= pipe
             ok = e["finite"] and e["rel"] < 2e-3 and same
             ok_all &= ok
             results["checks"].append({"case": name, "config": cfg, **e, "bit_equal_partitioned": same, "ok": ok})
@@ -319,6 +331,36 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
         rk[f"{mode}_rotated_total_ms"] = akern.time_cuda([lambda i=i, m=mode: rotated(i, m) for i in range(4)])
     results["timings"]["keys_rotated_once"] = rk
     print("keys rotated once", json.dumps({k: round(v, 4) for k, v in rk.items()}), flush=True)
+
+    # q and k rotated once (one sam3_rope_keys_fp16 call over the q and k heads of the fused
+    # projection, then the kernel without RoPE: what the model uses from 512 queries on)
+    qks = [torch.empty(1, 72 * 72, 2 * c, device=dev, dtype=torch.float16) for _ in range(4)]
+
+    def rope_qk(i, mode):
+        kw = modes[mode]
+        return kern.rope_keys(qkvs[i], 2 * HEADS, HEAD_DIM, kw["grid"], kw.get("window", 0), kw.get("img", (0, 0)),
+                              out=qks[i], offset=0)
+
+    def plain(i, mode, cfg=0):
+        kw = modes[mode]
+        return kern.attend(qks[i], qks[i], qkvs[i], (0, c, 2 * c), HEADS, HEAD_DIM, (0, 0), False,
+                           kw.get("window", 0), kw.get("img", (0, 0)), config=cfg, out=outs[i])
+
+    qk = {}
+    for mode in modes:
+        for cfg in (1, 6, 7):
+            rope_qk(0, mode)
+            a_ = plain(0, mode, cfg).clone()
+            b_ = inline(0, mode, cfg).clone()
+            same = torch.equal(a_, b_)
+            ok_all &= same
+            results["checks"].append({"case": f"q and k rotated once, {mode}", "config": cfg, "bit_equal_inline": same})
+            print(f"check q and k rotated once, {mode} cfg {cfg}: bit-equal to inline rotation {same}", flush=True)
+        qk[f"{mode}_rope_qk_ms"] = akern.time_cuda([lambda i=i, m=mode: rope_qk(i, m) for i in range(4)])
+        qk[f"{mode}_attention_no_rope_ms"] = akern.time_cuda([lambda i=i, m=mode: plain(i, m) for i in range(4)])
+        qk[f"{mode}_total_ms"] = akern.time_cuda([lambda i=i, m=mode: (rope_qk(i, m), plain(i, m)) for i in range(4)])
+    results["timings"]["q_and_k_rotated_once"] = qk
+    print("q and k rotated once", json.dumps({k: round(v, 4) for k, v in qk.items()}), flush=True)
     from common import finish_run
 
     return finish_run(results, ok_all, result_dir, "attention_cuda_window.json")

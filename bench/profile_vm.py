@@ -13,6 +13,9 @@ synchronizes the device around every call and adds up the wall time per callee
 Synchronizing after each call removes the overlap of launches with work, so the sum
 is a little above the function's own time; the split is what it is for.
 
+``--time N``: only the median wall time of N plain calls (each synchronized), e.g. to
+compare settings such as ``SAM3_CUDA_PDL=0`` side by side.
+
 ``--kernels`` (GPU, needs PyTorch with CUDA): instead, the device-side time of every CUDA
 kernel over ``--runs`` plain calls, from PyTorch's profiler (CUPTI), with no
 synchronization added: the kernels' sum against the calls' wall time says how much of
@@ -58,6 +61,8 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--kernels", action="store_true", help="GPU kernel times (torch.profiler)")
     ap.add_argument("--runs", type=int, default=10, help="with --kernels: calls profiled")
+    ap.add_argument("--time", type=int, default=0, metavar="N",
+                    help="instead: the median wall time of N plain calls (3 warm-up calls first)")
     args = ap.parse_args()
 
     from sam3_nn.engine import CompiledModel
@@ -81,6 +86,18 @@ def main() -> int:
     total = time.perf_counter() - t
     if args.kernels:
         return kernel_profile(args, lib, call)
+    if args.time:
+        for _ in range(3):
+            call()
+        ts = []
+        for _ in range(args.time):
+            t = time.perf_counter()
+            call()
+            ts.append(time.perf_counter() - t)
+        ts = np.array(ts) * 1e3
+        print(f"{args.function} on {lib.manifest['target']} ({lib.manifest['dtype']}), batch {args.batch}: "
+              f"median {np.median(ts):.3f} ms, min {ts.min():.3f}, max {ts.max():.3f} over {args.time} calls")
+        return 0
 
     acc = collections.defaultdict(float)
     cnt = collections.Counter()
