@@ -20,14 +20,16 @@
 // the rewrite emits out in its consumer's shape, so no reshape copy follows).
 // K and N must be multiples of 8 (16-byte TMA rows); M is free (TMA clips the tails).
 //
-// Tile configs (`pick_tile`: 0 for <= 256 rows, 4 for K >= 4096, else 2, unless forced by
+// Tile configs (`pick_tile`: 0 for <= 256 rows, else 2, unless forced by
 // sam3_cutlass_gemm_set_tile(i), -1 = default):
 //   0: 128x128x64 cooperative (2 consumer warpgroups), cluster 2x1, persistent
 //   1: 128x256x64 cooperative, cluster 2x1, persistent
-//   2: 128x128x64 ping-pong (consumer warpgroups alternate tiles), cluster 2x1
+//   2: 128x128x64 ping-pong (consumer warpgroups alternate tiles), cluster 2x1, epilogue
+//      in 64x64 subtiles
 //   (3: a stream-K cooperative 128x128 was removed: it lost on every shape measured, and
 //    CUTLASS 4.2's stream-K scheduler does not compile with CUTLASS_ENABLE_GDC_FOR_SM90)
 //   4: 128x192x64 cooperative, cluster 2x1, persistent
+//   5: as 2 with CUTLASS's automatic epilogue subtile (64x32 for ping-pong): 2 before session 6
 #include <cuda_runtime.h>
 
 #include <cstdlib>
@@ -124,14 +126,14 @@ struct FusionFor<Epi::kBiasRelu> {
 };
 
 template <class Tile, class Cluster, class MainSched, class EpiSched, class Scheduler, Epi E,
-          class LayoutB>
+          class LayoutB, class EpiTile = cutlass::epilogue::collective::EpilogueTileAuto>
 struct Gemm {
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutC = cutlass::layout::RowMajor;
   static constexpr int kAlign = 8;
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, half, LayoutC, kAlign, half,
+      EpiTile, float, float, half, LayoutC, kAlign, half,
       LayoutC, kAlign, EpiSched, typename FusionFor<E>::Op>::CollectiveOp;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, half, LayoutA, kAlign, half, LayoutB,
@@ -156,9 +158,11 @@ using Cfg0 = Gemm<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Coop, CoopEpi, Pers
 template <Epi E, class LB>
 using Cfg1 = Gemm<Shape<_128, _256, _64>, Shape<_2, _1, _1>, Coop, CoopEpi, Persistent, E, LB>;
 template <Epi E, class LB>
-using Cfg2 = Gemm<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Ping, PingEpi, Persistent, E, LB>;
+using Cfg2 = Gemm<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Ping, PingEpi, Persistent, E, LB, Shape<_64, _64>>;
 template <Epi E, class LB>
 using Cfg4 = Gemm<Shape<_128, _192, _64>, Shape<_2, _1, _1>, Coop, CoopEpi, Persistent, E, LB>;
+template <Epi E, class LB>
+using Cfg5 = Gemm<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Ping, PingEpi, Persistent, E, LB>;
 
 
 // ---- shared state (defined in part 0) -------------------------------------------------
@@ -170,7 +174,7 @@ int g_forced_tile = -1;
 
 #endif
 
-// Ping-pong (config 2) unless K >= 4096 (config 4). Measured on the H100 (bench/gemm.py,
+// History: ping-pong (config 2) unless K >= 4096 (config 4) until session 6. Measured on the H100 (bench/gemm.py,
 // fp16, M = 5184, bias epilogue, TFLOP/s for configs 0 / 1 / 2 / 3):
 //   1024->3072  533 / 584 / 627 / 492      1024->4736  544 / 527 / 641 / 506
 //   4736->1024  503 / 434 / 516 / 492      1024->1024  369 / 324 / 411 / 334
@@ -188,10 +192,15 @@ int g_forced_tile = -1;
 // With `GeluFit` the GELU epilogue is cheap enough for ping-pong to lead again (H200, fc1
 // 5184x1024->4736 + GELU, configs 0-4: 443 / 435 / 544 / 415 / 467; with CUTLASS's erff
 // GELU it was 431 for ping-pong and 435 for config 4).
+// Session 6 (H200, same sweep; 5 = config 2 before, with 64x32 epilogue subtiles): the 64x64
+// subtiles of config 2 pay most where the epilogue does most, and now lead config 4 on fc2:
+//   fc1 + GELU 599 vs 570 (config 4: 505); 4736->1024 + residual 603 vs 584 (config 4: 600);
+//   4736->1024 607 vs 603 (597); 1024->1024 + residual 486 vs 434; 1024->1024 511 vs 503;
+//   1024->3072 673 vs 666; 1024->4736 685 vs 686; 256->2048 + ReLU 315 vs 295.
 inline int pick_tile(int64_t m, int64_t k) {
+  (void)k;
   if (g_forced_tile >= 0) return g_forced_tile;
-  if (m <= 256) return 0;
-  return k >= 4096 ? 4 : 2;
+  return m <= 256 ? 0 : 2;
 }
 
 template <class G>
@@ -265,6 +274,8 @@ void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* 
         return run<Cfg2<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
       case 4:
         return run<Cfg4<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
+      case 5:
+        return run<Cfg5<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
 
       default:
         return run<Cfg0<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
