@@ -20,7 +20,7 @@
 // the rewrite emits out in its consumer's shape, so no reshape copy follows).
 // K and N must be multiples of 8 (16-byte TMA rows); M is free (TMA clips the tails).
 //
-// Tile configs (`pick_tile`: 0 for <= 256 rows, else 2, unless forced by
+// Tile configs (`pick_tile`: 0 for <= 256 rows, 6 for K <= 256, else 2, unless forced by
 // sam3_cutlass_gemm_set_tile(i), -1 = default):
 //   0: 128x128x64 cooperative (2 consumer warpgroups), cluster 2x1, persistent
 //   1: 128x256x64 cooperative, cluster 2x1, persistent
@@ -30,6 +30,7 @@
 //    CUTLASS 4.2's stream-K scheduler does not compile with CUTLASS_ENABLE_GDC_FOR_SM90)
 //   4: 128x192x64 cooperative, cluster 2x1, persistent
 //   5: as 2 with CUTLASS's automatic epilogue subtile (64x32 for ping-pong): 2 before session 6
+//   6: as 2 without a cluster (1x1): for K <= 256, where the k loop is 4 blocks long
 #include <cuda_runtime.h>
 
 #include <cstdlib>
@@ -163,6 +164,8 @@ template <Epi E, class LB>
 using Cfg4 = Gemm<Shape<_128, _192, _64>, Shape<_2, _1, _1>, Coop, CoopEpi, Persistent, E, LB>;
 template <Epi E, class LB>
 using Cfg5 = Gemm<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Ping, PingEpi, Persistent, E, LB>;
+template <Epi E, class LB>
+using Cfg6 = Gemm<Shape<_128, _128, _64>, Shape<_1, _1, _1>, Ping, PingEpi, Persistent, E, LB, Shape<_64, _64>>;
 
 
 // ---- shared state (defined in part 0) -------------------------------------------------
@@ -197,10 +200,13 @@ int g_forced_tile = -1;
 //   fc1 + GELU 599 vs 570 (config 4: 505); 4736->1024 + residual 603 vs 584 (config 4: 600);
 //   4736->1024 607 vs 603 (597); 1024->1024 + residual 486 vs 434; 1024->1024 511 vs 503;
 //   1024->3072 673 vs 666; 1024->4736 685 vs 686; 256->2048 + ReLU 315 vs 295.
+// Clusters (configs 2 / 6, two sweeps): 2x1 leads on the ViT's GEMMs (fc1 + GELU 601 vs 581,
+// 1024->4736 699-702 vs 676-685, 1024->3072 681 vs 676, 4736->1024 + residual 566-596 vs
+// 561-575), 1x1 on the DETR encoder's K = 256 (256->2048 + ReLU 362-364 vs 309-316).
 inline int pick_tile(int64_t m, int64_t k) {
-  (void)k;
   if (g_forced_tile >= 0) return g_forced_tile;
-  return m <= 256 ? 0 : 2;
+  if (m <= 256) return 0;
+  return k <= 256 ? 6 : 2;
 }
 
 template <class G>
@@ -276,6 +282,8 @@ void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* 
         return run<Cfg4<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
       case 5:
         return run<Cfg5<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
+      case 6:
+        return run<Cfg6<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
 
       default:
         return run<Cfg0<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
