@@ -23,6 +23,7 @@ Two module passes, run by the CUDA pipeline (``sam3_nn.kernels.schedule_passes``
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence
 
@@ -66,13 +67,7 @@ def split_of(call: relax.Call) -> Optional[int]:
     dims = [_static(v) for v in xs]
     if split is None or any(d is None for d in dims):
         return None
-    r = 1
-    for d in dims[1:split]:
-        r *= d
-    s = 1
-    for d in dims[split:]:
-        s *= d
-    return split if r % 8 == 0 and s % 8 == 0 else None
+    return split if math.prod(dims[1:split]) % 8 == 0 and math.prod(dims[split:]) % 8 == 0 else None
 
 
 def swap_axis_of(call: relax.Call) -> Optional[int]:
@@ -90,10 +85,7 @@ def swap_axis_of(call: relax.Call) -> Optional[int]:
     dims = [_static(v) for v in xs]
     if any(d is None for d in dims) or moved[1] + 1 >= len(dims):
         return None
-    inner = 1
-    for d in dims[moved[1] + 1:]:
-        inner *= d
-    return moved[0] if inner % 8 == 0 else None
+    return moved[0] if math.prod(dims[moved[1] + 1:]) % 8 == 0 else None
 
 
 def rewrite_pass() -> tvm.transform.Pass:

@@ -1,5 +1,9 @@
-"""Helpers for the CUDA kernel tests: build a library through given passes, find a GPU."""
+"""Helpers for the CUDA kernel tests: build a library through given passes, list its
+exported symbols, find a GPU."""
 
+import subprocess
+
+import pytest
 import tvm
 from tvm import relax
 
@@ -13,6 +17,24 @@ def build_library(mod, passes, target, path):
     ex = tvm.compile(mod, target=target, relax_pipeline=seq)
     ex.export_library(str(path), fcompile=cuda_source.fcompile_with_cudart())
     return str(path)
+
+
+def build_routed(kernel, mod, path, target=None):
+    """``mod`` built for ``target`` (default cuda sm_90a) with ``kernel``'s rewrite and attach
+    passes, routing on (``kernel``: a module such as ``sam3_nn.layer_norm_cuda``); skips the
+    test where nvcc is missing."""
+    from sam3_nn.kernels import cuda_source
+
+    if not cuda_source.nvcc_available():
+        pytest.skip("nvcc not found")
+    target = tvm.target.Target(target or {"kind": "cuda", "arch": "sm_90a"})
+    with kernel.enabled():
+        return build_library(mod, [kernel.rewrite_pass(), kernel.attach_pass(target)], target, path)
+
+
+def exported_symbols(path) -> str:
+    """``nm -D`` of a shared library."""
+    return subprocess.run(["nm", "-D", str(path)], capture_output=True, text=True).stdout
 
 
 def cuda_device():

@@ -11,7 +11,7 @@ import pytest
 import tvm
 from tvm.relax.frontend import nn
 
-from cuda_lib import build_library
+from cuda_lib import build_library, exported_symbols
 from sam3_nn import attention_cuda
 from sam3_nn.attention import attention, kernel_target, qkv_self_attention
 from sam3_nn.config import ViTConfig
@@ -197,7 +197,7 @@ def test_cuda_library_links_the_kernel(tmp_path):
     target = tvm.target.Target(CUDA)
     mod = _export_windowed("float16")  # window mode ("exact") and the per-window kernel ("padded")
     lib = build_library(mod, [attention_cuda.attach_pass(target)], target, tmp_path / "attn.so")
-    syms = subprocess.run(["nm", "-D", lib], capture_output=True, text=True).stdout
+    syms = exported_symbols(lib)
     for s in ("__tvm_ffi_sam3_attention_cuda", "__tvm_ffi_sam3_attention_cuda_bias",
               "__tvm_ffi_sam3_attention_cuda_window", "__tvm_ffi_sam3_attention_cuda_full_bias",
               "__tvm_ffi_sam3_rope_keys_cuda"):

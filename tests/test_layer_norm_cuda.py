@@ -17,7 +17,7 @@ from tvm import relax, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from cuda_lib import build_library, cuda_device
+from cuda_lib import build_routed, cuda_device, exported_symbols
 from sam3_nn import layer_norm_cuda
 from sam3_nn.kernels import cuda_source
 
@@ -181,22 +181,16 @@ class _Cases(nn.Module):
 def cuda_library(tmp_path_factory):
     """A library for target cuda (sm_90a) computing every GPU case, each layer norm routed
     to the kernel."""
-    if not cuda_source.nvcc_available():
-        pytest.skip("nvcc not found")
     m = _Cases()
     m.to("float16")
     spec = {"forward": {f"x{i}": nn.spec.Tensor(list(s), "float16") for i, s in enumerate(GPU_CASES)}}
     mod, _ = m.export_tvm(spec=spec)
     assert len(GPU_CASES) == len(_calls(layer_norm_cuda.rewrite_pass()(mod))[0])
-    target = tvm.target.Target(CUDA)
-    with layer_norm_cuda.enabled():
-        return build_library(mod, [layer_norm_cuda.rewrite_pass(), layer_norm_cuda.attach_pass(target)],
-                             target, tmp_path_factory.mktemp("ln") / "ln.so")
+    return build_routed(layer_norm_cuda, mod, tmp_path_factory.mktemp("ln") / "ln.so", CUDA)
 
 
 def test_cuda_library_links_the_kernel(cuda_library):
-    syms = subprocess.run(["nm", "-D", cuda_library], capture_output=True, text=True).stdout
-    assert "__tvm_ffi_sam3_cuda_layer_norm" in syms
+    assert "__tvm_ffi_sam3_cuda_layer_norm" in exported_symbols(cuda_library)
     assert "libcudart" not in subprocess.run(["ldd", cuda_library], capture_output=True, text=True).stdout
 
 

@@ -5,7 +5,6 @@ Building the library needs nvcc (skips without it); running the kernel needs a C
 (marked ``gpu``, skips where none is present).
 """
 
-import subprocess
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from cuda_lib import build_library, cuda_device
+from cuda_lib import build_routed, cuda_device, exported_symbols
 from sam3_nn import transpose_cuda
 from sam3_nn.kernels import cuda_source
 
@@ -147,18 +146,13 @@ class _Routed(nn.Module):
 @pytest.fixture(scope="module")
 def cuda_library(tmp_path_factory):
     """A library for target cuda (sm_90a) computing the ROUTED cases with the kernel."""
-    if not cuda_source.nvcc_available():
-        pytest.skip("nvcc not found")
     spec = {"forward": {k: nn.spec.Tensor(list(s), "float16") for k, (s, _) in zip("abcdef", ROUTED + SWAPS)}}
     mod, _ = _Routed().export_tvm(spec=spec)
-    target = tvm.target.Target(CUDA)
-    with transpose_cuda.enabled():
-        return build_library(mod, [transpose_cuda.rewrite_pass(), transpose_cuda.attach_pass(target)],
-                             target, tmp_path_factory.mktemp("tr") / "tr.so")
+    return build_routed(transpose_cuda, mod, tmp_path_factory.mktemp("tr") / "tr.so", CUDA)
 
 
 def test_cuda_library_links_the_kernel(cuda_library):
-    syms = subprocess.run(["nm", "-D", cuda_library], capture_output=True, text=True).stdout
+    syms = exported_symbols(cuda_library)
     assert "__tvm_ffi_sam3_cuda_transpose" in syms and "__tvm_ffi_sam3_cuda_swap_axes" in syms
 
 
