@@ -174,6 +174,15 @@ CUDA_CASES = [
      ((2, 63), 256, 256, True, (2, 7, 9, 256), True), False),
     ("check: linear 3x1297x768->256 +residual", "linres", ((3, 1297), 768, 256, False, None, True), False),
     ("check: conv3x3 2x37x29x64->128 +bias", "conv", (2, 37, 29, 64, 128, True), False),
+    # "rope" ((B, N), K, heads, window, img_h, img_w, grid_h, grid_w, scale): a qkv projection
+    # K -> 3 * heads * 64 whose q and k columns are rotated (attention_cuda.emit_rope_qk: fused
+    # into the GEMM's epilogue by the rewrite); "ropeonly": the same rotation on an input of
+    # width K (the standalone kernel)
+    ("qkv 5184x1024->3072 +bias+rope (windowed)", "rope", ((1, 5184), 1024, 16, 24, 72, 72, 24, 24, 1.0), True),
+    ("qkv 5184x1024->3072 +bias+rope (global)", "rope", ((1, 5184), 1024, 16, 0, 0, 0, 72, 72, 1 / 3), True),
+    ("check: qkv 2x576x256->768 +bias+rope", "rope", ((2, 576), 256, 4, 0, 0, 0, 24, 24, 1.0), False),
+    ("check: q/k rotation 2x2304x384 (standalone)", "ropeonly", ((2, 2304), 384, 2, 24, 48, 48, 24, 24, 1.0),
+     False),
 ]
 
 
@@ -198,6 +207,10 @@ def _cuda_module(dtype):
             elif kind == "kn":
                 _, k, n = shape
                 self.w = nn.Parameter((k, n), dtype=dtype)
+            elif kind == "rope":
+                self.lin = nn.Linear(shape[1], 3 * shape[2] * 64, dtype=dtype)
+            elif kind == "ropeonly":
+                pass
             elif kind == "im2col":
                 _, _, _, cin, cout, bias = shape
                 self.lin = nn.Linear(9 * cin, cout, bias=bias, dtype=dtype)
@@ -217,6 +230,14 @@ def _cuda_module(dtype):
                 return y + self.res if self.shape[5] else self.res + y
             if self.kind == "kn":
                 return op.matmul(x, self.w)
+            if self.kind in ("rope", "ropeonly"):
+                from sam3_nn import attention_cuda
+                from sam3_nn.rope import AxialRope
+
+                _, _, heads, window, img_h, img_w, gh, gw, scale = self.shape
+                y = self.lin(x) if self.kind == "rope" else x
+                return attention_cuda.emit_rope_qk(y, heads, AxialRope(gh, gw, 64, 10000.0, scale),
+                                                   window, img_h, img_w)
             if self.kind == "im2col":
                 _, h, w, _ = self.shape[:4]
                 xp = op.pad(x, [0, 0, 1, 1, 1, 1, 0, 0])
@@ -250,7 +271,7 @@ def _cuda_module(dtype):
 
 
 def _cuda_x_shape(kind, shape):
-    if kind in ("linear", "linres", "kn"):
+    if kind in ("linear", "linres", "kn", "rope", "ropeonly"):
         m, k = shape[0], shape[1]
         return (list(m) if isinstance(m, tuple) else [m]) + [k]
     b, h, w, cin = shape[:4]
@@ -258,9 +279,11 @@ def _cuda_x_shape(kind, shape):
 
 
 def _cuda_flops(kind, shape):
-    if kind in ("linear", "linres", "kn"):
+    if kind in ("linear", "linres", "kn", "rope", "ropeonly"):
         m = shape[0] if not isinstance(shape[0], tuple) else int(np.prod(shape[0]))
-        return 2.0 * m * shape[1] * shape[2]
+        if kind == "ropeonly":
+            return 0.0
+        return 2.0 * m * shape[1] * (shape[2] if kind != "rope" else 3 * shape[2] * 64)
     b, h, w, cin, cout, _ = shape[:6]
     return 2.0 * b * h * w * cin * cout * 9
 
@@ -305,9 +328,34 @@ def _cuda_runtime_setup(arch: str):
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
 
 
+def _torch_rope_qk(y, heads, window, img_h, img_w, gh, gw, scale, theta=10000.0):
+    """The q/k rotation of ``y [B, N, 3 * heads * 64]`` in float32 (adjacent pairs; pairs < 16
+    by the token's column, the rest by its row; in-window positions when ``window`` > 0)."""
+    import torch
+
+    b, n, width = y.shape
+    hidden, d = width // 3, 64
+    t = torch.arange(n, device=y.device)
+    if window:
+        gy, gx = (t // img_w) % window, (t % img_w) % window
+    else:
+        gy, gx = t // gw, t % gw
+    inv = 1.0 / theta ** (torch.arange(d // 4, device=y.device).float() * 2 / (d // 2))
+    ang = torch.cat([(gx.float() * scale)[:, None] * inv, (gy.float() * scale)[:, None] * inv], 1)
+    cos, sin = ang.cos(), ang.sin()  # [N, D/2]
+    qk = y[..., :2 * hidden].float().reshape(b, n, 2 * heads, d // 2, 2)
+    a, c = qk[..., 0], qk[..., 1]
+    rot = torch.stack([a * cos[:, None] - c * sin[:, None], a * sin[:, None] + c * cos[:, None]], -1)
+    return torch.cat([rot.reshape(b, n, 2 * hidden), y[..., 2 * hidden:].float()], -1)
+
+
 def _torch_case(kind, shape, x, ps):
     import torch.nn.functional as F
 
+    if kind == "rope":
+        return _torch_rope_qk(F.linear(x, ps[0], ps[1]).float(), *shape[2:])
+    if kind == "ropeonly":
+        return _torch_rope_qk(x, *shape[2:])
     if kind == "linear":
         y = F.linear(x, ps[0], ps[1] if shape[3] else None)
         return {"gelu": F.gelu, "relu": F.relu}.get(shape[4], lambda t: t)(y)

@@ -35,9 +35,17 @@ SYMBOL_BIAS = "sam3_attention_cuda_bias"
 SYMBOL_WINDOW = "sam3_attention_cuda_window"
 SYMBOL_FULL_BIAS = "sam3_attention_cuda_full_bias"
 SYMBOL_ROPE_KEYS = "sam3_rope_keys_cuda"
-SYMBOLS = (SYMBOL, SYMBOL_BIAS, SYMBOL_WINDOW, SYMBOL_FULL_BIAS, SYMBOL_ROPE_KEYS)
+SYMBOL_ROPE_QK = "sam3_rope_qk_cuda"
+ROPE_QK_SCALARS = 8  # heads, window, img_h, img_w, grid_h, grid_w, scale, theta
+SYMBOLS = (SYMBOL, SYMBOL_BIAS, SYMBOL_WINDOW, SYMBOL_FULL_BIAS, SYMBOL_ROPE_KEYS, SYMBOL_ROPE_QK)
 SOURCE = "attention"  # sam3_nn/kernels/cuda/attention.cu
 HEAD_DIMS = (32, 64)
+
+# On: where the GEMM rewrite can fuse it (Hopper CUTLASS route, head dim 64), a RoPE self-
+# attention from a fused qkv projection rotates q and k in the projection's output
+# (``emit_rope_qk``: the qkv GEMM's epilogue after the rewrite) and the kernel runs without
+# RoPE. ``with attention_cuda.ROPE_IN_PROJECTION.disabled():`` keeps the keys-rotated path.
+ROPE_IN_PROJECTION = Switch(True)
 
 # On: the CUDA build pipeline (``sam3_nn.kernels.schedule_passes``) runs attach_pass.
 # ``with attention_cuda.disabled():`` emits the TIR kernel instead (tests, benchmarks).
@@ -83,6 +91,30 @@ def emit_rope_keys(x: Tensor, k_off: int, num_heads: int, head_dim: int, rope: A
                      out=Tensor.placeholder((b, n, num_heads * head_dim), x.dtype))
 
 
+def emit_rope_qk(qkv: Tensor, num_heads: int, rope: AxialRope, window: int = 0, grid_h: int = 0,
+                 grid_w: int = 0) -> Tensor:
+    """``qkv [B, N, 3 * heads * D]`` with its q and k columns rotated as the kernel rotates keys
+    (``window`` > 0: in-window positions of the ``grid_h x grid_w`` token grid; 0: positions on
+    ``rope``'s grid), v copied: the same shape. The GEMM rewrite fuses it into the epilogue of
+    the projection that produced ``qkv`` (``sam3_cutlass_gemm_nk_bias_rope_qk``, same scalars)."""
+    scalars = [int(num_heads), int(window), int(grid_h), int(grid_w), int(rope.grid_h),
+               int(rope.grid_w), float(rope.scale), float(rope.theta)]
+    assert len(scalars) == ROPE_QK_SCALARS
+    return op.extern(SYMBOL_ROPE_QK, [qkv] + scalars, out=Tensor.placeholder(qkv.shape, qkv.dtype))
+
+
+def rope_in_projection(target: Optional[tvm.target.Target], head_dim: int, nq) -> bool:
+    """Whether a RoPE self-attention of ``nq`` queries on a fused projection rotates q and k in
+    the projection (see ``ROPE_IN_PROJECTION``): long sequences (as ``_rotate_keys_once``),
+    head dim 64, and a library whose GEMMs take the CUTLASS route (which fuses the rotation)."""
+    if not (ROPE_IN_PROJECTION.on and head_dim == 64 and isinstance(nq, int)
+            and nq >= ROTATE_KEYS_MIN_QUERIES and target is not None):
+        return False
+    from .kernels import cuda as kernels_cuda
+
+    return kernels_cuda.cutlass_route(kernels_cuda.arch_list(target, None))
+
+
 def supported(target: Optional[tvm.target.Target], dtype: str, head_dim: int, widths, offsets) -> bool:
     """Whether the CUDA kernel takes this call: CUDA target, float16, head dim 32/64, and
     16-byte aligned rows and head columns (widths and offsets multiples of 8 elements)."""
@@ -101,6 +133,12 @@ def emit(q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: int, offsets
     scale = float(rope.scale) if rope is not None else 1.0
     theta = float(rope.theta) if rope is not None else 10000.0
     offsets = [int(o) for o in offsets]
+    hidden = num_heads * head_dim
+    if (rope is not None and key_bias is None and q._expr.same_as(k._expr) and q._expr.same_as(v._expr)
+            and offsets == [0, hidden, 2 * hidden] and int(q.shape[2]) == 3 * hidden
+            and rope_in_projection(_target(), head_dim, nq)):
+        qkv = emit_rope_qk(q, num_heads, rope)
+        return emit(qkv, qkv, qkv, num_heads, head_dim, offsets, None, None)
     keys_rotated = _rotate_keys_once(rope, nq)
     if keys_rotated:
         k = emit_rope_keys(k, offsets[1], num_heads, head_dim, rope)
@@ -146,6 +184,9 @@ def emit_window(qkv: Tensor, num_heads: int, head_dim: int, window: int, grid_h:
     rgh, rgw = (rope.grid_h, rope.grid_w) if rope is not None else (0, 0)
     scale = float(rope.scale) if rope is not None else 1.0
     theta = float(rope.theta) if rope is not None else 10000.0
+    if rope is not None and rope_in_projection(_target(), head_dim, window * window):
+        qkv = emit_rope_qk(qkv, num_heads, rope, window, grid_h, grid_w)
+        return emit_window(qkv, num_heads, head_dim, window, grid_h, grid_w, None)
     keys_rotated = _rotate_keys_once(rope, window * window)
     k, k_off = qkv, hidden
     if keys_rotated:
@@ -154,6 +195,12 @@ def emit_window(qkv: Tensor, num_heads: int, head_dim: int, window: int, grid_h:
                int(rgh), int(rgw), scale, theta, int(keys_rotated)]
     return op.extern(SYMBOL_WINDOW, [qkv, k, qkv] + scalars,
                      out=Tensor.placeholder((b, n, hidden), qkv.dtype))
+
+
+def _target() -> Optional[tvm.target.Target]:
+    from .attention import current_kernel_target
+
+    return current_kernel_target()
 
 
 def calls_kernel(mod: tvm.IRModule) -> bool:

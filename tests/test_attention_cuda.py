@@ -48,10 +48,35 @@ def _spec(dtype, hidden=1024):
                      "bias": t(1, 8, 201, 5184)}}
 
 
-def _export(dtype, module=None, hidden=1024, target=CUDA, route=True):
-    with kernel_target(target), (attention_cuda.enabled() if route else attention_cuda.disabled()):
+def _rope_in_projection(on: bool):
+    sw = attention_cuda.ROPE_IN_PROJECTION
+    return sw.enabled() if on else sw.disabled()
+
+
+def _export(dtype, module=None, hidden=1024, target=CUDA, route=True, rope_in_projection=False):
+    with kernel_target(target), (attention_cuda.enabled() if route else attention_cuda.disabled()), \
+            _rope_in_projection(rope_in_projection):
         mod, _ = (module or Mod()).export_tvm(spec=_spec(dtype, hidden))
     return mod
+
+
+def test_rope_in_projection_rotates_q_and_k_of_the_fused_qkv():
+    """Hopper (the CUTLASS GEMM route) and long sequences: q and k rotated once in the qkv
+    projection's output (the GEMM rewrite fuses that into the GEMM's epilogue), the kernel
+    without RoPE; elsewhere the keys-rotated path."""
+    inline = _export("float16", rope_in_projection=True)["inline"].script()
+    assert ('call_dps_packed("sam3_rope_qk_cuda", (qkv, 16, 0, 0, 0, 24, 24, T.float64(1.0), '
+            'T.float64(10000.0)), out_ty=R.Tensor((b, 576, 3072)') in inline
+    assert ('call_dps_packed("sam3_attention_cuda", (sam3_rope_qk_cuda, sam3_rope_qk_cuda, '
+            'sam3_rope_qk_cuda, 16, 0, 1024, 2048, 0, 0, T.float64(1.0), T.float64(10000.0), 0)') in inline
+    assert "sam3_rope_keys_cuda" not in inline
+    for target in ({"kind": "cuda", "arch": "sm_80"}, {"kind": "cuda", "arch": "sm_89"}):
+        other = _export("float16", target=target, rope_in_projection=True)["inline"].script()
+        assert "sam3_rope_qk_cuda" not in other and "sam3_rope_keys_cuda" in other, target
+    # head dim 32 (the rotation in the GEMM epilogue is for head dim 64)
+    short = _export("float16", module=Mod(rope=AxialRope(24, 24, 32, 10000.0, 1.0), heads=32),
+                    rope_in_projection=True)["inline"].script()
+    assert "sam3_rope_qk_cuda" not in short and "sam3_rope_keys_cuda" in short
 
 
 def test_fp16_on_cuda_calls_the_cuda_kernel():
@@ -132,10 +157,12 @@ class Windowed(nn.Module):
         return self.layer(x)
 
 
-def _export_windowed(dtype, target=CUDA, rope_mode=RopeMode.INLINE, route=True):
+def _export_windowed(dtype, target=CUDA, rope_mode=RopeMode.INLINE, route=True,
+                     rope_in_projection=False):
     t = lambda *s: nn.spec.Tensor(list(s), dtype)
     spec = {"exact": {"x": t("b", 48, 48, 128)}, "padded": {"x": t("b", 30, 30, 128)}}
-    with kernel_target(target), (attention_cuda.enabled() if route else attention_cuda.disabled()):
+    with kernel_target(target), (attention_cuda.enabled() if route else attention_cuda.disabled()), \
+            _rope_in_projection(rope_in_projection):
         m = Windowed(rope_mode)
         m.to(dtype)
         mod, _ = m.export_tvm(spec=spec)
@@ -200,7 +227,7 @@ def test_cuda_library_links_the_kernel(tmp_path):
     syms = exported_symbols(lib)
     for s in ("__tvm_ffi_sam3_attention_cuda", "__tvm_ffi_sam3_attention_cuda_bias",
               "__tvm_ffi_sam3_attention_cuda_window", "__tvm_ffi_sam3_attention_cuda_full_bias",
-              "__tvm_ffi_sam3_rope_keys_cuda"):
+              "__tvm_ffi_sam3_rope_keys_cuda", "__tvm_ffi_sam3_rope_qk_cuda"):
         assert s in syms, s
     ldd = subprocess.run(["ldd", lib], capture_output=True, text=True).stdout
     assert "libcudart" not in ldd  # the CUDA runtime is linked statically

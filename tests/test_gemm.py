@@ -285,6 +285,87 @@ def test_cuda_rewrite_fuses_residual_adds(monkeypatch):
         assert len(adds) == 6, adds  # the residual/broadcast adds (bias adds: in the GEMMs)
 
 
+def test_cuda_rewrite_fuses_the_qkv_rope(monkeypatch):
+    """Hopper: a ViT block's qkv projection and the q/k rotation behind it (windowed and
+    global RoPE) are one call of the RoPE-epilogue GEMM taking the rotation's scalars; the
+    attention kernel reads its output without RoPE. A library that also carries sm_80 SASS
+    keeps the standalone rotation kernel (no CUTLASS there)."""
+    from sam3_nn import attention_cuda
+    from sam3_nn.attention import kernel_target
+    from sam3_nn.config import ViTConfig
+    from sam3_nn.kernels import cuda as kcuda
+    from sam3_nn.kernels import cuda_source
+    from sam3_nn.rope import RopeMode
+    from sam3_nn.vision import ViTLayer
+
+    monkeypatch.setattr(kcuda._GemmObjects, "get", lambda self, part: (f"/x/gemm{part}.o",))
+    monkeypatch.setattr(cuda_source, "attach", lambda mod, objs: mod)
+    cfg = ViTConfig(hidden_size=128, intermediate_size=256, num_attention_heads=2, image_size=672)
+
+    class Blocks(nn.Module):
+        def __init__(self):
+            self.windowed = ViTLayer(cfg, cfg.window_size, RopeMode.INLINE)
+            self.global_ = ViTLayer(cfg, 0, RopeMode.INLINE)
+
+        def forward(self, x):
+            return self.global_(self.windowed(x))
+
+    preset = _cuda_sm90_preset()
+    with kernel_target(preset.tvm_target()), attention_cuda.ROPE_IN_PROJECTION.enabled():
+        m = Blocks()
+        m.to("float16")
+        mod, _ = m.export_tvm(spec={"forward": {"x": nn.spec.Tensor(["b", 48, 48, 128], "float16"),
+                                                "$": MODE}})
+    out = tvm.transform.Sequential(kernels.schedule_passes(preset.tvm_target(), preset.cuda_arches))(mod)
+    calls = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_dps_packed":
+            calls.append(e)
+    relax.analysis.post_order_visit(out["forward"], visit)
+    syms = [c.args[0].global_symbol for c in calls]
+    assert "sam3_rope_qk_cuda" not in syms and "sam3_rope_keys_cuda" not in syms, syms
+    rope = [c for c in calls if c.args[0].global_symbol == "sam3_cutlass_gemm_nk_bias_rope_qk"]
+    assert len(rope) == 2, syms
+
+    def scalars(c):
+        return [v.value for v in c.args[1].fields[3:]]
+    # heads, window, image grid (h, w), RoPE grid (h, w), scale, theta
+    assert scalars(rope[0]) == [2, 24, 48, 48, 24, 24, 1.0, 10000.0]
+    assert scalars(rope[1]) == [2, 0, 0, 0, 48, 48, pytest.approx(0.5), 10000.0]
+    def dims(e):
+        return [int(v) if isinstance(v, tirx.IntImm) else str(v) for v in e.ty.shape.values]
+    for c in rope:
+        x, w, b = c.args[1].fields[:3]
+        assert dims(x) == ["b", 2304, 128] and dims(w) == [384, 128] and dims(b) == [384]
+        assert dims(c) == ["b", 2304, 384]
+    # the attention calls read q, k and v from the GEMM's output, RoPE off (RoPE grid 0 x 0,
+    # keys not rotated)
+    attn = [c for c in calls if c.args[0].global_symbol.startswith("sam3_attention_cuda")]
+    assert len(attn) == 2
+    bound = {bd.var: bd.value for blk in out["forward"].body.blocks for bd in blk.bindings}
+    for a, r in zip(attn, rope):
+        f = a.args[1].fields
+        assert bound[f[0]].same_as(r) and f[0].same_as(f[1]) and f[0].same_as(f[2])
+        assert [v.value for v in f[-5:-3]] == [0, 0] and f[-1].value == 0
+    # the provider: a q/k/v projection of heads of 64 whose RoPE coordinates fit the epilogue's
+    # cos/sin table, else the standalone rotation stays
+    objs = kcuda._GemmObjects()
+    ok = (16, 0, 0, 0, 72, 72, 1 / 3, 10000.0)
+    take = lambda n, rope: kcuda.gemm_cutlass(objs, 1, 5184, n, 1024, "float16", "float16",
+                                              has_bias=True, rope_qk=rope)
+    assert take(3072, ok).symbol == "sam3_cutlass_gemm_nk_bias_rope_qk"
+    assert take(3072, (16, 0, 0, 0, 72, kcuda.ROPE_TABLE_ROWS + 1, 1.0, 10000.0)) is None
+    assert take(3072, (16, 24, 72, 72, 24, 24, 1.0, 10000.0)) is not None
+    assert take(3 * 16 * 32, ok) is None  # head dim 32
+    assert take(3 * 64, (1, 0, 0, 0, 72, 72, 1.0, 10000.0)) is None  # 64 q columns: tiles straddle
+    # sm_80 SASS in the library: no CUTLASS, the standalone rotation stays
+    o = tvm.transform.Sequential(kernels.schedule_passes(preset.tvm_target(), ("sm_80", "sm_90")))(mod)
+    calls.clear()
+    relax.analysis.post_order_visit(o["forward"], visit)
+    assert [c.args[0].global_symbol for c in calls].count("sam3_rope_qk_cuda") == 2
+
+
 needs_cutlass = pytest.mark.skipif(
     not (__import__("sam3_nn.kernels.cuda_source", fromlist=["x"]).nvcc_available()
          and __import__("sam3_nn.kernels.cuda_source", fromlist=["x"]).cutlass_available()),

@@ -81,7 +81,8 @@ def gemm_cuda(target: tvm.target.Target, bt, m, n: int, k: int, dtype: str, out_
 
 GEMM_PARTS = {"nk": 0, "nk_residual": 0, "nk_bias": 1, "nk_bias_residual": 1, "nk_bias_gelu": 2,
               "nk_bias_relu": 2,
-              "kn": 3, "kn_bias": 3}
+              "kn": 3, "kn_bias": 3, "nk_bias_rope_qk": 4}
+ROPE_TABLE_ROWS = 96  # kRopeTableRows of gemm_sm90.cu: coordinates per axis of the RoPE epilogue
 # only the tvm-ffi entry points leave the library (CUTLASS's template instances stay local)
 HIDDEN = ("-Xcompiler=-fvisibility=hidden",)
 
@@ -102,7 +103,7 @@ def cutlass_route(arches: Sequence[str]) -> bool:
 
 
 class _GemmObjects:
-    """The four compiled parts of ``cuda/gemm_sm90.cu`` (compiled together on first use;
+    """The five compiled parts of ``cuda/gemm_sm90.cu`` (compiled together on first use;
     part 0 holds the shared state every part links against)."""
 
     def __init__(self, log=lambda s: None):
@@ -115,7 +116,7 @@ class _GemmObjects:
 
             jobs = [dict(name="gemm_sm90", arches=("sm_90a",), cutlass=True, flags=HIDDEN,
                          defines=[f"SAM3_GEMM_PART={i}", "CUTLASS_ENABLE_GDC_FOR_SM90"])
-                    for i in range(4)]  # GDC: the kernels wait on the previous grid (pdl.cuh)
+                    for i in range(5)]  # GDC: the kernels wait on the previous grid (pdl.cuh)
             self.paths = [str(p) for p in compile_objects(jobs, self.log)]
         return tuple(dict.fromkeys([self.paths[0], self.paths[part]]))
 
@@ -128,13 +129,24 @@ class _GemmObjects:
 
 def gemm_cutlass(objs: _GemmObjects, bt, m, n: int, k: int, dtype: str, out_dtype: str, *,
                  w_batched: bool = False, w_layout: str = "nk", has_bias: bool = False,
-                 activation: Optional[str] = None, residual: bool = False):
+                 activation: Optional[str] = None, residual: bool = False,
+                 rope_qk: Optional[tuple] = None):
     """An ``Extern`` for this GEMM, or None where the CUTLASS kernels do not apply.
-    ``residual``: out = x @ w^T (+ bias) + r, r read by the epilogue (``nk`` only)."""
+    ``residual``: out = x @ w^T (+ bias) + r, r read by the epilogue (``nk`` only).
+    ``rope_qk``: ``sam3_rope_qk_cuda``'s scalars (heads, window, img_h, img_w, grid_h, grid_w,
+    scale, theta): a qkv projection (``nk`` + bias) whose epilogue rotates q and k, taking
+    the scalars after the bias."""
     from .rewrite import Extern
 
     if dtype != "float16" or out_dtype != "float16" or w_batched or n % 8 or k % 8:
         return None
+    if rope_qk is not None:
+        heads, window, _, _, grid_h, grid_w = rope_qk[:6]
+        rows = window if window > 0 else max(grid_h, grid_w)  # the epilogue's cos/sin table
+        if (activation or residual or not has_bias or w_layout != "nk" or n % (3 * 128)
+                or n != 3 * heads * 64 or rows > ROPE_TABLE_ROWS):
+            return None
+        return Extern("sam3_cutlass_gemm_nk_bias_rope_qk", objs.get(GEMM_PARTS["nk_bias_rope_qk"]))
     if activation not in (None, "gelu", "relu") or (activation and (not has_bias or w_layout != "nk")):
         return None
     if residual and (activation or w_layout != "nk"):
@@ -155,13 +167,14 @@ def cuda_providers(target: tvm.target.Target, cuda_arches: Optional[Sequence[str
     use_cutlass = cutlass_route(arch_list(target, cuda_arches))
     objs = _GemmObjects()
 
-    def cuda_gemm(bt, m, n, k, dtype, out_dtype, activation=None, residual=False, **kw):
+    def cuda_gemm(bt, m, n, k, dtype, out_dtype, activation=None, residual=False, rope_qk=None,
+                  **kw):
         if use_cutlass:
             ext = gemm_cutlass(objs, bt, m, n, k, dtype, out_dtype, activation=activation,
-                               residual=residual, **kw)
+                               residual=residual, rope_qk=rope_qk, **kw)
             if ext is not None:
                 return ext
-        if activation or residual:  # fused epilogues: CUTLASS only
+        if activation or residual or rope_qk is not None:  # fused epilogues: CUTLASS only
             return None
         return gemm_cuda(target, bt, m, n, k, dtype, out_dtype, **kw)
 

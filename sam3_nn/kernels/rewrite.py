@@ -12,6 +12,10 @@ Runs before ``LegalizeOps``. Matches
 * ``gelu(add(matmul(x, permute_dims(w)), bias))`` (the ViT and text MLPs' first layer)
   and ``relu(...)`` (the DETR feed-forward layers') when the provider takes
   ``activation="gelu"`` / ``"relu"`` (bias + activation epilogue),
+* ``call_dps_packed("sam3_rope_qk_cuda", (add(matmul(x, permute_dims(w)), bias), ...))``
+  (the q/k rotation of a RoPE attention's qkv projection) when the provider takes
+  ``rope_qk=<the rotation's scalars>``: one GEMM rotating in its epilogue, the scalars
+  passed on;
 * ``add(r, [reshape](add(matmul(x, permute_dims(w)), bias)))`` (either operand order,
   bias optional: the ViT's residual adds after ``o_proj`` and ``fc2``) when the provider
   takes ``residual=True`` and ``r`` has exactly the add's shape and dtype (no broadcast:
@@ -38,7 +42,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import tvm
 from tvm import relax, tirx
-from tvm.relax.dpl import is_op, rewrite_call, wildcard
+from tvm.relax.dpl import ExternFuncPattern, TuplePattern, is_op, rewrite_call, wildcard
 
 OPAQUE = 8  # relay/relax OpPatternKind.kOpaque
 
@@ -126,15 +130,18 @@ class _Rewriter:
         self.objects: Dict[str, None] = {}  # extern objects to attach (ordered set)
 
     def _kernel(self, bt, m, n, k, dtype, out_dtype, w_batched, w_layout, has_bias,
-                activation=None, residual=False):
+                activation=None, residual=False, rope_qk=None):
         sb, sm = _static(bt), _static(m)
-        key = (sb, sm, n, k, dtype, out_dtype, w_batched, w_layout, has_bias, activation, residual)
+        key = (sb, sm, n, k, dtype, out_dtype, w_batched, w_layout, has_bias, activation, residual,
+               rope_qk)
         if key not in self.funcs:
             vb = sb if sb is not None else tirx.Var("bt", "int64")
             vm = sm if sm is not None else tirx.Var("m", "int64")
             kw = {"activation": activation} if activation else {}
             if residual:
                 kw["residual"] = True
+            if rope_qk is not None:
+                kw["rope_qk"] = rope_qk
             func = self.provider(vb, vm, n, k, dtype, out_dtype, w_batched=w_batched,
                                  w_layout=w_layout, has_bias=has_bias, **kw)
             name = f"sam3_gemm_{'b' if w_batched else ''}{w_layout}_{n}x{k}_{dtype}"
@@ -200,13 +207,17 @@ class _Rewriter:
         return relax.op.reshape(y, relax.ShapeExpr([nb, h, w_, cout]))
 
     def emit(self, orig, x, w, bias, w_layout: str, activation: Optional[str] = None,
-             residual: Optional[relax.Expr] = None) -> relax.Expr:
+             residual: Optional[relax.Expr] = None, rope_qk: Optional[list] = None) -> relax.Expr:
         """``act(x @ op(w) (+ bias)) (+ residual)`` with ``op`` = transpose for 'nk'.
         ``residual`` (``orig`` is then the add): the caller checked that it has ``orig``'s
-        shape and dtype; only an extern takes it (else ``orig`` stays)."""
+        shape and dtype; only an extern takes it (else ``orig`` stays). ``rope_qk``
+        (``orig`` is then the q/k rotation of the linear's output): the rotation's scalar
+        arguments, passed on to an extern whose epilogue rotates (3-D ``x`` only)."""
         xs, dtype = _shape(x)
         ws, wdtype = _shape(w)
         if xs is None or ws is None or dtype != wdtype or len(xs) < 2 or len(ws) < 2:
+            return orig
+        if rope_qk is not None and (len(xs) != 3 or bias is None or w_layout != "nk"):
             return orig
         out_dtype = _sinfo(orig).dtype
         if out_dtype not in ("float32", "float16"):
@@ -234,9 +245,16 @@ class _Rewriter:
                 return orig
             if len(bs) != 1:
                 bias = relax.op.reshape(bias, relax.ShapeExpr([n]))
+        rope_values = None
+        if rope_qk is not None:  # the rotation's scalars as Python values (the provider checks them)
+            if not all(isinstance(v, (tirx.IntImm, tirx.FloatImm)) for v in rope_qk):
+                return orig
+            rope_values = tuple(v.value for v in rope_qk)
         kern = self._kernel(bt, m, n, k, dtype, out_dtype, w_batched, w_layout, bias is not None,
-                            activation, residual is not None)
+                            activation, residual is not None, rope_values)
         if kern is None:
+            return orig
+        if rope_qk is not None and not isinstance(kern, Extern):
             return orig
         if isinstance(kern, Extern):  # shared 2D weight only: rows = all leading dims
             if w_batched:
@@ -249,6 +267,8 @@ class _Rewriter:
             if residual is not None:
                 args.append(residual)
                 out_shape = _shape(residual)[0]
+            if rope_qk is not None:
+                args += list(rope_qk)
             self.count += 1
             return relax.call_dps_packed(kern.symbol, args, relax.TensorType(out_shape, out_dtype))
         if residual is not None:  # residual epilogues are extern-only
@@ -371,6 +391,27 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
                 return orig
             return rw.emit(orig, mt[x], mt[w], mt[b], "nk", activation=name)
 
+        # q/k rotation of a qkv projection (attention_cuda.emit_rope_qk) on a linear's output:
+        # one GEMM whose epilogue rotates (the extern's scalars are passed on)
+        from ..attention_cuda import ROPE_QK_SCALARS, SYMBOL_ROPE_QK
+
+        rope_scalars = [wildcard() for _ in range(ROPE_QK_SCALARS)]
+        rope_pat = is_op("relax.call_dps_packed")(ExternFuncPattern(SYMBOL_ROPE_QK),
+                                                  TuplePattern([lin_b] + rope_scalars))
+
+        def rope_rewrite(orig, mt):
+            call = mt[wt]
+            ws, _ = _shape(mt[w])
+            if ws is None or not _is_last_two_swap(call, len(ws)):
+                return orig
+            if uses[0] is None or not all(uses[0].single_use(e) for e in (mt[lin_b], mt[mm_t])):
+                return orig
+            osh, _ = _shape(orig)
+            lsh, _ = _shape(mt[lin_b])
+            if osh is None or lsh is None or not all(_same(a, c) for a, c in zip(osh, lsh)):
+                return orig
+            return rw.emit(orig, mt[x], mt[w], mt[b], "nk", rope_qk=[mt[p] for p in rope_scalars])
+
         # channel-last conv: permute(conv2d(permute(x), w) [+ bias]) (layers.Conv2d)
         cx, cw, cb = wildcard(), wildcard(), wildcard()
         perm_in = is_op("relax.permute_dims")(cx)
@@ -396,6 +437,7 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
                 f = rewrite_call(pat, lambda o, mt, lin=lin, lin_rs=lin_rs:
                                  residual_rewrite(o, mt, lin, lin_rs), f)
                 uses[0] = _Uses(f)
+            f = rewrite_call(rope_pat, rope_rewrite, f)
             if rw.conv_provider is not None:
                 f = rewrite_call(conv_b, lambda o, mt: conv_rewrite(o, mt, cb), f)
                 f = rewrite_call(conv_nb, conv_rewrite, f)

@@ -344,11 +344,13 @@ __device__ __forceinline__ void build_rope_table(int grid_h, int grid_w, float r
 // Positions: window == 0: token t of a batch entry sits at (t / grid_w, t % grid_w) of the
 // RoPE grid; window > 0: token t of an img_h x img_w image at (y, x) = (t / img_w, t % img_w)
 // sits at (y % window, x % window) of its window (the window-mode attention's positions).
+// With cols > hidden (the q/k rotation of a fused projection, sam3_rope_qk_cuda) the dst rows
+// are `cols` wide: the first `hidden` columns rotated, the rest copied as they are (v).
 struct RopeKeysParams {
   const half* src;  // column k_off of row 0 of batch entry 0
-  half* dst;        // [batch, n, hidden], compact
+  half* dst;        // [batch, n, cols], compact
   int64_t src_bs, src_rs;
-  int batch, n, hidden;
+  int batch, n, hidden, cols;
   int grid_h, grid_w;
   float rope_scale, rope_theta;
   int window, img_w;
@@ -364,7 +366,8 @@ __global__ void __launch_bounds__(256) rope_keys_kernel(const RopeKeysParams rp)
   build_rope_table<D, NT>(rp.grid_h, rp.grid_w, rp.rope_scale, rp.rope_theta, tab, nullptr, threadIdx.x);
   __syncthreads();
   sam3_cuda::pdl_wait_then_release();
-  const int chunks = rp.hidden / 8;  // 16-byte chunks per row
+  const int chunks = rp.cols / 8;  // 16-byte chunks per row
+  const int rot_chunks = rp.hidden / 8;
   const int total = rp.batch * rp.n * chunks;
   for (int base = blockIdx.x * (NT * U) + threadIdx.x; base < total; base += gridDim.x * (NT * U)) {
     uint4 val[U];
@@ -383,6 +386,11 @@ __global__ void __launch_bounds__(256) rope_keys_kernel(const RopeKeysParams rp)
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (base + u * NT >= total) break;
+      half* out = rp.dst + int64_t(row[u]) * rp.cols + cc[u] * 8;
+      if (cc[u] >= rot_chunks) {
+        *reinterpret_cast<uint4*>(out) = val[u];
+        continue;
+      }
       const int b = row[u] / rp.n, t = row[u] - b * rp.n;
       int gy, gx;
       if (rp.window > 0) {
@@ -395,8 +403,7 @@ __global__ void __launch_bounds__(256) rope_keys_kernel(const RopeKeysParams rp)
       const int p0 = (cc[u] % CH) * 4;  // first pair of the chunk within its head
       const bool is_x = p0 < Q4;
       const int e0 = (is_x ? gx : gy) * Q4 + (is_x ? p0 : p0 - Q4);
-      *reinterpret_cast<uint4*>(rp.dst + int64_t(row[u]) * rp.hidden + cc[u] * 8) =
-          rotate_chunk(val[u], tab, e0);
+      *reinterpret_cast<uint4*>(out) = rotate_chunk(val[u], tab, e0);
     }
   }
 }
@@ -1378,7 +1385,7 @@ int launch_all(const void* q, const void* k, const void* v, const void* bias, co
 int launch_rope_keys(const void* src, void* dst, long long src_batch_stride, long long src_row_stride,
                      int src_offset, int batch, int n, int heads, int head_dim, int grid_h, int grid_w,
                      float rope_scale, float rope_theta, int window, int img_h, int img_w,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, int dst_cols = 0) {
   last_failure() = "";
   if (batch <= 0 || n <= 0 || heads <= 0) return 0;
   if (head_dim != 32 && head_dim != 64) return fail("head dim not 32/64");
@@ -1401,6 +1408,8 @@ int launch_rope_keys(const void* src, void* dst, long long src_batch_stride, lon
   rp.batch = batch;
   rp.n = n;
   rp.hidden = heads * head_dim;
+  rp.cols = dst_cols > 0 ? dst_cols : rp.hidden;
+  if (rp.cols < rp.hidden || rp.cols % 8) return fail("output columns fewer than the rotated ones or not 8-aligned");
   rp.grid_h = grid_h;
   rp.grid_w = grid_w;
   rp.rope_scale = rope_scale;
@@ -1409,7 +1418,7 @@ int launch_rope_keys(const void* src, void* dst, long long src_batch_stride, lon
   rp.img_w = window > 0 ? img_w : 0;
   const int smem = (grid_h > grid_w ? grid_h : grid_w) * (head_dim / 4) * 8;
   if (smem > 48 * 1024) return fail("RoPE grid too large for the key rotation table");
-  const long long total = (long long)batch * n * (heads * head_dim / 8);
+  const long long total = (long long)batch * n * (rp.cols / 8);
   if (total > 0x7fffffffLL - 1024LL * 1024) return fail("over 2^31 16-byte chunks of keys");
   long long blocks = (total + 1023) / 1024;  // 256 threads x 4 chunks
   const long long cap = 4LL * current_sm_count();
@@ -1669,6 +1678,31 @@ void rope_keys(TensorView x, int64_t k_off, int64_t heads, int64_t window, int64
                                 << last_failure() << ")";
 }
 
+// qkv [B, N, 3 * heads * D] -> out of the same shape: the q and k columns rotated as
+// rope_keys rotates keys, the v columns copied (the standalone form of the qkv GEMM's RoPE
+// epilogue, sam3_cutlass_gemm_nk_bias_rope_qk, which the GEMM rewrite fuses it into).
+void rope_qk(TensorView x, int64_t heads, int64_t window, int64_t img_h, int64_t img_w,
+             int64_t grid_h, int64_t grid_w, double rope_scale, double rope_theta, TensorView out) {
+  check(x, "qkv", 16, 3);
+  check(out, "rotated qkv", 16, 3);
+  const int64_t b = x.shape()[0], n = x.shape()[1], width = x.shape()[2];
+  if (heads <= 0 || width % (3 * heads))
+    TVM_FFI_THROW(ValueError) << "sam3 q/k rotation: width " << width << " is not 3 x " << heads
+                              << " heads x head dim";
+  if (out.shape()[0] != b || out.shape()[1] != n || out.shape()[2] != width)
+    TVM_FFI_THROW(ValueError) << "sam3 q/k rotation: output shape differs from the input's";
+  const int dev = x.device().device_id;
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev));
+  const int err = launch_rope_keys(data_of(x), data_of(out), n * width, width, 0, int(b), int(n),
+                                   int(2 * heads), int(width / (3 * heads)), int(grid_h),
+                                   int(grid_w), float(rope_scale), float(rope_theta), int(window),
+                                   int(img_h), int(img_w), stream, int(width));
+  if (err != 0)
+    TVM_FFI_THROW(RuntimeError) << "sam3 q/k rotation (B=" << b << " N=" << n << " heads=" << heads
+                                << "): " << cudaGetErrorString(static_cast<cudaError_t>(err)) << " ("
+                                << last_failure() << ")";
+}
+
 // fbias: fp16 [1 or B, heads, Nq, Nk] added to the scores (no RoPE: the DETR decoder's box
 // relative position bias)
 void attention_full_bias(TensorView q, TensorView k, TensorView v, TensorView fbias,
@@ -1685,4 +1719,5 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_bias, sam3_attn::ffi::attentio
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_window, sam3_attn::ffi::run_window);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_full_bias, sam3_attn::ffi::attention_full_bias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_rope_keys_cuda, sam3_attn::ffi::rope_keys);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_rope_qk_cuda, sam3_attn::ffi::rope_qk);
 #endif  // tvm-ffi

@@ -15,6 +15,9 @@
 //   part 2: sam3_cutlass_gemm_nk_bias_gelu(a, w, bias, out)
 //           sam3_cutlass_gemm_nk_bias_relu(a, w, bias, out)
 //   part 3: sam3_cutlass_gemm_kn(a, w, out), sam3_cutlass_gemm_kn_bias(a, w, bias, out)
+//   part 4: sam3_cutlass_gemm_nk_bias_rope_qk(a, w, bias, heads, window, img_h, img_w, grid_h,
+//           grid_w, rope_scale, rope_theta, out): a qkv projection with q and k rotated (2D
+//           axial RoPE, head dim 64) in the epilogue (Sm90RopeQK below)
 // a: [.., K] (leading dims flattened to M), w: [N, K] / [K, N], bias: [N], out: [.., N];
 // with a residual r, out and r are any shape of M * N elements (row-major [M, N] flattened:
 // the rewrite emits out in its consumer's shape, so no reshape copy follows).
@@ -33,6 +36,8 @@
 //   6: as 2 without a cluster (1x1): for K <= 256, where the k loop is 4 blocks long
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <mutex>
 
@@ -62,7 +67,7 @@ namespace sam3 {
 
 using half = cutlass::half_t;
 
-enum class Epi { kNone, kBias, kBiasGelu, kBiasRelu };
+enum class Epi { kNone, kBias, kBiasGelu, kBiasRelu, kBiasRopeQK };
 
 template <Epi E>
 struct FusionFor;
@@ -126,6 +131,191 @@ struct FusionFor<Epi::kBiasRelu> {
                                                                 float, half, half, float>;
 };
 
+// ---- RoPE epilogue (Epi::kBiasRopeQK): the qkv projection of a RoPE attention ----------------
+// out = rot(acc + bias) on the q and k columns ([0, 2 * hidden)), acc + bias on the v columns:
+// what sam3_rope_qk_cuda (attention.cu) does to the GEMM's output, fused so the attention
+// kernel reads q and k already rotated (no rotation kernel, no rotation in the attention).
+// Head dim 64: column c of q or k is element d = c % 64 of its head, pair p = d / 2 rotates
+// (x[2p], x[2p+1]) by pos * scale * f[i], pos = the token's column for p < 16 (i = p) and its
+// row for p >= 16 (i = p - 16), f[i] = theta ** (-2 i / 32). Row r is token t = r % n of its
+// batch entry; window 0: t sits at (t / grid_w, t % grid_w); window > 0: at
+// ((t / img_w) % window, (t % img_w) % window) (in-window positions, window mode).
+// cos/sin come from a table in shared memory over the distinct coordinates (rows x 16 angles,
+// the attention kernel's table: same float32 values), built by each consumer warpgroup before
+// its first tile; per pair the epilogue does one table read and four FMAs, and the token
+// coordinates are shared by the pairs of a row (branch-free float-reciprocal divisions). A
+// single warp per scheduler runs the epilogue, so its dependent chains are not hidden: sin/cos
+// per pair, or CUTLASS's FastDivmod (branches, parameters reloaded per pair), made the GEMM
+// 2.1-2.3x slower. The rotation is computed from the float32 accumulator
+// (one rounding to fp16, where the standalone kernel rotates the rounded projection).
+constexpr int kRopeTableRows = 96;  // max distinct coordinates: the window, or the global grid's side
+// table row stride (float2s): 20 = 4 mod 16, so the 4 rows x 4 frequencies a half-warp reads
+// for one pair of its fragment fall in 16 distinct 8-byte bank slots
+constexpr int kRopeTableStride = 20;
+
+// a / d and a % d for 0 <= a < 2^24 without a division: a float reciprocal, then a +-1 fix-up
+// (branch-free, so the compiler shares it between the pairs of one row)
+struct FloatDivmod {
+  int d = 1;
+  float inv = 1.0f;
+  FloatDivmod() = default;
+  explicit FloatDivmod(int d_) : d(d_), inv(1.0f / float(d_)) {}
+  CUTLASS_DEVICE int operator()(int a, int& r) const {
+    int q = __float2int_rd((float(a) + 0.5f) * inv);
+    r = a - q * d;
+    q = r < 0 ? q - 1 : (r >= d ? q + 1 : q);
+    r = a - q * d;
+    return q;
+  }
+};
+
+struct RopeQKArgs {
+  int hidden = 0;  // q columns [0, hidden), k [hidden, 2 hidden), v after
+  // row r: token t = r % n at (y, x) = ((t / row_w) % window, (t % row_w) % window): windowed,
+  // row_w = the image's width in tokens; global, row_w = the grid's width, window = 2^20
+  FloatDivmod n, row_w, window;
+  int rows = 1;  // table rows: the window, else max(grid_h, grid_w) (<= kRopeTableRows)
+  float scale = 1.0f, theta = 10000.0f;
+};
+
+struct Sm90RopeQK {
+  struct SharedStorage {
+    alignas(16) float2 tab[kRopeTableRows * kRopeTableStride];  // (cos, sin) of coordinate c, frequency i
+  };
+  using Arguments = RopeQKArgs;
+  using Params = RopeQKArgs;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const& args) {
+    return args.hidden % 128 == 0 && args.rows > 0 && args.rows <= kRopeTableRows;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+
+  CUTLASS_HOST_DEVICE Sm90RopeQK() {}
+  CUTLASS_HOST_DEVICE Sm90RopeQK(Params const& p, SharedStorage const& ss)
+      : params(p), tab(const_cast<float2*>(ss.tab)) {}
+  Params params;
+  float2* tab = nullptr;
+  bool built = false;  // this thread's warpgroup has built the table (the node lives for the kernel)
+
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(
+      cutlass::epilogue::fusion::detail::ProducerLoadArgs<Args...> const&) {
+    return cutlass::epilogue::fusion::detail::EmptyProducerLoadCallbacks{};
+  }
+
+  template <class CTensor>
+  struct ConsumerStoreCallbacks : cutlass::epilogue::fusion::detail::EmptyConsumerStoreCallbacks {
+    CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor c, int m_base_, int n_base_, bool rotate_,
+                                          bool build_, int thread_idx_, float2* tab_, Params const& p)
+        : tCcD(c), m_base(m_base_), n_base(n_base_), rotate(rotate_), build(build_),
+          thread_idx(thread_idx_), tab(tab_), params(p), n(p.n), row_w(p.row_w), window(p.window) {}
+    CTensor tCcD;       // (CPY, CPY_M, CPY_N, EPI_M, EPI_N), relative to the thread's first element
+    int m_base, n_base; // that element's row and column in D
+    bool rotate;        // a q or k tile (tiles never straddle q/k and v: hidden % 128 == 0)
+    bool build;         // build the table first (the warpgroup's first tile)
+    int thread_idx;     // within the warpgroup
+    float2* tab;
+    Params const& params;
+    FloatDivmod n, row_w, window;  // copies in registers (the pairs' arithmetic reads them)
+
+    CUTLASS_DEVICE void begin() {
+      if (!build) return;
+      for (int e = thread_idx % 128; e < params.rows * 16; e += 128) {
+        const int c = e >> 4, i = e & 15;
+        const float inv = 1.0f / powf(params.theta, float(2 * i) / 32.0f);
+        float sn, cs;
+        sincosf((float(c) * params.scale) * inv, &sn, &cs);
+        tab[c * kRopeTableStride + i] = make_float2(cs, sn);
+      }
+    }
+    CUTLASS_DEVICE bool begin_sync_needed() const { return build; }
+
+    template <class ElementAccumulator, class ElementInput, int FragmentSize>
+    CUTLASS_DEVICE cutlass::Array<half, FragmentSize> visit(cutlass::Array<ElementAccumulator, FragmentSize> const&,
+                                                   int epi_v, int epi_m, int epi_n,
+                                                   cutlass::Array<ElementInput, FragmentSize> const& x) {
+      static_assert(FragmentSize % 2 == 0, "RoPE pairs need even fragments");
+      cutlass::Array<float, FragmentSize> y;
+      if (!rotate) {  // a v tile (uniform over the tile: no branch inside the pair loop below)
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < FragmentSize; ++j) y[j] = float(x[j]);
+        return cutlass::NumericArrayConverter<half, float, FragmentSize>{}(y);
+      }
+      // coordinates relative to this thread's first element (static), + its base (dynamic)
+      Tensor coords = tCcD(_, _, _, epi_m, epi_n);
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < FragmentSize; j += 2) {
+        // elements j, j + 1 of a fragment are columns c, c + 1 (c even) of one row: the fp16
+        // register pairs the STSM copy stores
+        const float a = float(x[j]), b = float(x[j + 1]);
+        const auto c = coords(epi_v * FragmentSize + j);
+        const int row = m_base + int(get<0>(c));
+        const int col = n_base + int(get<1>(c));
+        int t, x0, gy, gx;
+        n(row, t);
+        const int y0 = row_w(t, x0);
+        window(y0, gy);
+        window(x0, gx);
+        const int pair = (col & 63) >> 1;
+        const float2 cs = tab[(pair < 16 ? gx : gy) * kRopeTableStride + (pair & 15)];
+        y[j] = a * cs.x - b * cs.y;
+        y[j + 1] = a * cs.y + b * cs.x;
+      }
+      return cutlass::NumericArrayConverter<half, float, FragmentSize>{}(y);
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(
+      cutlass::epilogue::fusion::detail::ConsumerStoreArgs<Args...> const& args) {
+    // tCcD holds coordinates relative to the thread's first element; residue_tCcD is
+    // (M, N) minus that element's coordinates in D
+    auto [M, N, K, L] = args.problem_shape_mnkl;
+    auto [m, n, k, l] = args.tile_coord_mnkl;
+    const int m_base = int(M) - int(get<0>(args.residue_tCcD));
+    const int n_base = int(N) - int(get<1>(args.residue_tCcD));
+    const bool rotate = int(n) * int(size<1>(args.tile_shape_mnk)) < 2 * params.hidden;
+    const bool build = !built;
+    built = true;
+    return ConsumerStoreCallbacks<decltype(args.tCcD)>(args.tCcD, m_base, n_base, rotate, build,
+                                                       args.thread_idx, tab, params);
+  }
+};
+
+// rot(acc + bias[col]): the node above over CUTLASS's bias add (fp32)
+template <class Tile>
+using RopeQKCallbacks = cutlass::epilogue::fusion::Sm90EVT<
+    Sm90RopeQK,
+    cutlass::epilogue::fusion::Sm90EVT<
+        cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, float, float,
+                                               cutlass::FloatRoundStyle::round_to_nearest>,
+        cutlass::epilogue::fusion::Sm90AccFetch,
+        cutlass::epilogue::fusion::Sm90RowBroadcast<0, Tile, half, float, Stride<_0, _1, int64_t>, 8>>>;
+
+template <Epi E, class Tile>
+struct FusionOf {
+  using Op = typename FusionFor<E>::Op;
+};
+template <class Tile>
+struct FusionOf<Epi::kBiasRopeQK, Tile> {
+  using Op = RopeQKCallbacks<Tile>;
+};
+
 template <class Tile, class Cluster, class MainSched, class EpiSched, class Scheduler, Epi E,
           class LayoutB, class EpiTile = cutlass::epilogue::collective::EpilogueTileAuto>
 struct Gemm {
@@ -135,7 +325,7 @@ struct Gemm {
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
       EpiTile, float, float, half, LayoutC, kAlign, half,
-      LayoutC, kAlign, EpiSched, typename FusionFor<E>::Op>::CollectiveOp;
+      LayoutC, kAlign, EpiSched, typename FusionOf<E, Tile>::Op>::CollectiveOp;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, half, LayoutA, kAlign, half, LayoutB,
       kAlign, float, Tile, Cluster,
@@ -146,6 +336,7 @@ struct Gemm {
                                                       CollectiveEpilogue, Scheduler>;
   using Op = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   static constexpr bool kHasBias = E != Epi::kNone;
+  static constexpr bool kRope = E == Epi::kBiasRopeQK;
 };
 
 using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
@@ -211,7 +402,8 @@ inline int pick_tile(int64_t m, int64_t k) {
 
 template <class G>
 void run(int64_t m, int64_t n, int64_t k, const void* a, const void* w, const void* bias,
-         const void* residual, void* out, int device, cudaStream_t stream) {
+         const void* residual, void* out, int device, cudaStream_t stream,
+         const RopeQKArgs* rope = nullptr) {
   using Op = typename G::Op;
   using Kernel = typename G::Kernel;
   auto sa = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, make_shape(int(m), int(k), 1));
@@ -229,10 +421,15 @@ void run(int64_t m, int64_t n, int64_t k, const void* a, const void* w, const vo
                               {static_cast<const half*>(a), sa, static_cast<const half*>(w), sb},
                               {{}, static_cast<const half*>(src), sc, static_cast<half*>(out), sd},
                               hw};
-  args.epilogue.thread.alpha = 1.0f;
-  args.epilogue.thread.beta = residual ? 1.0f : 0.0f;
-  if constexpr (G::kHasBias) {
-    args.epilogue.thread.bias_ptr = static_cast<const half*>(bias);
+  if constexpr (G::kRope) {
+    // {{acc fetch, bias row broadcast, plus}, rope}
+    args.epilogue.thread = {{{}, {static_cast<const half*>(bias)}, {}}, *rope};
+  } else {
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = residual ? 1.0f : 0.0f;
+    if constexpr (G::kHasBias) {
+      args.epilogue.thread.bias_ptr = static_cast<const half*>(bias);
+    }
   }
   sam3_cuda::run_cutlass<Op, /*kPdl=*/true>(args, device, stream,
                              "GEMM M=" + std::to_string(m) + " N=" + std::to_string(n) +
@@ -244,7 +441,7 @@ using sam3_cuda::ptr;
 
 template <Epi E, bool kNK>
 void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* residual,
-          TensorView out) {
+          TensorView out, const RopeQKArgs* rope = nullptr) {
   check(a, "a");
   check(w, "w");
   check(out, "out");
@@ -269,7 +466,9 @@ void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* 
   const void* bp = bias ? ptr(*bias) : nullptr;
   const void* rp = residual ? ptr(*residual) : nullptr;
   void *pa = ptr(a), *pw = ptr(w), *po = ptr(out);
-  if constexpr (!kNK) {  // kn: rare in the model, one config
+  if constexpr (E == Epi::kBiasRopeQK) {  // the ViT's qkv projections: one config
+    run<Cfg2<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream, rope);
+  } else if constexpr (!kNK) {  // kn: rare in the model, one config
     run<Cfg0<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
     return;
   } else {
@@ -316,6 +515,40 @@ void gemm_nk_bias_gelu(TensorView a, TensorView w, TensorView b, TensorView out)
 void gemm_nk_bias_relu(TensorView a, TensorView w, TensorView b, TensorView out) {
   sam3::gemm<sam3::Epi::kBiasRelu, true>(a, w, &b, nullptr, out);
 }
+#elif SAM3_GEMM_PART == 4
+// a [B, N, K], w [3 * hidden, K]: the qkv projection of N-token sequences with q and k rotated
+// (see Sm90RopeQK; the scalars are sam3_rope_qk_cuda's, so the rewrite passes them on)
+void gemm_nk_bias_rope_qk(TensorView a, TensorView w, TensorView b, int64_t heads, int64_t window,
+                          int64_t img_h, int64_t img_w, int64_t grid_h, int64_t grid_w,
+                          double rope_scale, double rope_theta, TensorView out) {
+  if (a.ndim() != 3) TVM_FFI_THROW(ValueError) << "RoPE GEMM: a must be [B, N, K]";
+  const int64_t n = w.shape()[0], tokens = a.shape()[1];
+  if (heads <= 0 || n % (3 * heads) || n / (3 * heads) != 64)
+    TVM_FFI_THROW(ValueError) << "RoPE GEMM: " << n << " columns are not q, k, v of " << heads
+                              << " heads of 64";
+  if (window > 0 ? (img_h * img_w != tokens || img_h % window || img_w % window ||
+                    grid_h < window || grid_w < window)
+                 : (grid_h <= 0 || grid_w <= 0 || grid_h * grid_w < tokens))
+    TVM_FFI_THROW(ValueError) << "RoPE GEMM: " << tokens << " tokens do not fit the RoPE grid "
+                              << grid_h << "x" << grid_w << " (window " << window << ", image "
+                              << img_h << "x" << img_w << ")";
+  if ((n / 3) % 128)  // 128-column tiles must not straddle q/k and v
+    TVM_FFI_THROW(ValueError) << "RoPE GEMM: hidden width " << n / 3 << " is not a multiple of 128";
+  if (a.numel() / std::max<int64_t>(a.shape()[2], 1) >= (1 << 24))
+    TVM_FFI_THROW(ValueError) << "RoPE GEMM: 2^24 rows or more";
+  sam3::RopeQKArgs rope;
+  rope.hidden = int(n / 3);
+  rope.n = sam3::FloatDivmod(int(tokens));
+  rope.row_w = sam3::FloatDivmod(int(window > 0 ? img_w : grid_w));
+  rope.window = sam3::FloatDivmod(int(window > 0 ? window : 1 << 20));
+  rope.scale = float(rope_scale);
+  rope.theta = float(rope_theta);
+  rope.rows = int(window > 0 ? window : std::max(grid_h, grid_w));
+  if (rope.rows > sam3::kRopeTableRows)
+    TVM_FFI_THROW(ValueError) << "RoPE GEMM: " << rope.rows << " coordinates per axis, the table holds "
+                              << sam3::kRopeTableRows;
+  sam3::gemm<sam3::Epi::kBiasRopeQK, true>(a, w, &b, nullptr, out, &rope);
+}
 #elif SAM3_GEMM_PART == 3
 void gemm_kn(TensorView a, TensorView w, TensorView out) {
   sam3::gemm<sam3::Epi::kNone, false>(a, w, nullptr, nullptr, out);
@@ -339,4 +572,6 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_bias_relu, gemm_nk_bias_relu)
 #elif SAM3_GEMM_PART == 3
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_kn, gemm_kn);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_kn_bias, gemm_kn_bias);
+#elif SAM3_GEMM_PART == 4
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_bias_rope_qk, gemm_nk_bias_rope_qk);
 #endif
