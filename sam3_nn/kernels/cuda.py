@@ -3,7 +3,8 @@
 On Hopper builds (every SASS arch of the library is sm_90/sm_90a) fp16 GEMMs with
 8-aligned K and N go to CUTLASS 3.x kernels (TMA + wgmma, warp-specialized;
 ``cuda/gemm_sm90.cu``, compiled for sm_90a and linked into the library, see
-``cuda_source.py``), with bias, bias+GELU and (bias +) residual epilogues. The choice
+``cuda_source.py``), with bias, bias+GELU, bias+ReLU, (bias +) residual and bias + q/k
+RoPE (a RoPE attention's qkv projection, ``rope_qk``) epilogues. The choice
 is made at build time from the preset's arches: a library that also carries sm_80 SASS
 keeps the TIR path below for every GEMM. ``SAM3_CUTLASS=0`` turns the CUTLASS route off.
 
