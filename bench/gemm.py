@@ -329,24 +329,25 @@ def _cuda_runtime_setup(arch: str):
 
 
 def _torch_rope_qk(y, heads, window, img_h, img_w, gh, gw, scale, theta=10000.0):
-    """The q/k rotation of ``y [B, N, 3 * heads * 64]`` in float32 (adjacent pairs; pairs < 16
-    by the token's column, the rest by its row; in-window positions when ``window`` > 0)."""
+    """The q/k rotation of ``y [B, N, 3 * heads * 64]`` in float64: SAM 3's complex factors
+    (``attention_cuda_kernel.freqs_cis`` on the ``gh x gw`` RoPE grid), at in-window positions
+    when ``window`` > 0."""
     import torch
 
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import attention_cuda_kernel as akern
+
     b, n, width = y.shape
-    hidden, d = width // 3, 64
+    hidden = width // 3
     t = torch.arange(n, device=y.device)
-    if window:
-        gy, gx = (t // img_w) % window, (t % img_w) % window
-    else:
-        gy, gx = t // gw, t % gw
-    inv = 1.0 / theta ** (torch.arange(d // 4, device=y.device).float() * 2 / (d // 2))
-    ang = torch.cat([(gx.float() * scale)[:, None] * inv, (gy.float() * scale)[:, None] * inv], 1)
-    cos, sin = ang.cos(), ang.sin()  # [N, D/2]
-    qk = y[..., :2 * hidden].float().reshape(b, n, 2 * heads, d // 2, 2)
-    a, c = qk[..., 0], qk[..., 1]
-    rot = torch.stack([a * cos[:, None] - c * sin[:, None], a * sin[:, None] + c * cos[:, None]], -1)
-    return torch.cat([rot.reshape(b, n, 2 * hidden), y[..., 2 * hidden:].float()], -1)
+    if window:  # token t of an img_h x img_w grid -> its position in its window x window window
+        t = ((t // img_w) % window) * gw + (t % img_w) % window
+    fc = akern.freqs_cis(gh, gw, 64, scale, theta, device=y.device)[t]  # [N, 32]
+    qk = y[..., :2 * hidden].double().reshape(b, n, 2 * heads, 64)
+    rot = akern.rope_complex(qk, fc[None, :, None, :]).reshape(b, n, 2 * hidden)
+    return torch.cat([rot, y[..., 2 * hidden:].double()], -1).float()
 
 
 def _torch_case(kind, shape, x, ps):

@@ -77,7 +77,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: i
     dtype = q.dtype
     target = current_kernel_target()
     if attention_cuda.supported(target, dtype, head_dim, (q.shape[2], k.shape[2], v.shape[2]), offsets):
-        return attention_cuda.emit(q, k, v, num_heads, head_dim, offsets, rope, key_bias)
+        return attention_cuda.emit(q, k, v, num_heads, head_dim, offsets, rope, key_bias, target)
     b, nq = q.shape[0], q.shape[1]
     bias_batched = key_bias is not None and not (isinstance(key_bias.shape[0], int) and key_bias.shape[0] == 1
                                                   and not (isinstance(b, int) and b == 1))
@@ -192,7 +192,8 @@ def qkv_window_attention(qkv: Tensor, num_heads: int, rope: AxialRope, window: i
         raise ValueError(f"{n} tokens are not a {grid_h}x{grid_w} grid")
     if (rope.grid_h, rope.grid_w) != (window, window):
         raise ValueError(f"window RoPE grid must be {window}x{window}, got {rope.grid_h}x{rope.grid_w}")
-    return attention_cuda.emit_window(qkv, num_heads, hidden // num_heads, window, grid_h, grid_w, rope)
+    return attention_cuda.emit_window(qkv, num_heads, hidden // num_heads, window, grid_h, grid_w, rope,
+                                      current_kernel_target())
 
 
 def _is_full_bias(bias: Tensor, batch, heads: int, nq, nk) -> bool:

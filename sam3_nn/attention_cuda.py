@@ -126,8 +126,10 @@ def supported(target: Optional[tvm.target.Target], dtype: str, head_dim: int, wi
 
 
 def emit(q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: int, offsets,
-         rope: Optional[AxialRope], key_bias: Optional[Tensor]) -> Tensor:
-    """``call_dps_packed`` of the kernel; same arguments and result as ``fused_attention``."""
+         rope: Optional[AxialRope], key_bias: Optional[Tensor],
+         target: Optional[tvm.target.Target] = None) -> Tensor:
+    """``call_dps_packed`` of the kernel; same arguments and result as ``fused_attention``.
+    ``target``: the build's (decides ``rope_in_projection``; None: the keys-rotated path)."""
     b, nq = q.shape[0], q.shape[1]
     grid_h, grid_w = (rope.grid_h, rope.grid_w) if rope is not None else (0, 0)
     scale = float(rope.scale) if rope is not None else 1.0
@@ -136,7 +138,7 @@ def emit(q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: int, offsets
     hidden = num_heads * head_dim
     if (rope is not None and key_bias is None and q._expr.same_as(k._expr) and q._expr.same_as(v._expr)
             and offsets == [0, hidden, 2 * hidden] and int(q.shape[2]) == 3 * hidden
-            and rope_in_projection(_target(), head_dim, nq)):
+            and rope_in_projection(target, head_dim, nq)):
         qkv = emit_rope_qk(q, num_heads, rope)
         return emit(qkv, qkv, qkv, num_heads, head_dim, offsets, None, None)
     keys_rotated = _rotate_keys_once(rope, nq)
@@ -170,7 +172,7 @@ def emit_full_bias(q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: in
 
 
 def emit_window(qkv: Tensor, num_heads: int, head_dim: int, window: int, grid_h: int, grid_w: int,
-                rope: Optional[AxialRope]) -> Tensor:
+                rope: Optional[AxialRope], target: Optional[tvm.target.Target] = None) -> Tensor:
     """Windowed self-attention in window mode, on the unpartitioned fused projection.
 
     ``qkv``: ``[B, grid_h * grid_w, 3 * hidden]`` rows of a ``grid_h x grid_w`` token grid
@@ -184,7 +186,7 @@ def emit_window(qkv: Tensor, num_heads: int, head_dim: int, window: int, grid_h:
     rgh, rgw = (rope.grid_h, rope.grid_w) if rope is not None else (0, 0)
     scale = float(rope.scale) if rope is not None else 1.0
     theta = float(rope.theta) if rope is not None else 10000.0
-    if rope is not None and rope_in_projection(_target(), head_dim, window * window):
+    if rope is not None and rope_in_projection(target, head_dim, window * window):
         qkv = emit_rope_qk(qkv, num_heads, rope, window, grid_h, grid_w)
         return emit_window(qkv, num_heads, head_dim, window, grid_h, grid_w, None)
     keys_rotated = _rotate_keys_once(rope, window * window)
@@ -195,12 +197,6 @@ def emit_window(qkv: Tensor, num_heads: int, head_dim: int, window: int, grid_h:
                int(rgh), int(rgw), scale, theta, int(keys_rotated)]
     return op.extern(SYMBOL_WINDOW, [qkv, k, qkv] + scalars,
                      out=Tensor.placeholder((b, n, hidden), qkv.dtype))
-
-
-def _target() -> Optional[tvm.target.Target]:
-    from .attention import current_kernel_target
-
-    return current_kernel_target()
 
 
 def calls_kernel(mod: tvm.IRModule) -> bool:

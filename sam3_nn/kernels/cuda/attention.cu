@@ -49,6 +49,7 @@
 
 #include "device.cuh"
 #include "pdl.cuh"
+#include "rope.cuh"
 
 namespace sam3_attn {
 // Internal linkage for everything but the C launchers and the tvm-ffi entry points: the
@@ -323,12 +324,9 @@ __device__ __forceinline__ void build_rope_table(int grid_h, int grid_w, float r
   const int g = max(grid_h, grid_w);
   for (int e = tid; e < g * Q4; e += NT) {
     const int c = e / Q4, i = e - (e / Q4) * Q4;
-    const float inv = 1.0f / powf(rope_theta, float(2 * i) / float(D / 2));
-    const float a = (float(c) * rope_scale) * inv;
-    float sn, cs;
-    sincosf(a, &sn, &cs);
-    tab[e] = make_float2(cs, sn);
-    if (tabh != nullptr) tabh[e] = make_uint2(pack_half2(cs, cs), pack_half2(-sn, sn));
+    const float2 t = sam3_cuda::rope_cos_sin(c, i, D, rope_scale, rope_theta);
+    tab[e] = t;
+    if (tabh != nullptr) tabh[e] = make_uint2(pack_half2(t.x, t.x), pack_half2(-t.y, t.y));
   }
 }
 

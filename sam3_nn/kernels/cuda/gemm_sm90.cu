@@ -37,7 +37,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdlib>
 #include <mutex>
 
@@ -50,6 +49,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
+#include "rope.cuh"
 #include "tensor_args.cuh"
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
@@ -237,10 +237,7 @@ struct Sm90RopeQK {
       if (!build) return;
       for (int e = thread_idx % 128; e < params.rows * 16; e += 128) {
         const int c = e >> 4, i = e & 15;
-        const float inv = 1.0f / powf(params.theta, float(2 * i) / 32.0f);
-        float sn, cs;
-        sincosf((float(c) * params.scale) * inv, &sn, &cs);
-        tab[c * kRopeTableStride + i] = make_float2(cs, sn);
+        tab[c * kRopeTableStride + i] = sam3_cuda::rope_cos_sin(c, i, 64, params.scale, params.theta);
       }
     }
     CUTLASS_DEVICE bool begin_sync_needed() const { return build; }
