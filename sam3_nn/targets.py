@@ -170,6 +170,16 @@ def _fast_math_passes(target: tvm.target.Target) -> List[tvm.transform.Pass]:
     return [fast_math_pass()]
 
 
+def _finalize_passes(backend, target: tvm.target.Target) -> list:
+    """The backend's finalize passes, with TVM's RewriteCUDAGraph replaced by ours, which
+    gives the small exported functions CUDA-graph storages of their own
+    (sam3_nn.cuda_graph)."""
+    from sam3_nn.cuda_graph import rewrite_cuda_graph
+
+    return [rewrite_cuda_graph if p.info.name == "RewriteCUDAGraph" else p
+            for p in backend.finalize_passes(target)]
+
+
 def make_pipeline(target: tvm.target.Target, gpu: bool,
                   log: Callable[[str], None] = lambda s: None,
                   cuda_arches: Optional[Sequence[str]] = None) -> tvm.transform.Pass:
@@ -203,7 +213,7 @@ def make_pipeline(target: tvm.target.Target, gpu: bool,
                 + backend.library_dispatch_passes(target)
                 + legalize
                 + backend.dataflow_lower_passes(target)
-                + backend.finalize_passes(target))
+                + _finalize_passes(backend, target))
             return seq(mod)
 
     return _pipeline

@@ -1,0 +1,133 @@
+"""CUDA graphs with storages per group of functions.
+
+TVM's ``RewriteCUDAGraph`` lifts the statically planned storages of every function into one
+allocation function shared by all of them (each storage as large as its largest user) and
+allocates all of it at the first call of any function. So a library's small functions carry
+the big ones' buffers: ``encode_text`` alone allocated the vision encoder's 138 MB.
+
+``rewrite_cuda_graph`` runs TVM's pass once per group of functions instead: the large
+functions (planned storages at least ``1 / SHARE_RATIO`` of the largest one's) share their
+storages as before, since they run one after another in a pipeline; every smaller function
+gets storages of its own, sized to what it needs. Each group has its own allocation function
+(``cuda_graph_alloc``, ``cuda_graph_alloc_1``, ...) and its own cache entries, so calling
+one function allocates only its group's storages. The runtime keys CUDA graphs and cached
+allocations by an index, which the pass numbers per module; the groups' indices are shifted
+so that they stay distinct.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import tvm
+from tvm import relax
+
+SHARE_RATIO = 8  # functions planning less than 1/8 of the largest function's bytes: own storages
+GET_CACHED_ALLOC = "vm.builtin.cuda_graph.get_cached_alloc"
+RUN_OR_CAPTURE = "vm.builtin.cuda_graph.run_or_capture"
+ALLOC_NAME = "cuda_graph_alloc"
+
+
+def planned_bytes(func: relax.Function) -> int:
+    """Bytes of the static ``R.memory.alloc_storage`` calls in ``func``."""
+    op = tvm.ir.Op.get("relax.memory.alloc_storage")
+    total = [0]
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op.same_as(op):
+            shape = e.args[0]
+            if isinstance(shape, relax.ShapeExpr) and all(isinstance(v, tvm.tirx.IntImm) for v in shape.values):
+                n = 1
+                for v in shape.values:
+                    n *= int(v)
+                total[0] += n
+
+    relax.analysis.post_order_visit(func, visit)
+    return total[0]
+
+
+def plan_groups(mod: tvm.IRModule) -> List[List[str]]:
+    """The functions that share storages: all large ones together, each small one alone."""
+    sizes = {gv.name_hint: planned_bytes(f) for gv, f in mod.functions.items()
+             if isinstance(f, relax.Function)}
+    if not sizes:
+        return []
+    largest = max(sizes.values())
+    shared = [n for n, s in sizes.items() if s * SHARE_RATIO >= largest and s > 0]
+    alone = [[n] for n, s in sizes.items() if n not in shared]
+    return ([shared] if shared else []) + alone
+
+
+@relax.expr_functor.mutator
+class _Renumber(relax.PyExprMutator):
+    """Point the cache lookups at this group's allocation function and shift the indices."""
+
+    def __init__(self, mod, alloc_gv, alloc_index: int, capture_offset: int):
+        super().__init__(mod)
+        self.alloc_gv, self.alloc_index, self.capture_offset = alloc_gv, alloc_index, capture_offset
+        self.captures = 0
+        self.with_ctx = tvm.ir.Op.get("relax.call_builtin_with_ctx")
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not call.op.same_as(self.with_ctx) or not isinstance(call.args[0], relax.ExternFunc):
+            return call
+        name = str(call.args[0].global_symbol)
+        fields = list(call.args[1].fields)
+        if name == GET_CACHED_ALLOC:
+            fields[0], fields[1] = self.alloc_gv, tvm.tirx.IntImm("int64", self.alloc_index)
+        elif name == RUN_OR_CAPTURE:
+            index = int(fields[2].value) + self.capture_offset
+            self.captures = max(self.captures, index + 1)
+            fields[2] = tvm.tirx.IntImm("int64", index)
+        else:
+            return call
+        return relax.Call(call.op, [call.args[0], relax.Tuple(fields)], call.attrs, call.ty_args)
+
+
+def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
+    groups = plan_groups(mod)
+    if len(groups) <= 1:
+        return relax.transform.RewriteCUDAGraph()(mod)
+    shared = {gv: f for gv, f in mod.functions.items() if not isinstance(f, relax.Function)}
+    out: Dict[tvm.ir.GlobalVar, tvm.ir.BaseFunc] = dict(shared)
+    renames = []  # (group's functions, its alloc function, alloc index, capture offset)
+    captures = 0
+    for k, names in enumerate(groups):
+        sub = tvm.IRModule({**shared, **{gv: f for gv, f in mod.functions.items()
+                                          if isinstance(f, relax.Function) and gv.name_hint in names}},
+                           attrs=mod.attrs, global_infos=mod.global_infos)
+        sub = relax.transform.RewriteCUDAGraph()(sub)
+        alloc = None
+        group_funcs = {}
+        n_capture = 0
+        for gv, f in sub.functions.items():
+            if gv in shared:
+                continue
+            if gv.name_hint == ALLOC_NAME:
+                alloc = f
+            elif gv.name_hint in names:
+                group_funcs[gv] = f
+            else:  # a lifted capture function (named after its caller, so unique)
+                out[gv] = f
+                n_capture += 1
+        renames.append((group_funcs, alloc, k, captures))
+        captures += n_capture
+    base = tvm.IRModule(out, attrs=mod.attrs, global_infos=mod.global_infos)
+    bb = relax.BlockBuilder(base)
+    for group_funcs, alloc, k, offset in renames:
+        alloc_gv = bb.add_func(alloc, ALLOC_NAME if k == 0 else f"{ALLOC_NAME}_{k}") if alloc else None
+        for gv, f in group_funcs.items():
+            if alloc_gv is not None or offset:
+                f = _Renumber(bb.get(), alloc_gv, k, offset).visit_expr(f)
+            bb.add_func(f, gv.name_hint)
+    return bb.finalize()
+
+
+@tvm.transform.module_pass(opt_level=0, name="sam3_rewrite_cuda_graph")
+def rewrite_cuda_graph(mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """``RewriteCUDAGraph`` per group of functions (see the module doc); a no-op unless
+    ``relax.backend.use_cuda_graph`` is set, like TVM's pass."""
+    if not bool(ctx.config.get("relax.backend.use_cuda_graph", False)):
+        return mod
+    return _rewrite(mod)

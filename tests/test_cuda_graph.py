@@ -1,0 +1,119 @@
+"""CUDA-graph storages per group of functions (sam3_nn.cuda_graph), checked on the IR.
+
+The pass runs in every CUDA build (sam3_nn.targets); here on a module of three functions
+whose planned buffers differ in size, lowered up to StaticPlanBlockMemory (no GPU, no
+code generation): the two large functions share one allocation function, as TVM's own
+pass makes them, the small one gets its own, sized to its own buffers, and every cache
+index stays distinct."""
+
+from __future__ import annotations
+
+import pytest
+import tvm
+from tvm import relax
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from sam3_nn.cuda_graph import plan_groups, planned_bytes, rewrite_cuda_graph
+from sam3_nn.targets import _finalize_passes
+
+GET, RUN = "vm.builtin.cuda_graph.get_cached_alloc", "vm.builtin.cuda_graph.run_or_capture"
+
+
+class _Three(nn.Module):
+    def _f(self, x):  # x @ x^T, then two more products: planned intermediates
+        y = op.matmul(x, op.permute_dims(x))
+        z = op.matmul(y, x)
+        return op.matmul(op.permute_dims(z), z)
+
+    def big(self, x):
+        return self._f(x)
+
+    def mid(self, x):
+        return self._f(x)
+
+    def small(self, x):
+        return self._f(x)
+
+
+def _planned(shapes):
+    mode = {"param_mode": "packed", "effect_mode": "none"}
+    mod, _ = _Three().export_tvm(spec={n: {"x": nn.spec.Tensor(s, "float16"), "$": mode}
+                                       for n, s in shapes.items()})
+    seq = tvm.transform.Sequential([
+        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory()])
+    with tvm.target.Target({"kind": "cuda", "arch": "sm_90a"}):
+        return seq(mod)
+
+
+def _cache_calls(func):
+    """(builtin name, the call's tuple fields) of each CUDA-graph cache call in func."""
+    calls = []
+    with_ctx = tvm.ir.Op.get("relax.call_builtin_with_ctx")
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op.same_as(with_ctx) and isinstance(e.args[0], relax.ExternFunc):
+            name = str(e.args[0].global_symbol)
+            if name in (GET, RUN):
+                calls.append((name, list(e.args[1].fields)))
+
+    relax.analysis.post_order_visit(func, visit)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def planned():
+    return _planned({"big": [256, 1024], "mid": [128, 1024], "small": [8, 64]})
+
+
+def test_groups_share_large_functions_and_isolate_small_ones(planned):
+    sizes = {n: planned_bytes(planned[n]) for n in ("big", "mid", "small")}
+    assert sizes["big"] > sizes["mid"] > sizes["small"] > 0
+    assert plan_groups(planned) == [["big", "mid"], ["small"]]
+
+
+def test_small_function_gets_its_own_storages(planned):
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
+        ours = rewrite_cuda_graph(planned)
+        theirs = relax.transform.RewriteCUDAGraph()(planned)
+    # TVM's pass: one allocation function, sized by the largest user of each storage
+    assert [gv.name_hint for gv in theirs.get_global_vars() if gv.name_hint.startswith("cuda_graph_alloc")] \
+        == ["cuda_graph_alloc"]
+    names = {gv.name_hint for gv in ours.get_global_vars()}
+    assert {"cuda_graph_alloc", "cuda_graph_alloc_1"} <= names
+    shared, own = ours["cuda_graph_alloc"], ours["cuda_graph_alloc_1"]
+    # the shared storages are what TVM's pass allocates; the small function's are its own
+    assert planned_bytes(shared) == planned_bytes(theirs["cuda_graph_alloc"])
+    assert planned_bytes(own) == planned_bytes(planned["small"])
+    assert planned_bytes(own) * 8 < planned_bytes(shared)
+
+    allocs, captures = {}, {}
+    for name in ("big", "mid", "small"):
+        for builtin, fields in _cache_calls(ours[name]):
+            if builtin == GET:
+                allocs[name] = (fields[0].name_hint, int(fields[1]))
+            else:
+                captures.setdefault(name, []).append(int(fields[2]))
+    assert allocs == {"big": ("cuda_graph_alloc", 0), "mid": ("cuda_graph_alloc", 0),
+                      "small": ("cuda_graph_alloc_1", 1)}
+    flat = [i for v in captures.values() for i in v]
+    assert sorted(flat) == list(range(len(flat))) and set(captures) == {"big", "mid", "small"}
+
+
+def test_one_group_is_tvms_pass():
+    mod = _planned({"big": [256, 1024], "mid": [192, 1024]})
+    assert plan_groups(mod) == [["big", "mid"]]
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
+        ours, theirs = rewrite_cuda_graph(mod), relax.transform.RewriteCUDAGraph()(mod)
+    tvm.ir.assert_structural_equal(ours, theirs)
+
+
+def test_off_without_cuda_graph_and_in_the_cuda_pipeline(planned):
+    assert rewrite_cuda_graph(planned).same_as(planned)  # config unset: nothing to do
+    from tvm.relax.backend.cuda import pipeline as backend
+
+    names = [p.info.name for p in _finalize_passes(backend, tvm.target.Target("cuda"))]
+    assert "sam3_rewrite_cuda_graph" in names and "RewriteCUDAGraph" not in names
