@@ -153,6 +153,7 @@ CUDA_CASES = [
     ("linear 5184x1024->1024 +bias+residual", "linres",
      ((1, 5184), 1024, 1024, True, (1, 72, 72, 1024), False), True),
     ("linear 20736x256->256 +bias", "linear", (20736, 256, 256, True, None), True),
+    ("patch embed 5184x588->1024 (K zero-padded)", "linear", (5184, 588, 1024, False, None), True),
     # few output tiles (text encoder: 32 tokens; DETR decoder: 201 queries)
     ("text 32x1024->3072 +bias", "linear", (32, 1024, 3072, True, None), True),
     ("text fc1 32x1024->4096 +bias+gelu", "linear", (32, 1024, 4096, True, "gelu"), True),
@@ -168,7 +169,7 @@ CUDA_CASES = [
     ("check: linear 37x256->520 +bias+relu", "linear", (37, 256, 520, True, "relu"), False),
     ("check: linear 3x1297x768->256 +bias", "linear", ((3, 1297), 768, 256, True, None), False),
     ("check: matmul 999x256 @ [256,520]", "kn", (999, 256, 520), False),
-    ("check: linear 64x100->200 (K%8: TIR)", "linear", (64, 100, 200, True, None), False),
+    ("check: linear 64x100->200 (K%8: zero-padded)", "linear", (64, 100, 200, True, None), False),
     ("check: linear 37x1024->1024 +bias+residual", "linres", (37, 1024, 1024, True, None, False), False),
     ("check: linear 2x63x256->256 +bias, reshape, +res", "linres",
      ((2, 63), 256, 256, True, (2, 7, 9, 256), True), False),

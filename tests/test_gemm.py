@@ -424,3 +424,49 @@ def test_cutlass_gelu_epilogue_constants_match_erf_gelu():
     assert err.max() < 2e-5, err.max()
     big = np.abs(ref) > 0.03
     assert (err[big] / np.abs(ref[big])).max() < 1e-4
+
+
+class _OddK(nn.Module):
+    """A patch embedding's GEMM: K = 3 x 14 x 14 = 588 is not a multiple of 8."""
+
+    def __init__(self):
+        self.proj = nn.Linear(588, 64, bias=False)
+        self.fc = nn.Linear(20, 64)
+
+    def forward(self, x, y):
+        return self.proj(x), self.fc(y)
+
+
+def test_cuda_rewrite_pads_odd_k_for_cutlass(monkeypatch):
+    """Hopper presets zero-pad K up to a multiple of 8 (x and w, along K) so that the GEMM
+    still takes the CUTLASS kernel; the padded products equal the unpadded ones; other
+    arches keep the TIR GEMM on the unpadded operands."""
+    from sam3_nn.kernels import cuda as kcuda
+    from sam3_nn.kernels import cuda_source
+
+    monkeypatch.setattr(kcuda._GemmObjects, "get", lambda self, part: (f"/x/gemm{part}.o",))
+    monkeypatch.setattr(cuda_source, "attach", lambda mod, objs: mod)
+    m = _OddK()
+    m.to("float16")
+    mod, _ = m.export_tvm(spec={"forward": {"x": nn.spec.Tensor([2, 36, 588], "float16"),
+                                            "y": nn.spec.Tensor([2, 36, 20], "float16"), "$": MODE}})
+    preset = _cuda_sm90_preset()
+    out = tvm.transform.Sequential(kernels.schedule_passes(preset.tvm_target(), preset.cuda_arches))(mod)
+    assert _extern_symbols(out) == ["sam3_cutlass_gemm_nk", "sam3_cutlass_gemm_nk_bias"]
+    widths = []
+    for _, f in out.functions.items():
+        if isinstance(f, relax.Function):
+            def visit(e):
+                if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) \
+                        and e.op.name == "relax.call_dps_packed":
+                    widths.append([[int(v) for v in a.ty.shape.values] for a in e.args[1].fields[:2]])
+            relax.analysis.post_order_visit(f, visit)
+    assert sorted(widths) == sorted([[[2, 36, 592], [64, 592]], [[2, 36, 24], [64, 24]]])
+    out = tvm.transform.Sequential(kernels.schedule_passes(preset.tvm_target(), ("sm_80", "sm_90")))(mod)
+    assert _extern_symbols(out) == []
+
+    # numerics of the padding itself, on the CPU: pad(x) @ pad(w)^T == x @ w^T
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((5, 588)), rng.standard_normal((7, 588))
+    np.testing.assert_allclose(np.pad(x, [(0, 0), (0, 4)]) @ np.pad(w, [(0, 0), (0, 4)]).T, x @ w.T,
+                               rtol=1e-12, atol=1e-12)

@@ -1,7 +1,8 @@
 """CUDA GEMMs.
 
 On Hopper builds (every SASS arch of the library is sm_90/sm_90a) fp16 GEMMs with
-8-aligned K and N go to CUTLASS 3.x kernels (TMA + wgmma, warp-specialized;
+8-aligned N (the rewrite zero-pads K to a multiple of 8, ``k_align``) go to CUTLASS 3.x
+kernels (TMA + wgmma, warp-specialized;
 ``cuda/gemm_sm90.cu``, compiled for sm_90a and linked into the library, see
 ``cuda_source.py``), with bias, bias+GELU, bias+ReLU, (bias +) residual and bias + q/k
 RoPE (a RoPE attention's qkv projection, ``rope_qk``) epilogues. The choice
@@ -178,6 +179,9 @@ def cuda_providers(target: tvm.target.Target, cuda_arches: Optional[Sequence[str
         if activation or residual or rope_qk is not None:  # fused epilogues: CUTLASS only
             return None
         return gemm_cuda(target, bt, m, n, k, dtype, out_dtype, **kw)
+
+    if use_cutlass:
+        cuda_gemm.k_align = 8  # the rewrite zero-pads K up to this (16-byte TMA rows)
 
     def cuda_conv(b, h, w, cin, cout, ksize, pad, dtype, out_dtype, has_bias):
         if not use_cutlass:

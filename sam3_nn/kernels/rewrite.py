@@ -230,6 +230,15 @@ class _Rewriter:
             k, n = _static(ws[-2]), _static(ws[-1])
         if n is None or k is None or _static(xs[-1]) != k:
             return orig
+        align = getattr(self.provider, "k_align", 0)
+        if align and k % align and len(ws) == 2 and dtype == "float16":
+            # the provider's kernels need K % align == 0 (CUTLASS: 16-byte TMA rows; the
+            # patch embedding's 3 x 14 x 14 = 588): zero-pad x and w along K, which adds
+            # nothing to the products
+            kp = -(-k // align) * align
+            x = relax.op.nn.pad(x, [0, 0] * (len(xs) - 1) + [0, kp - k])
+            w = relax.op.nn.pad(w, [0, 0, 0, kp - k] if w_layout == "nk" else [0, kp - k, 0, 0])
+            k = kp  # xs, ws keep their rows / N, which is all that is read of them below
         if len(ws) == 2:  # shared weight: all leading dims of x are rows
             m, bt, w_batched = _prod(xs[:-1]), tirx.const(1, "int64"), False
             out_shape = xs[:-1] + [n]
