@@ -65,7 +65,6 @@ class _Renumber(relax.PyExprMutator):
     def __init__(self, mod, alloc_gv, alloc_index: int, capture_offset: int):
         super().__init__(mod)
         self.alloc_gv, self.alloc_index, self.capture_offset = alloc_gv, alloc_index, capture_offset
-        self.captures = 0
         self.with_ctx = tvm.ir.Op.get("relax.call_builtin_with_ctx")
 
     def visit_call_(self, call):
@@ -77,9 +76,7 @@ class _Renumber(relax.PyExprMutator):
         if name == GET_CACHED_ALLOC:
             fields[0], fields[1] = self.alloc_gv, tvm.tirx.IntImm("int64", self.alloc_index)
         elif name == RUN_OR_CAPTURE:
-            index = int(fields[2].value) + self.capture_offset
-            self.captures = max(self.captures, index + 1)
-            fields[2] = tvm.tirx.IntImm("int64", index)
+            fields[2] = tvm.tirx.IntImm("int64", int(fields[2].value) + self.capture_offset)
         else:
             return call
         return relax.Call(call.op, [call.args[0], relax.Tuple(fields)], call.attrs, call.ty_args)

@@ -171,16 +171,20 @@ def _cuda_sm90_preset():
     return get_preset("cuda", "sm_90a")
 
 
-def _extern_symbols(mod):
-    syms = []
+def _extern_calls(mod):
+    calls = []
     for _, f in mod.functions.items():
         if isinstance(f, relax.Function):
             def visit(e):
                 if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) \
                         and e.op.name == "relax.call_dps_packed":
-                    syms.append(e.args[0].global_symbol)
+                    calls.append(e)
             relax.analysis.post_order_visit(f, visit)
-    return sorted(syms)
+    return calls
+
+
+def _extern_symbols(mod):
+    return sorted(c.args[0].global_symbol for c in _extern_calls(mod))
 
 
 def test_cuda_rewrite_routes_to_cutlass(monkeypatch):
@@ -453,14 +457,7 @@ def test_cuda_rewrite_pads_odd_k_for_cutlass(monkeypatch):
     preset = _cuda_sm90_preset()
     out = tvm.transform.Sequential(kernels.schedule_passes(preset.tvm_target(), preset.cuda_arches))(mod)
     assert _extern_symbols(out) == ["sam3_cutlass_gemm_nk", "sam3_cutlass_gemm_nk_bias"]
-    widths = []
-    for _, f in out.functions.items():
-        if isinstance(f, relax.Function):
-            def visit(e):
-                if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) \
-                        and e.op.name == "relax.call_dps_packed":
-                    widths.append([[int(v) for v in a.ty.shape.values] for a in e.args[1].fields[:2]])
-            relax.analysis.post_order_visit(f, visit)
+    widths = [[[int(v) for v in a.ty.shape.values] for a in c.args[1].fields[:2]] for c in _extern_calls(out)]
     assert sorted(widths) == sorted([[[2, 36, 592], [64, 592]], [[2, 36, 24], [64, 24]]])
     out = tvm.transform.Sequential(kernels.schedule_passes(preset.tvm_target(), ("sm_80", "sm_90")))(mod)
     assert _extern_symbols(out) == []
