@@ -17,6 +17,7 @@ so that they stay distinct.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List
 
 import tvm
@@ -37,10 +38,7 @@ def planned_bytes(func: relax.Function) -> int:
         if isinstance(e, relax.Call) and e.op.same_as(op):
             shape = e.args[0]
             if isinstance(shape, relax.ShapeExpr) and all(isinstance(v, tvm.tirx.IntImm) for v in shape.values):
-                n = 1
-                for v in shape.values:
-                    n *= int(v)
-                total[0] += n
+                total[0] += math.prod(int(v) for v in shape.values)
 
     relax.analysis.post_order_visit(func, visit)
     return total[0]

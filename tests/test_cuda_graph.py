@@ -14,10 +14,10 @@ from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
+from sam3_nn.cuda_graph import GET_CACHED_ALLOC as GET
+from sam3_nn.cuda_graph import RUN_OR_CAPTURE as RUN
 from sam3_nn.cuda_graph import plan_groups, planned_bytes, rewrite_cuda_graph
 from sam3_nn.targets import _finalize_passes
-
-GET, RUN = "vm.builtin.cuda_graph.get_cached_alloc", "vm.builtin.cuda_graph.run_or_capture"
 
 
 class _Three(nn.Module):

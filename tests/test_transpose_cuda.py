@@ -5,7 +5,6 @@ Building the library needs nvcc (skips without it); running the kernel needs a C
 (marked ``gpu``, skips where none is present).
 """
 
-
 import numpy as np
 import pytest
 import tvm
