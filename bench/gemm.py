@@ -420,7 +420,7 @@ def run_cuda(args):
         tparams.append(t.to(td))
     pnames = [n for n, _ in meta["params"]]
     params = [tvm.runtime.from_dlpack(t) for t in tparams]
-    rows, checks = [], []
+    rows, checks, tile_err = [], [], {}
     for i, c in enumerate(meta["cases"]):
         kind, shape = c["kind"], c["shape"]
         xs = _cuda_x_shape(kind, [tuple(v) if isinstance(v, list) else v for v in shape])
@@ -440,9 +440,16 @@ def run_cuda(args):
         xt = tvm.runtime.from_dlpack(x)
         tiles = {}
         if kind in ("linear", "linres", "im2col") and set_tile is not None and not args.no_sweep:
-            for tile in (0, 1, 2, 4, 5, 6):
-                set_tile(tile)
-                tiles[tile] = ev(xt, params).min
+            times = {}
+            for _ in range(args.rounds):  # round-robin, so drifts of the clock hit every tile alike
+                for tile in dict.fromkeys(args.tiles):
+                    set_tile(tile)
+                    times.setdefault(tile, []).append(ev(xt, params).min)
+                    if (c["name"], tile) not in tile_err:
+                        o = torch.from_dlpack(vm[f"case{i}"](xt, params)).reshape(ref.shape).float()
+                        tile_err[(c["name"], tile)] = (((o - ref).norm() / ref.norm()).item(),
+                                                       (o - ref).abs().max().item())
+            tiles = {t: float(np.median(v)) for t, v in times.items()}
             set_tile(-1)
         t_ours = ev(xt, params).min
         tps = ps
@@ -459,6 +466,10 @@ def run_cuda(args):
         if tiles:
             print(f"  {name:36s} " + " ".join(f"{k}:{flops / v / 1e12:6.1f}" for k, v in tiles.items())
                   + f"  default:{flops / t_ours / 1e12:6.1f}")
+    if tile_err:
+        print("\nper tile: rel. Frobenius error, max-abs error vs torch fp32")
+        for (name, tile), (e, m) in tile_err.items():
+            print(f"  {name:36s} {tile}: {e:.3e} {m:.3e}")
     print()
     _report([(n, f, a, b) for n, f, a, b, _ in rows])
 
@@ -476,6 +487,9 @@ def main():
     ap.add_argument("--run", default=None, help="cuda: run the cases compiled into this folder")
     ap.add_argument("--timed", default=None, help="cuda --run: time only the cases whose name "
                     "holds one of these comma-separated strings (all are still checked)")
+    ap.add_argument("--tiles", type=lambda v: [int(t) for t in v.split(",")], default=[0, 1, 2, 4, 5, 6],
+                    help="cuda --run: the tile configs the sweep times (sam3_cutlass_gemm_set_tile)")
+    ap.add_argument("--rounds", type=int, default=1, help="cuda --run: sweep rounds (median per tile)")
     ap.add_argument("--no-sweep", action="store_true", help="cuda --run: skip the tile sweep")
     args = ap.parse_args()
     cpu = args.mode == "cpu"
