@@ -13,6 +13,11 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
+# Exported by every library (sam3_nn.model): returns its argument. TVM's VM keeps the value
+# its last call returned until its next call; calling this after each call makes it let go
+# of those outputs, so they are freed (returned to TVM's pool) as soon as the caller drops them.
+RELEASE = "release_outputs"
+
 
 class LibraryError(ValueError):
     """A library, its manifest or the weights given to it do not fit together."""
@@ -61,6 +66,7 @@ class CompiledModel:
         self.module = tvm.runtime.load_module(library)
         self.vm = VirtualMachine(self.module, self.device)
         self.params: List = []
+        self._token = None  # release_outputs' argument, made on first use
 
     def reset(self) -> None:
         """A fresh virtual machine over the same library and weights: what the old one
@@ -114,6 +120,8 @@ class CompiledModel:
         if function not in self.manifest["functions"]:
             raise LibraryError(f"library has no function {function!r}; it has "
                                f"{', '.join(self.manifest['functions'])}")
+        if function == RELEASE:
+            return [self.vm[function](*args)]
         if not self.params and self.manifest["params"]:
             raise LibraryError("no weights bound: call bind() first")
         self._check_batch(function, args)
@@ -126,4 +134,14 @@ class CompiledModel:
             else:
                 conv.append(a)
         out = self.vm[function](*conv, self.params)
+        self._release()
         return list(out) if not hasattr(out, "numpy") else [out]
+
+    def _release(self) -> None:
+        """Make the VM drop its reference to the outputs it just returned (see RELEASE);
+        libraries built before it existed lack the function and keep them."""
+        if RELEASE not in self.manifest["functions"]:
+            return
+        if self._token is None:
+            self._token = tvm.runtime.tensor(np.zeros(1, np.int32), self.device)
+        self.vm[RELEASE](self._token)

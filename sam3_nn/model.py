@@ -13,6 +13,10 @@ exported functions follow that:
   number of slots (``max_boxes``) with a mask, valid boxes first, so one library
   serves any number of boxes up to it; with no valid box in the batch the prompt
   is the text alone, exactly as the reference without ``input_boxes``.
+* ``release_outputs(token[1]) -> token``: does nothing; every library has it. TVM's
+  virtual machine keeps the value of its last call until the next one, so a caller that
+  drops its outputs would still hold them (``encode_image``'s FPN maps: 54 MiB at 1008 px)
+  while the next call allocates new ones; ``sam3_nn.engine`` calls this after every call.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from .config import Sam3Config
 from .detr_decoder import DetrDecoder, box_cxcywh_to_xyxy
 from .detr_encoder import DetrEncoder, flatten_tokens
+from .engine import RELEASE  # in every library, whatever its parts (see the module doc)
 from .geometry import GeometryEncoder, drop_geometry_without_boxes
 from .heads import DotProductScoring, MaskDecoder
 from .layers import sine_position_encoding
@@ -78,7 +83,10 @@ class Sam3Model(nn.Module):
             self.mask_decoder = MaskDecoder(cfg.mask_decoder, mask_decoder_levels(cfg))
 
     def functions(self) -> List[str]:
-        return [f for p in self.parts for f in FUNCTIONS[p]]
+        return [f for p in self.parts for f in FUNCTIONS[p]] + [RELEASE]
+
+    def release_outputs(self, token: Tensor) -> Tensor:
+        return token
 
     def encode_image(self, pixel_values: Tensor) -> Tuple[Tensor, ...]:
         return self.vision_encoder(pixel_values)
@@ -134,6 +142,8 @@ class Sam3Model(nn.Module):
             "image_position_encoding": {"batch": nn.spec.Int(), "$": mode},
             "encode_text": {"input_ids": nn.spec.Tensor([b, ctx], "int32"),
                             "attention_mask": nn.spec.Tensor([b, ctx], "int32"), "$": mode},
+            RELEASE: {"token": nn.spec.Tensor([1], "int32"),
+                      "$": {"param_mode": "none", "effect_mode": "none"}},
         }
         if "detector" in self.parts:
             c = self.cfg.detr_encoder.hidden_size
@@ -158,5 +168,6 @@ class Sam3Model(nn.Module):
             "image_position_encoding": [f"fpn_position_encoding.{i}" for i in range(n)],
             "encode_text": ["text_features", "text_mask"],
             "detect": ["pred_logits", "pred_boxes", "pred_masks", "presence_logits", "semantic_seg"],
+            RELEASE: ["token"],
         }
         return {f: names[f] for f in self.functions()}

@@ -87,7 +87,7 @@ def test_config_and_manifest(reference, library):
     d = model.config.detr_encoder_config.hidden_size
     assert [(o["name"], o["shape"], o["dtype"]) for o in fn["outputs"]] == [
         ("text_features", ["batch", CTX, d], "float32"), ("text_mask", ["batch", CTX], "int32")]
-    assert lib.manifest["parts"] == ["text"] and sorted(lib.manifest["functions"]) == ["encode_text"]
+    assert lib.manifest["parts"] == ["text"] and sorted(lib.manifest["functions"]) == ["encode_text", "release_outputs"]
 
 
 def test_parity_hf_snapshot(reference, library, hf_params):

@@ -39,7 +39,7 @@ def library(reference, tmp_path_factory):
 def test_config_from_snapshot(reference, library):
     cfg, lib = library
     assert lib.manifest["parts"] == ["vision"]
-    assert sorted(lib.manifest["functions"]) == ["encode_image", "image_position_encoding"]
+    assert sorted(lib.manifest["functions"]) == ["encode_image", "image_position_encoding", "release_outputs"]
     bb = cfg.vision.backbone
     assert (bb.hidden_size, bb.num_hidden_layers, bb.window_size, bb.global_attn_indexes) == (64, 3, 5, [1])
     assert bb.grid_size == 12 and bb.grid_size % bb.window_size != 0
@@ -122,3 +122,36 @@ def test_single_image_batch(reference, library):
     maps = lib("encode_image", pixels[1:].numpy())
     for i, (ours, ref) in enumerate(zip(maps, out.fpn_hidden_states)):
         assert_close(ours, ref[1:], RTOL, ATOL, f"fpn level {i}, batch 1")
+
+
+def test_vm_lets_go_of_outputs_the_caller_dropped(reference, library, monkeypatch):
+    """TVM's VM keeps the value of its last call until its next call; the engine calls the
+    library's ``release_outputs`` after each call, so outputs the caller drops go back to
+    the memory pool at once and the next call's outputs reuse their buffers (some of them:
+    sizes shared with intermediates shuffle the rest). Without it (the function hidden from
+    the engine) the previous outputs are still alive during each call, so no buffer can be
+    shared between consecutive calls' outputs."""
+    import numpy as np
+
+    from sam3_nn.engine import RELEASE
+
+    _, folder, pixels, _ = reference
+    cfg, lib = library
+    params, _ = load_params(cfg, open_checkpoint(folder), expected_params(lib), ["vision"])
+    lib.bind(params)
+    x = pixels.numpy()
+
+    def consecutive_overlaps():
+        lib.reset()
+        seq = []
+        for _ in range(5):
+            out = lib.call_device("encode_image", x)
+            seq.append({o.data_ptr() for o in out})
+            del out
+        return [len(a & b) for a, b in zip(seq, seq[1:])]
+
+    assert all(n > 0 for n in consecutive_overlaps())
+    functions = {k: v for k, v in lib.manifest["functions"].items() if k != RELEASE}
+    monkeypatch.setitem(lib.manifest, "functions", functions)
+    assert consecutive_overlaps() == [0, 0, 0, 0]
+    assert np.isfinite(lib("encode_image", x)[0]).all()
