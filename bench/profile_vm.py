@@ -61,6 +61,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--kernels", action="store_true", help="GPU kernel times (torch.profiler)")
     ap.add_argument("--runs", type=int, default=10, help="with --kernels: calls profiled")
+    ap.add_argument("--gaps", action="store_true", help="with --kernels: idle time between kernels")
     ap.add_argument("--time", type=int, default=0, metavar="N",
                     help="instead: the median wall time of N plain calls (3 warm-up calls first)")
     args = ap.parse_args()
@@ -154,7 +155,40 @@ def kernel_profile(args, lib, call) -> int:
           f"{wall * 1e3:.2f} ms per call (profiled, {args.runs} calls); kernels {busy:.2f} ms "
           f"({busy / (wall * 1e3):.0%} busy), {sum(cnt.values()) // args.runs} launches per call")
     print_table("kernel", acc, {k: v // args.runs for k, v in cnt.items()}, args.top)
+    if args.gaps:
+        print_gaps(prof, args)
     return 0
+
+
+def _short(name: str) -> str:
+    """A kernel's name without its template arguments and signature."""
+    for cut in ("<", "("):
+        name = name.split(cut)[0]
+    return name.split("::")[-1][:40] if not name.startswith("_Z") else name[:40]
+
+
+def print_gaps(prof, args) -> None:
+    """Idle device time between consecutive kernels (start of one minus end of the one
+    before, where positive), per call and by the pair of kernels around it. With PDL on, a
+    kernel's time includes its wait for the one before, so overlaps show as no gap."""
+    import torch
+
+    ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda t: t[0])
+    per = len(ev) // args.runs
+    idle = collections.defaultdict(float)
+    cnt = collections.Counter()
+    total = 0.0
+    for r in range(args.runs):
+        run = ev[r * per:(r + 1) * per]
+        for (s0, e0, n0), (s1, _, n1) in zip(run, run[1:]):
+            gap = max(0.0, s1 - e0) / 1e3  # ms
+            key = f"{_short(n0)} -> {_short(n1)}"
+            idle[key] += gap / args.runs
+            cnt[key] += 1
+            total += gap / args.runs
+    print(f"\nidle between kernels: {total:.3f} ms per call over {per - 1} transitions")
+    print_table("transition (ms per call)", idle, {k: v // args.runs for k, v in cnt.items()}, args.top)
 
 
 if __name__ == "__main__":

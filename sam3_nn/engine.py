@@ -11,6 +11,7 @@ from typing import Dict, List
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm.runtime.vm import VirtualMachine
 
 # Exported by every library (sam3_nn.model): returns its argument. TVM's VM keeps the value
@@ -65,8 +66,18 @@ class CompiledModel:
         self.device = _device(device or self.manifest["target"])
         self.module = tvm.runtime.load_module(library)
         self.vm = VirtualMachine(self.module, self.device)
-        self.params: List = []
+        self._params = tvm_ffi.Array([])
         self._token = None  # release_outputs' argument, made on first use
+
+    @property
+    def params(self):
+        """The bound weights, in the manifest's order: one FFI array, built once, which every
+        call passes as the packed parameters (a Python list would be converted per call)."""
+        return self._params
+
+    @params.setter
+    def params(self, tensors) -> None:
+        self._params = tensors if isinstance(tensors, tvm_ffi.Array) else tvm_ffi.Array(list(tensors))
 
     def reset(self) -> None:
         """A fresh virtual machine over the same library and weights: what the old one

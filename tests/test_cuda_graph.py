@@ -117,3 +117,48 @@ def test_off_without_cuda_graph_and_in_the_cuda_pipeline(planned):
 
     names = [p.info.name for p in _finalize_passes(backend, tvm.target.Target("cuda"))]
     assert "sam3_rewrite_cuda_graph" in names and "RewriteCUDAGraph" not in names
+
+
+class _Weights(nn.Module):
+    def __init__(self):
+        self.a = nn.Linear(64, 64, bias=False, dtype="float16")
+        self.b = nn.Linear(64, 64, bias=False, dtype="float16")
+
+    def f(self, x):
+        return self.b(op.relu(self.a(x)))
+
+
+def test_replay_passes_packed_weights_unpacked_in_capture():
+    """The weights a graph reads are unpacked inside its capture function (run only while
+    capturing), so a replay passes the packed tuple instead of one argument per weight."""
+    mode = {"param_mode": "packed", "effect_mode": "none"}
+    mod, _ = _Weights().export_tvm(spec={"f": {"x": nn.spec.Tensor([256, 64], "float16"), "$": mode}})
+    seq = tvm.transform.Sequential([
+        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory()])
+    with tvm.target.Target({"kind": "cuda", "arch": "sm_90a"}):
+        mod = seq(mod)
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
+        ours = rewrite_cuda_graph(mod)
+        theirs = relax.transform.RewriteCUDAGraph()(mod)
+    relax.analysis.well_formed(ours)  # raises on the first violation
+
+    def unpacked(func):  # indices unpacked from func's last parameter
+        last, out = func.params[-1], []
+        relax.analysis.post_order_visit(func, lambda e: out.append(int(e.index)) if isinstance(
+            e, relax.TupleGetItem) and e.tuple_value.same_as(last) else None)
+        return sorted(out)
+
+    runs = [fields for name, fields in _cache_calls(theirs["f"]) if name == RUN]
+    assert unpacked(theirs["f"]) == [0, 1] and runs  # TVM: the caller unpacks, passes each weight
+    runs = [fields for name, fields in _cache_calls(ours["f"]) if name == RUN]
+    assert unpacked(ours["f"]) == [] and runs
+    seen = []
+    for fields in runs:
+        args, capture = list(fields[1].fields), ours[fields[0]]
+        assert args[-1].same_as(ours["f"].params[-1]) and len(capture.params) == len(args)
+        tvm.ir.assert_structural_equal(capture.params[-1].ty, ours["f"].params[-1].ty)
+        seen += unpacked(capture)
+    assert sorted(seen) == [0, 1]
