@@ -90,18 +90,36 @@ class ConvTranspose2x2(nn.Module):
         self.weight = nn.Parameter((cin, cout, 2, 2))
         self.bias = nn.Parameter((cout,))
 
-    def forward(self, x: Tensor, gelu: bool = False) -> Tensor:
+    def forward(self, x: Tensor, gelu: bool = False, then: "Conv1x1 | None" = None) -> Tensor:
         """``gelu``: GELU of the result (elementwise, so applied before the pixel shuffle,
-        where it and the bias fuse into the GEMM's epilogue)."""
+        where it and the bias fuse into the GEMM's epilogue). ``then``: a 1x1 convolution
+        applied to the result, folded into this one (both are linear, and the 1x1 acts on
+        each output pixel alone): one GEMM with ``then``'s output width, no intermediate map.
+        The folded weights are computed in the graph, a small GEMM on the weights."""
         b, h, w, _ = x.shape
-        wt = op.permute_dims(self.weight, [2, 3, 1, 0])  # dy, dx, out, in
-        wt = op.reshape(wt, [4 * self.cout, self.cin])
-        y = linear_nd(x, wt, op.concat([self.bias] * 4, dim=0))  # b, h, w, (dy dx out)
+        if then is None:
+            cout = self.cout
+            wt = op.permute_dims(self.weight, [2, 3, 1, 0])  # dy, dx, out, in
+            wt = op.reshape(wt, [4 * cout, self.cin])
+            bias = self.bias
+        else:
+            if gelu:
+                raise ValueError("a 1x1 convolution cannot be folded through a GELU")
+            cout = then.cout
+            w1 = op.reshape(then.weight, [cout, self.cout])  # [c2, out]
+            wt = op.reshape(op.permute_dims(self.weight, [1, 2, 3, 0]), [self.cout, 4 * self.cin])
+            wt = op.reshape(op.matmul(w1, wt), [cout, 4, self.cin])  # c2, (dy dx), in
+            wt = op.reshape(op.permute_dims(wt, [1, 0, 2]), [4 * cout, self.cin])
+            # w1 @ bias as a product and a row sum in float32 (no GEMV kernel for one column)
+            f32 = lambda t: op.astype(t, "float32")  # noqa: E731
+            bias = op.sum(f32(w1) * f32(op.reshape(self.bias, [1, self.cout])), axis=1)
+            bias = op.astype(bias, self.bias.dtype) + then.bias
+        y = linear_nd(x, wt, op.concat([bias] * 4, dim=0))  # b, h, w, (dy dx out)
         if gelu:
             y = op.gelu(y)
-        y = op.reshape(y, [b, h, w, 2, 2, self.cout])
+        y = op.reshape(y, [b, h, w, 2, 2, cout])
         y = op.permute_dims(y, [0, 1, 3, 2, 4, 5])  # b, h, dy, w, dx, out
-        return op.reshape(y, [b, 2 * h, 2 * w, self.cout])
+        return op.reshape(y, [b, 2 * h, 2 * w, cout])
 
 
 class Conv2d(nn.Module):

@@ -165,13 +165,14 @@ class FPNLayer(nn.Module):
         self.proj2 = Conv2d(dim, dim, 3)
 
     def forward(self, x: Tensor) -> Tensor:
+        # the last deconvolution and proj1 are one GEMM (ConvTranspose2x2's `then`)
         if self.scale == 4.0:
-            x = self.scale_layers[2](self.scale_layers[0](x, gelu=True))
+            x = self.scale_layers[2](self.scale_layers[0](x, gelu=True), then=self.proj1)
         elif self.scale == 2.0:
-            x = self.scale_layers[0](x)
-        elif self.scale == 0.5:
-            x = max_pool_2x2(x)
-        return self.proj2(self.proj1(x))
+            x = self.scale_layers[0](x, then=self.proj1)
+        else:
+            x = self.proj1(max_pool_2x2(x) if self.scale == 0.5 else x)
+        return self.proj2(x)
 
 
 class VisionNeck(nn.Module):
