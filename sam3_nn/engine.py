@@ -131,11 +131,6 @@ class CompiledModel:
         if function not in self.manifest["functions"]:
             raise LibraryError(f"library has no function {function!r}; it has "
                                f"{', '.join(self.manifest['functions'])}")
-        if function == RELEASE:
-            return [self.vm[function](*args)]
-        if not self.params and self.manifest["params"]:
-            raise LibraryError("no weights bound: call bind() first")
-        self._check_batch(function, args)
         conv = []
         for a in args:
             if isinstance(a, np.ndarray):
@@ -144,6 +139,11 @@ class CompiledModel:
                 conv.append(tvm.runtime.ShapeTuple([int(a)]))
             else:
                 conv.append(a)
+        if function == RELEASE:  # takes no weights, no batch
+            return [self.vm[function](*conv)]
+        if not self.params and self.manifest["params"]:
+            raise LibraryError("no weights bound: call bind() first")
+        self._check_batch(function, args)
         out = self.vm[function](*conv, self.params)
         self._release()
         return list(out) if not hasattr(out, "numpy") else [out]

@@ -40,6 +40,11 @@ def _planned(shapes):
     mode = {"param_mode": "packed", "effect_mode": "none"}
     mod, _ = _Three().export_tvm(spec={n: {"x": nn.spec.Tensor(s, "float16"), "$": mode}
                                        for n, s in shapes.items()})
+    return _lower(mod)
+
+
+def _lower(mod):
+    """Up to StaticPlanBlockMemory, as the CUDA pipeline lowers before RewriteCUDAGraph."""
     seq = tvm.transform.Sequential([
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
         relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.ToNonDataflow(),
@@ -133,13 +138,7 @@ def test_replay_passes_packed_weights_unpacked_in_capture():
     capturing), so a replay passes the packed tuple instead of one argument per weight."""
     mode = {"param_mode": "packed", "effect_mode": "none"}
     mod, _ = _Weights().export_tvm(spec={"f": {"x": nn.spec.Tensor([256, 64], "float16"), "$": mode}})
-    seq = tvm.transform.Sequential([
-        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.ToNonDataflow(),
-        relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite(),
-        relax.transform.StaticPlanBlockMemory()])
-    with tvm.target.Target({"kind": "cuda", "arch": "sm_90a"}):
-        mod = seq(mod)
+    mod = _lower(mod)
     with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
         ours = rewrite_cuda_graph(mod)
         theirs = relax.transform.RewriteCUDAGraph()(mod)
