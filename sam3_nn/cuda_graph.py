@@ -25,7 +25,7 @@ passes the packed tuple itself.
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import tvm
 from tvm import relax
@@ -63,6 +63,14 @@ def plan_groups(mod: tvm.IRModule) -> List[List[str]]:
     return ([shared] if shared else []) + alone
 
 
+def _builtin(call) -> Optional[str]:
+    """The builtin a ``call_builtin_with_ctx`` call names (e.g. ``RUN_OR_CAPTURE``), else None."""
+    if (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_builtin_with_ctx"))
+            and isinstance(call.args[0], relax.ExternFunc)):
+        return str(call.args[0].global_symbol)
+    return None
+
+
 @relax.expr_functor.mutator
 class _Renumber(relax.PyExprMutator):
     """Point the cache lookups at this group's allocation function and shift the indices."""
@@ -70,13 +78,12 @@ class _Renumber(relax.PyExprMutator):
     def __init__(self, mod, alloc_gv, alloc_index: int, capture_offset: int):
         super().__init__(mod)
         self.alloc_gv, self.alloc_index, self.capture_offset = alloc_gv, alloc_index, capture_offset
-        self.with_ctx = tvm.ir.Op.get("relax.call_builtin_with_ctx")
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not call.op.same_as(self.with_ctx) or not isinstance(call.args[0], relax.ExternFunc):
+        name = _builtin(call)
+        if name is None:
             return call
-        name = str(call.args[0].global_symbol)
         fields = list(call.args[1].fields)
         if name == GET_CACHED_ALLOC:
             fields[0], fields[1] = self.alloc_gv, tvm.tirx.IntImm("int64", self.alloc_index)
@@ -126,12 +133,25 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
     return bb.finalize()
 
 
+_normalize = relax.BlockBuilder().normalize  # fills in the types of the expressions built here
+
+
+def _unpack_in_capture(capture: relax.Function, args, index, packed) -> relax.Function:
+    """``capture`` taking ``packed``'s type in place of its parameters that receive weights
+    unpacked from it (``index``: such an argument -> its index), unpacking them first."""
+    p_new = relax.Var("packed_params", packed.ty)
+    unpack = [relax.VarBinding(capture.params[j], _normalize(relax.TupleGetItem(p_new, index[a])))
+              for j, a in enumerate(args) if a in index]
+    keep = [capture.params[j] for j, a in enumerate(args) if a not in index]
+    body = _normalize(relax.SeqExpr([relax.BindingBlock(unpack)] + list(capture.body.blocks),
+                                    capture.body.body))
+    return relax.Function(keep + [p_new], body, capture.ret_ty, capture.is_pure, capture.attrs)
+
+
 def unpack_params_in_capture(mod: tvm.IRModule) -> tvm.IRModule:
     """In each function with packed parameters (the one parameter after ``num_input``),
     pass the packed tuple to its capture functions in place of the weights unpacked from it,
     and unpack them there; drop the caller's unpacking bindings that are left unused."""
-    with_ctx = tvm.ir.Op.get("relax.call_builtin_with_ctx")
-    norm = relax.BlockBuilder().normalize  # fills in the types of the expressions built here
     updates: Dict[tvm.ir.GlobalVar, relax.Function] = {}
     for gv, func in mod.functions.items():
         if not isinstance(func, relax.Function) or func.attrs is None or "num_input" not in func.attrs:
@@ -140,53 +160,36 @@ def unpack_params_in_capture(mod: tvm.IRModule) -> tvm.IRModule:
         if len(func.params) != n_in + 1 or not isinstance(func.body, relax.SeqExpr):
             continue
         packed = func.params[n_in]
-        index = {}  # var unpacked from the packed tuple -> its index
-        for block in func.body.blocks:
-            for b in block.bindings:
-                if (isinstance(b, relax.VarBinding) and isinstance(b.value, relax.TupleGetItem)
-                        and b.value.tuple_value.same_as(packed)):
-                    index[b.var] = int(b.value.index)
-        if not index:
-            continue
-        changed = False
-        blocks = []
+        index = {b.var: int(b.value.index)  # var unpacked from the packed tuple -> its index
+                 for block in func.body.blocks for b in block.bindings
+                 if isinstance(b, relax.VarBinding) and isinstance(b.value, relax.TupleGetItem)
+                 and b.value.tuple_value.same_as(packed)}
+        blocks, changed = [], False
         for block in func.body.blocks:
             bindings = []
             for b in block.bindings:
                 v = b.value if isinstance(b, relax.VarBinding) else None
-                if (isinstance(v, relax.Call) and v.op.same_as(with_ctx)
-                        and isinstance(v.args[0], relax.ExternFunc)
-                        and str(v.args[0].global_symbol) == RUN_OR_CAPTURE):
+                if _builtin(v) == RUN_OR_CAPTURE:
                     fields = list(v.args[1].fields)
                     capture_gv, args = fields[0], list(fields[1].fields)
-                    moved = [(j, a) for j, a in enumerate(args) if a in index]
-                    if moved:
-                        capture = updates.get(capture_gv, mod[capture_gv])
-                        keep = [j for j in range(len(args)) if args[j] not in index]
-                        p_new = relax.Var("packed_params", packed.ty)
-                        unpack = [relax.VarBinding(capture.params[j], norm(relax.TupleGetItem(p_new, index[a])))
-                                  for j, a in moved]
-                        body = capture.body
-                        body = norm(relax.SeqExpr([relax.BindingBlock(unpack)] + list(body.blocks), body.body))
-                        updates[capture_gv] = relax.Function(
-                            [capture.params[j] for j in keep] + [p_new], body, capture.ret_ty,
-                            capture.is_pure, capture.attrs)
-                        fields[1] = norm(relax.Tuple([args[j] for j in keep] + [packed]))
-                        b = relax.VarBinding(b.var, norm(relax.Call(v.op, [v.args[0], norm(relax.Tuple(fields))],
-                                                                    v.attrs, v.ty_args)))
+                    if any(a in index for a in args):
+                        updates[capture_gv] = _unpack_in_capture(
+                            updates.get(capture_gv, mod[capture_gv]), args, index, packed)
+                        fields[1] = _normalize(relax.Tuple([a for a in args if a not in index] + [packed]))
+                        call = relax.Call(v.op, [v.args[0], _normalize(relax.Tuple(fields))], v.attrs, v.ty_args)
+                        b = relax.VarBinding(b.var, _normalize(call))
                         changed = True
                 bindings.append(b)
             blocks.append(bindings)
         if not changed:
             continue
-        body = relax.SeqExpr([relax.BindingBlock(bs) for bs in blocks], func.body.body)
-        used = set()
+        used = set()  # what the bindings other than the unpacking ones, and the result, read
         relax.analysis.post_order_visit(
             relax.SeqExpr([relax.BindingBlock([b for bs in blocks for b in bs if b.var not in index])],
                           func.body.body),
             lambda e: used.add(e) if isinstance(e, relax.Var) else None)
         blocks = [relax.BindingBlock([b for b in bs if b.var not in index or b.var in used]) for bs in blocks]
-        updates[gv] = relax.Function(func.params, norm(relax.SeqExpr(blocks, func.body.body)),
+        updates[gv] = relax.Function(func.params, _normalize(relax.SeqExpr(blocks, func.body.body)),
                                      func.ret_ty, func.is_pure, func.attrs)
     if not updates:
         return mod

@@ -111,9 +111,8 @@ class ConvTranspose2x2(nn.Module):
             wt = op.reshape(op.matmul(w1, wt), [cout, 4, self.cin])  # c2, (dy dx), in
             wt = op.reshape(op.permute_dims(wt, [1, 0, 2]), [4 * cout, self.cin])
             # w1 @ bias as a product and a row sum in float32 (no GEMV kernel for one column)
-            f32 = lambda t: op.astype(t, "float32")  # noqa: E731
-            bias = op.sum(f32(w1) * f32(op.reshape(self.bias, [1, self.cout])), axis=1)
-            bias = op.astype(bias, self.bias.dtype) + then.bias
+            prod = op.astype(w1, "float32") * op.astype(op.reshape(self.bias, [1, self.cout]), "float32")
+            bias = op.astype(op.sum(prod, axis=1), self.bias.dtype) + then.bias
         y = linear_nd(x, wt, op.concat([bias] * 4, dim=0))  # b, h, w, (dy dx out)
         if gelu:
             y = op.gelu(y)

@@ -288,27 +288,26 @@ struct Sm90RopeQK {
   }
 };
 
-// rot(acc + bias[col]): the node above over CUTLASS's bias add (fp32)
+// acc + bias[col] in fp32, the subtree under the RoPE and GELU epilogues' top nodes; their
+// arguments are {{acc fetch, bias row broadcast, plus}, top node}
 template <class Tile>
-using RopeQKCallbacks = cutlass::epilogue::fusion::Sm90EVT<
-    Sm90RopeQK,
-    cutlass::epilogue::fusion::Sm90EVT<
-        cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, float, float,
-                                               cutlass::FloatRoundStyle::round_to_nearest>,
-        cutlass::epilogue::fusion::Sm90AccFetch,
-        cutlass::epilogue::fusion::Sm90RowBroadcast<0, Tile, half, float, Stride<_0, _1, int64_t>, 8>>>;
+using AccPlusBias = cutlass::epilogue::fusion::Sm90EVT<
+    cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, float, float,
+                                           cutlass::FloatRoundStyle::round_to_nearest>,
+    cutlass::epilogue::fusion::Sm90AccFetch,
+    cutlass::epilogue::fusion::Sm90RowBroadcast<0, Tile, half, float, Stride<_0, _1, int64_t>, 8>>;
 
-// GELU(acc + bias[col]) as an epilogue visitor tree: one add, no alpha / beta terms (the
-// LinCombPerColBiasEltAct fusion computes alpha * acc + beta * C + bias, two FMAs)
+// rot(acc + bias[col]): the node above over the bias add
+template <class Tile>
+using RopeQKCallbacks = cutlass::epilogue::fusion::Sm90EVT<Sm90RopeQK, AccPlusBias<Tile>>;
+
+// GELU(acc + bias[col]): one add, no alpha / beta terms (the LinCombPerColBiasEltAct fusion
+// computes alpha * acc + beta * C + bias, two FMAs)
 template <class Tile>
 using BiasGeluCallbacks = cutlass::epilogue::fusion::Sm90EVT<
     cutlass::epilogue::fusion::Sm90Compute<GeluTanh, half, float,
                                            cutlass::FloatRoundStyle::round_to_nearest>,
-    cutlass::epilogue::fusion::Sm90EVT<
-        cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, float, float,
-                                               cutlass::FloatRoundStyle::round_to_nearest>,
-        cutlass::epilogue::fusion::Sm90AccFetch,
-        cutlass::epilogue::fusion::Sm90RowBroadcast<0, Tile, half, float, Stride<_0, _1, int64_t>, 8>>>;
+    AccPlusBias<Tile>>;
 
 template <Epi E, class Tile>
 struct FusionOf {
@@ -391,8 +390,8 @@ int g_forced_tile = -1;
 // Few rows (the text encoder's 32 tokens): the cooperative 128x128 tile (config 0) led the
 // same sweep, 17.7-18.1 TFLOP/s against 15.4-17.6, and 10.7 against 7.7 for config 4 at
 // 32x4096->1024.
-// With `GeluFit` (a sigmoid-form GELU, before `GeluTanh`) the GELU epilogue is cheap enough for ping-pong to lead again (H200, fc1
-// 5184x1024->4736 + GELU, configs 0-4: 443 / 435 / 544 / 415 / 467; with CUTLASS's erff
+// With `GeluFit` (a sigmoid-form GELU, before `GeluTanh`) the GELU epilogue is cheap
+// enough for ping-pong to lead again (H200, fc1 5184x1024->4736 + GELU, configs 0-4: 443 / 435 / 544 / 415 / 467; with CUTLASS's erff
 // GELU it was 431 for ping-pong and 435 for config 4).
 // Session 6 (H200, same sweep; 5 = config 2 before, with 64x32 epilogue subtiles): the 64x64
 // subtiles of config 2 pay most where the epilogue does most, and now lead config 4 on fc2:
@@ -429,11 +428,9 @@ void run(int64_t m, int64_t n, int64_t k, const void* a, const void* w, const vo
                               {static_cast<const half*>(a), sa, static_cast<const half*>(w), sb},
                               {{}, static_cast<const half*>(src), sc, static_cast<half*>(out), sd},
                               hw};
-  if constexpr (G::kBiasGelu) {
-    // {{acc fetch, bias row broadcast, plus}, GELU}
+  if constexpr (G::kBiasGelu) {  // AccPlusBias, then GELU (no arguments)
     args.epilogue.thread = {{{}, {static_cast<const half*>(bias)}, {}}, {}};
-  } else if constexpr (G::kRope) {
-    // {{acc fetch, bias row broadcast, plus}, rope}
+  } else if constexpr (G::kRope) {  // AccPlusBias, then the rotation
     args.epilogue.thread = {{{}, {static_cast<const half*>(bias)}, {}}, *rope};
   } else {
     args.epilogue.thread.alpha = 1.0f;
