@@ -62,6 +62,8 @@ def main() -> int:
     ap.add_argument("--kernels", action="store_true", help="GPU kernel times (torch.profiler)")
     ap.add_argument("--runs", type=int, default=10, help="with --kernels: calls profiled")
     ap.add_argument("--gaps", action="store_true", help="with --kernels: idle time between kernels")
+    ap.add_argument("--trace", action="store_true",
+                    help="with --kernels: one call's timeline of CUDA API calls and kernels")
     ap.add_argument("--time", type=int, default=0, metavar="N",
                     help="instead: the median wall time of N plain calls (3 warm-up calls first)")
     args = ap.parse_args()
@@ -139,10 +141,12 @@ def kernel_profile(args, lib, call) -> int:
 
     for _ in range(3):
         call()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.trace else [])
+    with profile(activities=acts) as prof:
         t = time.perf_counter()
         for _ in range(args.runs):
-            call()
+            with torch.profiler.record_function("sam3_call"):
+                call()
         wall = (time.perf_counter() - t) / args.runs
     acc = collections.defaultdict(float)
     cnt = collections.Counter()
@@ -157,6 +161,8 @@ def kernel_profile(args, lib, call) -> int:
     print_table("kernel", acc, {k: v // args.runs for k, v in cnt.items()}, args.top)
     if args.gaps:
         print_gaps(prof, args)
+    if args.trace:
+        print_trace(prof)
     return 0
 
 
@@ -189,6 +195,43 @@ def print_gaps(prof, args) -> None:
             total += gap / args.runs
     print(f"\nidle between kernels: {total:.3f} ms per call over {per - 1} transitions")
     print_table("transition (ms per call)", idle, {k: v // args.runs for k, v in cnt.items()}, args.top)
+
+
+def print_trace(prof, head: int = 14, tail: int = 6) -> None:
+    """The last profiled call as a timeline (ms from the call's start): host-side CUDA API
+    calls (name, start, duration) and device kernels, the first ``head`` and last ``tail``
+    events, then the span from the call's start to its first kernel and from its last
+    kernel to its end."""
+    import torch
+
+    # the host's range (PyTorch also records the call as a device-side annotation)
+    calls = [e for e in prof.events() if e.name == "sam3_call"
+             and e.device_type != torch.autograd.DeviceType.CUDA]
+    if not calls:
+        print("no call recorded")
+        return
+    c = max(calls, key=lambda e: e.time_range.start)
+    t0, t1 = c.time_range.start, c.time_range.end
+    ev = []
+    for e in prof.events():
+        s, d = e.time_range.start, e.time_range.end - e.time_range.start
+        if not t0 <= s <= t1 or e.name == "sam3_call":
+            continue
+        where = "gpu" if e.device_type == torch.autograd.DeviceType.CUDA else "host"
+        ev.append((s, d, where, e.name))
+    ev.sort()
+    kern = [x for x in ev if x[2] == "gpu"]
+    print(f"\none call, {(t1 - t0) / 1e3:.3f} ms: {len(ev) - len(kern)} host events, {len(kern)} kernels")
+    rows = ev if len(ev) <= head + tail else ev[:head] + [None] + ev[-tail:]
+    for r in rows:
+        if r is None:
+            print("   ...")
+            continue
+        s, d, where, name = r
+        print(f"  {(s - t0) / 1e3:8.3f} +{d / 1e3:7.3f} {where:4s} {_short(name)}")
+    if kern:
+        print(f"call start -> first kernel {(kern[0][0] - t0) / 1e3:.3f} ms; last kernel end -> call end "
+              f"{(t1 - kern[-1][0] - kern[-1][1]) / 1e3:.3f} ms")
 
 
 if __name__ == "__main__":
