@@ -34,6 +34,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+CALL_MARK = "sam3_call"  # --trace: the profiler range around each call
+
 
 def random_inputs(manifest, function: str, batch: int, rng):
     args = []
@@ -145,13 +147,16 @@ def kernel_profile(args, lib, call) -> int:
     with profile(activities=acts) as prof:
         t = time.perf_counter()
         for _ in range(args.runs):
-            with torch.profiler.record_function("sam3_call"):
+            if args.trace:  # marks the call's host range (and, on the device, an annotation)
+                with torch.profiler.record_function(CALL_MARK):
+                    call()
+            else:
                 call()
         wall = (time.perf_counter() - t) / args.runs
     acc = collections.defaultdict(float)
     cnt = collections.Counter()
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.name != CALL_MARK:
             acc[e.name] += e.device_time / 1e3 / args.runs  # ms per call
             cnt[e.name] += 1
     busy = sum(acc.values())
@@ -180,7 +185,8 @@ def print_gaps(prof, args) -> None:
     import torch
 
     ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                 if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda t: t[0])
+                 if e.device_type == torch.autograd.DeviceType.CUDA and e.name != CALL_MARK),
+                key=lambda t: t[0])
     per = len(ev) // args.runs
     idle = collections.defaultdict(float)
     cnt = collections.Counter()
@@ -205,7 +211,7 @@ def print_trace(prof, head: int = 14, tail: int = 6) -> None:
     import torch
 
     # the host's range (PyTorch also records the call as a device-side annotation)
-    calls = [e for e in prof.events() if e.name == "sam3_call"
+    calls = [e for e in prof.events() if e.name == CALL_MARK
              and e.device_type != torch.autograd.DeviceType.CUDA]
     if not calls:
         print("no call recorded")
@@ -215,7 +221,7 @@ def print_trace(prof, head: int = 14, tail: int = 6) -> None:
     ev = []
     for e in prof.events():
         s, d = e.time_range.start, e.time_range.end - e.time_range.start
-        if not t0 <= s <= t1 or e.name == "sam3_call":
+        if not t0 <= s <= t1 or e.name == CALL_MARK:
             continue
         where = "gpu" if e.device_type == torch.autograd.DeviceType.CUDA else "host"
         ev.append((s, d, where, e.name))
