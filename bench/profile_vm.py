@@ -160,10 +160,9 @@ def kernel_profile(args, lib, call) -> int:
         wall = (time.perf_counter() - t) / args.runs
     acc = collections.defaultdict(float)
     cnt = collections.Counter()
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.name != CALL_MARK:
-            acc[e.name] += e.device_time / 1e3 / args.runs  # ms per call
-            cnt[e.name] += 1
+    for e in _kernel_events(prof):
+        acc[e.name] += e.device_time / 1e3 / args.runs  # ms per call
+        cnt[e.name] += 1
     busy = sum(acc.values())
     print(f"{args.function} on {lib.manifest['target']} ({lib.manifest['dtype']}), batch {args.batch}: "
           f"{wall * 1e3:.2f} ms per call (profiled, {args.runs} calls); kernels {busy:.2f} ms "
@@ -174,6 +173,14 @@ def kernel_profile(args, lib, call) -> int:
     if args.trace:
         print_trace(prof)
     return 0
+
+
+def _kernel_events(prof):
+    """The profiled device kernels (not --trace's device-side annotation of each call)."""
+    import torch
+
+    return [e for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.name != CALL_MARK]
 
 
 def _short(name: str) -> str:
@@ -187,10 +194,7 @@ def print_gaps(prof, args) -> None:
     """Idle device time between consecutive kernels (start of one minus end of the one
     before, where positive), per call and by the pair of kernels around it. With PDL on, a
     kernel's time includes its wait for the one before, so overlaps show as no gap."""
-    import torch
-
-    ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                 if e.device_type == torch.autograd.DeviceType.CUDA and e.name != CALL_MARK),
+    ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in _kernel_events(prof)),
                 key=lambda t: t[0])
     per = len(ev) // args.runs
     idle = collections.defaultdict(float)

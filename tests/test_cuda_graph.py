@@ -19,6 +19,8 @@ from sam3_nn.cuda_graph import RUN_OR_CAPTURE as RUN
 from sam3_nn.cuda_graph import plan_groups, planned_bytes, rewrite_cuda_graph
 from sam3_nn.targets import _finalize_passes
 
+MODE = {"param_mode": "packed", "effect_mode": "none"}  # the exported functions' calling mode
+
 
 class _Three(nn.Module):
     def _f(self, x):  # x @ x^T, then two more products: planned intermediates
@@ -37,8 +39,7 @@ class _Three(nn.Module):
 
 
 def _planned(shapes):
-    mode = {"param_mode": "packed", "effect_mode": "none"}
-    mod, _ = _Three().export_tvm(spec={n: {"x": nn.spec.Tensor(s, "float16"), "$": mode}
+    mod, _ = _Three().export_tvm(spec={n: {"x": nn.spec.Tensor(s, "float16"), "$": MODE}
                                        for n, s in shapes.items()})
     return _lower(mod)
 
@@ -136,8 +137,7 @@ class _Weights(nn.Module):
 def test_replay_passes_packed_weights_unpacked_in_capture():
     """The weights a graph reads are unpacked inside its capture function (run only while
     capturing), so a replay passes the packed tuple instead of one argument per weight."""
-    mode = {"param_mode": "packed", "effect_mode": "none"}
-    mod, _ = _Weights().export_tvm(spec={"f": {"x": nn.spec.Tensor([256, 64], "float16"), "$": mode}})
+    mod, _ = _Weights().export_tvm(spec={"f": {"x": nn.spec.Tensor([256, 64], "float16"), "$": MODE}})
     mod = _lower(mod)
     with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
         ours = rewrite_cuda_graph(mod)
