@@ -249,7 +249,7 @@ class _Rewriter:
             out_shape = xs[:-1] + [n]
         if bias is not None:
             bs, bdtype = _shape(bias)
-            if (bs is None or bdtype != out_dtype or _static(bs[-1]) != n
+            if (not bs or bdtype != out_dtype or _static(bs[-1]) != n
                     or any(_static(v) != 1 for v in bs[:-1]) or len(bs) > len(out_shape)):
                 return orig
             if len(bs) != 1:
