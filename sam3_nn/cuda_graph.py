@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 
 import tvm
 from tvm import relax
+from tvm.relax.utils import copy_with_new_vars
 
 SHARE_RATIO = 8  # functions planning less than 1/8 of the largest function's bytes: own storages
 GET_CACHED_ALLOC = "vm.builtin.cuda_graph.get_cached_alloc"
@@ -109,7 +110,7 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
         sub = relax.transform.RewriteCUDAGraph()(sub)
         alloc = None
         group_funcs = {}
-        n_capture = 0
+        indices: List[int] = []
         for gv, f in sub.functions.items():
             if gv in shared:
                 continue
@@ -119,7 +120,13 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
                 group_funcs[gv] = f
             else:  # a lifted capture function (named after its caller, so unique)
                 out[gv] = f
-                n_capture += 1
+        # the capture indices this group's calls use (0 ..): structurally equal regions share
+        # one capture function but keep an index each, so count the indices, not the functions
+        for f in group_funcs.values():
+            relax.analysis.post_order_visit(f, lambda e: indices.append(
+                int(e.args[1].fields[2].value)) if _builtin(e) == RUN_OR_CAPTURE else None)
+        n_capture = 1 + max(indices, default=-1)
+        indices.clear()
         renames.append((group_funcs, alloc, k, captures))
         captures += n_capture
     base = tvm.IRModule(out, attrs=mod.attrs, global_infos=mod.global_infos)
@@ -153,6 +160,7 @@ def unpack_params_in_capture(mod: tvm.IRModule) -> tvm.IRModule:
     pass the packed tuple to its capture functions in place of the weights unpacked from it,
     and unpack them there; drop the caller's unpacking bindings that are left unused."""
     updates: Dict[tvm.ir.GlobalVar, relax.Function] = {}
+    unpacked: Dict[tuple, tvm.ir.GlobalVar] = {}  # (capture function, weights unpacked) -> its function
     for gv, func in mod.functions.items():
         if not isinstance(func, relax.Function) or func.attrs is None or "num_input" not in func.attrs:
             continue
@@ -173,8 +181,21 @@ def unpack_params_in_capture(mod: tvm.IRModule) -> tvm.IRModule:
                     fields = list(v.args[1].fields)
                     capture_gv, args = fields[0], list(fields[1].fields)
                     if any(a in index for a in args):
-                        updates[capture_gv] = _unpack_in_capture(
-                            updates.get(capture_gv, mod[capture_gv]), args, index, packed)
+                        # RewriteCUDAGraph gives structurally equal regions one capture
+                        # function; each weight layout unpacked gets a function of its own
+                        layout = tuple((j, index[a]) for j, a in enumerate(args) if a in index)
+                        key = (capture_gv, layout)
+                        if key not in unpacked:
+                            new_gv, capture = capture_gv, mod[capture_gv]
+                            if capture_gv in updates:  # a copy (fresh variables) as a new global
+                                capture = copy_with_new_vars(capture)
+                            fn = _unpack_in_capture(capture, args, index, packed)
+                            if capture_gv in updates:  # typed by a BlockBuilder
+                                n = sum(1 for k in unpacked if k[0].same_as(capture_gv))
+                                new_gv = relax.BlockBuilder().add_func(fn, f"{capture_gv.name_hint}_w{n}")
+                            updates[new_gv] = fn
+                            unpacked[key] = new_gv
+                        fields[0] = unpacked[key]
                         fields[1] = _normalize(relax.Tuple([a for a in args if a not in index] + [packed]))
                         call = relax.Call(v.op, [v.args[0], _normalize(relax.Tuple(fields))], v.attrs, v.ty_args)
                         b = relax.VarBinding(b.var, _normalize(call))

@@ -16,7 +16,7 @@ from tvm.relax.frontend.nn import op
 
 from sam3_nn.cuda_graph import GET_CACHED_ALLOC as GET
 from sam3_nn.cuda_graph import RUN_OR_CAPTURE as RUN
-from sam3_nn.cuda_graph import plan_groups, planned_bytes, rewrite_cuda_graph
+from sam3_nn.cuda_graph import _rewrite, plan_groups, planned_bytes, rewrite_cuda_graph
 from sam3_nn.targets import _finalize_passes
 
 MODE = {"param_mode": "packed", "effect_mode": "none"}  # the exported functions' calling mode
@@ -109,6 +109,20 @@ def test_small_function_gets_its_own_storages(planned):
     assert sorted(flat) == list(range(len(flat))) and set(captures) == {"big", "mid", "small"}
 
 
+def test_capture_indices_stay_distinct_when_regions_share_a_capture_function():
+    """TVM's pass gives structurally equal regions one capture function (here: two equal
+    functions in one group) but an index each; the next group's indices start after the
+    last index, not after the number of capture functions."""
+    mod = _planned({"big": [256, 1024], "mid": [256, 1024], "small": [8, 64]})
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
+        ours = rewrite_cuda_graph(mod)
+    runs = {n: [(f[0].name_hint, int(f[2])) for b, f in _cache_calls(ours[n]) if b == RUN]
+            for n in ("big", "mid", "small")}
+    assert runs["big"][0][0] == runs["mid"][0][0]  # one capture function for both
+    flat = sorted(i for calls in runs.values() for _, i in calls)
+    assert flat == list(range(len(flat)))
+
+
 def test_one_group_is_tvms_pass():
     mod = _planned({"big": [256, 1024], "mid": [192, 1024]})
     assert plan_groups(mod) == [["big", "mid"]]
@@ -161,3 +175,41 @@ def test_replay_passes_packed_weights_unpacked_in_capture():
         tvm.ir.assert_structural_equal(capture.params[-1].ty, ours["f"].params[-1].ty)
         seen += unpacked(capture)
     assert sorted(seen) == [0, 1]
+
+
+class _TwoPairs(nn.Module):
+    def __init__(self):
+        self.a, self.b, self.c, self.d = (nn.Linear(64, 64, bias=False, dtype="float16") for _ in range(4))
+
+    def f(self, x):
+        return self.b(op.relu(self.a(x)))
+
+    def g(self, x):
+        return self.d(op.relu(self.c(x)))
+
+
+def test_shared_capture_function_unpacks_each_callers_weights():
+    """f and g are structurally equal on different weights: TVM's pass gives their regions
+    one capture function; unpacking the weights inside it needs one copy per weight set."""
+    spec = {n: {"x": nn.spec.Tensor([256, 64], "float16"), "$": MODE} for n in ("f", "g")}
+    mod, named = _TwoPairs().export_tvm(spec=spec)
+    mod = _lower(mod)
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
+        regions = _rewrite(mod)  # TVM's pass on the group, before the weights move
+        ours = rewrite_cuda_graph(mod)
+    relax.analysis.well_formed(ours)
+    used = {n: [f[0].name_hint for b, f in _cache_calls(regions[n]) if b == RUN] for n in ("f", "g")}
+    assert used["f"] == used["g"] and used["f"]  # the same capture functions for both
+    weights = {}
+    for n in ("f", "g"):
+        idx = []
+        for fields in [f for b, f in _cache_calls(ours[n]) if b == RUN]:
+            capture = ours[fields[0]]
+            assert len(capture.params) == len(fields[1].fields)
+            last = capture.params[-1]
+            relax.analysis.post_order_visit(capture, lambda e: idx.append(int(e.index)) if isinstance(
+                e, relax.TupleGetItem) and e.tuple_value.same_as(last) else None)
+        weights[n] = sorted(idx)
+    names = [p for p, _ in named]
+    assert [names[i] for i in weights["f"]] == ["a.weight", "b.weight"]
+    assert [names[i] for i in weights["g"]] == ["c.weight", "d.weight"]
