@@ -170,14 +170,26 @@ def _fast_math_passes(target: tvm.target.Target) -> List[tvm.transform.Pass]:
     return [fast_math_pass()]
 
 
+# targets whose planned storages are merged into one arena per function (sam3_nn.memory_plan);
+# the others keep TVM's storages (Metal, Vulkan and OpenCL address buffers, not offsets, and
+# are not measured here)
+ARENA_TARGETS = ("cuda", "llvm")
+
+
 def _finalize_passes(backend, target: tvm.target.Target) -> list:
     """The backend's finalize passes, with TVM's RewriteCUDAGraph replaced by ours, which
     gives the small exported functions CUDA-graph storages of their own
-    (sam3_nn.cuda_graph)."""
+    (sam3_nn.cuda_graph), and, on ``ARENA_TARGETS``, the arena planner after TVM's
+    ``StaticPlanBlockMemory`` (sam3_nn.memory_plan)."""
     from sam3_nn.cuda_graph import rewrite_cuda_graph
+    from sam3_nn.memory_plan import arena_pass
 
-    return [rewrite_cuda_graph if p.info.name == "RewriteCUDAGraph" else p
-            for p in backend.finalize_passes(target)]
+    passes = []
+    for p in backend.finalize_passes(target):
+        passes.append(rewrite_cuda_graph if p.info.name == "RewriteCUDAGraph" else p)
+        if p.info.name == "StaticPlanBlockMemory" and target.kind.name in ARENA_TARGETS:
+            passes.append(arena_pass)
+    return passes
 
 
 def make_pipeline(target: tvm.target.Target, gpu: bool,
