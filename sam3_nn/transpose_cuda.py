@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import tvm
-from tvm import relax
-from tvm.relax.dpl import is_op, wildcard
+from tvm import relax, tirx
+from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-from .kernels.rewrite import _shape, _static, rewrite_functions
+from .kernels.rewrite import OPAQUE, _shape, _static, rewrite_functions
 from .kernels.switch import Switch
 
 SYMBOL = "sam3_cuda_transpose"
@@ -86,6 +86,149 @@ def swap_axis_of(call: relax.Call) -> Optional[int]:
     if any(d is None for d in dims) or moved[1] + 1 >= len(dims):
         return None
     return moved[0] if math.prod(dims[moved[1] + 1:]) % 8 == 0 else None
+
+
+# ---- the pixel shuffle in place -------------------------------------------------------
+
+SMEM_BYTES = 48 * 1024   # shared memory of one in-place block (the default static limit)
+INPLACE_THREADS = 256
+# ops whose result is a fresh tensor (never a view of an input), for the in-place check
+_FRESH = ("relax.call_dps_packed", "relax.call_tir")
+
+
+def inplace_plan(call: relax.Call) -> Optional[tuple]:
+    """``(A, P, Q, I, slice)`` when ``call`` (a ``relax.permute_dims``) is a swap of two
+    adjacent axes ``[A, P, Q, I] -> [A, Q, P, I]`` (``A``, ``I``: the products of the axes
+    before and after) that one block per ``(a, slice of I)`` can do in place: all ``P * Q``
+    rows of the slice fit in ``SMEM_BYTES`` of shared memory, with slices of 8 to 64 halves;
+    None otherwise."""
+    axis = swap_axis_of(call)
+    if axis is None:
+        return None
+    dims = [_static(v) for v in _shape(call.args[0])[0]]
+    a_len, p_len, q_len = math.prod(dims[:axis]), dims[axis], dims[axis + 1]
+    inner = math.prod(dims[axis + 2:])
+    for sl in (64, 32, 16, 8):
+        if inner % sl == 0 and p_len * q_len * sl * 2 <= SMEM_BYTES and a_len < 65536:
+            return a_len, p_len, q_len, inner, sl
+    return None
+
+
+def swap_inplace_func(a_len: int, p_len: int, q_len: int, inner: int, sl: int) -> tirx.PrimFunc:
+    """In-place ``x [A, P * Q, I]`` (rows ``(p, q)``) -> rows ``(q, p)``: block ``(a, s)``
+    reads the ``P * Q`` rows' slice ``s`` of 16-byte chunks into shared memory, waits for
+    the whole block, and writes them back permuted. Blocks touch disjoint slices, so
+    nothing is read after another block wrote it."""
+    from tvm.script import tirx as T
+
+    rows, v, threads = p_len * q_len, sl // 8, INPLACE_THREADS
+    n_vec = rows * v
+    iters = (n_vec + threads - 1) // threads
+
+    @T.prim_func(private=True)
+    def swap_inplace(x: T.Buffer((a_len, rows, inner), "float16")):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": OPAQUE})
+        for a in T.thread_binding(a_len, thread="blockIdx.y"):
+            for s in T.thread_binding(inner // sl, thread="blockIdx.x"):
+                sh = T.decl_buffer((rows * sl,), "float16", scope="shared")
+                for t in T.thread_binding(threads, thread="threadIdx.x"):
+                    for i in range(iters):
+                        if i * threads + t < n_vec:
+                            for e in T.vectorized(8):
+                                sh[(i * threads + t) // v * sl + (i * threads + t) % v * 8 + e] = \
+                                    x[a, (i * threads + t) // v, s * sl + (i * threads + t) % v * 8 + e]
+                    T.tvm_storage_sync("shared")
+                    for i in range(iters):
+                        if i * threads + t < n_vec:
+                            for e in T.vectorized(8):
+                                # output row r = q * P + p <- input row p * Q + q
+                                x[a, (i * threads + t) // v, s * sl + (i * threads + t) % v * 8 + e] = \
+                                    sh[((i * threads + t) // v % p_len * q_len + (i * threads + t) // v // p_len) * sl
+                                       + (i * threads + t) % v * 8 + e]
+
+    return swap_inplace
+
+
+def _uses(func: relax.Function) -> Dict[relax.Var, int]:
+    """How many times each variable is read in ``func`` (bindings and the result)."""
+    count: Dict[relax.Var, int] = {}
+
+    def visit(e):
+        if isinstance(e, relax.Var):
+            count[e] = count.get(e, 0) + 1
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            relax.analysis.post_order_visit(b.value, visit)
+    relax.analysis.post_order_visit(func.body.body, visit)
+    return count
+
+
+def _dead_after(x: relax.Var, defs: Dict[relax.Var, relax.Expr], uses: Dict[relax.Var, int]) -> bool:
+    """``x`` is read once (by the permute) and is a fresh tensor or a chain of reshapes of
+    one, each link read once: mutating it in place changes nothing anything else reads."""
+    while True:
+        if uses.get(x, 0) != 1 or x not in defs:
+            return False
+        value = defs[x]
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+            if value.op.name == "relax.reshape" and isinstance(value.args[0], relax.Var):
+                x = value.args[0]
+                continue
+            return value.op.name in _FRESH
+        return False
+
+
+def inplace_pass() -> tvm.transform.Pass:
+    """Module pass (before ``rewrite_pass``): each swap permute (``inplace_plan``) whose
+    input is dead after it (``_dead_after``) -> ``call_tir_inplace`` of
+    ``swap_inplace_func`` on a 3D view of the input: no second map of the permute's size
+    is allocated (the neck's 4x level: 42.5 MB). A no-op while routing is off."""
+
+    @tvm.transform.module_pass(opt_level=0, name="sam3_transpose_cuda_inplace")
+    def _rewrite(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if not SWITCH.on:
+            return mod
+        pat = is_op("relax.permute_dims")(wildcard())
+        bb = relax.BlockBuilder(mod)
+        funcs: Dict[tuple, tvm.ir.GlobalVar] = {}
+        updates = {}
+        for gv, func in mod.functions.items():
+            if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+                continue
+            defs = {b.var: b.value for block in func.body.blocks for b in block.bindings
+                    if isinstance(b, relax.VarBinding)}
+            uses = _uses(func)
+            eligible = []
+            for value in defs.values():
+                if (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)
+                        and value.op.name == "relax.permute_dims" and isinstance(value.args[0], relax.Var)
+                        and inplace_plan(value) is not None and _dead_after(value.args[0], defs, uses)):
+                    eligible.append(value)
+            if not eligible:
+                continue
+
+            def route(orig, _match, eligible=eligible):
+                if not any(orig.same_as(e) for e in eligible):
+                    return orig
+                plan = inplace_plan(orig)
+                if plan not in funcs:
+                    funcs[plan] = bb.add_func(swap_inplace_func(*plan), "sam3_swap_inplace")
+                a_len, p_len, q_len, inner, _ = plan
+                flat = [a_len, p_len * q_len, inner]
+                x3 = relax.op.reshape(orig.args[0], flat)
+                y3 = relax.op.call_tir_inplace(funcs[plan], [x3], [0],
+                                               relax.TensorType(flat, "float16"))
+                return relax.op.reshape(y3, orig.ty.shape)
+
+            f = rewrite_call(pat, route, func)
+            if not f.same_as(func):
+                updates[gv] = f
+        for gv, f in updates.items():
+            bb.update_func(gv, f)
+        return bb.get() if updates else mod
+
+    return _rewrite
 
 
 def rewrite_pass() -> tvm.transform.Pass:

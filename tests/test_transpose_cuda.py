@@ -115,12 +115,14 @@ def test_neck_deconvolutions_fuse_bias_and_gelu_and_swap_on_cuda():
     target = tvm.target.Target(CUDA)
     with kernel_target(CUDA):
         mod, _ = m.export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, 6, 6, 64], "float16")}})
-    mod = tvm.transform.Sequential(schedule_passes(target)[:3])(mod)  # GEMM, LN, transpose rewrites
+    mod = tvm.transform.Sequential(schedule_passes(target)[:4])(mod)  # GEMM, LN, transpose rewrites
     s = mod["forward"].script()
     assert s.count('call_dps_packed("sam3_cutlass_gemm_nk_bias_gelu"') == 1
     assert s.count('call_dps_packed("sam3_cutlass_gemm_nk_bias"') == 1  # second deconv + 1x1 conv
     assert s.count('call_dps_packed("sam3_cutlass_gemm_kn"') == 1  # their weights folded
-    assert s.count('call_dps_packed("sam3_cuda_swap_axes"') == 3  # two shuffles, folded weights
+    # two shuffles and the folded weights' shuffle, each of a GEMM's output used once: in place
+    assert s.count("R.call_tir_inplace(sam3_swap_inplace") == 3
+    assert 'call_dps_packed("sam3_cuda_swap_axes"' not in s
     perms = [ln for ln in s.splitlines() if "R.permute_dims(" in ln]
     assert all("weight" in ln for ln in perms), perms
 
@@ -169,3 +171,77 @@ def test_kernel_matches_numpy_on_gpu(cuda_library):
     outs = vm["forward"](*[tvm.runtime.tensor(x, dev) for x in xs])
     for x, (_, axes), got in zip(xs, ROUTED + SWAPS, outs):
         np.testing.assert_array_equal(got.numpy(), np.transpose(x, axes))
+
+
+# ---- the pixel shuffle in place ------------------------------------------------------
+
+SHUFFLE = (2, 5, 6, 2, 2, 24)  # [B, H, W, 2, 2, C]: the 2x2 transposed convolution's output
+SHUFFLE_AXES = [0, 1, 3, 2, 4, 5]
+
+
+def _doubled(x):
+    """A fresh tensor (a ``call_tir``) computed from ``x``."""
+    from tvm import te
+
+    return op.tensor_expr_op(lambda t: te.compute(t.shape, lambda *i: t(*i) * tvm.tirx.const(2, t.dtype)),
+                             "double", [x])
+
+
+class Shuffles(nn.Module):
+    """``a``: a fresh map used once (shuffled in place); ``b``: a fresh map also returned
+    (copied); ``c``: the argument itself (copied)."""
+
+    def forward(self, a, b, c):
+        da, db = _doubled(a), _doubled(b)
+        return (op.permute_dims(da, SHUFFLE_AXES), op.permute_dims(db, SHUFFLE_AXES), db,
+                op.permute_dims(c, SHUFFLE_AXES))
+
+
+def _shuffles():
+    spec = {"forward": {k: nn.spec.Tensor(list(SHUFFLE), "float16") for k in "abc"}}
+    mod, _ = Shuffles().export_tvm(spec=spec)
+    return mod
+
+
+def test_inplace_only_where_the_input_is_dead():
+    mod = transpose_cuda.rewrite_pass()(transpose_cuda.inplace_pass()(_shuffles()))
+    s = mod["forward"].script()
+    assert s.count("R.call_tir_inplace(") == 1
+    kernel, tir = _calls(mod)
+    assert kernel == [(transpose_cuda.SYMBOL_SWAP, 2), (transpose_cuda.SYMBOL_SWAP, 2)] and not tir
+    with transpose_cuda.disabled():
+        assert transpose_cuda.inplace_pass()(_shuffles()).same_as(_shuffles()) or \
+            "call_tir_inplace" not in transpose_cuda.inplace_pass()(_shuffles())["forward"].script()
+
+
+def test_inplace_plan_fits_shared_memory():
+    mod = _shuffles()
+    perm = []
+    relax.analysis.post_order_visit(mod["forward"], lambda e: perm.append(e) if isinstance(
+        e, relax.Call) and getattr(e.op, "name", "") == "relax.permute_dims" else None)
+    a, p, q, inner, sl = transpose_cuda.inplace_plan(perm[0])
+    assert (a, p, q, inner) == (2 * 5, 6, 2, 2 * 24) and inner % sl == 0
+    assert p * q * sl * 2 <= transpose_cuda.SMEM_BYTES
+
+
+@pytest.mark.gpu
+def test_inplace_shuffle_matches_numpy_on_gpu(tmp_path):
+    """The in-place kernel (a TIR kernel) against numpy, including a map whose rows do not
+    fill the last pass of the block's threads."""
+    from cuda_lib import build_library
+
+    dev = cuda_device()
+    if dev is None:
+        pytest.skip("no CUDA GPU here")
+    target = tvm.target.Target(CUDA)
+    with transpose_cuda.enabled():
+        path = build_library(_shuffles(), [transpose_cuda.inplace_pass(), transpose_cuda.rewrite_pass(),
+                                           transpose_cuda.attach_pass(target)], target, tmp_path / "s.so")
+    vm = relax.VirtualMachine(tvm.runtime.load_module(path), dev)
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal(SHUFFLE).astype("float16") for _ in range(3)]
+    got = vm["forward"](*[tvm.runtime.tensor(x, dev) for x in xs])
+    want = [np.transpose(xs[0] * 2, SHUFFLE_AXES), np.transpose(xs[1] * 2, SHUFFLE_AXES), xs[1] * 2,
+            np.transpose(xs[2], SHUFFLE_AXES)]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.numpy(), w)

@@ -52,7 +52,8 @@ def schedule_passes(target: tvm.target.Target, cuda_arches: Optional[Sequence[st
     if target.kind.name == "cuda":
         from sam3_nn import attention_cuda, layer_norm_cuda, transpose_cuda
 
-        passes += [layer_norm_cuda.rewrite_pass(), transpose_cuda.rewrite_pass(),
+        passes += [layer_norm_cuda.rewrite_pass(), transpose_cuda.inplace_pass(),
+                   transpose_cuda.rewrite_pass(),
                    attention_cuda.attach_pass(target, cuda_arches),
                    layer_norm_cuda.attach_pass(target, cuda_arches),
                    transpose_cuda.attach_pass(target, cuda_arches)]
