@@ -250,8 +250,8 @@ class Ours:
         return d
 
     def prepare_detect(self, d: Dict, refs) -> None:
-        maps = refs.get("vision")
-        d["maps"] = [self.tensor(m, self.dtype) for m in maps[:3]]
+        maps = refs.get("vision")  # the reference's maps, channel first; ours are channel last
+        d["maps"] = [self.tensor(np.transpose(m, (0, 2, 3, 1)), self.dtype) for m in maps[:3]]
         d["text"] = self.tensor(refs.get("text")[0], self.dtype)
 
     def fn(self, part: str, d: Dict):
@@ -276,10 +276,12 @@ class Ours:
         return pipeline
 
     def outputs(self, part: str, out) -> List[np.ndarray]:
-        out = list(out)
+        out = [common.to_numpy(o) for o in out]
         if part == "text":
             out = out[:1]
-        return [common.to_numpy(o) for o in out]
+        if part == "vision":  # encode_image's maps are channel last, the reference's first
+            out = [np.transpose(o, (0, 3, 1, 2)) for o in out]
+        return out
 
     def supports_batch(self, batch: int) -> bool:
         fixed = self.manifest.get("batch")

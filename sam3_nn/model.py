@@ -89,7 +89,10 @@ class Sam3Model(nn.Module):
         return token
 
     def encode_image(self, pixel_values: Tensor) -> Tuple[Tensor, ...]:
-        return self.vision_encoder(pixel_values)
+        """The FPN maps, highest resolution first, channel last (``[B, s, s, 256]``: the
+        layout the model computes and ``detect`` reads; the reference's
+        ``fpn_hidden_states`` are these maps channel first)."""
+        return tuple(self.vision_encoder.forward_nhwc(pixel_values))
 
     def image_position_encoding(self, batch) -> Tuple[Tensor, ...]:
         dtype = self.vision_encoder.neck.fpn_layers[0].proj1.weight.dtype
@@ -104,11 +107,10 @@ class Sam3Model(nn.Module):
                fpn_hidden_states_2: Tensor, text_features: Tensor, text_mask: Tensor,
                boxes: Tensor, box_labels: Tensor, box_mask: Tensor) -> Tuple[Tensor, ...]:
         """One prompt against encoded image features (``encode_image``'s first three maps,
-        channel first). ``boxes``: ``[B, N, 4]`` (cx, cy, w, h) normalised; ``box_labels``:
+        channel last). ``boxes``: ``[B, N, 4]`` (cx, cy, w, h) normalised; ``box_labels``:
         1 positive / 0 negative; ``box_mask``: 1 valid / 0 empty slot, valid slots first."""
         c = self.cfg.detr_encoder.hidden_size
-        levels = [op.permute_dims(x, [0, 2, 3, 1])
-                  for x in (fpn_hidden_states_0, fpn_hidden_states_1, fpn_hidden_states_2)]
+        levels = [fpn_hidden_states_0, fpn_hidden_states_1, fpn_hidden_states_2]
         image = levels[-1]  # the scale-1 map: the encoders' image tokens
         h, w = int(image.shape[1]), int(image.shape[2])
         pos = op.permute_dims(sine_position_encoding(image, c // 2, image.dtype), [0, 2, 3, 1])
@@ -150,7 +152,7 @@ class Sam3Model(nn.Module):
             n = self.max_boxes
             sizes = self.cfg.vision.level_sizes()[:3]
             spec["detect"] = {
-                **{f"fpn_hidden_states_{i}": nn.spec.Tensor([b, c, sz, sz], dtype)
+                **{f"fpn_hidden_states_{i}": nn.spec.Tensor([b, sz, sz, c], dtype)
                    for i, sz in enumerate(sizes)},
                 "text_features": nn.spec.Tensor([b, ctx, c], dtype),
                 "text_mask": nn.spec.Tensor([b, ctx], "int32"),

@@ -177,7 +177,7 @@ class ImageState:
 
     original_size: Tuple[int, int]  # (height, width)
     rgb: np.ndarray  # the original image, HxWx3 uint8 (for overlays)
-    features: List  # FPN maps on the device (highest resolution first)
+    features: List  # FPN maps on the device (highest resolution first, channel last)
     timings: Dict[str, float] = field(default_factory=dict)
 
 
@@ -267,7 +267,9 @@ class Sam3:
                           {"preprocess": t1 - t0, "encode_image": t2 - t1})
 
     def image_features(self, state: ImageState) -> List[np.ndarray]:
-        return [f.numpy() for f in state.features]
+        """The FPN maps channel first (``[1, 256, s, s]``, the reference's
+        ``fpn_hidden_states``); the library keeps them channel last."""
+        return [np.ascontiguousarray(f.numpy().transpose(0, 3, 1, 2)) for f in state.features]
 
     def position_encodings(self) -> List:
         if self._positions is None:

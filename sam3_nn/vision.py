@@ -164,15 +164,17 @@ class FPNLayer(nn.Module):
         self.proj1 = Conv1x1(mid, dim)
         self.proj2 = Conv2d(dim, dim, 3)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def rescale(self, x: Tensor) -> Tensor:
+        """Everything before ``proj2``."""
         # the last deconvolution and proj1 are one GEMM (ConvTranspose2x2's `then`)
         if self.scale == 4.0:
-            x = self.scale_layers[2](self.scale_layers[0](x, gelu=True), then=self.proj1)
-        elif self.scale == 2.0:
-            x = self.scale_layers[0](x, then=self.proj1)
-        else:
-            x = self.proj1(max_pool_2x2(x) if self.scale == 0.5 else x)
-        return self.proj2(x)
+            return self.scale_layers[2](self.scale_layers[0](x, gelu=True), then=self.proj1)
+        if self.scale == 2.0:
+            return self.scale_layers[0](x, then=self.proj1)
+        return self.proj1(max_pool_2x2(x) if self.scale == 0.5 else x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj2(self.rescale(x))
 
 
 class VisionNeck(nn.Module):
@@ -183,8 +185,13 @@ class VisionNeck(nn.Module):
         self.num_pos_feats = cfg.fpn_hidden_size // 2
 
     def forward(self, x: Tensor) -> List[Tensor]:
-        """Channel-last trunk output -> channel-last FPN maps, highest resolution first."""
-        return [layer(x) for layer in self.fpn_layers]
+        """Channel-last trunk output -> channel-last FPN maps, highest resolution first.
+
+        Every level is rescaled before any ``proj2``: the 3x3 convolutions write the maps
+        the function returns, so they come last, after all the work that has no output of
+        the call (on CUDA, one graph for that work, then the four convolutions)."""
+        pre = [layer.rescale(x) for layer in self.fpn_layers]
+        return [layer.proj2(p) for layer, p in zip(self.fpn_layers, pre)]
 
     def position_encodings(self, maps: List[Tensor]) -> List[Tensor]:
         return [sine_position_encoding(m, self.num_pos_feats, m.dtype) for m in maps]

@@ -83,6 +83,11 @@ def expected_params(compiled) -> Dict:
     return {p["name"]: (tuple(p["shape"]), p["dtype"]) for p in compiled.manifest["params"]}
 
 
+def channel_first(maps):
+    """``encode_image``'s maps (channel last) in the reference's layout ``[B, C, H, W]``."""
+    return [np.transpose(m, (0, 3, 1, 2)) for m in maps]
+
+
 def assert_close(ours: np.ndarray, ref, rtol: float, atol: float, what: str = ""):
     ref = ref.detach().float().numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
     assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != reference {ref.shape}"

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from refs import TINY_HF, assert_close, randomize_, save_hf_snapshot
+from refs import TINY_HF, assert_close, channel_first, randomize_, save_hf_snapshot
 from sam3_nn import targets
 from sam3_nn.config import Sam3Config
 from sam3_nn.engine import LibraryError
@@ -108,7 +108,7 @@ def test_llvm_compile_cli_loads_and_matches(hf_vision, tmp_path):
     pixels = torch.randn(1, 3, 168, 168)
     with torch.no_grad():
         ref = model(pixels)
-    ours = lib("encode_image", pixels.numpy())
+    ours = channel_first(lib("encode_image", pixels.numpy()))
     for i, (o, r) in enumerate(zip(ours, ref.fpn_hidden_states)):
         assert_close(o, r, 1e-4, 1e-5, f"fpn level {i}")
     with pytest.raises(LibraryError, match="compiled for batch 1 only"):

@@ -8,7 +8,7 @@ block, batch 2. Tolerance float32: rtol 1e-4, atol 1e-5 (relative to values of O
 import pytest
 import torch
 
-from refs import (TINY_HF, assert_close, compile_library, expected_params, randomize_,
+from refs import (TINY_HF, assert_close, channel_first, compile_library, expected_params, randomize_,
                   save_hf_snapshot)
 from sam3_nn.config import Sam3Config
 from sam3_nn.weights import load_params, open_checkpoint
@@ -48,7 +48,8 @@ def test_config_from_snapshot(reference, library):
 def _run(library, params, pixels):
     cfg, lib = library
     lib.bind(params)
-    return lib("encode_image", pixels.numpy()), lib("image_position_encoding", pixels.shape[0])
+    return (channel_first(lib("encode_image", pixels.numpy())),
+            lib("image_position_encoding", pixels.shape[0]))
 
 
 def test_parity_hf_snapshot(reference, library):
@@ -119,7 +120,7 @@ def test_single_image_batch(reference, library):
     cfg, lib = library
     params, _ = load_params(cfg, open_checkpoint(folder), expected_params(lib), ["vision"])
     lib.bind(params)
-    maps = lib("encode_image", pixels[1:].numpy())
+    maps = channel_first(lib("encode_image", pixels[1:].numpy()))
     for i, (ours, ref) in enumerate(zip(maps, out.fpn_hidden_states)):
         assert_close(ours, ref[1:], RTOL, ATOL, f"fpn level {i}, batch 1")
 
