@@ -10,7 +10,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from sam3_nn.memory_plan import ALIGN, _Tensor, arena_pass, place, planned_storage_bytes
+from sam3_nn.memory_plan import ALIGN, LARGE, _Tensor, alignment, arena_pass, place, planned_storage_bytes
 from sam3_nn.targets import ARENA_TARGETS, _finalize_passes
 
 MODE = {"param_mode": "packed", "effect_mode": "none"}
@@ -38,6 +38,15 @@ def test_place_never_overlaps_live_tensors():
         assert size <= sum(-(-t.nbytes // ALIGN) * ALIGN for t in ts)
         peak = max(sum(t.nbytes for t in ts if t.index <= k <= t.last) for k in range(60))
         assert size >= peak
+
+
+def test_large_tensors_start_on_large_boundaries():
+    ts = [_Tensor(None, 0, 300, last=3), _Tensor(None, 1, LARGE + 4096, last=2),
+          _Tensor(None, 1, 3 * LARGE, last=4), _Tensor(None, 2, 1000, last=2)]
+    place(ts)
+    assert all(t.offset % alignment(t.nbytes) == 0 for t in ts)
+    assert alignment(LARGE) > ALIGN and alignment(LARGE - 1) == ALIGN
+    assert not any(_overlap(a, b) for i, a in enumerate(ts) for b in ts[i + 1:])
 
 
 def test_place_reuses_the_space_of_dead_tensors():
