@@ -24,12 +24,13 @@ passes the packed tuple itself.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional
 
 import tvm
 from tvm import relax
 from tvm.relax.utils import copy_with_new_vars
+
+from .memory_plan import planned_storage_bytes
 
 SHARE_RATIO = 8  # functions planning less than 1/8 of the largest function's bytes: own storages
 GET_CACHED_ALLOC = "vm.builtin.cuda_graph.get_cached_alloc"
@@ -39,17 +40,7 @@ ALLOC_NAME = "cuda_graph_alloc"
 
 def planned_bytes(func: relax.Function) -> int:
     """Bytes of the static ``R.memory.alloc_storage`` calls in ``func``."""
-    op = tvm.ir.Op.get("relax.memory.alloc_storage")
-    total = [0]
-
-    def visit(e):
-        if isinstance(e, relax.Call) and e.op.same_as(op):
-            shape = e.args[0]
-            if isinstance(shape, relax.ShapeExpr) and all(isinstance(v, tvm.tirx.IntImm) for v in shape.values):
-                total[0] += math.prod(int(v) for v in shape.values)
-
-    relax.analysis.post_order_visit(func, visit)
-    return total[0]
+    return sum(planned_storage_bytes(func))
 
 
 def plan_groups(mod: tvm.IRModule) -> List[List[str]]:

@@ -133,7 +133,7 @@ def plan_function(func: relax.Function) -> relax.Function:
         relax.analysis.post_order_visit(b.value, lambda e: refs.append(e) if isinstance(e, relax.Var) else None)
         reached: Set[relax.Var] = set()
         for r in refs:
-            if r in storages and b.var not in storages:
+            if r in storages:
                 storage_uses.add(r)  # a storage read other than by its planned tensors
             reached |= roots.get(r, set())
         for t in reached:
@@ -153,7 +153,8 @@ def plan_function(func: relax.Function) -> relax.Function:
     first = min(storages.values())
     arena = relax.Var("arena", bindings[first].var.ty)
     template = bindings[first].value
-    arena_value = _normalize(relax.Call(template.op, [relax.ShapeExpr([tvm.tirx.IntImm("int64", size)])] + list(template.args[1:]),
+    size_expr = relax.ShapeExpr([tvm.tirx.IntImm("int64", size)])
+    arena_value = _normalize(relax.Call(template.op, [size_expr] + list(template.args[1:]),
                                         template.attrs, template.ty_args))
 
     new_blocks = []
