@@ -101,7 +101,6 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
         sub = relax.transform.RewriteCUDAGraph()(sub)
         alloc = None
         group_funcs = {}
-        indices: List[int] = []
         for gv, f in sub.functions.items():
             if gv in shared:
                 continue
@@ -113,11 +112,11 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
                 out[gv] = f
         # the capture indices this group's calls use (0 ..): structurally equal regions share
         # one capture function but keep an index each, so count the indices, not the functions
+        indices: List[int] = []
         for f in group_funcs.values():
             relax.analysis.post_order_visit(f, lambda e: indices.append(
                 int(e.args[1].fields[2].value)) if _builtin(e) == RUN_OR_CAPTURE else None)
         n_capture = 1 + max(indices, default=-1)
-        indices.clear()
         renames.append((group_funcs, alloc, k, captures))
         captures += n_capture
     base = tvm.IRModule(out, attrs=mod.attrs, global_infos=mod.global_infos)
@@ -177,11 +176,11 @@ def unpack_params_in_capture(mod: tvm.IRModule) -> tvm.IRModule:
                         layout = tuple((j, index[a]) for j, a in enumerate(args) if a in index)
                         key = (capture_gv, layout)
                         if key not in unpacked:
-                            new_gv, capture = capture_gv, mod[capture_gv]
-                            if capture_gv in updates:  # a copy (fresh variables) as a new global
-                                capture = copy_with_new_vars(capture)
-                            fn = _unpack_in_capture(capture, args, index, packed)
-                            if capture_gv in updates:  # typed by a BlockBuilder
+                            if capture_gv not in updates:
+                                new_gv = capture_gv
+                                fn = _unpack_in_capture(mod[capture_gv], args, index, packed)
+                            else:  # a copy (fresh variables) as a new global, typed by a BlockBuilder
+                                fn = _unpack_in_capture(copy_with_new_vars(mod[capture_gv]), args, index, packed)
                                 n = sum(1 for k in unpacked if k[0].same_as(capture_gv))
                                 new_gv = relax.BlockBuilder().add_func(fn, f"{capture_gv.name_hint}_w{n}")
                             updates[new_gv] = fn

@@ -108,8 +108,10 @@ def inplace_plan(call: relax.Call) -> Optional[tuple]:
     dims = [_static(v) for v in _shape(call.args[0])[0]]
     a_len, p_len, q_len = math.prod(dims[:axis]), dims[axis], dims[axis + 1]
     inner = math.prod(dims[axis + 2:])
+    if a_len >= 65536:  # blockIdx.y
+        return None
     for sl in (64, 32, 16, 8):
-        if inner % sl == 0 and p_len * q_len * sl * 2 <= SMEM_BYTES and a_len < 65536:
+        if inner % sl == 0 and p_len * q_len * sl * 2 <= SMEM_BYTES:
             return a_len, p_len, q_len, inner, sl
     return None
 
