@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPES = [(1024, 3072), (1024, 4736), (4736, 1024), (1024, 1024)]  # (K, N)
 CONV = (256, 256)  # channels in/out, 3x3, padding 1
+SPLITS = {"split": 1, "nosplit": 0}  # sam3_cutlass_gemm_set_split's argument
 
 
 def _modules(m: int, conv_hw: int, dtype: str):
@@ -405,6 +406,7 @@ def run_cuda(args):
     vm = VirtualMachine(lib, dev)
     try:
         set_tile = lib.get_function("sam3_cutlass_gemm_set_tile", query_imports=True)
+        set_split = lib.get_function("sam3_cutlass_gemm_set_split", query_imports=True)
     except AttributeError:  # a library without the CUTLASS kernels (e.g. --arch sm_80)
         set_tile = None
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -443,7 +445,10 @@ def run_cuda(args):
             times = {}
             for _ in range(args.rounds):  # round-robin, so drifts of the clock hit every tile alike
                 for tile in dict.fromkeys(args.tiles):
-                    set_tile(tile)
+                    # "split" / "nosplit": the rows always split into whole waves + a tail
+                    # (gemm_sm90.cu split_rows), or never
+                    set_split(SPLITS.get(tile, -1))
+                    set_tile(-1 if isinstance(tile, str) else tile)
                     times.setdefault(tile, []).append(ev(xt, params).min)
                     if (c["name"], tile) not in tile_err:
                         o = torch.from_dlpack(vm[f"case{i}"](xt, params)).reshape(ref.shape).float()
@@ -451,6 +456,7 @@ def run_cuda(args):
                                                        (o - ref).abs().max().item())
             tiles = {t: float(np.median(v)) for t, v in times.items()}
             set_tile(-1)
+            set_split(-1)
         t_ours = ev(xt, params).min
         tps = ps
         t_ref = _bench_torch(lambda: _torch_case(kind, shape, x, tps))
@@ -461,7 +467,8 @@ def run_cuda(args):
         ok = finite and err < 5e-3
         print(f"  {'ok  ' if ok else 'FAIL'} {name:42s} {err:.2e} {maxerr:.2e}{'' if finite else ' NaN/inf'}")
     print("\ntile sweep (TFLOP/s; 0: 128x128 coop, 1: 128x256 coop, 2: 128x128 ping-pong, "
-          "4: 128x192 coop, 5: 2 with 64x32 epilogue subtiles, 6: 2 without a cluster; default = pick_tile)")
+          "4: 128x192 coop, 5: 2 with 64x32 epilogue subtiles, 6: 2 without a cluster; split / nosplit: "
+          "whole waves of 6 + a 64x128 tail (7), or one launch; default = pick_tile + split_rows)")
     for name, flops, t_ours, _, tiles in rows:
         if tiles:
             print(f"  {name:36s} " + " ".join(f"{k}:{flops / v / 1e12:6.1f}" for k, v in tiles.items())
@@ -487,8 +494,11 @@ def main():
     ap.add_argument("--run", default=None, help="cuda: run the cases compiled into this folder")
     ap.add_argument("--timed", default=None, help="cuda --run: time only the cases whose name "
                     "holds one of these comma-separated strings (all are still checked)")
-    ap.add_argument("--tiles", type=lambda v: [int(t) for t in v.split(",")], default=[0, 1, 2, 4, 5, 6],
-                    help="cuda --run: the tile configs the sweep times (sam3_cutlass_gemm_set_tile)")
+    ap.add_argument("--tiles", type=lambda v: [t if t in SPLITS else int(t) for t in v.split(",")],
+                    default=[0, 1, 2, 4, 5, 6, "split", "nosplit"],
+                    help="cuda --run: the tile configs the sweep times (sam3_cutlass_gemm_set_tile); "
+                    "'split' / 'nosplit': the default with the rows always split into whole waves + a "
+                    "tail, or never (sam3_cutlass_gemm_set_split)")
     ap.add_argument("--rounds", type=int, default=1, help="cuda --run: sweep rounds (median per tile)")
     ap.add_argument("--no-sweep", action="store_true", help="cuda --run: skip the tile sweep")
     args = ap.parse_args()

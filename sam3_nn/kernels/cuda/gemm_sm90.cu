@@ -8,7 +8,8 @@
 //
 // One source, compiled once per part (-DSAM3_GEMM_PART=...) so the parts build in
 // parallel; each part exports its entry points with tvm-ffi (DPS: out is last):
-//   part 0: sam3_cutlass_gemm_nk(a, w, out)             + sam3_cutlass_gemm_set_tile(int)
+//   part 0: sam3_cutlass_gemm_nk(a, w, out)             + sam3_cutlass_gemm_set_tile(int),
+//           sam3_cutlass_gemm_set_split(int)
 //           sam3_cutlass_gemm_nk_residual(a, w, r, out)
 //   part 1: sam3_cutlass_gemm_nk_bias(a, w, bias, out)
 //           sam3_cutlass_gemm_nk_bias_residual(a, w, bias, r, out)
@@ -34,6 +35,8 @@
 //   4: 128x192x64 cooperative, cluster 2x1, persistent
 //   5: as 2 with CUTLASS's automatic epilogue subtile (64x32 for ping-pong): 2 before session 6
 //   6: as 2 without a cluster (1x1): for K <= 256, where the k loop is 4 blocks long
+//   7: 64x128x64 ping-pong, no cluster: the tail rows of a split GEMM (split_rows below;
+//      sam3_cutlass_gemm_set_split(s): -1 = split_rows decides, 0 = never, 1 = whenever it fits)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -364,14 +367,19 @@ template <Epi E, class LB>
 using Cfg5 = Gemm<Shape<_128, _128, _64>, Shape<_2, _1, _1>, Ping, PingEpi, Persistent, E, LB>;
 template <Epi E, class LB>
 using Cfg6 = Gemm<Shape<_128, _128, _64>, Shape<_1, _1, _1>, Ping, PingEpi, Persistent, E, LB, Shape<_64, _64>>;
+template <Epi E, class LB>
+using Cfg7 = Gemm<Shape<_64, _128, _64>, Shape<_1, _1, _1>, Ping, PingEpi, Persistent, E, LB, Shape<_64, _64>>;
 
 
 // ---- shared state (defined in part 0) -------------------------------------------------
 extern int g_forced_tile;
+extern int g_split;  // -1: split_rows decides, 0: never split, 1: split whatever K is
+constexpr int64_t kSplitMinK = 2048;
 using sam3_cuda::sm_count;
 
 #if SAM3_GEMM_PART == 0
 int g_forced_tile = -1;
+int g_split = -1;
 
 #endif
 
@@ -447,6 +455,44 @@ void run(int64_t m, int64_t n, int64_t k, const void* a, const void* w, const vo
 using sam3_cuda::check;
 using sam3_cuda::ptr;
 
+// rows [row0, row0 + m) of the GEMM with config `Cfg`: a, r and out offset by row0 rows
+template <Epi E, class LB, int Cfg>
+void gemm_rows(int64_t m, int64_t n, int64_t k, const void* pa, const void* pw, const void* bp,
+               const void* rp, void* po, int dev, cudaStream_t stream, int64_t row0) {
+  const void* a = static_cast<const half*>(pa) + row0 * k;
+  void* o = static_cast<half*>(po) + row0 * n;
+  const void* r = rp ? static_cast<const half*>(rp) + row0 * n : nullptr;
+  if constexpr (Cfg == 6)
+    run<Cfg6<E, LB>>(m, n, k, a, pw, bp, r, o, dev, stream);
+  else
+    run<Cfg7<E, LB>>(m, n, k, a, pw, bp, r, o, dev, stream);
+}
+
+// Wave quantization. A persistent 128x128 kernel runs its tiles in rounds of one per SM:
+// the ViT's fc2 (5184 x 4736 -> 1024) has 41 x 8 = 328 tiles, 2.48 rounds on 132 SMs, and
+// its third round keeps 64 SMs busy for a full tile's time while 68 wait. Split instead:
+// the head rows in whole rounds of config 6's tiles (33 x 8 = 264: 2 rounds; config 2's 2x1
+// cluster would need an even count of row tiles), then the tail rows (960) in 64x128 tiles
+// of config 7 (15 x 8 = 120: one round of half tiles). The second launch costs about 6 us
+// (config 6 for both parts measured that much slower than one launch), so only long K pays.
+// H100 (bench/gemm.py, TFLOP/s, config 6 / split, two runs): fc2 + bias 575 / 605 and
+// 558 / 590, fc2 + bias + residual 543 / 577 and 542 / 570; o_proj (K = 1024) 544 / 462 and
+// fc1 + GELU 585 / 566 lose. In encode_image the 32 fc2 take 0.08-0.12 ms less. The tail
+// runs one warpgroup per CTA at about 40% of the tensor rate; tails tried and slower: 64x128
+// with clusters 2x1 / 4x1 along M (570 / 513 against 590 for the whole GEMM), a cooperative
+// 128x128 split-K tail (CUTLASS's stream-K scheduler in split-K mode, 2 splits: 532), and
+// the stream-K scheduler on the whole GEMM (517-539, cooperative 128x128 and 256x128 tiles).
+// Returns the head's rows, or 0 for one launch.
+inline int64_t split_rows(int64_t m, int64_t n, int64_t k, int64_t sms) {
+  if (g_split == 0 || g_forced_tile >= 0 || m <= 256 || sms <= 0) return 0;
+  if (g_split < 0 && k < kSplitMinK) return 0;
+  const int64_t tn = (n + 127) / 128, tm = (m + 127) / 128;
+  const int64_t head_tm = (tm * tn / sms) * sms / tn;  // row tiles filling whole rounds
+  if (head_tm <= 0 || head_tm >= tm) return 0;
+  const int64_t tail_tm = (m - head_tm * 128 + 63) / 64;  // the tail's 64-row tiles
+  return tail_tm * tn <= sms ? head_tm * 128 : 0;  // ... must fit one round
+}
+
 template <Epi E, bool kNK>
 void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* residual,
           TensorView out, const RopeQKArgs* rope = nullptr) {
@@ -480,6 +526,10 @@ void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* 
     run<Cfg0<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
     return;
   } else {
+    if (const int64_t head = split_rows(m, n, k, sm_count(dev))) {  // whole waves + a tail
+      gemm_rows<E, LB, 6>(head, n, k, pa, pw, bp, rp, po, dev, stream, 0);
+      return gemm_rows<E, LB, 7>(m - head, n, k, pa, pw, bp, rp, po, dev, stream, head);
+    }
     switch (pick_tile(m, k)) {
       case 1:
         return run<Cfg1<E, LB>>(m, n, k, pa, pw, bp, rp, po, dev, stream);
@@ -509,6 +559,7 @@ void gemm_nk_residual(TensorView a, TensorView w, TensorView r, TensorView out) 
   sam3::gemm<sam3::Epi::kNone, true>(a, w, nullptr, &r, out);
 }
 void set_tile(int tile) { sam3::g_forced_tile = tile; }
+void set_split(int split) { sam3::g_split = split; }
 #elif SAM3_GEMM_PART == 1
 void gemm_nk_bias(TensorView a, TensorView w, TensorView b, TensorView out) {
   sam3::gemm<sam3::Epi::kBias, true>(a, w, &b, nullptr, out);
@@ -570,6 +621,7 @@ void gemm_kn_bias(TensorView a, TensorView w, TensorView b, TensorView out) {
 #if SAM3_GEMM_PART == 0
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk, gemm_nk);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_set_tile, set_tile);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_set_split, set_split);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_residual, gemm_nk_residual);
 #elif SAM3_GEMM_PART == 1
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_bias, gemm_nk_bias);
