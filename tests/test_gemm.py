@@ -394,6 +394,7 @@ def test_cuda_cutlass_library_links_kernels(tmp_path):
     syms = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True).stdout
     for s in ("sam3_cutlass_gemm_nk_bias_gelu", "sam3_cutlass_gemm_nk_bias", "sam3_cutlass_gemm_nk",
               "sam3_cutlass_gemm_kn", "sam3_cutlass_conv2d_bias", "sam3_cutlass_gemm_set_tile",
+              "sam3_cutlass_gemm_set_split",
               "sam3_cutlass_gemm_nk_bias_residual", "sam3_cutlass_gemm_nk_residual",
               "sam3_cutlass_gemm_nk_bias_relu"):
         assert f"__tvm_ffi_{s}\n" in syms, s
