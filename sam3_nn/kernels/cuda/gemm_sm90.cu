@@ -455,17 +455,13 @@ void run(int64_t m, int64_t n, int64_t k, const void* a, const void* w, const vo
 using sam3_cuda::check;
 using sam3_cuda::ptr;
 
-// rows [row0, row0 + m) of the GEMM with config `Cfg`: a, r and out offset by row0 rows
-template <Epi E, class LB, int Cfg>
-void gemm_rows(int64_t m, int64_t n, int64_t k, const void* pa, const void* pw, const void* bp,
-               const void* rp, void* po, int dev, cudaStream_t stream, int64_t row0) {
-  const void* a = static_cast<const half*>(pa) + row0 * k;
-  void* o = static_cast<half*>(po) + row0 * n;
-  const void* r = rp ? static_cast<const half*>(rp) + row0 * n : nullptr;
-  if constexpr (Cfg == 6)
-    run<Cfg6<E, LB>>(m, n, k, a, pw, bp, r, o, dev, stream);
-  else
-    run<Cfg7<E, LB>>(m, n, k, a, pw, bp, r, o, dev, stream);
+// rows [row0, row0 + m) of the GEMM with kernel G: a, r and out offset by row0 rows
+template <class G>
+void run_rows(int64_t m, int64_t n, int64_t k, const void* pa, const void* pw, const void* bp,
+              const void* rp, void* po, int dev, cudaStream_t stream, int64_t row0) {
+  run<G>(m, n, k, static_cast<const half*>(pa) + row0 * k, pw, bp,
+         rp ? static_cast<const half*>(rp) + row0 * n : nullptr, static_cast<half*>(po) + row0 * n,
+         dev, stream);
 }
 
 // Wave quantization. A persistent 128x128 kernel runs its tiles in rounds of one per SM:
@@ -527,8 +523,8 @@ void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* 
     return;
   } else {
     if (const int64_t head = split_rows(m, n, k, sm_count(dev))) {  // whole waves + a tail
-      gemm_rows<E, LB, 6>(head, n, k, pa, pw, bp, rp, po, dev, stream, 0);
-      return gemm_rows<E, LB, 7>(m - head, n, k, pa, pw, bp, rp, po, dev, stream, head);
+      run_rows<Cfg6<E, LB>>(head, n, k, pa, pw, bp, rp, po, dev, stream, 0);
+      return run_rows<Cfg7<E, LB>>(m - head, n, k, pa, pw, bp, rp, po, dev, stream, head);
     }
     switch (pick_tile(m, k)) {
       case 1:
