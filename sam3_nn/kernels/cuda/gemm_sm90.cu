@@ -31,7 +31,8 @@
 //   2: 128x128x64 ping-pong (consumer warpgroups alternate tiles), cluster 2x1, epilogue
 //      in 64x64 subtiles
 //   (3: a stream-K cooperative 128x128 was removed: it lost on every shape measured, and
-//    CUTLASS 4.2's stream-K scheduler does not compile with CUTLASS_ENABLE_GDC_FOR_SM90)
+//    CUTLASS 4.2's stream-K scheduler does not compile with CUTLASS_ENABLE_GDC_FOR_SM90; with
+//    a subclass that does, it lost again in session 12: see split_rows)
 //   4: 128x192x64 cooperative, cluster 2x1, persistent
 //   5: as 2 with CUTLASS's automatic epilogue subtile (64x32 for ping-pong): 2 before session 6
 //   6: as 2 without a cluster (1x1): for K <= 256, where the k loop is 4 blocks long
