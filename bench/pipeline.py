@@ -80,6 +80,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (puts the repository root on sys.path)
+from sam3_nn.runtime import channel_first  # noqa: E402
 import flops  # noqa: E402
 
 PARTS = ("vision", "text", "detect", "pipeline")
@@ -280,7 +281,7 @@ class Ours:
         if part == "text":
             out = out[:1]
         if part == "vision":  # encode_image's maps are channel last, the reference's first
-            out = [np.transpose(o, (0, 3, 1, 2)) for o in out]
+            out = channel_first(out)
         return out
 
     def supports_batch(self, batch: int) -> bool:

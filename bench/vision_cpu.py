@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import rel_diff, timed  # noqa: E402  (puts the repository root and tests/ on sys.path)
 from flops import vision_flops  # noqa: E402
+from sam3_nn.runtime import channel_first  # noqa: E402
 
 
 def main() -> int:
@@ -85,8 +86,7 @@ def main() -> int:
     t_torch, _, theirs = timed(run_torch, args.runs, args.warmup)
     t_ours, _, _ = timed(run_ours, args.runs, args.warmup)
     # encode_image's maps are channel last, the reference's channel first
-    err = max(rel_diff(a.numpy().transpose(0, 3, 1, 2), b)
-              for a, b in zip(x_dev[0], theirs.fpn_hidden_states))
+    err = max(rel_diff(a, b) for a, b in zip(channel_first(x_dev[0]), theirs.fpn_hidden_states))
     gflop = vision_flops(cfg) / 1e9
     print(f"vision backbone, {args.image_size} px, {cfg.vision.backbone.num_hidden_layers} blocks, "
           f"fp32, {args.threads} threads, median of {args.runs} (after {args.warmup} warm-up)")

@@ -55,6 +55,13 @@ def _static_shape(expr) -> Optional[List[int]]:
     return None if any(d is None for d in dims) else dims
 
 
+def _var_refs(expr) -> List[relax.Var]:
+    """The variables ``expr`` reads (with repeats)."""
+    refs: List[relax.Var] = []
+    relax.analysis.post_order_visit(expr, lambda e: refs.append(e) if isinstance(e, relax.Var) else None)
+    return refs
+
+
 @dataclass
 class _Tensor:
     var: relax.Var      # the alloc_tensor binding's variable
@@ -129,10 +136,8 @@ def plan_function(func: relax.Function) -> relax.Function:
     for i, b in enumerate(bindings):
         if b.var in tensors:
             continue
-        refs: List[relax.Var] = []
-        relax.analysis.post_order_visit(b.value, lambda e: refs.append(e) if isinstance(e, relax.Var) else None)
         reached: Set[relax.Var] = set()
-        for r in refs:
+        for r in _var_refs(b.value):
             if r in storages:
                 storage_uses.add(r)  # a storage read other than by its planned tensors
             reached |= roots.get(r, set())
@@ -143,9 +148,7 @@ def plan_function(func: relax.Function) -> relax.Function:
     if storage_uses:
         return func
     end = len(bindings)
-    ret_refs: List[relax.Var] = []
-    relax.analysis.post_order_visit(body.body, lambda e: ret_refs.append(e) if isinstance(e, relax.Var) else None)
-    for r in ret_refs:
+    for r in _var_refs(body.body):
         for t in roots.get(r, set()):
             tensors[t].last = end
 

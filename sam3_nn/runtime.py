@@ -171,6 +171,13 @@ def check_converted(path: str, meta: Dict[str, str], manifest: Dict) -> None:
 # ----------------------------------------------------------------------------
 # the app
 # ----------------------------------------------------------------------------
+def channel_first(maps) -> List[np.ndarray]:
+    """``encode_image``'s FPN maps (channel last, ``[B, s, s, C]``; device tensors or arrays)
+    in the reference's layout ``[B, C, s, s]``."""
+    return [np.ascontiguousarray(np.transpose(m if isinstance(m, np.ndarray) else m.numpy(), (0, 3, 1, 2)))
+            for m in maps]
+
+
 @dataclass
 class ImageState:
     """An encoded image: reusable for any number of prompts."""
@@ -269,7 +276,7 @@ class Sam3:
     def image_features(self, state: ImageState) -> List[np.ndarray]:
         """The FPN maps channel first (``[1, 256, s, s]``, the reference's
         ``fpn_hidden_states``); the library keeps them channel last."""
-        return [np.ascontiguousarray(f.numpy().transpose(0, 3, 1, 2)) for f in state.features]
+        return channel_first(state.features)
 
     def position_encodings(self) -> List:
         if self._positions is None:

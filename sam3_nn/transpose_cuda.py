@@ -201,19 +201,12 @@ def inplace_pass() -> tvm.transform.Pass:
             defs = {b.var: b.value for block in func.body.blocks for b in block.bindings
                     if isinstance(b, relax.VarBinding)}
             uses = _uses(func)
-            eligible = []
-            for value in defs.values():
-                if (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)
-                        and value.op.name == "relax.permute_dims" and isinstance(value.args[0], relax.Var)
-                        and inplace_plan(value) is not None and _dead_after(value.args[0], defs, uses)):
-                    eligible.append(value)
-            if not eligible:
-                continue
 
-            def route(orig, _match, eligible=eligible):
-                if not any(orig.same_as(e) for e in eligible):
-                    return orig
+            def route(orig, _match, defs=defs, uses=uses):
                 plan = inplace_plan(orig)
+                if (plan is None or not isinstance(orig.args[0], relax.Var)
+                        or not _dead_after(orig.args[0], defs, uses)):
+                    return orig
                 if plan not in funcs:
                     funcs[plan] = bb.add_func(swap_inplace_func(*plan), "sam3_swap_inplace")
                 a_len, p_len, q_len, inner, _ = plan

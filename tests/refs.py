@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from sam3_nn.config import Sam3Config
+from sam3_nn.runtime import channel_first  # noqa: F401  (tests compare encode_image's maps in the reference's layout)
 
 # A tiny SAM 3: 12x12 token grid with window 5 (not a multiple: padding is exercised),
 # one global block, every part 32 wide with 2 heads.
@@ -81,11 +82,6 @@ def compile_library(cfg: Sam3Config, folder: str, dtype: str = "float32",
 
 def expected_params(compiled) -> Dict:
     return {p["name"]: (tuple(p["shape"]), p["dtype"]) for p in compiled.manifest["params"]}
-
-
-def channel_first(maps):
-    """``encode_image``'s maps (channel last) in the reference's layout ``[B, C, H, W]``."""
-    return [np.transpose(m, (0, 3, 1, 2)) for m in maps]
 
 
 def assert_close(ours: np.ndarray, ref, rtol: float, atol: float, what: str = ""):
