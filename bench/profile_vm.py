@@ -21,6 +21,13 @@ side of an untraced call): read it for the order of events, not for their times.
 ``--time N``: only the median wall time of N plain calls (each synchronized), e.g. to
 compare settings such as ``SAM3_CUDA_PDL=0`` side by side.
 
+``--clocks`` (with ``--time``, NVIDIA GPUs): also samples the SM clock, the board power and
+the active clock-limit reasons with ``nvidia-smi`` every 50 ms during the timed calls, and
+prints the medians per quarter of the calls. A long run of ``encode_image`` on the H100
+holds the board at its power cap: ~690 W, reason 0x4 (software power cap), the SM clock at
+1.45-1.62 GHz of 1.98 (session 13). Calls then take as long as their energy allows, so two
+libraries or settings must be compared alternating on one machine, after the same warm-up.
+
 ``--kernels`` (GPU, needs PyTorch with CUDA): instead, the device-side time of every CUDA
 kernel over ``--runs`` plain calls, from PyTorch's profiler (CUPTI), with no
 synchronization added: the kernels' sum against the calls' wall time says how much of
@@ -60,6 +67,55 @@ def random_params(manifest, rng):
             for p in manifest["params"]}
 
 
+class ClockSampler:
+    """``nvidia-smi`` sampling SM clock, power and clock-limit reasons every 50 ms, from
+    construction until :meth:`report`."""
+
+    QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
+
+    def __init__(self):
+        import subprocess
+
+        self.t0 = time.perf_counter()
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-lms", "50"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError as e:
+            print(f"clocks: cannot run nvidia-smi ({e}); no samples")
+            self.proc = None
+
+    def report(self, ms: np.ndarray, starts: np.ndarray) -> None:
+        end = time.perf_counter()
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        lines = [ln for ln in self.proc.communicate()[0].splitlines() if ln.strip()]
+        rows = []
+        for ln in lines:
+            try:
+                mhz, watts, reasons = (f.strip() for f in ln.split(","))
+                rows.append((float(mhz), float(watts), int(reasons, 16)))
+            except ValueError:
+                continue
+        if not rows:
+            print("clocks: nvidia-smi gave no samples")
+            return
+        # samples are evenly spaced over [t0, end]: split them and the calls into quarters
+        q = 4
+        span = (end - self.t0) / q
+        for i in range(q):
+            lo, hi = self.t0 + i * span, self.t0 + (i + 1) * span
+            calls = ms[(starts >= lo) & (starts < hi)]
+            sel = rows[i * len(rows) // q:(i + 1) * len(rows) // q] or rows
+            reasons = 0
+            for r in sel:
+                reasons |= r[2]
+            print(f"clocks quarter {i + 1}: calls median {np.median(calls) if len(calls) else float('nan'):.3f} ms "
+                  f"({len(calls)}), SM {np.median([r[0] for r in sel]):.0f} MHz, "
+                  f"{np.median([r[1] for r in sel]):.0f} W, limit reasons 0x{reasons:x}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("library")
@@ -73,6 +129,8 @@ def main() -> int:
                     help="with --kernels: one call's timeline of CUDA API calls and kernels")
     ap.add_argument("--time", type=int, default=0, metavar="N",
                     help="instead: the median wall time of N plain calls (3 warm-up calls first)")
+    ap.add_argument("--clocks", action="store_true",
+                    help="with --time: sample SM clock, power and clock-limit reasons (nvidia-smi)")
     args = ap.parse_args()
 
     from sam3_nn.engine import CompiledModel
@@ -99,14 +157,18 @@ def main() -> int:
     if args.time:
         for _ in range(3):
             call()
-        ts = []
+        sampler = ClockSampler() if args.clocks else None
+        ts, stamps = [], []
         for _ in range(args.time):
             t = time.perf_counter()
             call()
             ts.append(time.perf_counter() - t)
+            stamps.append(t)
         ts = np.array(ts) * 1e3
         print(f"{args.function} on {lib.manifest['target']} ({lib.manifest['dtype']}), batch {args.batch}: "
               f"median {np.median(ts):.3f} ms, min {ts.min():.3f}, max {ts.max():.3f} over {args.time} calls")
+        if sampler is not None:
+            sampler.report(ts, np.array(stamps))
         return 0
 
     acc = collections.defaultdict(float)
