@@ -73,13 +73,17 @@ class ClockSampler:
 
     QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
 
-    def __init__(self):
+    def __init__(self, device_id: int = 0):
         import subprocess
 
+        # nvidia-smi numbers the GPUs itself: the first visible one where CUDA_VISIBLE_DEVICES
+        # narrows them (its GPU 0 for us), else the CUDA device index
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or str(device_id)
         self.t0 = time.perf_counter()
         try:
             self.proc = subprocess.Popen(
-                ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-lms", "50"],
+                ["nvidia-smi", "-i", gpu, f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
+                 "-lms", "50"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except OSError as e:
             print(f"clocks: cannot run nvidia-smi ({e}); no samples")
@@ -157,7 +161,7 @@ def main() -> int:
     if args.time:
         for _ in range(3):
             call()
-        sampler = ClockSampler() if args.clocks else None
+        sampler = ClockSampler(dev.device_id) if args.clocks else None
         ts, stamps = [], []
         for _ in range(args.time):
             t = time.perf_counter()
