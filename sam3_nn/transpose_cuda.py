@@ -31,7 +31,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-from .kernels.rewrite import OPAQUE, _shape, _static, rewrite_functions
+from .kernels.rewrite import OPAQUE, _shape, _static, _Uses, rewrite_functions
 from .kernels.switch import Switch
 
 SYMBOL = "sam3_cuda_transpose"
@@ -151,21 +151,6 @@ def swap_inplace_func(a_len: int, p_len: int, q_len: int, inner: int, sl: int) -
     return swap_inplace
 
 
-def _uses(func: relax.Function) -> Dict[relax.Var, int]:
-    """How many times each variable is read in ``func`` (bindings and the result)."""
-    count: Dict[relax.Var, int] = {}
-
-    def visit(e):
-        if isinstance(e, relax.Var):
-            count[e] = count.get(e, 0) + 1
-
-    for block in func.body.blocks:
-        for b in block.bindings:
-            relax.analysis.post_order_visit(b.value, visit)
-    relax.analysis.post_order_visit(func.body.body, visit)
-    return count
-
-
 def _dead_after(x: relax.Var, defs: Dict[relax.Var, relax.Expr], uses: Dict[relax.Var, int]) -> bool:
     """``x`` is read once (by the permute) and is a fresh tensor or a chain of reshapes of
     one, each link read once: mutating it in place changes nothing anything else reads."""
@@ -200,7 +185,7 @@ def inplace_pass() -> tvm.transform.Pass:
                 continue
             defs = {b.var: b.value for block in func.body.blocks for b in block.bindings
                     if isinstance(b, relax.VarBinding)}
-            uses = _uses(func)
+            uses = _Uses(func).count  # reads of each variable (bindings and the result)
 
             def route(orig, _match, defs=defs, uses=uses):
                 plan = inplace_plan(orig)
