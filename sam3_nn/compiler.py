@@ -20,6 +20,7 @@ from . import __version__
 from .attention import kernel_target
 from .config import Sam3Config
 from .model import PARTS, Sam3Model
+from .param_transform import packed_functions, transform_name
 from .rope import RopeMode
 from .targets import get_preset
 
@@ -125,7 +126,10 @@ def build(cfg: Sam3Config, target: str = "llvm", dtype: Optional[str] = None,
     t1 = time.time()
     log(f"[2/4] compile for {preset.description} ({len(params)} parameters) "
         f"[{t1 - t0:.1f} s]")
-    ex = preset.compile(mod, log, cuda_graph=cuda_graph)
+    # every function taking the packed weights gets its weight-only work lifted into a
+    # transform that the runtime runs once, when weights are bound (sam3_nn.param_transform)
+    lift = packed_functions(mod)
+    ex = preset.compile(mod, log, cuda_graph=cuda_graph, lift=lift)
     t2 = time.time()
     kernels = device_kernels(ex.mod)
     lib_path = os.path.join(output, f"sam3-{target}.{preset.suffix}")
@@ -140,6 +144,7 @@ def build(cfg: Sam3Config, target: str = "llvm", dtype: Optional[str] = None,
         "preset": preset.describe(),
         "tvm_ffi_version": _ffi_version(),
         "kernels": kernels,
+        "param_transforms": {f: transform_name(f) for f in lift},
         "build_seconds": round(time.time() - t0, 1),
     })
     try:

@@ -31,6 +31,7 @@ from tvm import relax
 from tvm.relax.utils import copy_with_new_vars
 
 from .memory_plan import planned_storage_bytes
+from .param_transform import is_transform
 
 SHARE_RATIO = 8  # functions planning less than 1/8 of the largest function's bytes: own storages
 GET_CACHED_ALLOC = "vm.builtin.cuda_graph.get_cached_alloc"
@@ -44,9 +45,11 @@ def planned_bytes(func: relax.Function) -> int:
 
 
 def plan_groups(mod: tvm.IRModule) -> List[List[str]]:
-    """The functions that share storages: all large ones together, each small one alone."""
+    """The functions that share storages: all large ones together, each small one alone.
+    Weight transforms (run once, at bind time) are in no group: they keep plain launches, and
+    no storage of theirs stays cached after their one call."""
     sizes = {gv.name_hint: planned_bytes(f) for gv, f in mod.functions.items()
-             if isinstance(f, relax.Function)}
+             if isinstance(f, relax.Function) and not is_transform(gv.name_hint)}
     if not sizes:
         return []
     largest = max(sizes.values())
@@ -88,10 +91,11 @@ class _Renumber(relax.PyExprMutator):
 
 def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
     groups = plan_groups(mod)
-    if len(groups) <= 1:
+    kept = {gv: f for gv, f in mod.functions.items() if is_transform(gv.name_hint)}
+    if len(groups) <= 1 and not kept:
         return relax.transform.RewriteCUDAGraph()(mod)
     shared = {gv: f for gv, f in mod.functions.items() if not isinstance(f, relax.Function)}
-    out: Dict[tvm.ir.GlobalVar, tvm.ir.BaseFunc] = dict(shared)
+    out: Dict[tvm.ir.GlobalVar, tvm.ir.BaseFunc] = {**shared, **kept}
     renames = []  # (group's functions, its alloc function, alloc index, capture offset)
     captures = 0
     for k, names in enumerate(groups):

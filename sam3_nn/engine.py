@@ -67,17 +67,36 @@ class CompiledModel:
         self.module = tvm.runtime.load_module(library)
         self.vm = VirtualMachine(self.module, self.device)
         self._params = tvm_ffi.Array([])
+        self._function_params: Dict[str, object] = {}
+        self._bound = False
         self._token = None  # release_outputs' argument, made on first use
 
     @property
     def params(self):
         """The bound weights, in the manifest's order: one FFI array, built once, which every
-        call passes as the packed parameters (a Python list would be converted per call)."""
+        call passes as the packed parameters (a Python list would be converted per call);
+        empty once the library's weight transforms have run (see the setter)."""
         return self._params
 
     @params.setter
     def params(self, tensors) -> None:
-        self._params = tensors if isinstance(tensors, tvm_ffi.Array) else tvm_ffi.Array(list(tensors))
+        """Bind the weights (device tensors in the manifest's order) and run the library's
+        weight transforms once (``param_transforms``: the work on weights alone, lifted out
+        of each function by ``sam3_nn.param_transform``): each function is then called with
+        its own transformed tuple, and the bound weights no transform passes through are freed
+        (a library without transforms passes the bound weights to every function)."""
+        raw = tensors if isinstance(tensors, tvm_ffi.Array) else tvm_ffi.Array(list(tensors))
+        transforms = self.manifest.get("param_transforms", {}) if len(raw) else {}
+        # a transform's one argument is a tuple holding the weight tuple (BundleModelParams
+        # packs the lifted function's tuple parameter once more)
+        held = tvm_ffi.Array([raw])
+        self._function_params = {fn: self.vm[tf](held) for fn, tf in transforms.items()}
+        self._bound = len(raw) > 0
+        self._params = tvm_ffi.Array([]) if self._function_params else raw
+
+    def params_for(self, function: str):
+        """The packed weights ``function`` takes: its transform's output, else the bound ones."""
+        return self._function_params.get(function, self._params)
 
     def reset(self) -> None:
         """A fresh virtual machine over the same library and weights: what the old one
@@ -141,10 +160,10 @@ class CompiledModel:
                 conv.append(a)
         if function == RELEASE:  # takes no weights, no batch
             return [self.vm[function](*conv)]
-        if not self.params and self.manifest["params"]:
+        if not self._bound and self.manifest["params"]:
             raise LibraryError("no weights bound: call bind() first")
         self._check_batch(function, args)
-        out = self.vm[function](*conv, self.params)
+        out = self.vm[function](*conv, self.params_for(function))
         self._release()
         return list(out) if not hasattr(out, "numpy") else [out]
 

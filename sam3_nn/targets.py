@@ -194,8 +194,10 @@ def _finalize_passes(backend, target: tvm.target.Target) -> list:
 
 def make_pipeline(target: tvm.target.Target, gpu: bool,
                   log: Callable[[str], None] = lambda s: None,
-                  cuda_arches: Optional[Sequence[str]] = None) -> tvm.transform.Pass:
-    """Relax pipeline: [our GEMM kernels] + legalize/fuse + [dlight] + lowering."""
+                  cuda_arches: Optional[Sequence[str]] = None,
+                  lift: Sequence[str] = ()) -> tvm.transform.Pass:
+    """Relax pipeline: [our GEMM kernels] + [weight transforms of ``lift``'s functions lifted
+    out (sam3_nn.param_transform)] + legalize/fuse + [dlight] + lowering."""
     if target.kind.name == "cuda":
         from tvm.relax.backend.cuda import pipeline as backend
     elif gpu:
@@ -219,9 +221,12 @@ def make_pipeline(target: tvm.target.Target, gpu: bool,
                 from sam3_nn.kernels.cpu_rules import cpu_rules
 
                 legalize.append(dl.ApplyDefaultSchedule(*cpu_rules()))
+            from sam3_nn.param_transform import lift_pass
+
             seq = tvm.transform.Sequential(
                 _kernel_passes(target, cuda_arches)
                 + _fast_math_passes(target)
+                + ([lift_pass(lift)] if lift else [])
                 + backend.library_dispatch_passes(target)
                 + legalize
                 + backend.dataflow_lower_passes(target)
@@ -430,8 +435,8 @@ class TargetPreset:
             return tvm.target.Target(self.target, host=self.host)
         return tvm.target.Target(self.target)
 
-    def pipeline(self, log: Callable[[str], None] = lambda s: None):
-        return make_pipeline(self.tvm_target(), self.gpu, log, self.cuda_arches or None)
+    def pipeline(self, log: Callable[[str], None] = lambda s: None, lift: Sequence[str] = ()):
+        return make_pipeline(self.tvm_target(), self.gpu, log, self.cuda_arches or None, lift)
 
     def check_tools(self) -> None:
         """Raise ``TargetError`` naming the missing tool before any work is done."""
@@ -447,19 +452,22 @@ class TargetPreset:
 
                 cutlass_include()  # raises with the install hint
 
-    def compile(self, mod, log: Callable[[str], None] = lambda s: None, cuda_graph: bool = True):
+    def compile(self, mod, log: Callable[[str], None] = lambda s: None, cuda_graph: bool = True,
+                lift: Sequence[str] = ()):
         """``cuda_graph`` (CUDA): TVM's RewriteCUDAGraph lifts the statically planned
         buffers into one allocation and each run of kernel launches on them into a CUDA
         graph, captured at the first call and replayed after; it needs static shapes
-        (``build(batch=N)``), and leaves dynamic-shape code as it is."""
+        (``build(batch=N)``), and leaves dynamic-shape code as it is. ``lift``: functions
+        whose weight-only work moves into a transform run once at bind time
+        (sam3_nn.param_transform)."""
         kw = {"system_lib": True} if self.system_lib else {}
         target = self.tvm_target()
         config = {"relax.backend.use_cuda_graph": bool(cuda_graph and self.target["kind"] == "cuda")}
         with tvm.transform.PassContext(config=config):
             if self.cuda_arches:
                 with _cuda_compile_callback(self.cuda_arches, self.cuda_ptx):
-                    return relax.build(mod, target=target, relax_pipeline=self.pipeline(log), **kw)
-            return relax.build(mod, target=target, relax_pipeline=self.pipeline(log), **kw)
+                    return relax.build(mod, target=target, relax_pipeline=self.pipeline(log, lift), **kw)
+            return relax.build(mod, target=target, relax_pipeline=self.pipeline(log, lift), **kw)
 
     def export(self, ex, path: str, log: Callable[[str], None] = lambda s: None,
                final_name: Optional[str] = None) -> None:
