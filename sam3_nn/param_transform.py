@@ -3,8 +3,8 @@
 Much of what an exported function computes depends on the weights alone: the FPN neck's
 folded deconvolution + 1x1 weights (a small GEMM), the ViT's position table tiled over the
 image grid, the patch weight padded to a 16-byte row, the 3x3 convolutions' weights in the
-kernel's layout, the DETR decoder's query-side terms. Computed per call, that is ~25 kernel
-launches and ~0.1 ms of every ``encode_image`` on the H100.
+kernel's layout, the detector's terms computed from weights alone. Computed per
+call, that is ~25 kernel launches and ~0.1 ms of every ``encode_image`` on the H100.
 
 :func:`lift_pass` runs TVM's ``LiftTransformParams`` on the functions that take the packed
 weights: each ``fn`` gets a ``fn_transform_params`` (:func:`transform_name`) that takes the
