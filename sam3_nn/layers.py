@@ -95,7 +95,8 @@ class ConvTranspose2x2(nn.Module):
         where it and the bias fuse into the GEMM's epilogue). ``then``: a 1x1 convolution
         applied to the result, folded into this one (both are linear, and the 1x1 acts on
         each output pixel alone): one GEMM with ``then``'s output width, no intermediate map.
-        The folded weights are computed in the graph, a small GEMM on the weights."""
+        The folded weights are a small GEMM on the weights alone: a compiled library runs it
+        once, when weights are bound (sam3_nn.param_transform)."""
         b, h, w, _ = x.shape
         if then is None:
             cout = self.cout

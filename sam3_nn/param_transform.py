@@ -67,8 +67,9 @@ def lift_pass(functions: Sequence[str]) -> tvm.transform.Pass:
                 hidden[gv.name_hint] = int(func.attrs["num_input"])
                 mod[gv] = func.without_attr("num_input")
         mod = relax.transform.LiftTransformParams(shared_transform=False)(mod)
+        lifted = {gv.name_hint for gv in mod.functions}
         for name in names:
-            if transform_name(name) in [gv.name_hint for gv in mod.functions]:
+            if transform_name(name) in lifted:
                 _prune(mod, name)
         mod = relax.transform.BundleModelParams()(mod)
         for gv, func in list(mod.functions.items()):
@@ -109,7 +110,7 @@ def _prune(mod: tvm.IRModule, name: str) -> None:
     transform replaced is referenced by nothing once bound and can be freed."""
     func, tf = mod[name], mod[transform_name(name)]
     n_in = int(func.attrs["num_input"])
-    used = {v for v in relax.analysis.free_vars(func.body)}
+    used = set(relax.analysis.free_vars(func.body))
     keep = [i for i, p in enumerate(func.params[n_in:]) if p in used]
     if len(keep) == len(func.params) - n_in:
         return
