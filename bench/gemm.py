@@ -185,6 +185,16 @@ CUDA_CASES = [
     ("check: qkv 2x576x256->768 +bias+rope", "rope", ((2, 576), 256, 4, 0, 0, 0, 24, 24, 1.0), False),
     ("check: q/k rotation 2x2304x384 (standalone)", "ropeonly", ((2, 2304), 384, 2, 24, 48, 48, 24, 24, 1.0),
      False),
+    # "lnfold" ((B, H, W), K, N, consumer, consumer args): x = linear(a) + r ([B, H, W, N]), then
+    # LayerNorm and a linear of N -> ... ("gelu": fc1 of width args; "rope": the qkv projection
+    # with RoPE, args as "rope"'s (heads, window, img_h, img_w, grid_h, grid_w, scale)): the
+    # LayerNorm folded into the two GEMMs (sam3_nn.ln_fold); checked only (the weight terms run
+    # in the call here, where the model computes them once at bind time)
+    ("check: o_proj+res, LN, fc1+gelu (LN folded)", "lnfold", ((1, 72, 72), 1024, 1024, "gelu", 4736), False),
+    ("check: fc2+res (split), LN, qkv+rope (LN folded)", "lnfold",
+     ((1, 72, 72), 4736, 1024, "rope", (16, 24, 72, 72, 24, 24, 1.0)), False),
+    ("check: 2 images, LN folded into global qkv+rope", "lnfold",
+     ((2, 24, 24), 512, 512, "rope", (8, 0, 0, 0, 24, 24, 1.0)), False),
 ]
 
 
@@ -213,6 +223,12 @@ def _cuda_module(dtype):
                 self.lin = nn.Linear(shape[1], 3 * shape[2] * 64, dtype=dtype)
             elif kind == "ropeonly":
                 pass
+            elif kind == "lnfold":
+                lead, k, n, consumer, cargs = shape
+                self.lin = nn.Linear(k, n, dtype=dtype)
+                self.res = nn.Parameter(tuple(lead) + (n,), dtype=dtype)
+                self.norm = nn.LayerNorm(n, eps=1e-6, dtype=dtype)
+                self.nxt = nn.Linear(n, cargs if consumer == "gelu" else 3 * cargs[0] * 64, dtype=dtype)
             elif kind == "im2col":
                 _, _, _, cin, cout, bias = shape
                 self.lin = nn.Linear(9 * cin, cout, bias=bias, dtype=dtype)
@@ -232,6 +248,18 @@ def _cuda_module(dtype):
                 return y + self.res if self.shape[5] else self.res + y
             if self.kind == "kn":
                 return op.matmul(x, self.w)
+            if self.kind == "lnfold":
+                lead, _, n, consumer, cargs = self.shape
+                y = self.norm(self.lin(x) + self.res)
+                if consumer == "gelu":
+                    return op.gelu(self.nxt(y))
+                from sam3_nn import attention_cuda
+                from sam3_nn.rope import AxialRope
+
+                heads, window, img_h, img_w, gh, gw, scale = cargs
+                y = self.nxt(op.reshape(y, [lead[0], lead[1] * lead[2], n]))
+                return attention_cuda.emit_rope_qk(y, heads, AxialRope(gh, gw, 64, 10000.0, scale),
+                                                   window, img_h, img_w)
             if self.kind in ("rope", "ropeonly"):
                 from sam3_nn import attention_cuda
                 from sam3_nn.rope import AxialRope
@@ -273,6 +301,8 @@ def _cuda_module(dtype):
 
 
 def _cuda_x_shape(kind, shape):
+    if kind == "lnfold":
+        return list(shape[0]) + [shape[1]]
     if kind in ("linear", "linres", "kn", "rope", "ropeonly"):
         m, k = shape[0], shape[1]
         return (list(m) if isinstance(m, tuple) else [m]) + [k]
@@ -281,6 +311,8 @@ def _cuda_x_shape(kind, shape):
 
 
 def _cuda_flops(kind, shape):
+    if kind == "lnfold":
+        return 0.0  # checked only
     if kind in ("linear", "linres", "kn", "rope", "ropeonly"):
         m = shape[0] if not isinstance(shape[0], tuple) else int(np.prod(shape[0]))
         if kind == "ropeonly":
@@ -359,6 +391,13 @@ def _torch_case(kind, shape, x, ps):
         return _torch_rope_qk(F.linear(x, ps[0], ps[1]).float(), *shape[2:])
     if kind == "ropeonly":
         return _torch_rope_qk(x, *shape[2:])
+    if kind == "lnfold":  # ps: lin weight, bias; res; norm weight, bias; next weight, bias
+        lead, _, n, consumer, cargs = shape
+        y = F.layer_norm(F.linear(x, ps[0], ps[1]) + ps[2], (n,), ps[3], ps[4], 1e-6)
+        if consumer == "gelu":
+            return F.gelu(F.linear(y, ps[5], ps[6]))
+        y = F.linear(y.reshape(lead[0], lead[1] * lead[2], n), ps[5], ps[6])
+        return _torch_rope_qk(y.float(), *cargs)
     if kind == "linear":
         y = F.linear(x, ps[0], ps[1] if shape[3] else None)
         return {"gelu": F.gelu, "relu": F.relu}.get(shape[4], lambda t: t)(y)

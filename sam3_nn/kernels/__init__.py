@@ -44,7 +44,8 @@ def providers_for(target: tvm.target.Target, cuda_arches: Optional[Sequence[str]
 def schedule_passes(target: tvm.target.Target, cuda_arches: Optional[Sequence[str]] = None
                     ) -> List[tvm.transform.Pass]:
     """Passes to run on the Relax IRModule before the default pipeline (on CUDA also the
-    float16 layer norms' and layout permutes' rewrites to the hand-written kernels, and the
+    float16 layer norms' and layout permutes' rewrites to the hand-written kernels, the
+    LayerNorm fold into the GEMMs around it (CUTLASS route), and the
     passes linking the hand-written attention, layer norm and transpose kernels' objects
     when the model calls them)."""
     gemm, conv = providers_for(target, cuda_arches)
@@ -52,7 +53,13 @@ def schedule_passes(target: tvm.target.Target, cuda_arches: Optional[Sequence[st
     if target.kind.name == "cuda":
         from sam3_nn import attention_cuda, layer_norm_cuda, transpose_cuda
 
-        passes += [layer_norm_cuda.rewrite_pass(), transpose_cuda.inplace_pass(),
+        passes.append(layer_norm_cuda.rewrite_pass())
+        objects = getattr(gemm, "objects", None)
+        if objects is not None:  # CUTLASS kernels: LayerNorms fold into the GEMMs around them
+            from sam3_nn import ln_fold
+
+            passes.append(ln_fold.fold_pass(objects.for_symbol))
+        passes += [transpose_cuda.inplace_pass(),
                    transpose_cuda.rewrite_pass(),
                    attention_cuda.attach_pass(target, cuda_arches),
                    layer_norm_cuda.attach_pass(target, cuda_arches),

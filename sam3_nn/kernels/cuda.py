@@ -83,7 +83,10 @@ def gemm_cuda(target: tvm.target.Target, bt, m, n: int, k: int, dtype: str, out_
 
 GEMM_PARTS = {"nk": 0, "nk_residual": 0, "nk_bias": 1, "nk_bias_residual": 1, "nk_bias_gelu": 2,
               "nk_bias_relu": 2,
-              "kn": 3, "kn_bias": 3, "nk_bias_rope_qk": 4}
+              "kn": 3, "kn_bias": 3, "nk_bias_rope_qk": 4,
+              # the LayerNorm fold (sam3_nn.ln_fold): row statistics, and the two consumers
+              "nk_bias_residual_stats": 5, "nk_lnfold_rope_qk": 6, "nk_lnfold_gelu": 7}
+GEMM_PREFIX = "sam3_cutlass_gemm_"
 ROPE_TABLE_ROWS = 96  # kRopeTableRows of gemm_sm90.cu: coordinates per axis of the RoPE epilogue
 # only the tvm-ffi entry points leave the library (CUTLASS's template instances stay local)
 HIDDEN = ("-Xcompiler=-fvisibility=hidden",)
@@ -105,7 +108,7 @@ def cutlass_route(arches: Sequence[str]) -> bool:
 
 
 class _GemmObjects:
-    """The five compiled parts of ``cuda/gemm_sm90.cu`` (compiled together on first use;
+    """The compiled parts of ``cuda/gemm_sm90.cu`` (compiled together on first use;
     part 0 holds the shared state every part links against)."""
 
     def __init__(self, log=lambda s: None):
@@ -118,9 +121,13 @@ class _GemmObjects:
 
             jobs = [dict(name="gemm_sm90", arches=("sm_90a",), cutlass=True, flags=HIDDEN,
                          defines=[f"SAM3_GEMM_PART={i}", "CUTLASS_ENABLE_GDC_FOR_SM90"])
-                    for i in range(5)]  # GDC: the kernels wait on the previous grid (pdl.cuh)
+                    for i in range(max(GEMM_PARTS.values()) + 1)]  # GDC: the kernels wait on the previous grid (pdl.cuh)
             self.paths = [str(p) for p in compile_objects(jobs, self.log)]
         return tuple(dict.fromkeys([self.paths[0], self.paths[part]]))
+
+    def for_symbol(self, symbol: str) -> Tuple[str, ...]:
+        """The objects holding the entry point ``symbol`` (``sam3_cutlass_gemm_<key>``)."""
+        return self.get(GEMM_PARTS[symbol[len(GEMM_PREFIX):]])
 
     def conv(self) -> str:
         from .cuda_source import compile_object
@@ -182,6 +189,7 @@ def cuda_providers(target: tvm.target.Target, cuda_arches: Optional[Sequence[str
 
     if use_cutlass:
         cuda_gemm.k_align = 8  # the rewrite zero-pads K up to this (16-byte TMA rows)
+        cuda_gemm.objects = objs  # the LayerNorm fold's kernels live in the same objects
 
     def cuda_conv(b, h, w, cin, cout, ksize, pad, dtype, out_dtype, has_bias):
         if not use_cutlass:

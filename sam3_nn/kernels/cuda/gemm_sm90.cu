@@ -53,6 +53,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
+#include "ln_fold.cuh"
 #include "rope.cuh"
 #include "tensor_args.cuh"
 #include <tvm/ffi/container/tensor.h>
@@ -71,7 +72,7 @@ namespace sam3 {
 
 using half = cutlass::half_t;
 
-enum class Epi { kNone, kBias, kBiasGelu, kBiasRelu, kBiasRopeQK };
+enum class Epi { kNone, kBias, kBiasGelu, kBiasRelu, kBiasRopeQK, kBiasResidualStats, kLnRopeQK, kLnGelu };
 
 template <Epi E>
 struct FusionFor;
@@ -313,6 +314,39 @@ using BiasGeluCallbacks = cutlass::epilogue::fusion::Sm90EVT<
                                            cutlass::FloatRoundStyle::round_to_nearest>,
     AccPlusBias<Tile>>;
 
+// ---- LayerNorm fold (ln_fold.cuh) ----
+// x = fp16(acc + bias[col] + C) stored, its rows' statistics emitted: the residual GEMM before
+// a folded LayerNorm
+template <class Tile>
+using BiasResidualStatsCallbacks = cutlass::epilogue::fusion::Sm90EVT<
+    Sm90RowStats,
+    cutlass::epilogue::fusion::Sm90EVT<
+        cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, float, float,
+                                               cutlass::FloatRoundStyle::round_to_nearest>,
+        AccPlusBias<Tile>, cutlass::epilogue::fusion::Sm90SrcFetch<half>>>;
+
+// rstd * (acc - mean * c[col]) + b'[col] in fp32 (c, b' float32): the linear after a folded
+// LayerNorm, under the RoPE and GELU top nodes; arguments {{acc fetch, c, b', ln}, top node}
+template <class Tile>
+using LnApplyTree = cutlass::epilogue::fusion::Sm90EVT<
+    Sm90LnApply, cutlass::epilogue::fusion::Sm90AccFetch,
+    cutlass::epilogue::fusion::Sm90RowBroadcast<0, Tile, float, float, Stride<_0, _1, int64_t>, 4>,
+    cutlass::epilogue::fusion::Sm90RowBroadcast<0, Tile, float, float, Stride<_0, _1, int64_t>, 4>>;
+template <class Tile>
+using LnRopeQKCallbacks = cutlass::epilogue::fusion::Sm90EVT<Sm90RopeQK, LnApplyTree<Tile>>;
+template <class Tile>
+using LnGeluCallbacks = cutlass::epilogue::fusion::Sm90EVT<
+    cutlass::epilogue::fusion::Sm90Compute<GeluTanh, half, float,
+                                           cutlass::FloatRoundStyle::round_to_nearest>,
+    LnApplyTree<Tile>>;
+
+// the LayerNorm-fold consumers' epilogue arguments: the row statistics, c, b' (float32)
+struct LnFoldArgs {
+  LnApplyArgs apply;
+  const float* c = nullptr;
+  const float* b = nullptr;
+};
+
 template <Epi E, class Tile>
 struct FusionOf {
   using Op = typename FusionFor<E>::Op;
@@ -324,6 +358,18 @@ struct FusionOf<Epi::kBiasGelu, Tile> {
 template <class Tile>
 struct FusionOf<Epi::kBiasRopeQK, Tile> {
   using Op = RopeQKCallbacks<Tile>;
+};
+template <class Tile>
+struct FusionOf<Epi::kBiasResidualStats, Tile> {
+  using Op = BiasResidualStatsCallbacks<Tile>;
+};
+template <class Tile>
+struct FusionOf<Epi::kLnRopeQK, Tile> {
+  using Op = LnRopeQKCallbacks<Tile>;
+};
+template <class Tile>
+struct FusionOf<Epi::kLnGelu, Tile> {
+  using Op = LnGeluCallbacks<Tile>;
 };
 
 template <class Tile, class Cluster, class MainSched, class EpiSched, class Scheduler, Epi E,
@@ -348,6 +394,7 @@ struct Gemm {
   static constexpr bool kHasBias = E != Epi::kNone;
   static constexpr bool kRope = E == Epi::kBiasRopeQK;
   static constexpr bool kBiasGelu = E == Epi::kBiasGelu;
+  static constexpr Epi kEpi = E;
 };
 
 using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
@@ -419,7 +466,8 @@ inline int pick_tile(int64_t m, int64_t k) {
 template <class G>
 void run(int64_t m, int64_t n, int64_t k, const void* a, const void* w, const void* bias,
          const void* residual, void* out, int device, cudaStream_t stream,
-         const RopeQKArgs* rope = nullptr) {
+         const RopeQKArgs* rope = nullptr, const RowStatsArgs* stats = nullptr,
+         const LnFoldArgs* ln = nullptr) {
   using Op = typename G::Op;
   using Kernel = typename G::Kernel;
   auto sa = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, make_shape(int(m), int(k), 1));
@@ -437,7 +485,13 @@ void run(int64_t m, int64_t n, int64_t k, const void* a, const void* w, const vo
                               {static_cast<const half*>(a), sa, static_cast<const half*>(w), sb},
                               {{}, static_cast<const half*>(src), sc, static_cast<half*>(out), sd},
                               hw};
-  if constexpr (G::kBiasGelu) {  // AccPlusBias, then GELU (no arguments)
+  if constexpr (G::kEpi == Epi::kBiasResidualStats) {  // {{AccPlusBias, C fetch, plus}, stats}
+    args.epilogue.thread = {{{{}, {static_cast<const half*>(bias)}, {}}, {}, {}}, *stats};
+  } else if constexpr (G::kEpi == Epi::kLnRopeQK) {  // {LnApplyTree, rotation}
+    args.epilogue.thread = {{{}, {ln->c}, {ln->b}, ln->apply}, *rope};
+  } else if constexpr (G::kEpi == Epi::kLnGelu) {  // {LnApplyTree, GELU}
+    args.epilogue.thread = {{{}, {ln->c}, {ln->b}, ln->apply}, {}};
+  } else if constexpr (G::kBiasGelu) {  // AccPlusBias, then GELU (no arguments)
     args.epilogue.thread = {{{}, {static_cast<const half*>(bias)}, {}}, {}};
   } else if constexpr (G::kRope) {  // AccPlusBias, then the rotation
     args.epilogue.thread = {{{}, {static_cast<const half*>(bias)}, {}}, *rope};
@@ -545,6 +599,128 @@ void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* 
   }
 }
 
+inline void check_f32(const TensorView& t, const char* what) {
+  if (t.dtype().code != kDLFloat || t.dtype().bits != 32)
+    TVM_FFI_THROW(TypeError) << what << " must be float32";
+  if (t.device().device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << what << " must be on CUDA";
+  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << what << " must be contiguous";
+  if (reinterpret_cast<uintptr_t>(ptr(t)) % 16 != 0)
+    TVM_FFI_THROW(ValueError) << what << " must be 16-byte aligned";
+}
+
+constexpr int64_t kStatsTileN = 128;  // the producer configs' tile width (2, 6, 7): one part each
+
+// x = a @ w^T + bias + r (stored as out) and x's row statistics (ln_fold.cuh):
+// stats [M, ceil(N / 128), 2] float32
+inline void gemm_stats(TensorView a, TensorView w, TensorView bias, TensorView r, TensorView out,
+                       TensorView stats) {
+  check(a, "a");
+  check(w, "w");
+  check(bias, "bias");
+  check(r, "residual");
+  check(out, "out");
+  check_f32(stats, "stats");
+  if (w.ndim() != 2) TVM_FFI_THROW(ValueError) << "w must be 2-D";
+  const int64_t k = a.shape()[a.ndim() - 1], n = w.shape()[0];
+  const int64_t m = a.numel() / (k ? k : 1);
+  if (w.shape()[1] != k || out.numel() != m * n || r.numel() != m * n || bias.numel() != n)
+    TVM_FFI_THROW(ValueError) << "GEMM shape mismatch";
+  if (k % 8 || n % 8) TVM_FFI_THROW(ValueError) << "K and N must be multiples of 8";
+  const int64_t parts = (n + kStatsTileN - 1) / kStatsTileN;
+  if (stats.ndim() != 3 || stats.shape()[0] != m || stats.shape()[1] != parts || stats.shape()[2] != 2)
+    TVM_FFI_THROW(ValueError) << "row statistics must be [" << m << ", " << parts << ", 2] for "
+                              << m << " rows of " << n;
+  if (m == 0) return;
+  const int dev = a.device().device_id;
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev));
+  using LB = cutlass::layout::ColumnMajor;
+  constexpr Epi E = Epi::kBiasResidualStats;
+  const void *pa = ptr(a), *pw = ptr(w), *pb = ptr(bias), *pr = ptr(r);
+  void* po = ptr(out);
+  float2* ps = static_cast<float2*>(ptr(stats));
+  auto rows = [&](auto g, int64_t row0, int64_t mm) {
+    using G = decltype(g);
+    const RowStatsArgs sa{ps + row0 * parts, int(parts)};
+    run<G>(mm, n, k, static_cast<const half*>(pa) + row0 * k, pw, pb,
+           static_cast<const half*>(pr) + row0 * n, static_cast<half*>(po) + row0 * n, dev, stream,
+           nullptr, &sa);
+  };
+  if (const int64_t head = split_rows(m, n, k, sm_count(dev))) {  // as gemm's split
+    rows(Cfg6<E, LB>{}, 0, head);
+    return rows(Cfg7<E, LB>{}, head, m - head);
+  }
+  if (m <= 256 || k <= 256) return rows(Cfg6<E, LB>{}, 0, m);
+  return rows(Cfg2<E, LB>{}, 0, m);
+}
+
+// A linear of LayerNorm(a) with the norm folded (ln_fold.cuh): a [.., K] the un-normalized
+// rows, stats [M, parts, 2] their statistics, w' [N, K] fp16, c and b' [N] float32
+template <Epi E>
+void gemm_ln(TensorView a, TensorView stats, TensorView w, TensorView c, TensorView b, double eps,
+             TensorView out, const RopeQKArgs* rope = nullptr) {
+  check(a, "a");
+  check(w, "w");
+  check(out, "out");
+  check_f32(stats, "stats");
+  check_f32(c, "c");
+  check_f32(b, "b");
+  if (w.ndim() != 2) TVM_FFI_THROW(ValueError) << "w must be 2-D";
+  const int64_t k = a.shape()[a.ndim() - 1], n = w.shape()[0];
+  const int64_t m = a.numel() / (k ? k : 1);
+  if (w.shape()[1] != k || out.numel() != m * n || out.shape()[out.ndim() - 1] != n)
+    TVM_FFI_THROW(ValueError) << "GEMM shape mismatch";
+  if (c.numel() != n || b.numel() != n) TVM_FFI_THROW(ValueError) << "c and b must have N elements";
+  if (k % 8 || n % 8) TVM_FFI_THROW(ValueError) << "K and N must be multiples of 8";
+  if (stats.ndim() != 3 || stats.shape()[0] != m || stats.shape()[2] != 2 || stats.shape()[1] % 2 ||
+      stats.shape()[1] > kMaxLnParts)
+    TVM_FFI_THROW(ValueError) << "row statistics must be [" << m << ", parts (even, <= " << kMaxLnParts
+                              << "), 2]";
+  if (m == 0) return;
+  const int dev = a.device().device_id;
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev));
+  LnFoldArgs ln;
+  ln.apply = {static_cast<const float2*>(ptr(stats)), int(stats.shape()[1]), 1.0f / float(k), float(eps)};
+  ln.c = static_cast<const float*>(ptr(c));
+  ln.b = static_cast<const float*>(ptr(b));
+  run<Cfg2<E, cutlass::layout::ColumnMajor>>(m, n, k, ptr(a), ptr(w), nullptr, nullptr, ptr(out), dev,
+                                             stream, rope, nullptr, &ln);
+}
+
+// the RoPE epilogue's arguments for a qkv projection of a [B, N, K] (or [B, .., K]: N tokens per
+// batch entry; see gemm_nk_bias_rope_qk)
+inline RopeQKArgs rope_args(const TensorView& a, int64_t n, int64_t heads, int64_t window, int64_t img_h,
+                            int64_t img_w, int64_t grid_h, int64_t grid_w, double rope_scale,
+                            double rope_theta) {
+  // a: [B, N, K], or [B, .., K] with N = the product of the middle dims
+  if (a.ndim() < 3 || a.shape()[0] <= 0) TVM_FFI_THROW(ValueError) << "RoPE GEMM: a must be [B, N, K]";
+  const int64_t tokens = a.numel() / a.shape()[0] / std::max<int64_t>(a.shape()[a.ndim() - 1], 1);
+  if (heads <= 0 || n % (3 * heads) || n / (3 * heads) != 64)
+    TVM_FFI_THROW(ValueError) << "RoPE GEMM: " << n << " columns are not q, k, v of " << heads
+                              << " heads of 64";
+  if (window > 0 ? (img_h * img_w != tokens || img_h % window || img_w % window ||
+                    grid_h < window || grid_w < window)
+                 : (grid_h <= 0 || grid_w <= 0 || grid_h * grid_w < tokens))
+    TVM_FFI_THROW(ValueError) << "RoPE GEMM: " << tokens << " tokens do not fit the RoPE grid "
+                              << grid_h << "x" << grid_w << " (window " << window << ", image "
+                              << img_h << "x" << img_w << ")";
+  if ((n / 3) % 128)  // 128-column tiles must not straddle q/k and v
+    TVM_FFI_THROW(ValueError) << "RoPE GEMM: hidden width " << n / 3 << " is not a multiple of 128";
+  if (a.numel() / std::max<int64_t>(a.shape()[a.ndim() - 1], 1) >= (1 << 24))
+    TVM_FFI_THROW(ValueError) << "RoPE GEMM: 2^24 rows or more";
+  RopeQKArgs rope;
+  rope.hidden = int(n / 3);
+  rope.n = FloatDivmod(int(tokens));
+  rope.row_w = FloatDivmod(int(window > 0 ? img_w : grid_w));
+  rope.window = FloatDivmod(int(window > 0 ? window : 1 << 20));
+  rope.scale = float(rope_scale);
+  rope.theta = float(rope_theta);
+  rope.rows = int(window > 0 ? window : std::max(grid_h, grid_w));
+  if (rope.rows > kRopeTableRows)
+    TVM_FFI_THROW(ValueError) << "RoPE GEMM: " << rope.rows << " coordinates per axis, the table holds "
+                              << kRopeTableRows;
+  return rope;
+}
+
 }  // namespace sam3
 
 namespace {
@@ -577,32 +753,8 @@ void gemm_nk_bias_relu(TensorView a, TensorView w, TensorView b, TensorView out)
 void gemm_nk_bias_rope_qk(TensorView a, TensorView w, TensorView b, int64_t heads, int64_t window,
                           int64_t img_h, int64_t img_w, int64_t grid_h, int64_t grid_w,
                           double rope_scale, double rope_theta, TensorView out) {
-  if (a.ndim() != 3) TVM_FFI_THROW(ValueError) << "RoPE GEMM: a must be [B, N, K]";
-  const int64_t n = w.shape()[0], tokens = a.shape()[1];
-  if (heads <= 0 || n % (3 * heads) || n / (3 * heads) != 64)
-    TVM_FFI_THROW(ValueError) << "RoPE GEMM: " << n << " columns are not q, k, v of " << heads
-                              << " heads of 64";
-  if (window > 0 ? (img_h * img_w != tokens || img_h % window || img_w % window ||
-                    grid_h < window || grid_w < window)
-                 : (grid_h <= 0 || grid_w <= 0 || grid_h * grid_w < tokens))
-    TVM_FFI_THROW(ValueError) << "RoPE GEMM: " << tokens << " tokens do not fit the RoPE grid "
-                              << grid_h << "x" << grid_w << " (window " << window << ", image "
-                              << img_h << "x" << img_w << ")";
-  if ((n / 3) % 128)  // 128-column tiles must not straddle q/k and v
-    TVM_FFI_THROW(ValueError) << "RoPE GEMM: hidden width " << n / 3 << " is not a multiple of 128";
-  if (a.numel() / std::max<int64_t>(a.shape()[2], 1) >= (1 << 24))
-    TVM_FFI_THROW(ValueError) << "RoPE GEMM: 2^24 rows or more";
-  sam3::RopeQKArgs rope;
-  rope.hidden = int(n / 3);
-  rope.n = sam3::FloatDivmod(int(tokens));
-  rope.row_w = sam3::FloatDivmod(int(window > 0 ? img_w : grid_w));
-  rope.window = sam3::FloatDivmod(int(window > 0 ? window : 1 << 20));
-  rope.scale = float(rope_scale);
-  rope.theta = float(rope_theta);
-  rope.rows = int(window > 0 ? window : std::max(grid_h, grid_w));
-  if (rope.rows > sam3::kRopeTableRows)
-    TVM_FFI_THROW(ValueError) << "RoPE GEMM: " << rope.rows << " coordinates per axis, the table holds "
-                              << sam3::kRopeTableRows;
+  const sam3::RopeQKArgs rope = sam3::rope_args(a, w.ndim() == 2 ? w.shape()[0] : 0, heads, window,
+                                                img_h, img_w, grid_h, grid_w, rope_scale, rope_theta);
   sam3::gemm<sam3::Epi::kBiasRopeQK, true>(a, w, &b, nullptr, out, &rope);
 }
 #elif SAM3_GEMM_PART == 3
@@ -611,6 +763,27 @@ void gemm_kn(TensorView a, TensorView w, TensorView out) {
 }
 void gemm_kn_bias(TensorView a, TensorView w, TensorView b, TensorView out) {
   sam3::gemm<sam3::Epi::kBias, false>(a, w, &b, nullptr, out);
+}
+#elif SAM3_GEMM_PART == 5
+void gemm_nk_bias_residual_stats(TensorView a, TensorView w, TensorView b, TensorView r, TensorView out,
+                                 TensorView stats) {
+  sam3::gemm_stats(a, w, b, r, out, stats);
+}
+#elif SAM3_GEMM_PART == 6
+// a [B, N, K] (or [B, H, W, K]) un-normalized, its statistics, w' [3 * hidden, K], c, b' float32 [3 * hidden]; the
+// RoPE scalars as gemm_nk_bias_rope_qk's
+void gemm_nk_lnfold_rope_qk(TensorView a, TensorView stats, TensorView w, TensorView c, TensorView b,
+                            double eps, int64_t heads, int64_t window, int64_t img_h, int64_t img_w,
+                            int64_t grid_h, int64_t grid_w, double rope_scale, double rope_theta,
+                            TensorView out) {
+  const sam3::RopeQKArgs rope = sam3::rope_args(a, w.ndim() == 2 ? w.shape()[0] : 0, heads, window,
+                                                img_h, img_w, grid_h, grid_w, rope_scale, rope_theta);
+  sam3::gemm_ln<sam3::Epi::kLnRopeQK>(a, stats, w, c, b, eps, out, &rope);
+}
+#elif SAM3_GEMM_PART == 7
+void gemm_nk_lnfold_gelu(TensorView a, TensorView stats, TensorView w, TensorView c, TensorView b,
+                         double eps, TensorView out) {
+  sam3::gemm_ln<sam3::Epi::kLnGelu>(a, stats, w, c, b, eps, out);
 }
 #endif
 }  // namespace
@@ -631,4 +804,10 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_kn, gemm_kn);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_kn_bias, gemm_kn_bias);
 #elif SAM3_GEMM_PART == 4
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_bias_rope_qk, gemm_nk_bias_rope_qk);
+#elif SAM3_GEMM_PART == 5
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_bias_residual_stats, gemm_nk_bias_residual_stats);
+#elif SAM3_GEMM_PART == 6
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_lnfold_rope_qk, gemm_nk_lnfold_rope_qk);
+#elif SAM3_GEMM_PART == 7
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_cutlass_gemm_nk_lnfold_gelu, gemm_nk_lnfold_gelu);
 #endif
