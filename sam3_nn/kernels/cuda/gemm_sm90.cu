@@ -177,32 +177,15 @@ struct RopeQKArgs {
   float scale = 1.0f, theta = 10000.0f;
 };
 
-struct Sm90RopeQK {
+struct Sm90RopeQK : ArgsOnlyNode<RopeQKArgs> {
   struct SharedStorage {
     alignas(16) float2 tab[kRopeTableRows * kRopeTableStride];  // (cos, sin) of coordinate c, frequency i
   };
-  using Arguments = RopeQKArgs;
-  using Params = RopeQKArgs;
 
-  template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
-    return args;
-  }
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
     return args.hidden % 128 == 0 && args.rows > 0 && args.rows <= kRopeTableRows;
   }
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
-    return 0;
-  }
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
-                                              cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
-  }
-  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
-  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
 
   CUTLASS_HOST_DEVICE Sm90RopeQK() {}
   CUTLASS_HOST_DEVICE Sm90RopeQK(Params const& p, SharedStorage const& ss)
@@ -210,12 +193,6 @@ struct Sm90RopeQK {
   Params params;
   float2* tab = nullptr;
   bool built = false;  // this thread's warpgroup has built the table (the node lives for the kernel)
-
-  template <class... Args>
-  CUTLASS_DEVICE auto get_producer_load_callbacks(
-      cutlass::epilogue::fusion::detail::ProducerLoadArgs<Args...> const&) {
-    return cutlass::epilogue::fusion::detail::EmptyProducerLoadCallbacks{};
-  }
 
   template <class CTensor>
   struct ConsumerStoreCallbacks : cutlass::epilogue::fusion::detail::EmptyConsumerStoreCallbacks {
@@ -599,15 +576,6 @@ void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* 
   }
 }
 
-inline void check_f32(const TensorView& t, const char* what) {
-  if (t.dtype().code != kDLFloat || t.dtype().bits != 32)
-    TVM_FFI_THROW(TypeError) << what << " must be float32";
-  if (t.device().device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << what << " must be on CUDA";
-  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << what << " must be contiguous";
-  if (reinterpret_cast<uintptr_t>(ptr(t)) % 16 != 0)
-    TVM_FFI_THROW(ValueError) << what << " must be 16-byte aligned";
-}
-
 constexpr int64_t kStatsTileN = 128;  // the producer configs' tile width (2, 6, 7): one part each
 
 // x = a @ w^T + bias + r (stored as out) and x's row statistics (ln_fold.cuh):
@@ -619,7 +587,7 @@ inline void gemm_stats(TensorView a, TensorView w, TensorView bias, TensorView r
   check(bias, "bias");
   check(r, "residual");
   check(out, "out");
-  check_f32(stats, "stats");
+  check(stats, "stats", 32);
   if (w.ndim() != 2) TVM_FFI_THROW(ValueError) << "w must be 2-D";
   const int64_t k = a.shape()[a.ndim() - 1], n = w.shape()[0];
   const int64_t m = a.numel() / (k ? k : 1);
@@ -661,9 +629,9 @@ void gemm_ln(TensorView a, TensorView stats, TensorView w, TensorView c, TensorV
   check(a, "a");
   check(w, "w");
   check(out, "out");
-  check_f32(stats, "stats");
-  check_f32(c, "c");
-  check_f32(b, "b");
+  check(stats, "stats", 32);
+  check(c, "c", 32);
+  check(b, "b", 32);
   if (w.ndim() != 2) TVM_FFI_THROW(ValueError) << "w must be 2-D";
   const int64_t k = a.shape()[a.ndim() - 1], n = w.shape()[0];
   const int64_t m = a.numel() / (k ? k : 1);

@@ -1,4 +1,5 @@
-// LayerNorm folded into the GEMMs around it (included by gemm_sm90.cu).
+// LayerNorm folded into the GEMMs around it (included by gemm_sm90.cu), and the base of the
+// argument-only epilogue nodes (ArgsOnlyNode, also under gemm_sm90.cu's Sm90RopeQK).
 //
 // A ViT block's LayerNorms sit between a residual GEMM (o_proj or fc2: x = A W^T + b + r) and a
 // linear layer (qkv or fc1). With W' = W diag(gamma), c[n] = sum_k W'[n, k] and
@@ -23,6 +24,37 @@
 namespace sam3 {
 
 namespace fus = cutlass::epilogue::fusion;
+
+// The parts of an epilogue-visitor node that only carries its arguments: no workspace, no
+// loads by the producer warp, no source (C) read. A node adds can_implement, its
+// constructors and its consumer callbacks (and a SharedStorage of its own if it needs one).
+template <class Args>
+struct ArgsOnlyNode {
+  struct SharedStorage {};
+  using Arguments = Args;
+  using Params = Args;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+
+  template <class... A>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(fus::detail::ProducerLoadArgs<A...> const&) {
+    return fus::detail::EmptyProducerLoadCallbacks{};
+  }
+};
 
 struct RowStatsArgs {
   float2* stats = nullptr;  // [M, parts] of the launch's first row
@@ -74,39 +106,15 @@ CUTLASS_DEVICE auto lane_layout(Args const& args) {
 // The residual GEMM's top node: rounds x = its child's value to fp16 (the stored output) and
 // accumulates each row's sum and sum of squares of the rounded values over the tile; after the
 // tile's last subtile the lanes holding a row add theirs (shuffles) and one writes the part.
-struct Sm90RowStats {
-  struct SharedStorage {};
-  using Arguments = RowStatsArgs;
-  using Params = RowStatsArgs;
-
-  template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
-    return args;
-  }
+struct Sm90RowStats : ArgsOnlyNode<RowStatsArgs> {
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
     return args.stats != nullptr && args.parts > 0;
   }
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
-    return 0;
-  }
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
-                                              cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
-  }
-  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
-  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
 
   CUTLASS_HOST_DEVICE Sm90RowStats() {}
   CUTLASS_HOST_DEVICE Sm90RowStats(Params const& p, SharedStorage const&) : params(p) {}
   Params params;
-
-  template <class... Args>
-  CUTLASS_DEVICE auto get_producer_load_callbacks(fus::detail::ProducerLoadArgs<Args...> const&) {
-    return fus::detail::EmptyProducerLoadCallbacks{};
-  }
 
   template <class RTensor, class CTensor, class Residue, class LaneLayout, class LaneMN>
   struct ConsumerStoreCallbacks : fus::detail::EmptyConsumerStoreCallbacks {
@@ -196,39 +204,15 @@ struct LnApplyArgs {
 // y = rstd * (acc - mean * c) + b' from its children (acc, c[col], b'[col]), mean and rstd of
 // each of the thread's rows computed from the parts when the tile's epilogue begins
 // (fp32: var = E[x^2] - mean^2, clamped at 0)
-struct Sm90LnApply {
-  struct SharedStorage {};
-  using Arguments = LnApplyArgs;
-  using Params = LnApplyArgs;
-
-  template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
-    return args;
-  }
+struct Sm90LnApply : ArgsOnlyNode<LnApplyArgs> {
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
     return args.stats != nullptr && args.parts > 0 && args.parts % 2 == 0 && args.parts <= kMaxLnParts;
   }
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
-    return 0;
-  }
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
-                                              cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
-  }
-  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
-  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
 
   CUTLASS_HOST_DEVICE Sm90LnApply() {}
   CUTLASS_HOST_DEVICE Sm90LnApply(Params const& p, SharedStorage const&) : params(p) {}
   Params params;
-
-  template <class... Args>
-  CUTLASS_DEVICE auto get_producer_load_callbacks(fus::detail::ProducerLoadArgs<Args...> const&) {
-    return fus::detail::EmptyProducerLoadCallbacks{};
-  }
 
   template <class RTensor, class CTensor, class LaneLayout>
   struct ConsumerStoreCallbacks : fus::detail::EmptyConsumerStoreCallbacks {

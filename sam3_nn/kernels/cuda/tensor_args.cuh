@@ -21,10 +21,11 @@ inline void* ptr(const TensorView& t) {
   return static_cast<char*>(t.data_ptr()) + t.byte_offset();
 }
 
-// float16, on CUDA, contiguous, 16-byte aligned: what the TMA kernels assume
-inline void check(const TensorView& t, const char* what) {
-  if (t.dtype().code != kDLFloat || t.dtype().bits != 16)
-    TVM_FFI_THROW(TypeError) << what << " must be float16";
+// float16 (or float of `bits` bits), on CUDA, contiguous, 16-byte aligned: what the TMA
+// kernels assume
+inline void check(const TensorView& t, const char* what, int bits = 16) {
+  if (t.dtype().code != kDLFloat || t.dtype().bits != bits)
+    TVM_FFI_THROW(TypeError) << what << " must be float" << bits;
   if (t.device().device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << what << " must be on CUDA";
   if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << what << " must be contiguous";
   if (reinterpret_cast<uintptr_t>(ptr(t)) % 16 != 0)
