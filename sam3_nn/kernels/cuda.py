@@ -5,7 +5,8 @@ On Hopper builds (every SASS arch of the library is sm_90/sm_90a) fp16 GEMMs wit
 kernels (TMA + wgmma, warp-specialized;
 ``cuda/gemm_sm90.cu``, compiled for sm_90a and linked into the library, see
 ``cuda_source.py``), with bias, bias+GELU, bias+ReLU, (bias +) residual and bias + q/k
-RoPE (a RoPE attention's qkv projection, ``rope_qk``) epilogues. The choice
+RoPE (a RoPE attention's qkv projection, ``rope_qk``) epilogues, and the LayerNorm fold's
+(``sam3_nn.ln_fold``: row statistics, and the LayerNorm applied before RoPE or GELU). The choice
 is made at build time from the preset's arches: a library that also carries sm_80 SASS
 keeps the TIR path below for every GEMM. ``SAM3_CUTLASS=0`` turns the CUTLASS route off.
 
