@@ -109,6 +109,8 @@ def plan_folds(func: relax.Function) -> List[_Plan]:
             if ln_sym != layer_norm_cuda.SYMBOL or len(ln_args) != 4:
                 continue
             x, gamma, beta, eps = ln_args
+            # dataflow vars are local to their block, so x, the LayerNorm (and reshape) and the
+            # consumer share one block, where the statistics get bound beside x
             if not isinstance(x, relax.DataflowVar) or _extern(defs.get(x))[0] != PRODUCER:
                 continue
             xs, xdt = _shape(x)

@@ -107,10 +107,34 @@ def test_fold_rewrites_producer_and_consumer(consumer):
     assert {"w2", "gamma", "beta", "b2"} <= names
 
 
-@pytest.mark.parametrize("case", ["ln_output_reused", "producer_not_residual", "few_rows", "switch_off"])
+def _two_blocks():
+    """The producer in one dataflow block, LayerNorm and consumer in the next (x an output of
+    the first): the statistics could not cross over."""
+    bb = relax.BlockBuilder()
+    rows, width = (1, 48, 48), 1024
+    a, r = relax.Var("a", _t(list(rows) + [width])), relax.Var("r", _t(list(rows) + [width]))
+    w, b = relax.Var("w", _t([width, width])), relax.Var("b", _t([width]))
+    gamma, beta = relax.Var("gamma", _t([width])), relax.Var("beta", _t([width]))
+    w2, b2 = relax.Var("w2", _t([512, width])), relax.Var("b2", _t([512]))
+    with bb.function("main", [a, w, b, r, gamma, beta, w2, b2]):
+        with bb.dataflow():
+            x = bb.emit_output(relax.call_dps_packed(ln_fold.PRODUCER, [a, w, b, r], a.ty))
+        with bb.dataflow():
+            y = bb.emit(relax.call_dps_packed(layer_norm_cuda.SYMBOL,
+                                              [x, gamma, beta, relax.prim_value(1e-6, "float64")], x.ty))
+            z = bb.emit_output(relax.call_dps_packed("sam3_cutlass_gemm_nk_bias_gelu", [y, w2, b2],
+                                                     _t(list(rows) + [512])))
+        bb.emit_func_output(z)
+    return bb.get()
+
+
+@pytest.mark.parametrize("case", ["ln_output_reused", "producer_not_residual", "few_rows", "switch_off",
+                                  "two_blocks"])
 def test_fold_leaves_what_it_cannot_take(case):
     if case == "ln_output_reused":
         mod = _block(extra_ln_use=True)
+    elif case == "two_blocks":
+        mod = _two_blocks()
     elif case == "producer_not_residual":
         mod = _block(producer="sam3_cutlass_gemm_nk_bias")
     elif case == "few_rows":
