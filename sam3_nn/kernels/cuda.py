@@ -122,7 +122,8 @@ class _GemmObjects:
 
             jobs = [dict(name="gemm_sm90", arches=("sm_90a",), cutlass=True, flags=HIDDEN,
                          defines=[f"SAM3_GEMM_PART={i}", "CUTLASS_ENABLE_GDC_FOR_SM90"])
-                    for i in range(max(GEMM_PARTS.values()) + 1)]  # GDC: the kernels wait on the previous grid (pdl.cuh)
+                    # GDC: the kernels wait on the previous grid (pdl.cuh)
+                    for i in range(max(GEMM_PARTS.values()) + 1)]
             self.paths = [str(p) for p in compile_objects(jobs, self.log)]
         return tuple(dict.fromkeys([self.paths[0], self.paths[part]]))
 
