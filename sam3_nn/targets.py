@@ -33,6 +33,7 @@ broken combination, rather than crash.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -463,10 +464,9 @@ class TargetPreset:
         kw = {"system_lib": True} if self.system_lib else {}
         target = self.tvm_target()
         config = {"relax.backend.use_cuda_graph": bool(cuda_graph and self.target["kind"] == "cuda")}
-        with tvm.transform.PassContext(config=config):
-            if self.cuda_arches:
-                with _cuda_compile_callback(self.cuda_arches, self.cuda_ptx):
-                    return relax.build(mod, target=target, relax_pipeline=self.pipeline(log, lift), **kw)
+        nvcc = (_cuda_compile_callback(self.cuda_arches, self.cuda_ptx) if self.cuda_arches
+                else contextlib.nullcontext())
+        with tvm.transform.PassContext(config=config), nvcc:
             return relax.build(mod, target=target, relax_pipeline=self.pipeline(log, lift), **kw)
 
     def export(self, ex, path: str, log: Callable[[str], None] = lambda s: None,
