@@ -317,7 +317,7 @@ class _Uses:
                 self._use(bd.value)
         self._use(body.body)
 
-    def _use(self, expr):  # a var used twice in one expression counts once (see the caller)
+    def _use(self, expr):  # every occurrence counts: add(x, x) uses x twice
         counts = {}
 
         def visit(e):
