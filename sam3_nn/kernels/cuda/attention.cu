@@ -838,9 +838,17 @@ __device__ __forceinline__ void wait_all(float* r) {
 }
 #endif
 
+// A row's reference maximum moves only when the tile's maximum exceeds it by more than
+// 2^kRescaleLog2 (log2 domain), so P = 2^(s sc - m sc) <= 2^8 (exact in fp16 range, the same
+// relative precision) and O and l are rescaled only after such a jump: after the first tiles
+// almost never, where an exact running max rescaled O on most tiles (32 multiplies per thread
+// and an exp2 per row). The result is the same softmax: numerator and denominator share m.
+constexpr float kRescaleLog2 = 8.f;
+
 // Bias, tail and online softmax of one S tile in place (rows warp*16 + lane/4 and +8 of the
-// warpgroup): the scores become unnormalised base-2 probabilities, the running max and sum
-// advance, alpha = the factor O must be scaled by (1 for a row whose max did not move).
+// warpgroup): the scores become unnormalised base-2 probabilities, the reference max (see
+// kRescaleLog2) and the sum advance, alpha = the factor O must be scaled by (1 for a row whose
+// reference did not move).
 template <bool BIAS>
 __device__ __forceinline__ void softmax(float* s, float* m_run, float* l_run, float* alpha,
                                         const float* cb, int kv0, int nk, float sc,
@@ -870,9 +878,11 @@ __device__ __forceinline__ void softmax(float* s, float* m_run, float* l_run, fl
     for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hr], s[4 * n + 2 * hr + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    alpha[hr] = mx > m_run[hr] ? fast_exp2((m_run[hr] - mx) * sc) : 1.f;
-    m_run[hr] = mx;
-    const float msc = mx * sc;
+    // (the first tile always moves it: m_run starts at kNegInit, the product is then huge)
+    const float m_new = (mx - m_run[hr]) * sc > kRescaleLog2 ? mx : m_run[hr];
+    alpha[hr] = fast_exp2((m_run[hr] - m_new) * sc);  // exactly 1 where the reference stays
+    m_run[hr] = m_new;
+    const float msc = m_new * sc;
     float sum = 0.f;
 #pragma unroll
     for (int n = 0; n < NS; ++n) {
