@@ -194,26 +194,48 @@ struct Sm90RopeQK : ArgsOnlyNode<RopeQKArgs> {
   float2* tab = nullptr;
   bool built = false;  // this thread's warpgroup has built the table (the node lives for the kernel)
 
-  template <class CTensor>
+  template <class CTensor, class ITensor>
   struct ConsumerStoreCallbacks : cutlass::epilogue::fusion::detail::EmptyConsumerStoreCallbacks {
-    CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor c, int m_base_, int n_base_, bool rotate_,
-                                          bool build_, int thread_idx_, float2* tab_, Params const& p)
-        : tCcD(c), m_base(m_base_), n_base(n_base_), rotate(rotate_), build(build_),
-          thread_idx(thread_idx_), tab(tab_), params(p), n(p.n), row_w(p.row_w), window(p.window) {}
+    CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor c, ITensor ox, ITensor oy, int m_base_, int n_base_,
+                                          bool rotate_, bool build_, int thread_idx_, float2* tab_,
+                                          Params const& p)
+        : tCcD(c), off_x(ox), off_y(oy), m_base(m_base_), n_base(n_base_), rotate(rotate_), build(build_),
+          thread_idx(thread_idx_), tab(tab_), params(p) {}
     CTensor tCcD;       // (CPY, CPY_M, CPY_N, EPI_M, EPI_N), relative to the thread's first element
+    ITensor off_x, off_y;  // per row (stride 0 along N): table offsets of its x and y coordinates
     int m_base, n_base; // that element's row and column in D
     bool rotate;        // a q or k tile (tiles never straddle q/k and v: hidden % 128 == 0)
     bool build;         // build the table first (the warpgroup's first tile)
     int thread_idx;     // within the warpgroup
     float2* tab;
     Params const& params;
-    FloatDivmod n, row_w, window;  // copies in registers (the pairs' arithmetic reads them)
 
+    // the table (first tile), then each of the thread's rows' grid coordinates, once per tile:
+    // the pairs of a row share them (computed per pair, 4 divisions each, they were ~3
+    // instructions per element of the epilogue)
     CUTLASS_DEVICE void begin() {
-      if (!build) return;
-      for (int e = thread_idx % 128; e < params.rows * 16; e += 128) {
-        const int c = e >> 4, i = e & 15;
-        tab[c * kRopeTableStride + i] = sam3_cuda::rope_cos_sin(c, i, 64, params.scale, params.theta);
+      if (build) {
+        for (int e = thread_idx % 128; e < params.rows * 16; e += 128) {
+          const int c = e >> 4, i = e & 15;
+          tab[c * kRopeTableStride + i] = sam3_cuda::rope_cos_sin(c, i, 64, params.scale, params.theta);
+        }
+      }
+      if (!rotate) return;
+      using namespace cute;
+      Tensor fx = filter_zeros(off_x);
+      Tensor fy = filter_zeros(off_y);
+      Tensor fc = filter_zeros(tCcD, off_x.stride());
+      const FloatDivmod n = params.n, row_w = params.row_w, window = params.window;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(fx); ++i) {
+        const int row = m_base + int(get<0>(fc(i)));
+        int t, x0, gy, gx;
+        n(row, t);
+        const int y0 = row_w(t, x0);
+        window(y0, gy);
+        window(x0, gx);
+        fx(i) = gx * kRopeTableStride;
+        fy(i) = gy * kRopeTableStride;
       }
     }
     CUTLASS_DEVICE bool begin_sync_needed() const { return build; }
@@ -231,21 +253,17 @@ struct Sm90RopeQK : ArgsOnlyNode<RopeQKArgs> {
       }
       // coordinates relative to this thread's first element (static), + its base (dynamic)
       Tensor coords = tCcD(_, _, _, epi_m, epi_n);
+      Tensor ox = off_x(_, _, _, epi_m, epi_n);
+      Tensor oy = off_y(_, _, _, epi_m, epi_n);
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < FragmentSize; j += 2) {
         // elements j, j + 1 of a fragment are columns c, c + 1 (c even) of one row: the fp16
         // register pairs the STSM copy stores
         const float a = float(x[j]), b = float(x[j + 1]);
-        const auto c = coords(epi_v * FragmentSize + j);
-        const int row = m_base + int(get<0>(c));
-        const int col = n_base + int(get<1>(c));
-        int t, x0, gy, gx;
-        n(row, t);
-        const int y0 = row_w(t, x0);
-        window(y0, gy);
-        window(x0, gx);
+        const int e = epi_v * FragmentSize + j;
+        const int col = n_base + int(get<1>(coords(e)));
         const int pair = (col & 63) >> 1;
-        const float2 cs = tab[(pair < 16 ? gx : gy) * kRopeTableStride + (pair & 15)];
+        const float2 cs = tab[(pair < 16 ? ox(e) : oy(e)) + (pair & 15)];
         y[j] = a * cs.x - b * cs.y;
         y[j + 1] = a * cs.y + b * cs.x;
       }
@@ -265,8 +283,10 @@ struct Sm90RopeQK : ArgsOnlyNode<RopeQKArgs> {
     const bool rotate = int(n) * int(size<1>(args.tile_shape_mnk)) < 2 * params.hidden;
     const bool build = !built;
     built = true;
-    return ConsumerStoreCallbacks<decltype(args.tCcD)>(args.tCcD, m_base, n_base, rotate, build,
-                                                       args.thread_idx, tab, params);
+    auto ox = sam3::row_registers<ReferenceSrc, int>(args);
+    auto oy = sam3::row_registers<ReferenceSrc, int>(args);
+    return ConsumerStoreCallbacks<decltype(args.tCcD), decltype(ox)>(args.tCcD, ox, oy, m_base, n_base, rotate,
+                                                                     build, args.thread_idx, tab, params);
   }
 };
 

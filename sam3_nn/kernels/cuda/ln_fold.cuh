@@ -64,7 +64,7 @@ struct RowStatsArgs {
 // ColReduction-style partition of a per-row value: (CPY, CPY_M, CPY_N, EPI_M, EPI_N) registers
 // with stride 0 along N (one register per row the thread holds), as Sm90ColReduction and
 // Sm90ColBroadcast lay out theirs
-template <bool ReferenceSrc, class Args>
+template <bool ReferenceSrc, class Element = float, class Args>
 CUTLASS_DEVICE auto row_registers(Args const& args) {
   using namespace cute;
   auto [M, N, K, L] = args.problem_shape_mnkl;
@@ -73,7 +73,7 @@ CUTLASS_DEVICE auto row_registers(Args const& args) {
   Tensor gRow = local_tile(mRow, take<0, 2>(args.tile_shape_mnk), make_coord(m, n, _));
   Tensor tCgRow = fus::detail::sm90_partition_for_epilogue<ReferenceSrc>(gRow(_, _, l), args.epi_tile,
                                                                         args.tiled_copy, args.thread_idx);
-  return make_tensor_like<float>(tCgRow);
+  return make_tensor_like<Element>(tCgRow);
 }
 
 // The lanes' layout over an epilogue subtile and this lane's (m, n) in it, as Sm90ColReduction
