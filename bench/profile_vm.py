@@ -28,6 +28,14 @@ holds the board at its power cap: ~690 W, reason 0x4 (software power cap), the S
 1.45-1.62 GHz of 1.98 (session 13). Calls then take as long as their energy allows, so two
 libraries or settings must be compared alternating on one machine, after the same warm-up.
 
+``--ncu`` (GPU, needs PyTorch with CUDA): after 3 warm-up calls, one call inside an NVTX range
+``sam3_call``, for Nsight Compute to profile that call's kernels (CUDA graph nodes included),
+e.g. its DRAM traffic with the caches left as the call leaves them:
+
+    ncu --nvtx --nvtx-include "sam3_call/" --cache-control none --clock-control none
+        --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum --csv
+        python3 bench/profile_vm.py LIB encode_image --ncu      (one command line)
+
 ``--kernels`` (GPU, needs PyTorch with CUDA): instead, the device-side time of every CUDA
 kernel over ``--runs`` plain calls, from PyTorch's profiler (CUPTI), with no
 synchronization added: the kernels' sum against the calls' wall time says how much of
@@ -46,7 +54,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-CALL_MARK = "sam3_call"  # --trace: the profiler range around each call
+CALL_MARK = "sam3_call"  # --trace: the profiler range around each call; --ncu: the NVTX range
 
 
 def random_inputs(manifest, function: str, batch: int, rng):
@@ -131,6 +139,8 @@ def main() -> int:
     ap.add_argument("--gaps", action="store_true", help="with --kernels: idle time between kernels")
     ap.add_argument("--trace", action="store_true",
                     help="with --kernels: one call's timeline of CUDA API calls and kernels")
+    ap.add_argument("--ncu", action="store_true",
+                    help="GPU: one call inside an NVTX range for Nsight Compute (--nvtx-include sam3_call/)")
     ap.add_argument("--time", type=int, default=0, metavar="N",
                     help="instead: the median wall time of N plain calls (3 warm-up calls first)")
     ap.add_argument("--clocks", action="store_true",
@@ -158,6 +168,16 @@ def main() -> int:
     total = time.perf_counter() - t
     if args.kernels:
         return kernel_profile(args, lib, call)
+    if args.ncu:
+        import torch
+
+        for _ in range(3):
+            call()
+        torch.cuda.nvtx.range_push(CALL_MARK)
+        call()
+        torch.cuda.nvtx.range_pop()
+        print(f"{args.function}: one call inside the NVTX range {CALL_MARK!r}")
+        return 0
     if args.time:
         for _ in range(3):
             call()
