@@ -839,10 +839,10 @@ __device__ __forceinline__ void wait_all(float* r) {
 #endif
 
 // A row's reference maximum moves only when the tile's maximum exceeds it by more than
-// 2^kRescaleLog2 (log2 domain), so P = 2^(s sc - m sc) <= 2^8 (exact in fp16 range, the same
-// relative precision) and O and l are rescaled only after such a jump: after the first tiles
+// kRescaleLog2 in the exp2 domain, so P = 2^(s sc - m sc) <= 2^8 (within fp16's range, at its
+// full relative precision) and O is rescaled only after such a jump: after the first tiles
 // almost never, where an exact running max rescaled O on most tiles (32 multiplies per thread
-// and an exp2 per row). The result is the same softmax: numerator and denominator share m.
+// and tile). The result is the same softmax: numerator and denominator share m.
 constexpr float kRescaleLog2 = 8.f;
 
 // Bias, tail and online softmax of one S tile in place (rows warp*16 + lane/4 and +8 of the

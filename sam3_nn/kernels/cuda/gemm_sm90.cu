@@ -210,9 +210,9 @@ struct Sm90RopeQK : ArgsOnlyNode<RopeQKArgs> {
     float2* tab;
     Params const& params;
 
-    // the table (first tile), then each of the thread's rows' grid coordinates, once per tile:
-    // the pairs of a row share them (computed per pair, 4 divisions each, they were ~3
-    // instructions per element of the epilogue)
+    // the table (first tile), then each of the thread's rows' grid coordinates (4 divisions),
+    // once per tile: the pairs of a row share them (per pair, the compiler merged only half of
+    // the repeats: 16 more divisions per thread and tile)
     CUTLASS_DEVICE void begin() {
       if (build) {
         for (int e = thread_idx % 128; e < params.rows * 16; e += 128) {
@@ -285,8 +285,8 @@ struct Sm90RopeQK : ArgsOnlyNode<RopeQKArgs> {
     built = true;
     auto ox = sam3::row_registers<ReferenceSrc, int>(args);
     auto oy = sam3::row_registers<ReferenceSrc, int>(args);
-    return ConsumerStoreCallbacks<decltype(args.tCcD), decltype(ox)>(args.tCcD, ox, oy, m_base, n_base, rotate,
-                                                                     build, args.thread_idx, tab, params);
+    return ConsumerStoreCallbacks<decltype(args.tCcD), decltype(ox)>(
+        args.tCcD, ox, oy, m_base, n_base, rotate, build, args.thread_idx, tab, params);
   }
 };
 
