@@ -8,7 +8,9 @@
 CUDA: all cases go into one library (``cases.so``, built with the ``cuda`` preset for
 ``--arch``, default sm_90a: CUTLASS kernels), run with the runtime-only TVM; each case is
 checked against PyTorch (fp32 math on the same fp16 inputs) and the timed ones are
-timed (ours: VM time_evaluator; torch: CUDA events), best of 5 x 20 calls.
+timed (ours: VM time_evaluator; torch: CUDA events), best of 5 x 20 calls. ``--sustain S``
+also times each GEMM's tile configurations and PyTorch in stretches of S seconds of
+continuous load, the board at its power cap (as in the model), with power and energy per call.
 
 Each case is one ``nn.Linear`` (``[M, K] -> [M, N]`` + bias) or the pixel decoder's
 3x3 conv (channel-last, 256 -> 256), compiled by the same pipeline as the model
@@ -431,6 +433,74 @@ def _bench_torch(fn, iters=20, repeat=5):
     return best
 
 
+class PowerSampler:
+    """``nvidia-smi`` power and SM clock every 50 ms in a thread, each sample stamped with the
+    host's clock, so a measurement can read the samples of its own interval."""
+
+    def __init__(self):
+        import subprocess
+        import threading
+
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or "0"
+        self.samples = []  # (perf_counter, watts, MHz)
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "-i", gpu, "--query-gpu=power.draw,clocks.sm",
+                 "--format=csv,noheader,nounits", "-lms", "50"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for ln in self.proc.stdout:
+            try:
+                w, mhz = (float(f) for f in ln.split(","))
+            except ValueError:
+                continue
+            self.samples.append((time.perf_counter(), w, mhz))
+
+    def between(self, t0, t1):
+        """median watts and MHz of the samples in [t0, t1] (nan without samples)"""
+        sel = [(w, m) for t, w, m in list(self.samples) if t0 <= t <= t1]
+        if not sel:
+            return float("nan"), float("nan")
+        return float(np.median([w for w, _ in sel])), float(np.median([m for _, m in sel]))
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.terminate()
+
+
+def sustained(cases, seconds, rounds):
+    """Time each ``(label, run)`` (``run(n)``: n back-to-back calls, then a synchronize) as one
+    stretch of about ``seconds`` of continuous load, the labels alternating for ``rounds``
+    rounds after a 3 s warm-up, so every one of them runs with the board at its power cap
+    (an H100 reaches it within half a second of load). Returns {label: (median seconds per
+    call, median watts, median SM MHz)}; energy per call is watts x seconds."""
+    sampler = PowerSampler()
+    per = {}
+    for label, run in cases:  # calls per stretch, from a short timed run
+        run(3)
+        t0 = time.perf_counter()
+        run(20)
+        per[label] = max(20, int(seconds / ((time.perf_counter() - t0) / 20)))
+    t_end = time.perf_counter() + 3.0
+    while time.perf_counter() < t_end:
+        cases[0][1](per[cases[0][0]])
+    got = {}
+    for _ in range(rounds):
+        for label, run in cases:
+            n = per[label]
+            t0 = time.perf_counter()
+            run(n)
+            t1 = time.perf_counter()
+            got.setdefault(label, []).append(((t1 - t0) / n, *sampler.between(t0, t1)))
+    sampler.close()
+    return {k: tuple(float(np.median([r[i] for r in v])) for i in range(3)) for k, v in got.items()}
+
+
 def run_cuda(args):
     _cuda_runtime_setup(args.arch)
     import torch
@@ -461,7 +531,7 @@ def run_cuda(args):
         tparams.append(t.to(td))
     pnames = [n for n, _ in meta["params"]]
     params = [tvm.runtime.from_dlpack(t) for t in tparams]
-    rows, checks, tile_err = [], [], {}
+    rows, checks, tile_err, sus_rows = [], [], {}, []
     for i, c in enumerate(meta["cases"]):
         kind, shape = c["kind"], c["shape"]
         xs = _cuda_x_shape(kind, [tuple(v) if isinstance(v, list) else v for v in shape])
@@ -496,6 +566,9 @@ def run_cuda(args):
             tiles = {t: float(np.median(v)) for t, v in times.items()}
             set_tile(-1)
             set_split(-1)
+        if args.sustain and set_tile is not None and kind in ("linear", "linres", "rope"):
+            sus_rows.append((c["name"], c["flops"], _sustain_case(
+                args, vm, dev, f"case{i}", xt, params, kind, shape, x, ps, set_tile, set_split)))
         t_ours = ev(xt, params).min
         tps = ps
         t_ref = _bench_torch(lambda: _torch_case(kind, shape, x, tps))
@@ -516,8 +589,48 @@ def run_cuda(args):
         print("\nper tile: rel. Frobenius error, max-abs error vs torch fp32")
         for (name, tile), (e, m) in tile_err.items():
             print(f"  {name:36s} {tile}: {e:.3e} {m:.3e}")
+    if sus_rows:
+        print(f"\nsustained at the power cap ({args.sustain:.2f} s stretches, {args.rounds} rounds, "
+              "alternating; medians): ms per call, TFLOP/s, W, SM MHz, mJ per call")
+        for name, flops, res in sus_rows:
+            print(f"  {name}")
+            for label, (sec, w, mhz) in res.items():
+                print(f"    {str(label):10s} {sec * 1e3:8.4f} ms {flops / sec / 1e12:7.1f} {w:6.0f} W "
+                      f"{mhz:5.0f} MHz {w * sec * 1e3:7.2f} mJ")
     print()
     _report([(n, f, a, b) for n, f, a, b, _ in rows])
+
+
+def _sustain_case(args, vm, dev, fname, xt, params, kind, shape, x, ps, set_tile, set_split):
+    """--sustain: the tile configs of one case and PyTorch's GEMM, each in stretches of
+    continuous load (see :func:`sustained`)"""
+    import torch
+
+    fn = vm[fname]
+
+    def ours(tile):
+        def run(n):
+            set_split(SPLITS.get(tile, -1))
+            set_tile(-1 if isinstance(tile, str) else tile)
+            for _ in range(n):
+                fn(xt, params)
+            dev.sync()
+        return run
+
+    def theirs(n):
+        for _ in range(n):
+            _torch_case(kind, shape, x, ps)
+        torch.cuda.synchronize()
+
+    tiles = ["default"] + [t for t in dict.fromkeys(args.tiles) if kind != "rope"]
+    cases = [(t, ours(-1 if t == "default" else t)) for t in tiles]
+    if kind != "rope":  # torch has no fused RoPE: its rotation would be separate kernels
+        cases.append(("torch", theirs))
+    try:
+        return sustained(cases, args.sustain, args.rounds)
+    finally:
+        set_tile(-1)
+        set_split(-1)
 
 
 def main():
@@ -540,6 +653,9 @@ def main():
                     "tail, or never (sam3_cutlass_gemm_set_split)")
     ap.add_argument("--rounds", type=int, default=1, help="cuda --run: sweep rounds (median per tile)")
     ap.add_argument("--no-sweep", action="store_true", help="cuda --run: skip the tile sweep")
+    ap.add_argument("--sustain", type=float, default=0.0, help="cuda --run: also time each timed "
+                    "GEMM's tiles and PyTorch in stretches of this many seconds of continuous load "
+                    "(the board at its power cap), with power and energy per call")
     args = ap.parse_args()
     cpu = args.mode == "cpu"
     args.m = args.m or (1296 if cpu else 5184)
