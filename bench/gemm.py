@@ -433,6 +433,37 @@ def _bench_torch(fn, iters=20, repeat=5):
     return best
 
 
+def _cuda_errors(lib, dev):
+    """Bad shapes into the CUTLASS GEMM entry: each must raise ValueError naming what was
+    wrong. Returns check rows (name, 0 or 1 as the error, same, finite)."""
+    import tvm
+
+    try:
+        gemm = lib.get_function("sam3_cutlass_gemm_nk", query_imports=True)
+    except AttributeError:  # a library without the CUTLASS kernels
+        return []
+
+    def t(*shape):
+        return tvm.runtime.tensor(np.zeros(shape, "float16"), dev)
+
+    rows = []
+    for name, args, want in [
+        ("K of a and w differ", (t(64, 256), t(128, 200), t(64, 128)), "a has K = 256"),
+        ("out of the wrong size", (t(64, 256), t(128, 256), t(64, 120)), "expected M * N = 64 * 128"),
+        ("K not a multiple of 8", (t(64, 100), t(128, 100), t(64, 128)), "multiples of 8, got K = 100"),
+    ]:
+        try:
+            gemm(*args)
+            got = "no error"
+        except ValueError as e:
+            got = str(e)
+        bad = 0.0 if want in got else 1.0
+        if bad:
+            print(f"  {name}: expected an error with {want!r}, got {got!r}")
+        rows.append((f"check: GEMM error, {name}", bad, bad, True))
+    return rows
+
+
 class PowerSampler:
     """``nvidia-smi`` power and SM clock every 50 ms in a thread, each sample stamped with the
     host's clock, so a measurement can read the samples of its own interval."""
@@ -573,6 +604,7 @@ def run_cuda(args):
         tps = ps
         t_ref = _bench_torch(lambda: _torch_case(kind, shape, x, tps))
         rows.append((c["name"], c["flops"], t_ours, t_ref, tiles))
+    checks += _cuda_errors(lib, dev)
     print(f"\nCUDA {dtype}, {torch.cuda.get_device_name()}: correctness vs torch fp32 "
           "(rel. Frobenius error, max-abs error / max |ref|)")
     for name, err, maxerr, finite in checks:

@@ -541,26 +541,46 @@ inline int64_t split_rows(int64_t m, int64_t n, int64_t k, int64_t sms) {
   return tail_tm * tn <= sms ? head_tm * 128 : 0;  // ... must fit one round
 }
 
-template <Epi E, bool kNK>
-void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* residual,
-          TensorView out, const RopeQKArgs* rope = nullptr) {
+struct GemmDims {
+  int64_t m, n, k;
+};
+
+// The checks every entry shares: a [.., K] (M = its rows), w [N, K] (kNK) or [K, N], out of
+// M * N elements, K and N multiples of 8 (TMA's 16-byte rows). What out's shape must be
+// beyond its size is each entry's own rule.
+inline GemmDims gemm_dims(const TensorView& a, const TensorView& w, const TensorView& out, bool nk) {
   check(a, "a");
   check(w, "w");
   check(out, "out");
+  if (w.ndim() != 2) TVM_FFI_THROW(ValueError) << "w must be 2-D";
+  const int64_t k = a.shape()[a.ndim() - 1];
+  const int64_t n = nk ? w.shape()[0] : w.shape()[1];
+  const int64_t wk = nk ? w.shape()[1] : w.shape()[0];
+  const int64_t m = a.numel() / (k ? k : 1);
+  if (wk != k)
+    TVM_FFI_THROW(ValueError) << "GEMM shape mismatch: a has K = " << k << " columns, w ("
+                              << (nk ? "[N, K]" : "[K, N]") << ") has K = " << wk;
+  if (out.numel() != m * n)
+    TVM_FFI_THROW(ValueError) << "GEMM shape mismatch: out has " << out.numel() << " elements, expected M * N = "
+                              << m << " * " << n;
+  if (k % 8 || n % 8)
+    TVM_FFI_THROW(ValueError) << "K and N must be multiples of 8, got K = " << k << ", N = " << n;
+  return {m, n, k};
+}
+
+template <Epi E, bool kNK>
+void gemm(TensorView a, TensorView w, const TensorView* bias, const TensorView* residual,
+          TensorView out, const RopeQKArgs* rope = nullptr) {
+  const GemmDims d = gemm_dims(a, w, out, kNK);
+  const int64_t m = d.m, n = d.n, k = d.k;
   if (bias) check(*bias, "bias");
   if (residual) check(*residual, "residual");
-  if (w.ndim() != 2) TVM_FFI_THROW(ValueError) << "w must be 2-D";
-  int64_t k = a.shape()[a.ndim() - 1];
-  int64_t n = kNK ? w.shape()[0] : w.shape()[1];
-  int64_t wk = kNK ? w.shape()[1] : w.shape()[0];
-  int64_t m = a.numel() / (k ? k : 1);
   // with a residual, out (and r) may have any shape of M * N elements (see the top)
-  if (wk != k || out.numel() != m * n || (!residual && out.shape()[out.ndim() - 1] != n))
-    TVM_FFI_THROW(ValueError) << "GEMM shape mismatch";
+  if (!residual && out.shape()[out.ndim() - 1] != n)
+    TVM_FFI_THROW(ValueError) << "GEMM shape mismatch: out's last dimension must be N = " << n;
   if (residual && residual->numel() != m * n)
     TVM_FFI_THROW(ValueError) << "residual must have M * N elements";
   if (bias && bias->numel() != n) TVM_FFI_THROW(ValueError) << "bias must have N elements";
-  if (k % 8 || n % 8) TVM_FFI_THROW(ValueError) << "K and N must be multiples of 8";
   if (m == 0) return;
   int dev = a.device().device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev));
@@ -602,18 +622,13 @@ constexpr int64_t kStatsTileN = 128;  // the producer configs' tile width (2, 6,
 // stats [M, ceil(N / 128), 2] float32
 inline void gemm_stats(TensorView a, TensorView w, TensorView bias, TensorView r, TensorView out,
                        TensorView stats) {
-  check(a, "a");
-  check(w, "w");
+  const GemmDims d = gemm_dims(a, w, out, true);
+  const int64_t m = d.m, n = d.n, k = d.k;
   check(bias, "bias");
   check(r, "residual");
-  check(out, "out");
   check(stats, "stats", 32);
-  if (w.ndim() != 2) TVM_FFI_THROW(ValueError) << "w must be 2-D";
-  const int64_t k = a.shape()[a.ndim() - 1], n = w.shape()[0];
-  const int64_t m = a.numel() / (k ? k : 1);
-  if (w.shape()[1] != k || out.numel() != m * n || r.numel() != m * n || bias.numel() != n)
-    TVM_FFI_THROW(ValueError) << "GEMM shape mismatch";
-  if (k % 8 || n % 8) TVM_FFI_THROW(ValueError) << "K and N must be multiples of 8";
+  if (r.numel() != m * n) TVM_FFI_THROW(ValueError) << "residual must have M * N elements";
+  if (bias.numel() != n) TVM_FFI_THROW(ValueError) << "bias must have N elements";
   const int64_t parts = (n + kStatsTileN - 1) / kStatsTileN;
   if (stats.ndim() != 3 || stats.shape()[0] != m || stats.shape()[1] != parts || stats.shape()[2] != 2)
     TVM_FFI_THROW(ValueError) << "row statistics must be [" << m << ", " << parts << ", 2] for "
@@ -646,19 +661,14 @@ inline void gemm_stats(TensorView a, TensorView w, TensorView bias, TensorView r
 template <Epi E>
 void gemm_ln(TensorView a, TensorView stats, TensorView w, TensorView c, TensorView b, double eps,
              TensorView out, const RopeQKArgs* rope = nullptr) {
-  check(a, "a");
-  check(w, "w");
-  check(out, "out");
+  const GemmDims d = gemm_dims(a, w, out, true);
+  const int64_t m = d.m, n = d.n, k = d.k;
   check(stats, "stats", 32);
   check(c, "c", 32);
   check(b, "b", 32);
-  if (w.ndim() != 2) TVM_FFI_THROW(ValueError) << "w must be 2-D";
-  const int64_t k = a.shape()[a.ndim() - 1], n = w.shape()[0];
-  const int64_t m = a.numel() / (k ? k : 1);
-  if (w.shape()[1] != k || out.numel() != m * n || out.shape()[out.ndim() - 1] != n)
-    TVM_FFI_THROW(ValueError) << "GEMM shape mismatch";
+  if (out.shape()[out.ndim() - 1] != n)
+    TVM_FFI_THROW(ValueError) << "GEMM shape mismatch: out's last dimension must be N = " << n;
   if (c.numel() != n || b.numel() != n) TVM_FFI_THROW(ValueError) << "c and b must have N elements";
-  if (k % 8 || n % 8) TVM_FFI_THROW(ValueError) << "K and N must be multiples of 8";
   if (stats.ndim() != 3 || stats.shape()[0] != m || stats.shape()[2] != 2 || stats.shape()[1] % 2 ||
       stats.shape()[1] > kMaxLnParts)
     TVM_FFI_THROW(ValueError) << "row statistics must be [" << m << ", parts (even, <= " << kMaxLnParts
