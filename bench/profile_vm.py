@@ -181,7 +181,7 @@ def main() -> int:
     if args.time:
         for _ in range(3):
             call()
-        sampler = ClockSampler(dev.device_id) if args.clocks else None
+        sampler = ClockSampler(dev.index) if args.clocks else None
         ts, stamps = [], []
         for _ in range(args.time):
             t = time.perf_counter()
