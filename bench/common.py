@@ -22,6 +22,53 @@ for _p in (ROOT, os.path.join(ROOT, "tests")):
         sys.path.insert(0, _p)
 
 
+class GpuSampler:
+    """``nvidia-smi`` every 50 ms in a thread, from construction until :meth:`close`: SM
+    clock (MHz), board power (W) and clock-limit reasons (bit mask), each sample stamped with
+    ``time.perf_counter()`` as it arrives. ``device_id`` is the CUDA index; where
+    CUDA_VISIBLE_DEVICES narrows the GPUs, nvidia-smi is asked for the first visible one."""
+
+    QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
+
+    def __init__(self, device_id: int = 0):
+        import subprocess
+        import threading
+
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or str(device_id)
+        self.samples: List[Tuple[float, float, float, int]] = []  # (stamp, MHz, W, reasons)
+        self.error: Optional[str] = None
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "-i", gpu, f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
+                 "-lms", "50"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError as e:
+            self.proc, self.error = None, str(e)
+            return
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for ln in self.proc.stdout:
+            try:
+                mhz, watts, reasons = (f.strip() for f in ln.split(","))
+                self.samples.append((time.perf_counter(), float(mhz), float(watts), int(reasons, 16)))
+            except ValueError:
+                continue
+
+    def between(self, t0: float, t1: float) -> Tuple[float, float]:
+        """median W and MHz of the samples stamped in [t0, t1] (nan without samples)"""
+        sel = [(w, m) for t, m, w, _ in list(self.samples) if t0 <= t <= t1]
+        if not sel:
+            return float("nan"), float("nan")
+        return float(np.median([w for w, _ in sel])), float(np.median([m for _, m in sel]))
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self._reader.join(timeout=2.0)
+
+
 # ----------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------

@@ -464,53 +464,16 @@ def _cuda_errors(lib, dev):
     return rows
 
 
-class PowerSampler:
-    """``nvidia-smi`` power and SM clock every 50 ms in a thread, each sample stamped with the
-    host's clock, so a measurement can read the samples of its own interval."""
-
-    def __init__(self):
-        import subprocess
-        import threading
-
-        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or "0"
-        self.samples = []  # (perf_counter, watts, MHz)
-        try:
-            self.proc = subprocess.Popen(
-                ["nvidia-smi", "-i", gpu, "--query-gpu=power.draw,clocks.sm",
-                 "--format=csv,noheader,nounits", "-lms", "50"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        except OSError:
-            self.proc = None
-            return
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for ln in self.proc.stdout:
-            try:
-                w, mhz = (float(f) for f in ln.split(","))
-            except ValueError:
-                continue
-            self.samples.append((time.perf_counter(), w, mhz))
-
-    def between(self, t0, t1):
-        """median watts and MHz of the samples in [t0, t1] (nan without samples)"""
-        sel = [(w, m) for t, w, m in list(self.samples) if t0 <= t <= t1]
-        if not sel:
-            return float("nan"), float("nan")
-        return float(np.median([w for w, _ in sel])), float(np.median([m for _, m in sel]))
-
-    def close(self):
-        if self.proc is not None:
-            self.proc.terminate()
-
-
 def sustained(cases, seconds, rounds):
     """Time each ``(label, run)`` (``run(n)``: n back-to-back calls, then a synchronize) as one
     stretch of about ``seconds`` of continuous load, the labels alternating for ``rounds``
     rounds after a 3 s warm-up, so every one of them runs with the board at its power cap
     (an H100 reaches it within half a second of load). Returns {label: (median seconds per
     call, median watts, median SM MHz)}; energy per call is watts x seconds."""
-    sampler = PowerSampler()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import GpuSampler
+
+    sampler = GpuSampler()
     per = {}
     for label, run in cases:  # calls per stretch, from a short timed run
         run(3)

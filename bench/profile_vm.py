@@ -76,40 +76,23 @@ def random_params(manifest, rng):
 
 
 class ClockSampler:
-    """``nvidia-smi`` sampling SM clock, power and clock-limit reasons every 50 ms, from
-    construction until :meth:`report`."""
-
-    QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
+    """``nvidia-smi`` sampling SM clock, power and clock-limit reasons every 50 ms
+    (common.GpuSampler), from construction until :meth:`report`."""
 
     def __init__(self, device_id: int = 0):
-        import subprocess
+        from common import GpuSampler
 
-        # nvidia-smi numbers the GPUs itself: the first visible one where CUDA_VISIBLE_DEVICES
-        # narrows them (its GPU 0 for us), else the CUDA device index
-        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or str(device_id)
         self.t0 = time.perf_counter()
-        try:
-            self.proc = subprocess.Popen(
-                ["nvidia-smi", "-i", gpu, f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
-                 "-lms", "50"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        except OSError as e:
-            print(f"clocks: cannot run nvidia-smi ({e}); no samples")
-            self.proc = None
+        self.sampler = GpuSampler(device_id)
+        if self.sampler.error is not None:
+            print(f"clocks: cannot run nvidia-smi ({self.sampler.error}); no samples")
 
     def report(self, ms: np.ndarray, starts: np.ndarray) -> None:
         end = time.perf_counter()
-        if self.proc is None:
+        if self.sampler.proc is None:
             return
-        self.proc.terminate()
-        lines = [ln for ln in self.proc.communicate()[0].splitlines() if ln.strip()]
-        rows = []
-        for ln in lines:
-            try:
-                mhz, watts, reasons = (f.strip() for f in ln.split(","))
-                rows.append((float(mhz), float(watts), int(reasons, 16)))
-            except ValueError:
-                continue
+        self.sampler.close()
+        rows = [(mhz, watts, reasons) for _, mhz, watts, reasons in self.sampler.samples]
         if not rows:
             print("clocks: nvidia-smi gave no samples")
             return
