@@ -15,7 +15,7 @@ from tvm.relax.frontend.nn import op
 from sam3_nn import kernels
 from sam3_nn.targets import get_preset
 from sam3_nn.attention import sdpa
-from sam3_nn.kernels.cpu import conv2d_nhwc, gemm
+from sam3_nn.kernels.cpu import conv2d_nhwc, gemm, tile_for
 from sam3_nn.layers import Conv1x1, Conv2d, ConvTranspose2x2
 
 TARGET = get_preset("llvm").tvm_target()
@@ -36,15 +36,21 @@ def _run_prim(func, args, out_shape, out_dtype):
     return out.numpy()
 
 
+# the register tiles tile_for gives: AVX-512, AVX2 / NEON, SSE2 (mr, bn, mb)
+TILES = [(8, 32, 64), (6, 16, 128), (6, 8, 128)]
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: "x".join(map(str, t)))
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("layout", ["nk", "kn"])
-@pytest.mark.parametrize("m,n,k", [(37, 50, 19), (8, 32, 64), (1, 3, 5)])
-def test_gemm_kernel_odd_sizes(dtype, layout, m, n, k):
+@pytest.mark.parametrize("m,n,k", [(37, 50, 19), (8, 32, 64), (1, 3, 5), (131, 40, 24)])
+def test_gemm_kernel_odd_sizes(dtype, layout, m, n, k, tile):
     rng = np.random.default_rng(m * n + k)
     a = rng.standard_normal((1, m, k)).astype(dtype)
     w = rng.standard_normal((1, n, k) if layout == "nk" else (1, k, n)).astype(dtype)
     bias = rng.standard_normal(n).astype(dtype)
-    func = gemm(1, m, n, k, dtype, w_layout=layout, has_bias=True)
+    mr, bn, mb = tile
+    func = gemm(1, m, n, k, dtype, w_layout=layout, has_bias=True, mr=mr, bn=bn, mb=mb)
     got = _run_prim(func, [a, w, bias], (1, m, n), dtype)
     wf = w[0].astype("float32")
     ref = a[0].astype("float32") @ (wf.T if layout == "nk" else wf) + bias.astype("float32")
@@ -61,18 +67,37 @@ def test_gemm_kernel_batched_symbolic():
     assert _rel_err(got, a @ w.transpose(0, 2, 1)) < 1e-5
 
 
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: "x".join(map(str, t)))
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_conv_kernel(dtype):
+def test_conv_kernel(dtype, tile):
     rng = np.random.default_rng(1)
     h, w, cin, cout = 7, 9, 5, 33
     x = rng.standard_normal((2, h, w, cin)).astype(dtype)
     wt = (rng.standard_normal((cout, cin, 3, 3)) / 6).astype(dtype)
     b = rng.standard_normal(cout).astype(dtype)
-    got = _run_prim(conv2d_nhwc(2, h, w, cin, cout, 3, 1, dtype), [x, wt, b], (2, h * w, cout), dtype)
+    mr, bn, mb = tile
+    func = conv2d_nhwc(2, h, w, cin, cout, 3, 1, dtype, mr=mr, bn=bn, mb=mb)
+    got = _run_prim(func, [x, wt, b], (2, h * w, cout), dtype)
     ref = torch.nn.functional.conv2d(torch.from_numpy(x.astype("float32")).permute(0, 3, 1, 2),
                                      torch.from_numpy(wt.astype("float32")),
                                      torch.from_numpy(b.astype("float32")), padding=1)
     assert _rel_err(got, ref.permute(0, 2, 3, 1).reshape(2, h * w, cout).numpy()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("target,registers,lanes", [
+    ({"kind": "llvm", "mcpu": "znver4"}, 32, 16),                         # AVX-512
+    ({"kind": "llvm", "mcpu": "znver3"}, 16, 8),                          # AVX2, no AVX-512
+    ({"kind": "llvm", "mcpu": "x86-64-v3"}, 16, 8),
+    ({"kind": "llvm", "mcpu": "x86-64"}, 16, 4),                          # SSE2
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, 32, 4),
+], ids=["avx512", "avx2", "x86-64-v3", "sse2", "neon"])
+def test_register_tile_fits_the_vector_registers(target, registers, lanes):
+    """The tile's accumulators (mr * bn / lanes), its panel vectors (bn / lanes) and the
+    broadcast of a must fit the register file: the 8 x 32 tile measured best with AVX-512
+    needs 32 ymm accumulators on AVX2 and spilled (2.5x slower than PyTorch on a Zen 3)."""
+    mr, bn, mb = tile_for(tvm.target.Target(target))
+    assert bn % lanes == 0 and mb >= mr
+    assert mr * bn // lanes + bn // lanes + 1 <= registers
 
 
 class _Block(nn.Module):

@@ -21,17 +21,20 @@ def providers_for(target: tvm.target.Target, cuda_arches: Optional[Sequence[str]
     """``(gemm_provider, conv_provider)`` for ``target``; ``(None, None)``: none of ours."""
     kind = target.kind.name
     if kind == "llvm":
-        from .cpu import conv2d_nhwc, gemm
+        from .cpu import conv2d_nhwc, gemm, tile_for
+
+        mr, bn, mb = tile_for(target)  # the register tile this CPU's vector registers hold
 
         def cpu_gemm(bt, m, n, k, dtype, out_dtype, activation=None, residual=False, **kw):
             if dtype not in ("float32", "float16") or activation or residual:
                 return None
-            return gemm(bt, m, n, k, dtype, out_dtype, **kw)
+            return gemm(bt, m, n, k, dtype, out_dtype, mr=mr, bn=bn, mb=mb, **kw)
 
         def cpu_conv(b, h, w, cin, cout, ksize, pad, dtype, out_dtype, has_bias):
             if dtype not in ("float32", "float16"):
                 return None
-            return conv2d_nhwc(b, h, w, cin, cout, ksize, pad, dtype, out_dtype, has_bias)
+            return conv2d_nhwc(b, h, w, cin, cout, ksize, pad, dtype, out_dtype, has_bias,
+                               mr=mr, bn=bn, mb=mb)
 
         return cpu_gemm, cpu_conv
     if kind == "cuda":

@@ -20,23 +20,58 @@ the classic register-blocked one:
 Accumulation is float32 for float16 inputs; bias add and the cast to the output
 dtype happen on the register tile, before it is stored.
 
-The tile (8 x 32 float32: 16 AVX-512 registers) was picked by measurement on an
-AVX-512 x86 (see docs/kernels.md); vectors only appear when the target names a
-CPU (``mcpu``): a bare ``{"kind": "llvm"}`` target is generic x86-64 (SSE2).
+The register tile depends on the target's vector registers (:func:`tile_for`): with
+AVX-512 (32 zmm) 8 x 32 float32, 16 accumulators, picked by measurement on an AVX-512
+x86; with AVX2 (16 ymm) 6 x 16, 12 accumulators + 2 panel vectors + the broadcast,
+because 8 x 32 needs 32 ymm accumulators and spills (2.5x slower than PyTorch on a
+Zen 3). See docs/kernels.md. Vectors only appear when the target names a CPU
+(``mcpu``): a bare ``{"kind": "llvm"}`` target is generic x86-64 (SSE2).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import tvm
 from tvm import te, tirx
 
-MR = 8   # register tile rows
+MR = 8   # register tile rows (AVX-512)
 BN = 32  # register tile columns (float32 lanes x vectors)
 MB = 64  # rows per parallel task
 
 Dim = Union[int, "tvm.tirx.PrimExpr"]
+
+
+def tile_for(target: Optional["tvm.target.Target"]) -> Tuple[int, int, int]:
+    """``(mr, bn, mb)`` for ``target``'s vector registers: the ``mr x bn`` float32
+    accumulator tile, the ``mr * bn / lanes`` accumulators plus ``bn / lanes`` panel
+    vectors plus one broadcast within the register file.
+
+    * AVX-512 (32 x 512 bit): 8 x 32, 64-row blocks (measured, docs/kernels.md);
+    * AVX / AVX2 (16 x 256 bit): 6 x 16 (12 + 2 + 1 = 15 registers), 128-row blocks
+      (measured on a Zen 3: 8 x 32 spills there and ran 2.5x slower than PyTorch);
+    * NEON (32 x 128 bit): 6 x 16 (24 + 4 + 1 = 29), not measured;
+    * anything else (SSE2, 16 x 128 bit): 6 x 8 (12 + 2 + 1), not measured.
+
+    ``llvm_get_vector_width`` is no guide here: TVM 0.27 reports 512 bits for every x86
+    CPU, AVX2-only ones included, so the features are asked for by name."""
+    if target is None or target.kind.name != "llvm":
+        return MR, BN, MB
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    def has(feature: str) -> bool:
+        try:
+            return bool(llvm_cpu_has_features([feature], target))
+        except Exception:  # noqa: BLE001 - a feature the target's architecture lacks
+            return False
+
+    if has("avx512f"):
+        return MR, BN, MB
+    if has("avx2") or has("avx"):
+        return 6, 16, 128
+    if has("neon"):
+        return 6, 16, 128
+    return 6, 8, 128
 
 
 def _crop_epilogue(c, shape, bias, acc: str, out_dtype: str) -> list:
