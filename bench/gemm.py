@@ -118,7 +118,7 @@ def run_cpu(args):
 
     import torch
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # both sides (before TVM's pool starts)
     target = get_preset("llvm").tvm_target()
     rng = np.random.default_rng(0)
     rows = []

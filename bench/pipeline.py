@@ -477,7 +477,9 @@ def build_library(args, cfg, parts, out_dir, log) -> str:
 def run(args) -> Dict:
     log = lambda s: print(s, flush=True)  # noqa: E731
     gpu = args.device == "cuda"
-    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    # --threads is both sides' thread count: set it over sam3_nn's default (one thread per
+    # physical core, sam3_nn/cpu_threads.py) before TVM's CPU thread pool starts
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import torch
 
     from sam3_nn.config import Sam3Config

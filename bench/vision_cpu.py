@@ -32,7 +32,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="fewer ViT blocks (default: all 32)")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (both sides)")
     ap.add_argument("--library", default=None, help="a prebuilt llvm library for this config")
     ap.add_argument("--work", default=None, help="folder for the snapshot and library")
     args = ap.parse_args()
@@ -48,6 +48,7 @@ def main() -> int:
     from sam3_nn.weights import load_params, open_checkpoint
 
     torch.set_num_threads(args.threads)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # both sides (before TVM's pool starts)
     bb = {"model_type": "sam3_vit_model", "image_size": args.image_size}
     if args.layers is not None:
         bb["num_hidden_layers"] = args.layers
