@@ -2,7 +2,7 @@
 
 TVM's thread pool takes ``TVM_NUM_THREADS``, else ``OMP_NUM_THREADS``, else half the
 hardware threads on x86 (it assumes two per core). On a machine whose CPUs are all
-cores (a 2-vCPU VM without SMT, like our CI machine) that is one thread for two cores:
+cores (a 2-vCPU VM without SMT, like the machine our CPU benches ran on) that is one thread:
 the full-size CPU vision encoder took 84.8 s there, 44.2 s with two threads. The pool
 reads the variable once, when it is first used, so :func:`configure` sets
 ``TVM_NUM_THREADS`` at import of ``sam3_nn`` to the physical cores this process may run
