@@ -28,7 +28,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+# the repository root, and bench/ itself for its helpers (common, attention_cuda_kernel) when
+# this file is imported rather than run
+sys.path[:0] = [p for p in (os.path.dirname(HERE), HERE) if p not in sys.path]
 
 SHAPES = [(1024, 3072), (1024, 4736), (4736, 1024), (1024, 1024)]  # (K, N)
 CONV = (256, 256)  # channels in/out, 3x3, padding 1
@@ -370,9 +373,6 @@ def _torch_rope_qk(y, heads, window, img_h, img_w, gh, gw, scale, theta=10000.0)
     when ``window`` > 0."""
     import torch
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    if here not in sys.path:
-        sys.path.insert(0, here)
     import attention_cuda_kernel as akern
 
     b, n, width = y.shape
@@ -470,7 +470,6 @@ def sustained(cases, seconds, rounds):
     rounds after a 3 s warm-up, so every one of them runs with the board at its power cap
     (an H100 reaches it within half a second of load). Returns {label: (median seconds per
     call, median watts, median SM MHz)}; energy per call is watts x seconds."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import GpuSampler
 
     sampler = GpuSampler()

@@ -59,17 +59,12 @@ def tile_for(target: Optional["tvm.target.Target"]) -> Tuple[int, int, int]:
         return MR, BN, MB
     from tvm.target.codegen import llvm_cpu_has_features
 
-    def has(feature: str) -> bool:
-        try:
-            return bool(llvm_cpu_has_features([feature], target))
-        except Exception:  # noqa: BLE001 - a feature the target's architecture lacks
-            return False
+    def has(feature: str) -> bool:  # False for a feature of another architecture
+        return bool(llvm_cpu_has_features([feature], target))
 
     if has("avx512f"):
         return MR, BN, MB
-    if has("avx2") or has("avx"):
-        return 6, 16, 128
-    if has("neon"):
+    if has("avx2") or has("avx") or has("neon"):
         return 6, 16, 128
     return 6, 8, 128
 
