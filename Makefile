@@ -13,7 +13,7 @@ PARTS  ?=
 # in ToJSONGraph (every sch.tensorize). See docs/targets.md.
 TVM_FFI_PIN := apache-tvm-ffi==0.1.14.post1
 
-.PHONY: all install compile deps-metal deps-lld deps-cuda list-targets test test-slow bench clean
+.PHONY: all install compile deps-metal deps-lld deps-cuda list-targets test bench clean
 
 all: compile
 
@@ -62,9 +62,6 @@ list-targets: install
 
 test: install
 	$(PY) -m pytest -q tests
-
-test-slow: install
-	$(PY) -m pytest -q -m slow tests
 
 # CPU: our llvm library vs transformers' Sam3Model, full size (bench/pipeline.py --help; GPU: README)
 BENCH_ARGS ?=

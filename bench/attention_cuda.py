@@ -9,11 +9,11 @@ Two halves, because the accelerator machine has only a runtime-only TVM:
 
 Shapes (float16, head dim 64, 16 heads): the windowed ViT blocks (9 windows of
 24x24 = 576 tokens, one image) and the global blocks (1 x 5184 tokens, 72x72 grid,
-positions scaled by 24/72). Ours: ``qkv_self_attention(..., RopeMode.INLINE)`` exported
+positions scaled by 24/72). Ours: ``qkv_self_attention(...)`` routed with RoPE inline and
 for CUDA, i.e. one call of the hand-written kernel (``sam3_nn/kernels/cuda/attention.cu``,
 linked into the library) on the fused qkv ``[B, N, 3*1024]`` (split + 2D RoPE + attention +
 head merge); ``*_none``: the same without RoPE; ``*_tir``: with the TIR kernel instead
-(``attention_cuda.disabled()``, the path before). PyTorch: SDPA alone on ready
+(``KernelOptions(cuda_attention=False)``, the portable route). PyTorch: SDPA alone on ready
 ``[B, H, N, D]`` q/k/v, and split + rotate + SDPA + merge from the same qkv. Outputs are checked against a float64 reference with
 complex-number RoPE. Times: median over 25 samples (TVM's time_evaluator for ours, CUDA
 events over graph replays with 4 rotating input sets for PyTorch; see
@@ -45,16 +45,18 @@ def build(out_dir: str, arch: str = "sm_90a") -> None:
     from tvm.relax.frontend import nn
 
     sys.path.insert(0, os.path.join(HERE, ".."))
-    from sam3_nn import attention_cuda
-    from sam3_nn.attention import kernel_target, qkv_self_attention
-    from sam3_nn.kernels.cuda_source import fcompile_with_cudart
-    from sam3_nn.rope import AxialRope, RopeMode
+    from sam3_nn.compiler.options import KernelOptions
+    from sam3_nn.kernels.cuda import attention as attention_cuda
+    from sam3_nn.kernels.cuda.source import fcompile_with_cudart
+    from sam3_nn.kernels.rewrite import route_ops_pass
+    from sam3_nn.ops.attention import qkv_self_attention
+    from sam3_nn.ops.rope import AxialRope
 
     ropes = {k: AxialRope(gh, gw, HEAD_DIM, THETA, s) for k, (_, gh, gw, s) in SHAPES.items()}
 
     def method(shape, rope):
         r = ropes[shape] if rope else None
-        return lambda self, qkv: qkv_self_attention(qkv, HEADS, r, RopeMode.INLINE if rope else RopeMode.NONE)
+        return lambda self, qkv: qkv_self_attention(qkv, HEADS, r)
 
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
     mods = []
@@ -65,9 +67,9 @@ def build(out_dir: str, arch: str = "sm_90a") -> None:
         for f, (shape, _, _) in fns.items():
             b, gh, gw, _ = SHAPES[shape]
             spec[f] = {"qkv": nn.spec.Tensor([b, gh * gw, 3 * HEADS * HEAD_DIM], DTYPE)}
-        with kernel_target(target), (attention_cuda.disabled() if kernel == "tir" else attention_cuda.enabled()):
-            mod, _ = Bench().export_tvm(spec=spec)
-        mods.append((kernel, mod))
+        mod, _ = Bench().export_tvm(spec=spec)
+        opts = KernelOptions(rope_mode="inline", cuda_attention=kernel == "cuda")
+        mods.append((kernel, route_ops_pass(attention_cuda.attention_routes(target, None, opts))(mod)))
     os.makedirs(out_dir, exist_ok=True)
     for kernel, mod in mods:
         seq = tvm.transform.Sequential([attention_cuda.attach_pass(target, log=print),
@@ -106,7 +108,7 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
     sys.path.insert(0, HERE)
     from attention_cuda_kernel import reference, rope_tables, time_cuda, torch_rope_sdpa
 
-    from sam3_nn.engine import load_device_runtime
+    from sam3_nn.runtime.engine import load_device_runtime
 
     load_device_runtime("cuda")
     from tvm.runtime.vm import VirtualMachine

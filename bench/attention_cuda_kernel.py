@@ -275,7 +275,7 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
         keep = torch.zeros(b, nk, dtype=torch.bool, device=dev)
         keep[0, :100] = True
         keep[1, 57] = True
-        bias = torch.where(keep, 0.0, -1e9).float()  # MASK_VALUE of sam3_nn.attention
+        bias = torch.where(keep, 0.0, -1e9).float()  # MASK_VALUE of sam3_nn.ops.attention
         bias[2] = float("-inf")  # batch 2 fully masked: clamped, uniform softmax
         ref = check(f"cross {nq}x{nk} h{h} d{d} key bias", q, kv, kv, h, d, (8, 0, c), bias=bias)
         uniform = kv[2, :, c:].double().mean(0)

@@ -53,10 +53,12 @@ def build(out_dir: str, arch: str = "sm_90a") -> None:
     from tvm.relax.frontend import nn
 
     sys.path.insert(0, os.path.join(HERE, ".."))
-    from sam3_nn import attention_cuda
-    from sam3_nn.attention import kernel_target, qkv_self_attention, qkv_window_attention
-    from sam3_nn.kernels.cuda_source import fcompile_with_cudart
-    from sam3_nn.rope import AxialRope, RopeMode
+    from sam3_nn.compiler.options import KernelOptions
+    from sam3_nn.kernels.cuda import attention as attention_cuda
+    from sam3_nn.kernels.cuda.source import fcompile_with_cudart
+    from sam3_nn.kernels.rewrite import route_ops_pass
+    from sam3_nn.ops.attention import qkv_self_attention, qkv_window_attention
+    from sam3_nn.ops.rope import AxialRope
 
     rope = AxialRope(WS, WS, HEAD_DIM, akern.THETA, 1.0)
 
@@ -65,13 +67,14 @@ def build(out_dir: str, arch: str = "sm_90a") -> None:
             return qkv_window_attention(qkv, HEADS, rope, WS, 72, 72)
 
         def partitioned(self, qkv):  # the per-window call (sam3_attention_cuda) on [B*9, 576, 3C]
-            return qkv_self_attention(qkv, HEADS, rope, RopeMode.INLINE)
+            return qkv_self_attention(qkv, HEADS, rope)
 
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
     spec = {"window": {"qkv": nn.spec.Tensor(["b", 72 * 72, 3 * HEADS * HEAD_DIM], "float16")},
             "partitioned": {"qkv": nn.spec.Tensor(["b", WS * WS, 3 * HEADS * HEAD_DIM], "float16")}}
-    with kernel_target(target), attention_cuda.enabled():
-        mod, _ = Win().export_tvm(spec=spec)
+    mod, _ = Win().export_tvm(spec=spec)
+    routes = attention_cuda.attention_routes(target, None, KernelOptions(rope_mode="inline"))
+    mod = route_ops_pass(routes)(mod)
     seq = tvm.transform.Sequential([attention_cuda.attach_pass(target, log=print),
                                     relax.get_default_pipeline(target)])
     ex = tvm.compile(mod, target=target, relax_pipeline=seq)
@@ -213,7 +216,7 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
     if os.path.exists(lib):
         try:
             import tvm
-            from sam3_nn.engine import load_device_runtime
+            from sam3_nn.runtime.engine import load_device_runtime
 
             load_device_runtime("cuda")
             from tvm.runtime.vm import VirtualMachine

@@ -17,9 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (ROOT, os.path.join(ROOT, "tests")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 
 class GpuSampler:
@@ -132,7 +131,7 @@ def model_config(preset: str = "full", image_size: Optional[int] = None, layers:
     if preset == "full":
         cfg = Sam3Config()
     elif preset == "tiny":
-        from refs import TINY_HF
+        from sam3_nn.config import TINY_HF
 
         cfg = Sam3Config.from_hf(copy.deepcopy(TINY_HF))
     else:

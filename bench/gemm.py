@@ -14,7 +14,7 @@ continuous load, the board at its power cap (as in the model), with power and en
 
 Each case is one ``nn.Linear`` (``[M, K] -> [M, N]`` + bias) or the pixel decoder's
 3x3 conv (channel-last, 256 -> 256), compiled by the same pipeline as the model
-(``sam3_nn.kernels.pipeline``). Timings are the best of ``--repeat`` runs; on the
+(``sam3_nn.compiler.pipeline``). Timings are the best of ``--repeat`` runs; on the
 shared 2-core CPU machine they are noisy (other jobs run), repeat when quiet.
 """
 
@@ -41,7 +41,7 @@ SPLITS = {"split": 1, "nosplit": 0}  # sam3_cutlass_gemm_set_split's argument
 def _modules(m: int, conv_hw: int, dtype: str):
     from tvm.relax.frontend import nn
 
-    from sam3_nn.layers import Conv2d
+    from sam3_nn.model.common import Conv2d
 
     mode = {"param_mode": "packed", "effect_mode": "none"}
     out = []
@@ -116,26 +116,25 @@ def run_cpu(args):
     import tvm
     from tvm import relax
 
-    from sam3_nn import kernels
-    from sam3_nn.targets import get_preset
+    from sam3_nn.compiler.build import compile_module, resolve
+    from sam3_nn.compiler.options import BuildOptions
 
     import torch
     torch.set_num_threads(args.threads)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # both sides (before TVM's pool starts)
-    target = get_preset("llvm").tvm_target()
+    preset, options = resolve(BuildOptions())
     rng = np.random.default_rng(0)
     rows = []
     for name, flops, mod, params, spec in _modules(args.m, args.conv_hw, args.dtype):
         t0 = time.time()
-        ex = tvm.compile(mod, target=target, relax_pipeline=kernels.pipeline(target))
-        vm = relax.VirtualMachine(ex, tvm.cpu())
+        vm = relax.VirtualMachine(compile_module(preset, options, mod), tvm.cpu())
         build = time.time() - t0
         xs, ps = _inputs(spec, args.dtype, rng)
         t_ours, out = _tvm_time(vm, tvm.cpu(), xs, ps, args.dtype, args.repeat)
         t_ref = _torch_time(spec, xs, ps, "cpu", args.dtype, args.repeat)
         print(f"  {name}: built in {build:.1f}s", flush=True)
         rows.append((name, flops, t_ours, t_ref))
-    print(f"\nCPU {target}, {args.threads} threads, {args.dtype}, M={args.m}, conv {args.conv_hw}px")
+    print(f"\nCPU {preset.tvm_target()}, {args.threads} threads, {args.dtype}, M={args.m}, conv {args.conv_hw}px")
     _report(rows)
 
 
@@ -193,7 +192,7 @@ CUDA_CASES = [
     # "lnfold" ((B, H, W), K, N, consumer, consumer args): x = linear(a) + r ([B, H, W, N]), then
     # LayerNorm and a linear of N -> ... ("gelu": fc1 of width args; "rope": the qkv projection
     # with RoPE, args as "rope"'s (heads, window, img_h, img_w, grid_h, grid_w, scale)): the
-    # LayerNorm folded into the two GEMMs (sam3_nn.ln_fold); checked only (the weight terms run
+    # LayerNorm folded into the two GEMMs (sam3_nn.kernels.cuda.ln_fold); checked only (the weight terms run
     # in the call here, where the model computes them once at bind time)
     ("check: o_proj+res, LN, fc1+gelu (LN folded)", "lnfold", ((1, 72, 72), 1024, 1024, "gelu", 4736), False),
     ("check: fc2+res (split), LN, qkv+rope (LN folded)", "lnfold",
@@ -208,7 +207,7 @@ def _cuda_module(dtype):
     from tvm.relax.frontend import nn
     from tvm.relax.frontend.nn import op
 
-    from sam3_nn.layers import Conv2d
+    from sam3_nn.model.common import Conv2d
 
     class Case(nn.Module):
         def __init__(self, kind, shape):
@@ -258,16 +257,16 @@ def _cuda_module(dtype):
                 y = self.norm(self.lin(x) + self.res)
                 if consumer == "gelu":
                     return op.gelu(self.nxt(y))
-                from sam3_nn import attention_cuda
-                from sam3_nn.rope import AxialRope
+                from sam3_nn.kernels.cuda import attention as attention_cuda
+                from sam3_nn.ops.rope import AxialRope
 
                 heads, window, img_h, img_w, gh, gw, scale = cargs
                 y = self.nxt(op.reshape(y, [lead[0], lead[1] * lead[2], n]))
                 return attention_cuda.emit_rope_qk(y, heads, AxialRope(gh, gw, 64, 10000.0, scale),
                                                    window, img_h, img_w)
             if self.kind in ("rope", "ropeonly"):
-                from sam3_nn import attention_cuda
-                from sam3_nn.rope import AxialRope
+                from sam3_nn.kernels.cuda import attention as attention_cuda
+                from sam3_nn.ops.rope import AxialRope
 
                 _, _, heads, window, img_h, img_w, gh, gw, scale = self.shape
                 y = self.lin(x) if self.kind == "rope" else x
@@ -328,15 +327,17 @@ def _cuda_flops(kind, shape):
 
 
 def export_cuda(args):
-    from sam3_nn.targets import get_preset
+    from sam3_nn.compiler.build import compile_module, resolve
+    from sam3_nn.compiler.export import export_library
+    from sam3_nn.compiler.options import BuildOptions
 
-    preset = get_preset("cuda", args.arch)
+    preset, options = resolve(BuildOptions(target="cuda", arch=args.arch))
     os.makedirs(args.export, exist_ok=True)
     mod, params = _cuda_module(args.dtype)
     t0 = time.time()
-    ex = preset.compile(mod, print)
+    ex = compile_module(preset, options, mod, print)
     path = os.path.join(args.export, "cases.so")
-    preset.export(ex, path, print)
+    export_library(preset, ex, path, print)
     print(f"  {len(CUDA_CASES)} cases compiled for {preset.name} in {time.time() - t0:.1f}s -> {path}")
     names = [n for n, _ in params]
     shapes = [[int(v) for v in p.shape] for _, p in params]
@@ -353,7 +354,7 @@ def _cuda_runtime_setup(arch: str):
 
     import tvm_ffi
 
-    from sam3_nn.engine import load_device_runtime
+    from sam3_nn.runtime.engine import load_device_runtime
 
     load_device_runtime("cuda")
 

@@ -11,7 +11,7 @@ Two halves, because the accelerator machine has only a runtime-only TVM:
 
 ``build`` compiles the same module twice with the ``cuda-sm90a`` preset (the model's
 pipeline, kernels compiled to SASS: no nvcc or NVRTC needed at load): ``ln_ours.so`` with
-every layer norm routed to the kernel, ``ln_tvm.so`` with routing off (``SAM3_CUDA_LAYER_NORM=0``
+every layer norm routed to the kernel, ``ln_tvm.so`` with routing off (``KernelOptions(cuda_layer_norm=False)``
 does the same to a model build). Each case is one function ``lnI(x, gamma, beta)``, float16,
 with a symbolic leading dim as in the model (its batch); ``meta.json`` names the cases and
 the kernel each function calls (read from the VM bytecode), so that ``run`` can also call the
@@ -80,16 +80,17 @@ def called_kernels(vm_text: str) -> dict:
 
 
 def build(out_dir: str) -> None:
-    from sam3_nn import layer_norm_cuda
-    from sam3_nn.targets import get_preset
+    from sam3_nn.compiler.build import compile_module, resolve
+    from sam3_nn.compiler.export import export_library
+    from sam3_nn.compiler.options import BuildOptions
+    from sam3_nn.kernels.cuda import layer_norm as layer_norm_cuda
 
-    preset = get_preset(PRESET)
     os.makedirs(out_dir, exist_ok=True)
     kernels = {}
-    for lib, route in (("ours", layer_norm_cuda.enabled), ("tvm", layer_norm_cuda.disabled)):
-        with route():
-            ex = preset.compile(_module(), print, cuda_graph=False)
-        preset.export(ex, os.path.join(out_dir, f"ln_{lib}.so"), print)
+    for lib, route in (("ours", True), ("tvm", False)):
+        preset, options = resolve(BuildOptions(target=PRESET, cuda_graph=False).with_(cuda_layer_norm=route))
+        ex = compile_module(preset, options, _module(), print)
+        export_library(preset, ex, os.path.join(out_dir, f"ln_{lib}.so"), print)
         kernels[lib] = called_kernels(ex.as_text())
         print(f"  ln_{lib}.so:", kernels[lib])
     ours = layer_norm_cuda.SYMBOL
@@ -124,7 +125,7 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
 
     from attention_cuda_kernel import time_cuda
 
-    from sam3_nn.engine import load_device_runtime
+    from sam3_nn.runtime.engine import load_device_runtime
 
     load_device_runtime("cuda")
     from tvm.runtime.vm import VirtualMachine

@@ -32,7 +32,7 @@ def main() -> int:
     import torch
 
     from profile_vm import random_inputs, random_params
-    from sam3_nn.engine import CompiledModel
+    from sam3_nn.runtime.engine import CompiledModel
 
     torch.cuda.init()
     torch.cuda.synchronize()

@@ -80,7 +80,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (puts the repository root on sys.path)
-from sam3_nn.runtime import channel_first  # noqa: E402
+from sam3_nn.runtime.api import channel_first  # noqa: E402
 import flops  # noqa: E402
 
 PARTS = ("vision", "text", "detect", "pipeline")
@@ -180,7 +180,7 @@ def library_path(args) -> Optional[str]:
 # ----------------------------------------------------------------------------
 def load_tvm_cuda_runtime() -> None:
     """A runtime-only TVM needs its CUDA loader loaded by hand (see platform notes)."""
-    from sam3_nn.engine import load_device_runtime
+    from sam3_nn.runtime.engine import load_device_runtime
 
     load_device_runtime("cuda")
 
@@ -195,7 +195,7 @@ class Ours:
             load_tvm_cuda_runtime()
         import tvm
 
-        from sam3_nn.engine import CompiledModel
+        from sam3_nn.runtime.engine import CompiledModel
 
         self.tvm, self.gpu = tvm, gpu
         self.lib = CompiledModel(library)
@@ -462,15 +462,16 @@ def make_inputs(cfg, batch: int, seed: int) -> Dict:
 
 
 def build_library(args, cfg, parts, out_dir, log) -> str:
-    from sam3_nn.compiler import build
+    from sam3_nn.compiler.build import build
+    from sam3_nn.compiler.options import BuildOptions
 
     dtype = "float16" if args.device == "cuda" else "float32"
-    kw = {"arch": args.arch} if args.arch else {}
     # CUDA with one --batch size: a library for that size only (static shapes, CUDA graphs);
-    # elsewhere the target's default (any batch size: see TargetPreset.default_batch)
-    batch = args.batches[0] if len(args.batches) == 1 and args.device == "cuda" else None
-    art = build(cfg, args.target, dtype, output=out_dir, log=lambda s: log("  " + s), parts=parts,
-                batch=batch, **kw)
+    # elsewhere any batch size (0)
+    batch = args.batches[0] if len(args.batches) == 1 and args.device == "cuda" else 0
+    options = BuildOptions(target=args.target, arch=args.arch, dtype=dtype, batch=batch,
+                           parts=tuple(parts))
+    art = build(cfg, options, out_dir, log=lambda s: log("  " + s))
     return art["library"]
 
 
@@ -506,7 +507,7 @@ def run(args) -> Dict:
     lib_path = library_path(args)
     manifest = None
     if lib_path:
-        from sam3_nn.engine import read_manifest
+        from sam3_nn.runtime.engine import read_manifest
 
         manifest = read_manifest(lib_path)
         cfg = Sam3Config.from_dict(manifest["config"])

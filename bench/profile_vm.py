@@ -19,7 +19,7 @@ kernels. Host-side tracing slows the API calls it records (a ``cudaGraphLaunch``
 side of an untraced call): read it for the order of events, not for their times.
 
 ``--time N``: only the median wall time of N plain calls (each synchronized), e.g. to
-compare settings such as ``SAM3_CUDA_PDL=0`` side by side.
+compare libraries built with other options (``--no-pdl``) side by side.
 
 ``--clocks`` (with ``--time``, NVIDIA GPUs): also samples the SM clock, the board power and
 the active clock-limit reasons with ``nvidia-smi`` every 50 ms during the timed calls, and
@@ -130,7 +130,7 @@ def main() -> int:
                     help="with --time: sample SM clock, power and clock-limit reasons (nvidia-smi)")
     args = ap.parse_args()
 
-    from sam3_nn.engine import CompiledModel
+    from sam3_nn.runtime.engine import CompiledModel
 
     lib = CompiledModel(args.library)
     import tvm  # after CompiledModel: it loads TVM's device runtime first

@@ -21,9 +21,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import rel_diff, timed  # noqa: E402  (puts the repository root and tests/ on sys.path)
+from common import rel_diff, timed  # noqa: E402  (puts the repository root on sys.path)
 from flops import vision_flops  # noqa: E402
-from sam3_nn.runtime import channel_first  # noqa: E402
+from sam3_nn.runtime.api import channel_first  # noqa: E402
 
 
 def main() -> int:
@@ -41,10 +41,10 @@ def main() -> int:
 
     from transformers import Sam3VisionConfig, Sam3VisionModel
 
-    from refs import expected_params, save_hf_snapshot
-    from sam3_nn.compiler import build
+    from sam3_nn.compiler.build import build
+    from sam3_nn.compiler.options import BuildOptions
     from sam3_nn.config import Sam3Config
-    from sam3_nn.engine import CompiledModel
+    from sam3_nn.runtime.engine import CompiledModel
     from sam3_nn.weights import load_params, open_checkpoint
 
     torch.set_num_threads(args.threads)
@@ -57,7 +57,8 @@ def main() -> int:
     torch.manual_seed(0)
     ref = Sam3VisionModel(hf_cfg).eval()
     work = args.work or tempfile.mkdtemp(prefix="sam3-bench-")
-    snap = save_hf_snapshot(ref, os.path.join(work, "snapshot"))
+    snap = os.path.join(work, "snapshot")
+    ref.save_pretrained(snap)
     cfg = Sam3Config.from_pretrained(snap)
 
     if args.library:
@@ -65,13 +66,14 @@ def main() -> int:
         build_s = 0.0
     else:
         t = time.perf_counter()
-        lib_path = build(cfg, "llvm", "float32", "normal", os.path.join(work, "dist"),
-                         log=lambda s: print("  " + s, flush=True), parts=["vision"])["library"]
+        lib_path = build(cfg, BuildOptions(dtype="float32", parts=("vision",)), os.path.join(work, "dist"),
+                         log=lambda s: print("  " + s, flush=True))["library"]
         build_s = time.perf_counter() - t
     lib = CompiledModel(lib_path)
     if lib.manifest["config"]["vision"] != cfg.to_dict()["vision"]:
         raise SystemExit("--library was built for another config")
-    params, _ = load_params(cfg, open_checkpoint(snap), expected_params(lib), ["vision"])
+    expected = {p["name"]: (tuple(p["shape"]), p["dtype"]) for p in lib.manifest["params"]}
+    params, _ = load_params(cfg, open_checkpoint(snap), expected, ["vision"])
     lib.bind(params)
 
     pixels = torch.randn(1, 3, args.image_size, args.image_size)

@@ -191,6 +191,10 @@ class Sam3Config:
     def image_size(self) -> int:
         return self.vision.backbone.image_size
 
+    def mask_decoder_levels(self) -> int:
+        """FPN levels the mask decoder receives: all but the coarsest (0.5x) one."""
+        return len(self.vision.scale_factors) - 1
+
     def validate(self) -> "Sam3Config":
         self.vision.validate()
         return self
@@ -263,3 +267,25 @@ class Sam3Config:
             f"cannot take a model architecture from {path!r}: expected an HF snapshot "
             "directory, a config.json or a sam3.pt"
         )
+
+
+# A tiny SAM 3: 12x12 token grid with window 5 (not a multiple: padding is exercised),
+# one global block, every part 32 wide with 2 heads.
+TINY_HF = dict(
+    vision_config=dict(
+        backbone_config=dict(model_type="sam3_vit_model", hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=3, num_attention_heads=4, image_size=168,
+                             patch_size=14, window_size=5, global_attn_indexes=[1],
+                             pretrain_image_size=70),
+        fpn_hidden_size=32),
+    text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=64, projection_dim=32,
+                     num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                     bos_token_id=998, eos_token_id=999, pad_token_id=1),
+    geometry_encoder_config=dict(hidden_size=32, num_layers=2, num_attention_heads=2,
+                                 intermediate_size=64),
+    detr_encoder_config=dict(hidden_size=32, num_layers=2, num_attention_heads=2,
+                             intermediate_size=64),
+    detr_decoder_config=dict(hidden_size=32, num_layers=2, num_queries=10,
+                             num_attention_heads=2, intermediate_size=64),
+    mask_decoder_config=dict(hidden_size=32, num_attention_heads=2),
+)

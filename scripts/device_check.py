@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load_cuda_runtime():
-    from sam3_nn.engine import load_device_runtime
+    from sam3_nn.runtime.engine import load_device_runtime
 
     load_device_runtime("cuda")
 
@@ -65,7 +65,8 @@ def run(model, x, repeat=1):
 
 
 def build_small(out):
-    from sam3_nn.compiler import build
+    from sam3_nn.compiler.build import build
+    from sam3_nn.compiler.options import BuildOptions
     from sam3_nn.config import Sam3Config
 
     cfg = Sam3Config()
@@ -73,7 +74,7 @@ def build_small(out):
     bb.num_hidden_layers, bb.global_attn_indexes, bb.image_size = 4, [3], 672
     cfg.validate()
     for target, dtype in (("cuda", "float16"), ("llvm-x86_64", "float32")):
-        art = build(cfg, target, dtype, "normal", out, log=print, parts=("vision",))
+        art = build(cfg, BuildOptions(target=target, dtype=dtype, batch=0, parts=("vision",)), out, log=print)
         print(art)
 
 
@@ -84,7 +85,7 @@ def main(argv):
     import tvm
     import tvm_ffi
 
-    from sam3_nn.engine import CompiledModel
+    from sam3_nn.runtime.engine import CompiledModel
 
     print("tvm runtime-only:", getattr(tvm.base, "_RUNTIME_ONLY", None))
     _load_cuda_runtime()

@@ -11,7 +11,7 @@ from tvm import relax
 def build_library(mod, passes, target, path):
     """Compile ``mod`` for ``target`` with ``passes`` before TVM's default pipeline and
     export it to ``path`` (the CUDA runtime linked statically); returns ``path``."""
-    from sam3_nn.kernels import cuda_source
+    from sam3_nn.kernels.cuda import source as cuda_source
 
     seq = tvm.transform.Sequential(list(passes) + [relax.get_default_pipeline(target)])
     ex = tvm.compile(mod, target=target, relax_pipeline=seq)
@@ -21,15 +21,14 @@ def build_library(mod, passes, target, path):
 
 def build_routed(kernel, mod, path, target=None):
     """``mod`` built for ``target`` (default cuda sm_90a) with ``kernel``'s rewrite and attach
-    passes, routing on (``kernel``: a module such as ``sam3_nn.layer_norm_cuda``); skips the
-    test where nvcc is missing."""
-    from sam3_nn.kernels import cuda_source
+    passes (``kernel``: a module such as ``sam3_nn.kernels.cuda.layer_norm``); skips the test
+    where nvcc is missing."""
+    from sam3_nn.kernels.cuda import source as cuda_source
 
     if not cuda_source.nvcc_available():
         pytest.skip("nvcc not found")
     target = tvm.target.Target(target or {"kind": "cuda", "arch": "sm_90a"})
-    with kernel.enabled():
-        return build_library(mod, [kernel.rewrite_pass(), kernel.attach_pass(target)], target, path)
+    return build_library(mod, [kernel.rewrite_pass(), kernel.attach_pass(target)], target, path)
 
 
 def exported_symbols(path) -> str:
@@ -40,7 +39,7 @@ def exported_symbols(path) -> str:
 def cuda_device():
     """``tvm.cuda(0)`` when this TVM has a CUDA runtime (loaded here) and a GPU is present,
     else None."""
-    from sam3_nn.engine import load_device_runtime
+    from sam3_nn.runtime.engine import load_device_runtime
 
     try:
         load_device_runtime("cuda")

@@ -8,30 +8,16 @@ from typing import Dict
 
 import numpy as np
 import torch
+import tvm
+from tvm import relax
 
-from sam3_nn.config import Sam3Config
-from sam3_nn.runtime import channel_first  # noqa: F401  (tests compare encode_image's maps in the reference's layout)
-
-# A tiny SAM 3: 12x12 token grid with window 5 (not a multiple: padding is exercised),
-# one global block, every part 32 wide with 2 heads.
-TINY_HF = dict(
-    vision_config=dict(
-        backbone_config=dict(model_type="sam3_vit_model", hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=3, num_attention_heads=4, image_size=168,
-                             patch_size=14, window_size=5, global_attn_indexes=[1],
-                             pretrain_image_size=70),
-        fpn_hidden_size=32),
-    text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=64, projection_dim=32,
-                     num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
-                     bos_token_id=998, eos_token_id=999, pad_token_id=1),
-    geometry_encoder_config=dict(hidden_size=32, num_layers=2, num_attention_heads=2,
-                                 intermediate_size=64),
-    detr_encoder_config=dict(hidden_size=32, num_layers=2, num_attention_heads=2,
-                             intermediate_size=64),
-    detr_decoder_config=dict(hidden_size=32, num_layers=2, num_queries=10,
-                             num_attention_heads=2, intermediate_size=64),
-    mask_decoder_config=dict(hidden_size=32, num_attention_heads=2),
-)
+from sam3_nn.compiler.build import build, compile_module as build_module, resolve
+from sam3_nn.compiler.options import BuildOptions
+from sam3_nn.compiler.pipeline import routing_passes
+from sam3_nn.config import TINY_HF, Sam3Config  # noqa: F401  (TINY_HF: the tests' config)
+from sam3_nn.model.sam3 import PARTS
+from sam3_nn.runtime.api import channel_first  # noqa: F401  (tests compare encode_image's maps in the reference's layout)
+from sam3_nn.runtime.engine import CompiledModel
 
 
 def tiny_hf_config(**overrides):
@@ -70,14 +56,47 @@ def save_hf_snapshot(model, folder: str) -> str:
 
 
 def compile_library(cfg: Sam3Config, folder: str, dtype: str = "float32",
-                    rope_mode: str = "normal", target: str = "llvm", parts=None):
-    """Compile ``cfg`` (all parts, or ``parts``) for ``target`` into ``folder`` and load it (CPU)."""
-    from sam3_nn.compiler import build
-    from sam3_nn.engine import CompiledModel
-    from sam3_nn.model import PARTS
-
-    art = build(cfg, target, dtype, rope_mode, folder, parts=parts or PARTS)
+                    rope_mode: str = "normal", target: str = "llvm", parts=None, **options):
+    """Compile ``cfg`` (all parts, or ``parts``) for ``target`` into ``folder`` and load it (CPU).
+    ``options``: further ``BuildOptions`` / ``KernelOptions`` fields."""
+    art = build(cfg, BuildOptions(target=target, dtype=dtype, parts=tuple(parts or PARTS))
+                .with_(rope_mode=rope_mode, **options), folder)
     return CompiledModel(art["library"])
+
+
+def compile_ir(mod, target="llvm", **options):
+    """``mod`` (an exported IRModule) built through ``target``'s pipeline (operators routed
+    as in a library build; ``options``: ``BuildOptions`` / ``KernelOptions`` fields), as a
+    virtual machine on the CPU (built, not run, for other targets: the executable then)."""
+    preset, opts = resolve(BuildOptions(target=target).with_(**options))
+    ex = build_module(preset, opts, mod)
+    return relax.VirtualMachine(ex, tvm.cpu()) if preset.target["kind"] == "llvm" else ex
+
+
+def compile_module(module, spec, target="llvm", **options):
+    """``module.forward`` exported with ``spec`` (inputs; packed parameters) and built by
+    :func:`compile_ir`. Returns ``(run, expected)``: ``run(weights, *inputs)`` gives the
+    outputs as numpy arrays, ``expected`` the parameters' names, shapes and dtypes in order."""
+    mod, params = module.export_tvm(spec={"forward": {**spec, "$": {"param_mode": "packed",
+                                                                    "effect_mode": "none"}}})
+    vm = compile_ir(mod, target, **options)
+    expected = {n: (tuple(int(s) for s in p.shape), str(p.dtype)) for n, p in params}
+
+    def run(weights, *inputs):
+        ps = [tvm.runtime.tensor(weights[n]) for n in expected]
+        out = vm["forward"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs], ps)
+        return [o.numpy() for o in out] if not hasattr(out, "numpy") else [out.numpy()]
+
+    return run, expected
+
+
+def routed(mod, target="llvm", **options):
+    """``mod`` after the routing step of ``target``'s pipeline alone (operators and GEMMs to
+    the target's kernels), to inspect what the pipeline chose."""
+    preset, opts = resolve(BuildOptions(target=target).with_(**options))
+    tgt = preset.tvm_target()
+    with tgt:
+        return tvm.transform.Sequential(routing_passes(tgt, opts.kernels, preset.cuda_arches or None))(mod)
 
 
 def expected_params(compiled) -> Dict:

@@ -1,17 +1,13 @@
 """The benchmark's non-timing logic: FLOP counts, configs, weights bridge, arguments, table."""
 
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-
-import common  # noqa: E402
-import flops  # noqa: E402
-import pipeline  # noqa: E402
+import common  # bench/ is on pytest's pythonpath (pyproject.toml)
+import flops
+import pipeline
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +67,10 @@ def test_hf_config_round_trip(args):
 def test_state_dict_through_our_loader(tiny):
     """The in-memory state dict goes through the declarative loader: every parameter of
     the model built, fused q/k/v equal to the concatenated reference projections."""
-    from sam3_nn.compiler import export
-    from sam3_nn.rope import RopeMode
+    from sam3_nn.compiler.build import export
 
     cfg, m = tiny
-    model, _, params, _ = export(cfg, "float16", RopeMode.NORMAL)
+    model, _, params, _ = export(cfg, "float16")
     manifest = {"parts": list(model.parts),
                 "params": [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)}
                            for n, p in params]}

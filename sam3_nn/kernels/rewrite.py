@@ -37,12 +37,17 @@ merges a scheduled function with unscheduled neighbours).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import tvm
 from tvm import relax, tirx
 from tvm.relax.dpl import ExternFuncPattern, TuplePattern, is_op, rewrite_call, wildcard
+from tvm.relax.frontend import nn
+from tvm.sym.analyzer import Analyzer
+
+from sam3_nn.ops.attention import OP_PREFIX
 
 OPAQUE = 8  # relay/relax OpPatternKind.kOpaque
 
@@ -74,20 +79,18 @@ def _sinfo(e: relax.Expr):
     return ty
 
 
-def _shape(e: relax.Expr):
+def shape_of(e: relax.Expr):
     si = _sinfo(e)
     if not isinstance(si, relax.TensorType) or not isinstance(si.shape, relax.ShapeExpr):
         return None, None
     return list(si.shape.values), si.dtype
 
 
-def _static(v) -> Optional[int]:
+def static_int(v) -> Optional[int]:
     return int(v) if isinstance(v, tirx.IntImm) else None
 
 
 def _analyzer():
-    from tvm.sym.analyzer import Analyzer
-
     return Analyzer()
 
 
@@ -131,7 +134,7 @@ class _Rewriter:
 
     def _kernel(self, bt, m, n, k, dtype, out_dtype, w_batched, w_layout, has_bias,
                 activation=None, residual=False, rope_qk=None):
-        sb, sm = _static(bt), _static(m)
+        sb, sm = static_int(bt), static_int(m)
         key = (sb, sm, n, k, dtype, out_dtype, w_batched, w_layout, has_bias, activation, residual,
                rope_qk)
         if key not in self.funcs:
@@ -162,8 +165,8 @@ class _Rewriter:
         """``permute(conv2d(permute(x), w) (+ bias))``: NHWC in, NHWC out."""
         if self.conv_provider is None:
             return orig
-        xs, dtype = _shape(x)
-        ws, wdtype = _shape(w)
+        xs, dtype = shape_of(x)
+        ws, wdtype = shape_of(w)
         if xs is None or ws is None or len(xs) != 4 or len(ws) != 4 or dtype != wdtype:
             return orig
         at = conv.attrs
@@ -172,20 +175,20 @@ class _Rewriter:
                 or any(int(v) != 1 for v in list(at.strides) + list(at.dilation))
                 or len(set(pads)) != 1):
             return orig
-        h, w_, cin = _static(xs[1]), _static(xs[2]), _static(xs[3])
-        cout, ci, kh, kw = [_static(v) for v in ws]
+        h, w_, cin = static_int(xs[1]), static_int(xs[2]), static_int(xs[3])
+        cout, ci, kh, kw = [static_int(v) for v in ws]
         out_dtype = _sinfo(orig).dtype
         if None in (h, w_, cin, cout, kh) or ci != cin or kh != kw or out_dtype != dtype:
             return orig
         if bias is not None:
-            bs, bdtype = _shape(bias)
-            if bs is None or bdtype != dtype or [_static(v) for v in bs] not in ([1, cout, 1, 1], [cout]):
+            bs, bdtype = shape_of(bias)
+            if bs is None or bdtype != dtype or [static_int(v) for v in bs] not in ([1, cout, 1, 1], [cout]):
                 return orig
             bias = relax.op.reshape(bias, relax.ShapeExpr([cout]))
         nb = xs[0]
-        key = ("conv", _static(nb), h, w_, cin, cout, kh, pads[0], dtype, bias is not None)
+        key = ("conv", static_int(nb), h, w_, cin, cout, kh, pads[0], dtype, bias is not None)
         if key not in self.funcs:
-            vb = _static(nb) if _static(nb) is not None else tirx.Var("b", "int64")
+            vb = static_int(nb) if static_int(nb) is not None else tirx.Var("b", "int64")
             func = self.conv_provider(vb, h, w_, cin, cout, kh, pads[0], dtype, out_dtype,
                                       has_bias=bias is not None)
             self._register(key, func, f"sam3_conv{kh}x{kw}_{h}x{w_}x{cin}to{cout}_{dtype}")
@@ -213,8 +216,8 @@ class _Rewriter:
         shape and dtype; only an extern takes it (else ``orig`` stays). ``rope_qk``
         (``orig`` is then the q/k rotation of the linear's output): the rotation's scalar
         arguments, passed on to an extern whose epilogue rotates (3-D ``x`` only)."""
-        xs, dtype = _shape(x)
-        ws, wdtype = _shape(w)
+        xs, dtype = shape_of(x)
+        ws, wdtype = shape_of(w)
         if xs is None or ws is None or dtype != wdtype or len(xs) < 2 or len(ws) < 2:
             return orig
         if rope_qk is not None and (len(xs) != 3 or bias is None or w_layout != "nk"):
@@ -222,13 +225,13 @@ class _Rewriter:
         out_dtype = _sinfo(orig).dtype
         if out_dtype not in ("float32", "float16"):
             return orig
-        if residual is not None and _shape(residual)[1] != out_dtype:
+        if residual is not None and shape_of(residual)[1] != out_dtype:
             return orig
         if w_layout == "nk":
-            n, k = _static(ws[-2]), _static(ws[-1])
+            n, k = static_int(ws[-2]), static_int(ws[-1])
         else:
-            k, n = _static(ws[-2]), _static(ws[-1])
-        if n is None or k is None or _static(xs[-1]) != k:
+            k, n = static_int(ws[-2]), static_int(ws[-1])
+        if n is None or k is None or static_int(xs[-1]) != k:
             return orig
         align = getattr(self.provider, "k_align", 0)
         if align and k % align and len(ws) == 2 and dtype == "float16":
@@ -248,9 +251,9 @@ class _Rewriter:
             m, bt, w_batched = xs[-2], _prod(xs[:-2]), True
             out_shape = xs[:-1] + [n]
         if bias is not None:
-            bs, bdtype = _shape(bias)
-            if (not bs or bdtype != out_dtype or _static(bs[-1]) != n
-                    or any(_static(v) != 1 for v in bs[:-1]) or len(bs) > len(out_shape)):
+            bs, bdtype = shape_of(bias)
+            if (not bs or bdtype != out_dtype or static_int(bs[-1]) != n
+                    or any(static_int(v) != 1 for v in bs[:-1]) or len(bs) > len(out_shape)):
                 return orig
             if len(bs) != 1:
                 bias = relax.op.reshape(bias, relax.ShapeExpr([n]))
@@ -275,7 +278,7 @@ class _Rewriter:
             args = [x, w] + ([bias] if bias is not None else [])
             if residual is not None:
                 args.append(residual)
-                out_shape = _shape(residual)[0]
+                out_shape = shape_of(residual)[0]
             if rope_qk is not None:
                 args += list(rope_qk)
             self.count += 1
@@ -300,7 +303,7 @@ def _is_last_two_swap(call: relax.Call, ndim: int) -> bool:
     return axes == list(range(ndim - 2)) + [ndim - 1, ndim - 2]
 
 
-class _Uses:
+class Uses:
     """Per function: the var each bound value is bound to, and how often each var is
     used (a fused linear's result must have no other use, else its GEMM would run twice)."""
 
@@ -335,8 +338,13 @@ class _Uses:
 
 
 def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = None,
-                   name: str = "Sam3GemmRewrite") -> tvm.transform.Pass:
-    """Module pass rewriting matmuls (and channel-last convs) to our kernels."""
+                   name: str = "Sam3GemmRewrite", rotation: Optional[Tuple[str, int]] = None,
+                   attach: Optional[Callable[[tvm.IRModule, List[str]], tvm.IRModule]] = None
+                   ) -> tvm.transform.Pass:
+    """Module pass rewriting matmuls (and channel-last convs) to our kernels. ``rotation``:
+    ``(symbol, number of scalars)`` of an extern rotating a qkv projection's output that the
+    provider can fuse into the GEMM's epilogue (``rope_qk``); ``attach(mod, objects)`` links
+    the objects of the externs the provider answered with."""
 
     @tvm.transform.module_pass(opt_level=0, name=name)
     def _pass(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
@@ -349,7 +357,7 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
 
         def transposed(orig, mt, bias_pat=None):
             call = mt[wt]
-            ws, _ = _shape(mt[w])
+            ws, _ = shape_of(mt[w])
             if ws is None or not _is_last_two_swap(call, len(ws)):
                 return orig
             return rw.emit(orig, mt[x], mt[w], mt[bias_pat] if bias_pat else None, "nk")
@@ -371,13 +379,13 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
 
         def residual_rewrite(orig, mt, lin, lin_rs):
             call = mt[wt]
-            ws, _ = _shape(mt[w])
+            ws, _ = shape_of(mt[w])
             if ws is None or not _is_last_two_swap(call, len(ws)):
                 return orig
             res, inner = mt[r], mt[lin_rs if lin_rs is not None else lin]
-            rsh, rdt = _shape(res)
-            osh, odt = _shape(orig)
-            ish, _ = _shape(inner)
+            rsh, rdt = shape_of(res)
+            osh, odt = shape_of(orig)
+            ish, _ = shape_of(inner)
             if (rsh is None or osh is None or ish is None or rdt != odt
                     or not (len(rsh) == len(osh) == len(ish))
                     or not all(_same(a, c) and _same(a, d) for a, c, d in zip(rsh, osh, ish))):
@@ -395,28 +403,27 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
 
         def activation_rewrite(orig, mt, name):
             call = mt[wt]
-            ws, _ = _shape(mt[w])
+            ws, _ = shape_of(mt[w])
             if ws is None or not _is_last_two_swap(call, len(ws)):
                 return orig
             return rw.emit(orig, mt[x], mt[w], mt[b], "nk", activation=name)
 
-        # q/k rotation of a qkv projection (attention_cuda.emit_rope_qk) on a linear's output:
-        # one GEMM whose epilogue rotates (the extern's scalars are passed on)
-        from ..attention_cuda import ROPE_QK_SCALARS, SYMBOL_ROPE_QK
-
-        rope_scalars = [wildcard() for _ in range(ROPE_QK_SCALARS)]
-        rope_pat = is_op("relax.call_dps_packed")(ExternFuncPattern(SYMBOL_ROPE_QK),
-                                                  TuplePattern([lin_b] + rope_scalars))
+        # q/k rotation of a qkv projection (``rotation``) on a linear's output: one GEMM whose
+        # epilogue rotates (the extern's scalars are passed on)
+        rope_scalars = [wildcard() for _ in range(rotation[1] if rotation else 0)]
+        rope_pat = (is_op("relax.call_dps_packed")(ExternFuncPattern(rotation[0]),
+                                                   TuplePattern([lin_b] + rope_scalars))
+                    if rotation else None)
 
         def rope_rewrite(orig, mt):
             call = mt[wt]
-            ws, _ = _shape(mt[w])
+            ws, _ = shape_of(mt[w])
             if ws is None or not _is_last_two_swap(call, len(ws)):
                 return orig
             if uses[0] is None or not all(uses[0].single_use(e) for e in (mt[lin_b], mt[mm_t])):
                 return orig
-            osh, _ = _shape(orig)
-            lsh, _ = _shape(mt[lin_b])
+            osh, _ = shape_of(orig)
+            lsh, _ = shape_of(mt[lin_b])
             if osh is None or lsh is None or not all(_same(a, c) for a, c in zip(osh, lsh)):
                 return orig
             return rw.emit(orig, mt[x], mt[w], mt[b], "nk", rope_qk=[mt[p] for p in rope_scalars])
@@ -441,12 +448,13 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
             if not isinstance(func, relax.Function):
                 continue
             f = func
-            uses[0] = _Uses(func)
+            uses[0] = Uses(func)
             for pat, lin, lin_rs in res_pats:
                 f = rewrite_call(pat, lambda o, mt, lin=lin, lin_rs=lin_rs:
                                  residual_rewrite(o, mt, lin, lin_rs), f)
-                uses[0] = _Uses(f)
-            f = rewrite_call(rope_pat, rope_rewrite, f)
+                uses[0] = Uses(f)
+            if rope_pat is not None:
+                f = rewrite_call(rope_pat, rope_rewrite, f)
             if rw.conv_provider is not None:
                 f = rewrite_call(conv_b, lambda o, mt: conv_rewrite(o, mt, cb), f)
                 f = rewrite_call(conv_nb, conv_rewrite, f)
@@ -463,9 +471,110 @@ def make_gemm_pass(provider: Provider, conv_provider: Optional[ConvProvider] = N
             bb.update_func(gv, f)
         out = bb.get()
         if rw.objects:
-            from .cuda_source import attach
-
+            if attach is None:
+                raise ValueError("the GEMM provider answered with linked objects but the pass "
+                                 "was given no attach function")
             out = attach(out, list(rw.objects))
         return out
+
+    return _pass
+
+
+# ---------------------------------------------------------------------------------------
+# operator routing: sam3.op.* calls -> the implementation a target's table chooses
+# ---------------------------------------------------------------------------------------
+
+Route = Callable[..., object]  # (*tensors as nn.Tensor, **params) -> nn.Tensor
+
+
+def op_call(value: relax.Expr) -> Optional[Tuple[str, list, Dict]]:
+    """``(name, tensor args, params)`` of a ``sam3.op.*`` call (``sam3_nn.ops``), else None."""
+    if not (isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.call_dps_packed"))):
+        return None
+    callee = value.args[0]
+    if not (isinstance(callee, relax.ExternFunc) and callee.global_symbol.startswith(OP_PREFIX)):
+        return None
+    args = list(value.args[1].fields)
+    return callee.global_symbol, args[:-1], json.loads(args[-1].value)
+
+
+@relax.expr_functor.mutator
+class _OpRouter(relax.PyExprMutator):
+    """Replaces each routed operator call by what its route emits, traced into the
+    caller's block with the ``nn`` frontend (the builder is made current meanwhile)."""
+
+    def __init__(self, mod: tvm.IRModule, routes: Dict[str, Route]):
+        super().__init__(mod)
+        self.routes = routes
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        found = op_call(binding.value)
+        if found is None or found[0] not in self.routes:
+            return super().visit_var_binding_(binding)
+        name, args, params = found
+        tensors = [nn.Tensor(_expr=self.visit_expr(a)) for a in args]
+        relax.BlockBuilder._stack.append(self.builder_)  # nn ops emit into BlockBuilder.current()
+        try:
+            out = self.routes[name](*tensors, **params)._expr
+        finally:
+            relax.BlockBuilder._stack.pop()
+        if not isinstance(binding.var, relax.DataflowVar):
+            out = self.builder_.emit_output(out, name_hint=binding.var.name_hint)
+        self.set_var_remap(binding.var, out)
+
+
+def route_ops_pass(routes: Dict[str, Route], name: str = "Sam3RouteOps") -> tvm.transform.Pass:
+    """Module pass: every ``sam3.op.*`` call named in ``routes`` becomes the route's
+    implementation (see ``sam3_nn.ops.attention``)."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
+        targets = [gv for gv, f in mod.functions_items()
+                   if isinstance(f, relax.Function) and _calls_op(f, routes)]
+        if not targets:
+            return mod
+        router = _OpRouter(mod, routes)
+        for gv in targets:
+            router.builder_.update_func(gv, router.visit_expr(mod[gv]))
+        return router.builder_.get()
+
+    return _pass
+
+
+def _calls_op(func: relax.Function, names) -> bool:
+    found = []
+
+    def visit(e):
+        hit = op_call(e)
+        if hit is not None and (names is None or hit[0] in names):
+            found.append(hit[0])
+
+    relax.analysis.post_order_visit(func, visit)
+    return bool(found)
+
+
+def unrouted_ops(mod: tvm.IRModule) -> List[str]:
+    """Names of the ``sam3.op.*`` calls left in ``mod``."""
+    names = set()
+    for _, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            def visit(e):
+                hit = op_call(e)
+                if hit is not None:
+                    names.add(hit[0])
+
+            relax.analysis.post_order_visit(f, visit)
+    return sorted(names)
+
+
+def check_routed_pass(target_name: str) -> tvm.transform.Pass:
+    """Module pass raising a ``ValueError`` naming any ``sam3.op.*`` call no route replaced."""
+
+    @tvm.transform.module_pass(opt_level=0, name="Sam3CheckRouted")
+    def _pass(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
+        left = unrouted_ops(mod)
+        if left:
+            raise ValueError(f"no kernel route for {', '.join(left)} on target {target_name}")
+        return mod
 
     return _pass

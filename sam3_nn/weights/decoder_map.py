@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 
-from ..config import Sam3Config
-from .mapping import ParamMapping, chunk
+from sam3_nn.config import Sam3Config
+from sam3_nn.weights.mapping import ParamMapping, chunk
 
 OURS_DEC = "detr_decoder."
 OURS_SCORE = "dot_product_scoring."
@@ -33,17 +33,12 @@ _PT_LAYER_OTHER = {"self_attn_layer_norm": "norm2", "text_cross_attn_layer_norm"
                    "mlp.fc1": "linear1", "mlp.fc2": "linear2"}
 
 
-def mask_decoder_levels(cfg: Sam3Config) -> int:
-    """FPN levels the mask decoder receives: all but the coarsest (0.5x) one."""
-    return len(cfg.vision.scale_factors) - 1
-
-
 def pixel_decoder_stages(cfg: Sam3Config) -> int:
     """Upsampling stages the pixel decoder runs (levels - 1)."""
-    stages = mask_decoder_levels(cfg) - 1
+    stages = cfg.mask_decoder_levels() - 1
     if stages < 0 or stages > cfg.mask_decoder.num_upsampling_stages:
         raise ValueError(
-            f"the mask decoder gets {mask_decoder_levels(cfg)} FPN levels but has "
+            f"the mask decoder gets {cfg.mask_decoder_levels()} FPN levels but has "
             f"{cfg.mask_decoder.num_upsampling_stages} upsampling stages")
     return stages
 
@@ -105,7 +100,7 @@ def _ignore_unused_stages(m: ParamMapping, cfg: Sam3Config, src_pixel_decoder: s
         unused = "|".join(str(k) for k in range(used, cfg.mask_decoder.num_upsampling_stages))
         m.ignore(rf"^{re.escape(src_pixel_decoder)}(conv_layers|norms)\.({unused})\.",
                  f"pixel decoder stages past the {used} the image model runs "
-                 f"({mask_decoder_levels(cfg)} FPN levels)")
+                 f"({cfg.mask_decoder_levels()} FPN levels)")
 
 
 def add_decoder_parts(m: ParamMapping, cfg: Sam3Config, prefix: str) -> None:

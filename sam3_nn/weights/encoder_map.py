@@ -8,8 +8,8 @@ The original ``sam3.pt`` keeps PyTorch ``nn.MultiheadAttention`` layouts (fused
 
 from __future__ import annotations
 
-from ..config import Sam3Config
-from .mapping import ParamMapping, chunk
+from sam3_nn.config import Sam3Config
+from sam3_nn.weights.mapping import ParamMapping, chunk
 
 GEO = "geometry_encoder."
 ENC = "detr_encoder."

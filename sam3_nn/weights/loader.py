@@ -18,11 +18,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import ml_dtypes  # numpy has no bfloat16; ml_dtypes ships with TVM
 import numpy as np
+from safetensors import safe_open
 
-from ..config import Sam3Config
-from .mapping import ParamMapping
-from .parts import PARTS, Part
+from sam3_nn.config import Sam3Config
+from sam3_nn.weights.mapping import ParamMapping
+from sam3_nn.weights.parts import PARTS, Part
 
 
 class CheckpointError(ValueError):
@@ -72,8 +74,6 @@ def _safetensors_files(path: str) -> List[str]:
 
 
 def open_safetensors(path: str) -> TensorSource:
-    from safetensors import safe_open
-
     files = _safetensors_files(path)
     handles, meta, where = {}, {}, {}
     for fname in files:
@@ -92,8 +92,6 @@ def open_safetensors(path: str) -> TensorSource:
     def read(name: str) -> np.ndarray:
         h = handles[where[name]]
         if meta[name][1] == "bf16":
-            import ml_dtypes  # numpy has no bfloat16; ml_dtypes ships with TVM
-
             raw = h.get_slice(name)
             return np.asarray(raw[...]).view(ml_dtypes.bfloat16)
         return h.get_tensor(name)

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
-from ..config import Sam3Config
-from .mapping import ParamMapping
-from .decoder_map import add_decoder_parts
-from .encoder_map import add_encoder_parts
-from .text_map import add_text
-from .vision_map import add_vision
+from sam3_nn.config import Sam3Config
+from sam3_nn.weights.mapping import ParamMapping
+from sam3_nn.weights.decoder_map import add_decoder_parts
+from sam3_nn.weights.encoder_map import add_encoder_parts
+from sam3_nn.weights.text_map import add_text
+from sam3_nn.weights.vision_map import add_vision
 
 
 @dataclass(frozen=True)

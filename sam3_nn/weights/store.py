@@ -7,14 +7,14 @@ import tempfile
 from typing import Dict, Tuple
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from .loader import CheckpointError
+from sam3_nn.weights.loader import CheckpointError
 
 
 def save_converted(path: str, params: Dict[str, np.ndarray], metadata: Dict[str, str]) -> None:
     """Write atomically: a temporary file in the same folder, renamed when complete."""
-    from safetensors.numpy import save_file
-
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
@@ -31,8 +31,6 @@ def save_converted(path: str, params: Dict[str, np.ndarray], metadata: Dict[str,
 
 def load_converted(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     """Read a file written by ``save_converted``: (params, metadata)."""
-    from safetensors import safe_open
-
     if not os.path.isfile(path):
         raise CheckpointError(f"weights file {path} does not exist")
     try:

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import re
 
-from ..config import TextConfig
-from .mapping import ParamMapping, concat0
+from sam3_nn.config import TextConfig
+from sam3_nn.weights.mapping import ParamMapping, concat0
 
 OURS = "text_encoder.text_model."
 RESIZER = "text_projection."

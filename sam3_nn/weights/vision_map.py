@@ -6,8 +6,8 @@ the fused attention projection ``attention.qkv`` (HF: q/k/v_proj; sam3.pt: qkv).
 
 from __future__ import annotations
 
-from ..config import VisionConfig
-from .mapping import ParamMapping, concat0, drop_first_token
+from sam3_nn.config import VisionConfig
+from sam3_nn.weights.mapping import ParamMapping, concat0, drop_first_token
 
 OURS = "vision_encoder."
 PT = "backbone.vision_backbone."

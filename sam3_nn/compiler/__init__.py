@@ -1,0 +1,1 @@
+"""Build a library: target presets (data), one ordered pass pipeline per target, export."""

@@ -1,0 +1,375 @@
+"""Segment images with a compiled SAM 3 library: no PyTorch, no TVM compiler.
+
+    from sam3_nn.runtime import Sam3
+    model = Sam3.load("dist/sam3-llvm.so", "weights/sam3-float32.safetensors")
+    state = model.set_image("photo.jpg")          # encode once ...
+    cats = model.predict(state, text="cat")       # ... query many times
+    cats.boxes, cats.scores, cats.masks           # xyxy pixels, detection x presence, HxW bool
+
+Depends on the TVM runtime, numpy, safetensors and Pillow only (and ``tokenizers``,
+through ``sam3_nn.runtime.tokenizer``, for text prompts). Nothing here imports ``tvm.relax``, the compiler, the model
+definition or torch, so it runs where TVM is installed runtime-only.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from safetensors import safe_open
+
+from sam3_nn.config import Sam3Config
+from sam3_nn.runtime.engine import CompiledModel, LibraryError, read_manifest
+from sam3_nn.runtime.postprocess import Detections, post_process_instances
+from sam3_nn.runtime.preprocess import (ImageLike, InputError, boxes_to_model, check_boxes,
+                                        load_image, normalize, resize_uint8)
+from sam3_nn.runtime.tokenizer import Sam3Tokenizer, TokenizerError
+from sam3_nn.weights import CheckpointError, load_converted, load_params, open_checkpoint
+
+__all__ = ["Sam3", "ImageState", "Detections", "LibraryError", "InputError", "config_fingerprint",
+           "load_weights"]
+
+# what ``Sam3Processor`` feeds as the text of a box-only prompt
+VISUAL_PROMPT = "visual"
+# the config keys that change no weight: a library compiled at another image size takes the same weights
+_NOT_IN_WEIGHTS = (("vision", "backbone", "image_size"),)
+
+
+# ----------------------------------------------------------------------------
+# weights
+# ----------------------------------------------------------------------------
+def weights_config(config: Dict) -> Dict:
+    """The part of a library's config the weights depend on."""
+    c = copy.deepcopy(config)
+    for path in _NOT_IN_WEIGHTS:
+        d = c
+        for k in path[:-1]:
+            d = d.get(k, {})
+        d.pop(path[-1], None)
+    return c
+
+
+def config_fingerprint(config: Dict) -> str:
+    """sha256 of the weights-relevant config (canonical JSON)."""
+    blob = json.dumps(weights_config(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _flat(d: Dict, prefix: str = "") -> Dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(ours: Dict, theirs: Dict, limit: int = 6) -> str:
+    a, b = _flat(weights_config(ours)), _flat(weights_config(theirs))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    s = "; ".join(f"{k}: {b.get(k)!r} (weights) vs {a.get(k)!r} (library)" for k in keys[:limit])
+    return s + (f"; ... ({len(keys)} keys differ)" if len(keys) > limit else "")
+
+
+def expected_params(manifest: Dict) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    return {p["name"]: (tuple(p["shape"]), p["dtype"]) for p in manifest["params"]}
+
+
+def converted_metadata(manifest: Dict, source: str) -> Dict[str, str]:
+    """The metadata ``convert`` writes beside the parameters."""
+    return {
+        "format": "sam3_nn",
+        "config_sha256": config_fingerprint(manifest["config"]),
+        "config": json.dumps(weights_config(manifest["config"]), sort_keys=True),
+        "dtype": manifest["dtype"],
+        "parts": ",".join(manifest["parts"]),
+        "source": os.path.basename(os.path.normpath(source)),
+    }
+
+
+def _is_converted(path: str) -> bool:
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return (f.metadata() or {}).get("format") == "sam3_nn"
+    except Exception as e:
+        raise LibraryError(f"weights {path}: not a readable safetensors file ({e})") from e
+
+
+def convert_for_manifest(source_path: str, manifest: Dict, log: Callable[[str], None] = lambda s: None):
+    """Read a released checkpoint (HF snapshot, .safetensors or sam3.pt) -> our parameters for
+    the library described by ``manifest``; checks the snapshot's config against the library's."""
+    cfg = Sam3Config.from_dict(manifest["config"])
+    source = open_checkpoint(source_path)
+    if source.config is not None:
+        try:
+            theirs = Sam3Config.from_hf(source.config).to_dict()
+        except (ValueError, TypeError) as e:
+            raise LibraryError(f"{source_path}/config.json: {e}") from e
+        if config_fingerprint(theirs) != config_fingerprint(manifest["config"]):
+            raise LibraryError(
+                f"checkpoint {source_path} is a different model than the library was compiled for: "
+                f"{config_diff(manifest['config'], theirs)}")
+    params, report = load_params(cfg, source, expected_params(manifest), manifest["parts"])
+    log(report.summary())
+    return params
+
+
+def load_weights(weights: str, manifest: Dict, log: Callable[[str], None] = lambda s: None
+                 ) -> Dict[str, np.ndarray]:
+    """Converted ``.safetensors`` (``python -m sam3_nn convert``) or an HF snapshot
+    (directory or single ``.safetensors``, converted in memory) -> our parameters,
+    checked against the library's manifest (config, dtype, parameter set)."""
+    if not os.path.exists(weights):
+        raise LibraryError(f"weights {weights} do not exist")
+    if os.path.isfile(weights) and weights.endswith((".pt", ".pth")):
+        raise LibraryError(
+            f"weights {weights}: a PyTorch checkpoint cannot be read without torch; convert it once with "
+            f"`python -m sam3_nn convert {weights} <library>.json <out>.safetensors`")
+    try:
+        if os.path.isfile(weights) and _is_converted(weights):
+            params, meta = load_converted(weights)
+            check_converted(weights, meta, manifest)
+            return params
+        return convert_for_manifest(weights, manifest, log)
+    except CheckpointError as e:
+        raise LibraryError(str(e)) from e
+
+
+def check_converted(path: str, meta: Dict[str, str], manifest: Dict) -> None:
+    if meta.get("dtype") != manifest["dtype"]:
+        raise LibraryError(
+            f"weights {path} are {meta.get('dtype')} but the library is compiled for {manifest['dtype']}; "
+            f"convert again for this library (python -m sam3_nn convert SRC <library>.json OUT)")
+    if meta.get("config_sha256") != config_fingerprint(manifest["config"]):
+        detail = ""
+        if meta.get("config"):
+            try:
+                detail = ": " + config_diff(manifest["config"], json.loads(meta["config"]))
+            except ValueError:
+                pass
+        raise LibraryError(f"weights {path} were converted for a different model configuration than "
+                           f"the library's{detail}")
+    parts = [p for p in meta.get("parts", "").split(",") if p]
+    if parts and parts != list(manifest["parts"]):
+        raise LibraryError(f"weights {path} hold parts {parts} but the library has {list(manifest['parts'])}")
+
+
+# ----------------------------------------------------------------------------
+# text
+# ----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
+# the app
+# ----------------------------------------------------------------------------
+def channel_first(maps) -> List[np.ndarray]:
+    """``encode_image``'s FPN maps (channel last, ``[B, s, s, C]``; device tensors or arrays)
+    in the reference's layout ``[B, C, s, s]``."""
+    return [np.ascontiguousarray(np.transpose(m if isinstance(m, np.ndarray) else m.numpy(), (0, 3, 1, 2)))
+            for m in maps]
+
+
+@dataclass
+class ImageState:
+    """An encoded image: reusable for any number of prompts."""
+
+    original_size: Tuple[int, int]  # (height, width)
+    rgb: np.ndarray  # the original image, HxWx3 uint8 (for overlays)
+    features: List  # FPN maps on the device (highest resolution first, channel last)
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def _input_role(name: str) -> Tuple[str, int]:
+    """A ``detect`` input name -> (role, level)."""
+    n = name.lower()
+    m = re.fullmatch(r"(?:fpn_)?(?:hidden_states|features|vision_features|fpn)[._]?(\d+)", n)
+    if m:
+        return "feature", int(m.group(1))
+    m = re.fullmatch(r"(?:fpn_)?(?:position_encoding|pos_encoding|pos_embeds?|pos)[._]?(\d+)", n)
+    if m:
+        return "position", int(m.group(1))
+    roles = {"text_features": "text", "text_embeds": "text", "prompt_features": "text",
+             "text_mask": "text_mask", "attention_mask": "text_mask", "prompt_mask": "text_mask",
+             "input_boxes": "boxes", "boxes": "boxes", "box_embeddings": "boxes",
+             "input_boxes_labels": "box_labels", "box_labels": "box_labels", "labels": "box_labels",
+             "box_mask": "box_mask"}
+    if n in roles:
+        return roles[n], -1
+    raise LibraryError(f"the library's detect function takes an input {name!r} this runtime does not know")
+
+
+class Sam3:
+    """A compiled library with its weights bound."""
+
+    def __init__(self, model: CompiledModel, tokenizer=None,
+                 tokenizer_path: Optional[str] = None):
+        self.model = model
+        self.manifest = model.manifest
+        self.functions = self.manifest["functions"]
+        self.image_size = int(self.manifest["config"]["vision"]["backbone"]["image_size"])
+        self._tokenizer = tokenizer
+        self._tokenizer_path = tokenizer_path
+        self._text_cache: Dict[str, Tuple] = {}
+        self._positions: Optional[List] = None
+
+    # -- loading -------------------------------------------------------------
+    @classmethod
+    def load(cls, library: str, weights: str, device: Optional[str] = None,
+             tokenizer: Optional[str] = None, log: Callable[[str], None] = lambda s: None) -> "Sam3":
+        """``library``: compiled ``.so``/``.dylib`` with its ``.json`` manifest beside it;
+        ``weights``: converted ``.safetensors`` or an HF snapshot directory;
+        ``device``: ``"cpu"``, ``"cuda"``, ``"metal"``... (default: the library's target);
+        ``tokenizer``: a ``tokenizer.json`` or a folder holding one (default: looked for in the
+        weights' folder and beside the library)."""
+        manifest = read_manifest(library)
+        params = load_weights(weights, manifest, log)
+        model = CompiledModel(library, device)
+        model.bind(params)
+        if tokenizer is None:
+            for folder in (weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights)),
+                           os.path.dirname(os.path.abspath(library))):
+                if any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json")):
+                    tokenizer = folder
+                    break
+        return cls(model, tokenizer_path=tokenizer)
+
+    def has(self, function: str) -> bool:
+        return function in self.functions
+
+    def _require(self, function: str, what: str) -> None:
+        if not self.has(function):
+            raise LibraryError(f"{what} needs the library function {function!r}, which this library lacks "
+                               f"(it has {', '.join(self.functions)}); compile it with a newer sam3_nn")
+
+    def _input_dtype(self, function: str, name: str) -> str:
+        for i in self.functions[function]["inputs"]:
+            if i["name"] == name:
+                return i["dtype"]
+        raise LibraryError(f"library function {function!r} has no input {name!r}")
+
+    # -- image ---------------------------------------------------------------
+    def preprocess(self, image: ImageLike) -> Tuple[np.ndarray, np.ndarray]:
+        """-> (pixel_values ``[1, 3, S, S]`` in the library's dtype, original RGB ``HxWx3`` uint8)."""
+        rgb = load_image(image)
+        pixels = normalize(resize_uint8(rgb, self.image_size))[None]
+        return pixels.astype(self._input_dtype("encode_image", "pixel_values")), rgb
+
+    def set_image(self, image: ImageLike) -> ImageState:
+        """Encode an image (path, PIL image or ``HxWx3`` uint8 array) once for many prompts."""
+        t0 = time.perf_counter()
+        pixels, rgb = self.preprocess(image)
+        t1 = time.perf_counter()
+        features = self.model.call_device("encode_image", pixels)
+        t2 = time.perf_counter()
+        return ImageState((int(rgb.shape[0]), int(rgb.shape[1])), rgb, features,
+                          {"preprocess": t1 - t0, "encode_image": t2 - t1})
+
+    def image_features(self, state: ImageState) -> List[np.ndarray]:
+        """The FPN maps channel first (``[1, 256, s, s]``, the reference's
+        ``fpn_hidden_states``); the library keeps them channel last."""
+        return channel_first(state.features)
+
+    def position_encodings(self) -> List:
+        if self._positions is None:
+            self._positions = self.model.call_device("image_position_encoding", 1)
+        return self._positions
+
+    # -- text ----------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """SAM 3's tokenizer (``sam3_nn.runtime.tokenizer``), padded to the library's text length."""
+        if self._tokenizer is None:
+            if self._tokenizer_path is None:
+                raise LibraryError("text prompts need SAM 3's tokenizer files (tokenizer.json, or vocab.json + "
+                                   "merges.txt, from the HF snapshot); none were found beside the weights or "
+                                   "the library: pass tokenizer=PATH (--tokenizer)")
+            ids = next(i for i in self.functions["encode_text"]["inputs"] if i["name"] == "input_ids")
+            try:
+                self._tokenizer = Sam3Tokenizer.from_pretrained(self._tokenizer_path, int(ids["shape"][-1]))
+            except TokenizerError as e:
+                raise LibraryError(str(e)) from e
+        return self._tokenizer
+
+    def tokenize(self, text: str) -> Tuple[np.ndarray, np.ndarray]:
+        self._require("encode_text", "a text prompt")
+        batch = self.tokenizer(text)
+        ids, mask = batch.input_ids, batch.attention_mask
+        return (ids.astype(self._input_dtype("encode_text", "input_ids")),
+                mask.astype(self._input_dtype("encode_text", "attention_mask")))
+
+    def encode_text(self, text: str) -> Tuple:
+        """-> device (text_features, text_mask); cached per prompt."""
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"text prompt must be a non-empty string, got {text!r}")
+        if text not in self._text_cache:
+            ids, mask = self.tokenize(text)
+            out = self.model.call_device("encode_text", ids, mask)
+            self._text_cache[text] = tuple(out)
+        return self._text_cache[text]
+
+    # -- prompts -------------------------------------------------------------
+    def detect(self, state: ImageState, text: Optional[str] = None,
+               boxes: Optional[Sequence[Sequence[float]]] = None,
+               box_labels: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
+        """Raw outputs (``pred_logits``, ``pred_boxes``, ``pred_masks``, ``presence_logits``,
+        ``semantic_seg``...) for one prompt: text, boxes (``xyxy`` pixels), or both."""
+        self._require("detect", "prediction")
+        if text is None and boxes is None:
+            raise InputError("give a prompt: text, boxes, or both")
+        if boxes is not None and len(boxes) == 0:
+            boxes = None
+        if text is None:
+            text = VISUAL_PROMPT  # as Sam3Processor does for box-only prompts
+        text_features, text_mask = self.encode_text(text)
+        spec = self.functions["detect"]
+        slots = {inp["name"]: inp for inp in spec["inputs"]}
+        n_slots = int(slots["boxes"]["shape"][1]) if "boxes" in slots else 0
+        model_boxes = np.zeros((1, n_slots, 4), np.float32)
+        model_labels = np.zeros((1, n_slots), np.int64)
+        model_mask = np.zeros((1, n_slots), np.int64)
+        if boxes is not None:
+            b, lab = check_boxes(boxes, box_labels, state.original_size)
+            if len(b) > n_slots:
+                raise InputError(f"{len(b)} boxes given; this library takes at most {n_slots} "
+                                 "(compile with more box slots)")
+            model_boxes[0, :len(b)] = boxes_to_model(b, state.original_size)
+            model_labels[0, :len(b)] = lab
+            model_mask[0, :len(b)] = 1
+        args = []
+        for inp in spec["inputs"]:
+            role, level = _input_role(inp["name"])
+            if role == "feature":
+                args.append(state.features[level])
+            elif role == "position":
+                args.append(self.position_encodings()[level])
+            elif role == "text":
+                args.append(text_features)
+            elif role == "text_mask":
+                args.append(text_mask)
+            elif role == "boxes":
+                args.append(model_boxes.astype(inp["dtype"]))
+            elif role == "box_mask":
+                args.append(model_mask.astype(inp["dtype"]))
+            else:
+                args.append(model_labels.astype(inp["dtype"]))
+        out = self.model("detect", *args)
+        names = [o["name"] for o in spec["outputs"]]
+        if len(names) != len(out):
+            raise LibraryError(f"detect returned {len(out)} outputs, manifest names {len(names)}")
+        return {n: o.astype(np.float32) if np.issubdtype(o.dtype, np.floating) else o
+                for n, o in zip(names, out)}
+
+    def predict(self, state: ImageState, text: Optional[str] = None,
+                boxes: Optional[Sequence[Sequence[float]]] = None,
+                box_labels: Optional[Sequence[int]] = None,
+                score_threshold: float = 0.3, mask_threshold: float = 0.5) -> Detections:
+        """Objects for one prompt: boxes (``xyxy`` pixels of the original image), scores
+        (detection x presence), masks at the original resolution, and the raw outputs."""
+        raw = self.detect(state, text, boxes, box_labels)
+        return post_process_instances(raw, state.original_size, score_threshold, mask_threshold)

@@ -1,0 +1,240 @@
+"""The CUDA attention path: the operators' CUDA routes, and a library that links the kernel.
+
+No GPU is needed (the numerics are checked on the accelerator machine by
+bench/attention_cuda_kernel.py and bench/attention_cuda.py). Building the library needs
+nvcc (and sam3_nn.kernels.cuda.source); the test skips without them.
+"""
+
+import re
+import subprocess
+
+import pytest
+import tvm
+from tvm.relax.frontend import nn
+
+from tests.cuda_lib import build_library, exported_symbols
+from sam3_nn.compiler.options import KernelOptions
+from sam3_nn.config import ViTConfig
+from sam3_nn.kernels import cpu as cpu_kernels
+from sam3_nn.kernels import cuda as cuda_kernels
+from sam3_nn.kernels import portable
+from sam3_nn.kernels.cuda import attention as attention_cuda
+from sam3_nn.kernels.rewrite import route_ops_pass
+from sam3_nn.model.vision import ViTLayer
+from sam3_nn.ops.attention import attention, qkv_self_attention
+from sam3_nn.ops.rope import AxialRope
+
+CUDA = {"kind": "cuda", "arch": "sm_90a"}
+
+
+class Mod(nn.Module):
+    def __init__(self, heads=16, rope=AxialRope(24, 24, 64, 10000.0, 1.0)):
+        self.heads, self.rope = heads, rope
+
+    def inline(self, qkv):
+        return qkv_self_attention(qkv, self.heads, self.rope)
+
+    def none(self, qkv):
+        return qkv_self_attention(qkv, self.heads, None)
+
+    def masked(self, q, k, v, bias):
+        return attention(q, k, v, 8, bias)
+
+    def full(self, q, k, v, bias):
+        return attention(q, k, v, 8, bias)
+
+
+def _spec(dtype, hidden=1024):
+    t = lambda *s, d=dtype: nn.spec.Tensor(list(s), d)
+    return {"inline": {"qkv": t("b", 576, 3 * hidden)},
+            "none": {"qkv": t("b", 576, 3 * hidden)},
+            "masked": {"q": t(1, "nq", 256), "k": t(1, "nk", 256), "v": t(1, "nk", 256),
+                       "bias": t(1, 1, 1, "nk", d="float32")},
+            "full": {"q": t(1, 201, 256), "k": t(1, 5184, 256), "v": t(1, 5184, 256),
+                     "bias": t(1, 8, 201, 5184)}}
+
+
+def route_attention(mod, target=CUDA, **opts):
+    """``mod`` with its attention operators routed as ``target``'s pipeline routes them (the
+    routing step's first pass: the GEMMs are left as they are, to read the calls)."""
+    tgt = tvm.target.Target(target)
+    kopts = KernelOptions(**opts)
+    routes = (attention_cuda.attention_routes(tgt, None, kopts) if tgt.kind.name == "cuda"
+              else portable.attention_routes(tgt, kopts))
+    return route_ops_pass(routes)(mod)
+
+
+def _export(dtype, module=None, hidden=1024, target=CUDA, route=True, rope_in_projection=False):
+    mod, _ = (module or Mod()).export_tvm(spec=_spec(dtype, hidden))
+    return route_attention(mod, target, cuda_attention=route, rope_in_projection=rope_in_projection,
+                           rope_mode="inline")
+
+
+def test_rope_in_projection_rotates_q_and_k_of_the_fused_qkv():
+    """Hopper (the CUTLASS GEMM route) and long sequences: q and k rotated once in the qkv
+    projection's output (the GEMM rewrite fuses that into the GEMM's epilogue), the kernel
+    without RoPE; elsewhere the keys-rotated path."""
+    inline = _export("float16", rope_in_projection=True)["inline"].script()
+    assert ('call_dps_packed("sam3_rope_qk_cuda", (qkv, 16, 0, 0, 0, 24, 24, T.float64(1.0), '
+            'T.float64(10000.0)), out_ty=R.Tensor((b, 576, 3072)') in inline
+    assert ('call_dps_packed("sam3_attention_cuda", (sam3_rope_qk_cuda, sam3_rope_qk_cuda, '
+            'sam3_rope_qk_cuda, 16, 0, 1024, 2048, 0, 0, T.float64(1.0), T.float64(10000.0), 0)') in inline
+    assert "sam3_rope_keys_cuda" not in inline
+    for target in ({"kind": "cuda", "arch": "sm_80"}, {"kind": "cuda", "arch": "sm_89"}):
+        other = _export("float16", target=target, rope_in_projection=True)["inline"].script()
+        assert "sam3_rope_qk_cuda" not in other and "sam3_rope_keys_cuda" in other, target
+    # head dim 32 (the rotation in the GEMM epilogue is for head dim 64)
+    short = _export("float16", module=Mod(rope=AxialRope(24, 24, 32, 10000.0, 1.0), heads=32),
+                    rope_in_projection=True)["inline"].script()
+    assert "sam3_rope_qk_cuda" not in short and "sam3_rope_keys_cuda" in short
+
+
+def test_fp16_on_cuda_calls_the_cuda_kernel():
+    mod = _export("float16")
+    inline, none, masked = (mod[f].script() for f in ("inline", "none", "masked"))
+    # 576 queries: the keys are rotated once (k columns at 1024, 16 heads, global positions on
+    # the 24x24 grid), the kernel reads them from that buffer and rotates only q
+    assert ('call_dps_packed("sam3_rope_keys_cuda", (qkv, 1024, 16, 0, 0, 0, 24, 24, T.float64(1.0), '
+            'T.float64(10000.0)), out_ty=R.Tensor((b, 576, 1024)') in inline
+    assert ('call_dps_packed("sam3_attention_cuda", (qkv, sam3_rope_keys_cuda, qkv, 16, 0, 0, 2048, 24, 24, '
+            'T.float64(1.0), T.float64(10000.0), 1)') in inline
+    assert ('call_dps_packed("sam3_attention_cuda", (qkv, qkv, qkv, 16, 0, 1024, 2048, 0, 0, T.float64(1.0), '
+            'T.float64(10000.0), 0)') in none
+    assert "sam3_rope_keys_cuda" not in none
+    assert 'call_dps_packed("sam3_attention_cuda_bias"' in masked  # key bias, head dim 32
+    for s in (inline, none, masked):
+        assert "sam3_attention_rope" not in s and "softmax" not in s
+    assert attention_cuda.calls_kernel(mod)
+
+
+def test_short_sequences_rotate_keys_inline():
+    """Below ROTATE_KEYS_MIN_QUERIES queries the kernel rotates the k tiles itself (few query
+    tiles re-read them); dynamic sequence lengths do too."""
+    t = lambda *s: nn.spec.Tensor(list(s), "float16")
+    assert attention_cuda.ROTATE_KEYS_MIN_QUERIES > 21 * 24
+    for n, (gh, gw) in ((21 * 24, (21, 24)), ("n", (24, 24))):
+        mod, _ = Mod(rope=AxialRope(gh, gw, 64, 10000.0, 1.0)).export_tvm(
+            spec={"inline": {"qkv": t(1, n, 3072)}})
+        s = route_attention(mod, rope_in_projection=False)["inline"].script()
+        assert "sam3_rope_keys_cuda" not in s, n
+        assert f'call_dps_packed("sam3_attention_cuda", (qkv, qkv, qkv, 16, 0, 1024, 2048, {gh}, {gw}' in s, n
+        assert "T.float64(10000.0), 0)" in s, n
+
+
+def test_full_bias_takes_the_cuda_kernel_on_cuda_only():
+    """A per-query, per-head bias (the DETR decoder's box RPB) goes to the kernel's full-bias
+    entry on CUDA fp16 (read as fp16, no score matrix); elsewhere the composed path."""
+    full = _export("float16")["full"].script()
+    assert 'call_dps_packed("sam3_attention_cuda_full_bias", (q, k, v, bias, 8, 0, 0, 0)' in full
+    assert "softmax" not in full and "matmul" not in full
+    for dtype, target in (("float32", CUDA), ("float16", {"kind": "metal"}), ("float16", "llvm")):
+        s = _export(dtype, target=target)["full"].script()
+        assert "sam3_attention_cuda" not in s and "softmax" in s, (dtype, target)
+
+
+def test_other_cases_keep_the_tir_kernel():
+    # float32 on CUDA, head dim 128 on CUDA, float16 on Metal, float16 on llvm
+    cases = [("float32", None, 1024, CUDA),
+             ("float16", Mod(8, AxialRope(24, 24, 128, 10000.0, 1.0)), 1024, CUDA),
+             ("float16", None, 1024, {"kind": "metal"}),
+             ("float16", None, 1024, "llvm")]
+    for dtype, module, hidden, target in cases:
+        mod = _export(dtype, module, hidden, target)
+        inline = mod["inline"].script()
+        assert "sam3_attention_cuda" not in inline and "sam3_attention_rope" in inline, (dtype, target)
+        if module is None:
+            assert not attention_cuda.calls_kernel(mod), (dtype, target)
+    assert not attention_cuda.calls_kernel(_export("float16", route=False))
+    # on by default
+    mod, _ = Mod().export_tvm(spec=_spec("float16"))
+    assert KernelOptions().cuda_attention and attention_cuda.calls_kernel(route_attention(mod))
+
+
+class Windowed(nn.Module):
+    """One windowed ViT block (window 24, head dim 64) on a 48x48 grid (no padding) and on a
+    30x30 one (padded to 48x48)."""
+
+    def __init__(self):
+        cfg = ViTConfig(hidden_size=128, intermediate_size=256, num_attention_heads=2, image_size=672)
+        self.layer = ViTLayer(cfg, cfg.window_size)
+
+    def exact(self, x):
+        return self.layer(x)
+
+    def padded(self, x):
+        return self.layer(x)
+
+
+def _export_windowed(dtype, target=CUDA, rope_mode="inline", route=True,
+                     rope_in_projection=False):
+    t = lambda *s: nn.spec.Tensor(list(s), dtype)
+    spec = {"exact": {"x": t("b", 48, 48, 128)}, "padded": {"x": t("b", 30, 30, 128)}}
+    m = Windowed()
+    m.to(dtype)
+    mod, _ = m.export_tvm(spec=spec)
+    return route_attention(mod, target, cuda_attention=route, rope_mode=rope_mode,
+                           rope_in_projection=rope_in_projection)
+
+
+PARTITION = "axes=[0, 1, 3, 2, 4, 5]"  # the window partition/unpartition transposes
+
+
+def test_windowed_block_uses_window_mode_without_transposes():
+    mod = _export_windowed("float16")
+    exact, padded = mod["exact"].script(), mod["padded"].script()
+    # no padding: qkv on the unpartitioned rows, window-mode kernel, o_proj on its output
+    # keys rotated once at their in-window positions (k columns at 128, 2 heads, window 24 of
+    # the 48x48 grid, RoPE grid the window's), then the window-mode kernel: heads, q/k/v
+    # columns (k from the rotated buffer), window, image grid, RoPE grid, keys rotated
+    assert ('call_dps_packed("sam3_rope_keys_cuda", (add, 128, 2, 24, 48, 48, 24, 24, T.float64(1.0), '
+            'T.float64(10000.0)), out_ty=R.Tensor((b, 2304, 128)') in exact
+    assert ('call_dps_packed("sam3_attention_cuda_window", (add, sam3_rope_keys_cuda, add, 2, 0, 0, 256, 24, '
+            '48, 48, 24, 24, T.float64(1.0), T.float64(10000.0), 1)') in exact
+    # the only transposes left are the weights' (Linear), none of activations
+    perms = [ln for ln in exact.splitlines() if "R.permute_dims(" in ln]
+    assert len(perms) == 4 and all("_weight, axes=None)" in ln for ln in perms), perms
+    assert 'call_dps_packed("sam3_attention_cuda",' not in exact
+    # padding: the padded grid (30 -> 48) in window mode too, then cropped
+    assert exact.count(PARTITION) == 0 and padded.count(PARTITION) == 0
+    assert re.search(r'call_dps_packed\("sam3_attention_cuda_window", \((add\d*), sam3_rope_keys_cuda\d*, \1, '
+                     r'2, 0, 0, 256, 24, 48, 48, 24, 24, T.float64\(1.0\), T.float64\(10000.0\), 1\)', padded)
+    assert attention_cuda.calls_kernel(mod)
+
+
+def test_windowed_block_keeps_transposes_elsewhere():
+    # float32 on CUDA, float16 with NORMAL RoPE, float16 on Metal and llvm, routing off
+    for kw in ({"dtype": "float32"}, {"dtype": "float16", "rope_mode": "normal"},
+               {"dtype": "float16", "target": {"kind": "metal"}}, {"dtype": "float16", "target": "llvm"},
+               {"dtype": "float16", "route": False}):
+        mod = _export_windowed(**kw)
+        for f in ("exact", "padded"):
+            s = mod[f].script()
+            assert "sam3_attention_cuda_window" not in s and s.count(PARTITION) == 2, (kw, f)
+
+
+def test_cuda_pipeline_attaches_the_kernel_object():
+    names = [p.info.name for p in cuda_kernels.routing_passes(tvm.target.Target(CUDA), None)]
+    assert "sam3_attention_cuda_object" in names
+    cpu = [p.info.name for p in cpu_kernels.routing_passes(tvm.target.Target("llvm"), KernelOptions())]
+    assert "sam3_attention_cuda_object" not in cpu
+
+
+def test_attach_pass_leaves_other_modules_alone():
+    mod = _export("float32")
+    assert attention_cuda.attach_pass(tvm.target.Target(CUDA))(mod).same_as(mod)
+
+
+def test_cuda_library_links_the_kernel(tmp_path):
+    cuda_source = pytest.importorskip("sam3_nn.kernels.cuda.source")
+    if not cuda_source.nvcc_available():
+        pytest.skip("nvcc not found")
+    target = tvm.target.Target(CUDA)
+    mod = _export_windowed("float16")  # window mode ("exact") and the per-window kernel ("padded")
+    lib = build_library(mod, [attention_cuda.attach_pass(target)], target, tmp_path / "attn.so")
+    syms = exported_symbols(lib)
+    for s in ("__tvm_ffi_sam3_attention_cuda", "__tvm_ffi_sam3_attention_cuda_bias",
+              "__tvm_ffi_sam3_attention_cuda_window", "__tvm_ffi_sam3_attention_cuda_full_bias",
+              "__tvm_ffi_sam3_rope_keys_cuda", "__tvm_ffi_sam3_rope_qk_cuda"):
+        assert s in syms, s
+    ldd = subprocess.run(["ldd", lib], capture_output=True, text=True).stdout
+    assert "libcudart" not in ldd  # the CUDA runtime is linked statically

@@ -1,0 +1,55 @@
+"""Config: released defaults, HF config.json round trip, bad configs."""
+
+import json
+
+import pytest
+
+from sam3_nn.config import Sam3Config
+
+
+def test_released_defaults():
+    c = Sam3Config()
+    bb = c.vision.backbone
+    assert (bb.image_size, bb.patch_size, bb.hidden_size, bb.num_hidden_layers) == (1008, 14, 1024, 32)
+    assert (bb.num_attention_heads, bb.intermediate_size, bb.window_size) == (16, 4736, 24)
+    assert bb.global_attn_indexes == [7, 15, 23, 31] and bb.pretrain_grid == 24 and bb.grid_size == 72
+    assert c.vision.fpn_hidden_size == 256 and c.vision.scale_factors == [4.0, 2.0, 1.0, 0.5]
+    assert c.vision.level_sizes() == [288, 144, 72, 36]
+
+
+def test_from_hf_default_config_equals_released():
+    from transformers import Sam3Config as HF
+
+    ours = Sam3Config.from_hf(json.loads(HF().to_json_string()))
+    assert ours.to_dict() == Sam3Config().to_dict()
+
+
+def test_from_hf_small_config():
+    from transformers import Sam3Config as HF
+
+    from tests.refs import TINY_HF
+
+    ours = Sam3Config.from_hf(HF(**TINY_HF).to_dict())
+    assert ours.vision.backbone.hidden_size == 64 and ours.vision.fpn_hidden_size == 32
+    assert ours.text.hidden_size == 32 and ours.detr_decoder.num_queries == 10
+
+
+def test_dict_roundtrip():
+    c = Sam3Config()
+    c.vision.backbone.num_hidden_layers = 8
+    c.vision.backbone.global_attn_indexes = [3, 7]
+    assert Sam3Config.from_dict(c.to_dict()).to_dict() == c.to_dict()
+
+
+def test_bad_configs(tmp_path):
+    with pytest.raises(ValueError, match="model_type 'clip'"):
+        Sam3Config.from_hf({"model_type": "clip"})
+    c = Sam3Config()
+    c.vision.backbone.image_size = 1000
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        c.validate()
+    with pytest.raises(FileNotFoundError, match="without config.json"):
+        Sam3Config.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="cannot read"):
+        Sam3Config.from_pretrained(str(tmp_path))
