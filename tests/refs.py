@@ -13,13 +13,14 @@ from sam3_nn.config import Sam3Config
 from sam3_nn.runtime import channel_first  # noqa: F401  (tests compare encode_image's maps in the reference's layout)
 
 # A tiny SAM 3: 12x12 token grid with window 5 (not a multiple: padding is exercised),
-# one global block, every part 32 wide with 2 heads.
+# one global block, every part 32 wide with 2 heads. The ViT's LayerNorm eps is the
+# original's 1e-5 (transformers' default 1e-6 is the port's, not SAM 3's: docs/fidelity.md).
 TINY_HF = dict(
     vision_config=dict(
         backbone_config=dict(model_type="sam3_vit_model", hidden_size=64, intermediate_size=128,
                              num_hidden_layers=3, num_attention_heads=4, image_size=168,
                              patch_size=14, window_size=5, global_attn_indexes=[1],
-                             pretrain_image_size=70),
+                             pretrain_image_size=70, layer_norm_eps=1e-5),
         fpn_hidden_size=32),
     text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=64, projection_dim=32,
                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
