@@ -34,6 +34,7 @@ import types
 from contextlib import contextmanager
 from typing import Dict, Iterable, Optional
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -370,7 +371,7 @@ def run(model, pixels: torch.Tensor, ids: torch.Tensor, boxes: Optional[torch.Te
 # ----------------------------------------------------------------------------
 # the same weights in transformers' Sam3Model (to show where the port differs)
 # ----------------------------------------------------------------------------
-def hf_state_from_ours(cfg, params: Dict[str, "np.ndarray"], hf_model) -> Dict[str, torch.Tensor]:
+def hf_state_from_ours(cfg, params: Dict[str, np.ndarray], hf_model) -> Dict[str, torch.Tensor]:
     """Our parameters -> ``hf_model``'s state dict, through our own HF mapping read
     backwards (pure renames, and fused q/k/v split in thirds). Tensors the mapping does
     not use (CLIP's pooled projection, a pixel-decoder stage never run) keep the model's."""
