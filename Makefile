@@ -12,6 +12,9 @@ PARTS  ?=
 # apache-tvm 0.27.0.post1 is ABI-compatible with this tvm-ffi only: 0.1.15.x segfaults
 # in ToJSONGraph (every sch.tensorize). See docs/targets.md.
 TVM_FFI_PIN := apache-tvm-ffi==0.1.14.post1
+# the original SAM 3 package, the tests' reference (tests/original_ref.py); --no-deps: its
+# timm / torchvision / triton / pycocotools do not install beside the CPU torch (stand-ins)
+SAM3_ORIGINAL_PIN := sam3==0.1.4
 
 .PHONY: all install compile deps-metal deps-lld deps-cuda list-targets test bench clean
 
@@ -21,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps '$(SAM3_ORIGINAL_PIN)'
 	touch $@
 
 $(VENV)/.tvm-ffi-pinned: $(VENV)/.installed Makefile

@@ -9,7 +9,8 @@ inputs. Parts timed, each for every ``--batch`` size:
 * ``text``     -- ``encode_text`` vs ``Sam3Model.get_text_features`` (CLIP text + resizer);
 * ``detect``   -- ``detect`` vs ``Sam3Model(vision_embeds=..., text_embeds=...)``: DETR
   encoder/decoder + scoring + mask heads, given the (fp32 reference's) image and text
-  features, text prompt only;
+  features, text prompt only (plus one padded box slot, so that the reference runs the
+  geometry encoder on no box as the original SAM 3 does, docs/fidelity.md);
 * ``pipeline`` -- image + text prompt: the three in sequence (our functions chained on the
   device; PyTorch: ``vision_encoder`` -> ``get_text_features`` -> the detector call, the same
   work as ``Sam3Model(pixel_values, input_ids)``; with ``torch.compile``, its three compiled
@@ -352,12 +353,27 @@ class TorchSide:
         def text(ids, mask):
             return m.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
 
+        from transformers.models.sam3 import modeling_sam3
+
+        if getattr(modeling_sam3, "torchvision", None) is None:  # CPU machines: no torchvision
+            import types
+
+            import torch_roi_align
+
+            modeling_sam3.torchvision = types.SimpleNamespace(
+                ops=types.SimpleNamespace(roi_align=torch_roi_align.roi_align))
+
         def detect(levels, text_features, mask):
             n = len(levels) // 2
             vo = Sam3VisionEncoderOutput(fpn_hidden_states=tuple(levels[:n]),
                                          fpn_position_encoding=tuple(levels[n:]))
+            # one padded box slot (label -10): the geometry encoder runs on no box, as the
+            # original runs it for a text prompt (its CLS token joins the prompt: docs/fidelity.md)
+            b = text_features.shape[0]
+            boxes = text_features.new_zeros(b, 1, 4)
+            labels = torch.full((b, 1), -10, dtype=torch.long, device=text_features.device)
             o = m(vision_embeds=vo, text_embeds=BaseModelOutputWithPooling(pooler_output=text_features),
-                  attention_mask=mask)
+                  attention_mask=mask, input_boxes=boxes, input_boxes_labels=labels)
             return (o.pred_logits, o.pred_boxes, o.pred_masks, o.presence_logits, o.semantic_seg)
 
         fns = {"vision": vision, "text": text, "detect": detect}

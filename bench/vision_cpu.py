@@ -49,7 +49,8 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # both sides (before TVM's pool starts)
-    bb = {"model_type": "sam3_vit_model", "image_size": args.image_size}
+    # the original SAM 3's LayerNorm eps (ours); transformers' default 1e-6 is the port's
+    bb = {"model_type": "sam3_vit_model", "image_size": args.image_size, "layer_norm_eps": 1e-5}
     if args.layers is not None:
         bb["num_hidden_layers"] = args.layers
         bb["global_attn_indexes"] = [i for i in (7, 15, 23, 31) if i < args.layers] or [args.layers - 1]

@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu, cuda, metal... (default: the library's target)")
     s.add_argument("--tokenizer", default=None,
                    help="tokenizer.json (default: looked for beside the weights and the library)")
-    s.add_argument("--score-threshold", type=float, default=0.3)
+    s.add_argument("--score-threshold", type=float, default=0.5)
     s.add_argument("--mask-threshold", type=float, default=0.5)
     s.set_defaults(func=cmd_segment)
     c = sub.add_parser("convert", help="convert sam3.pt / an HF snapshot for one compiled library")

@@ -3,6 +3,13 @@
 The defaults are the released SAM 3 sizes. ``Sam3Config.from_hf`` builds any size
 from an HF ``config.json`` (the ``transformers`` ``Sam3Config`` layout), so the
 tests can run the same code at tiny sizes.
+
+LayerNorm epsilons are always the original SAM 3's (``ORIGINAL_LAYER_NORM_EPS``,
+1e-5 in every part: ``vitdet.py`` builds its norms with ``eps=1e-5``, the rest use
+PyTorch's default), whatever the checkpoint format: an HF ``config.json`` carries
+``transformers``' defaults (1e-6 for the ViT, which the port really uses), written
+out by ``save_pretrained`` whether or not they were ever the model's, so ``from_hf``
+does not read them (docs/fidelity.md).
 """
 
 from __future__ import annotations
@@ -12,6 +19,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
+
+# the original's LayerNorm eps in every part (see the module docstring)
+ORIGINAL_LAYER_NORM_EPS = 1e-5
 
 
 def _pair(value) -> int:
@@ -35,7 +45,7 @@ class ViTConfig:
     image_size: int = 1008
     patch_size: int = 14
     hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-6
+    layer_norm_eps: float = ORIGINAL_LAYER_NORM_EPS
     window_size: int = 24
     global_attn_indexes: List[int] = field(default_factory=lambda: [7, 15, 23, 31])
     pretrain_image_size: int = 336
@@ -105,7 +115,7 @@ class TextConfig:
     num_attention_heads: int = 16
     max_position_embeddings: int = 32
     hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = ORIGINAL_LAYER_NORM_EPS
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     pad_token_id: int = 1
@@ -118,7 +128,7 @@ class GeometryEncoderConfig:
     num_attention_heads: int = 8
     intermediate_size: int = 2048
     hidden_act: str = "relu"
-    layer_norm_eps: float = 1e-6
+    layer_norm_eps: float = ORIGINAL_LAYER_NORM_EPS
     roi_size: int = 7
 
 
@@ -129,7 +139,7 @@ class DetrEncoderConfig:
     num_attention_heads: int = 8
     intermediate_size: int = 2048
     hidden_act: str = "relu"
-    layer_norm_eps: float = 1e-6
+    layer_norm_eps: float = ORIGINAL_LAYER_NORM_EPS
 
 
 @dataclass
@@ -140,14 +150,14 @@ class DetrDecoderConfig:
     num_attention_heads: int = 8
     intermediate_size: int = 2048
     hidden_act: str = "relu"
-    layer_norm_eps: float = 1e-6
+    layer_norm_eps: float = ORIGINAL_LAYER_NORM_EPS
 
 
 @dataclass
 class MaskDecoderConfig:
     hidden_size: int = 256
     num_upsampling_stages: int = 3
-    layer_norm_eps: float = 1e-6
+    layer_norm_eps: float = ORIGINAL_LAYER_NORM_EPS
     num_attention_heads: int = 8
 
 
@@ -174,6 +184,12 @@ def _fill(cls, values: Dict[str, Any]):
     """Build dataclass ``cls`` from the keys of ``values`` it knows; ignore the rest."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names and v is not None})
+
+
+def _without_eps(values: Dict[str, Any]) -> Dict[str, Any]:
+    """An HF config section less ``layer_norm_eps``: its value is the port's default, not
+    the original's (module docstring)."""
+    return {k: v for k, v in values.items() if k != "layer_norm_eps"}
 
 
 @dataclass
@@ -234,11 +250,11 @@ class Sam3Config:
         rope = bb.get("rope_parameters") or {}
         if "rope_theta" in rope:
             bb["rope_theta"] = float(rope["rope_theta"])
-        vision = _fill(VisionConfig, {**vision_hf, "backbone": _fill(ViTConfig, bb)})
+        vision = _fill(VisionConfig, {**_without_eps(vision_hf), "backbone": _fill(ViTConfig, _without_eps(bb))})
         kw: Dict[str, Any] = {"vision": vision}
         for hf_name, ours in _HF_SECTIONS.items():
             if rest.get(hf_name):
-                kw[ours] = _fill(_SECTIONS[ours], rest[hf_name])
+                kw[ours] = _fill(_SECTIONS[ours], _without_eps(rest[hf_name]))
         return cls(**kw).validate()
 
     @classmethod
@@ -270,13 +286,14 @@ class Sam3Config:
 
 
 # A tiny SAM 3: 12x12 token grid with window 5 (not a multiple: padding is exercised),
-# one global block, every part 32 wide with 2 heads.
+# one global block, every part 32 wide with 2 heads. The ViT's LayerNorm eps is the
+# original's 1e-5 (transformers' default 1e-6 is the port's, not SAM 3's: docs/fidelity.md).
 TINY_HF = dict(
     vision_config=dict(
         backbone_config=dict(model_type="sam3_vit_model", hidden_size=64, intermediate_size=128,
                              num_hidden_layers=3, num_attention_heads=4, image_size=168,
                              patch_size=14, window_size=5, global_attn_indexes=[1],
-                             pretrain_image_size=70),
+                             pretrain_image_size=70, layer_norm_eps=1e-5),
         fpn_hidden_size=32),
     text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=64, projection_dim=32,
                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,

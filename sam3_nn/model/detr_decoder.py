@@ -10,7 +10,9 @@ Follows ``transformers``' ``Sam3DetrDecoder`` (parameter names mirror it):
   post-norm (residual, then LayerNorm);
 * after each layer the boxes are refined: ``sigmoid(inverse_sigmoid(ref) +
   box_head(norm(q)))`` with ``inverse_sigmoid``'s eps 1e-3, and the presence
-  logit is read from the presence token (clamped to +-10).
+  logit is read from the presence token, not clamped: the original's clamp
+  (``decoder.py``) discards its result, ``transformers`` clamps to +-10
+  (docs/fidelity.md).
 
 LayerNorms use PyTorch's default eps 1e-5 (as the reference's ``nn.LayerNorm``).
 Masks are finite (``attention.MASK_VALUE``) additive float32 biases.
@@ -26,11 +28,10 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from sam3_nn.config import DetrDecoderConfig
-from sam3_nn.model.common import LN_EPS, MLP, Attention, DecoderMLP, clamp
+from sam3_nn.model.common import LN_EPS, MLP, Attention, DecoderMLP
 from sam3_nn.ops.attention import key_padding_bias
 
 INVERSE_SIGMOID_EPS = 1e-3
-PRESENCE_CLAMP = 10.0
 
 
 def inverse_sigmoid(x: Tensor, eps: float = INVERSE_SIGMOID_EPS) -> Tensor:
@@ -160,7 +161,7 @@ class DetrDecoder(nn.Module):
       entered layer ``l``;
     * ``pred_boxes [L, B, Q, 4]``: the refined boxes after layer ``l``
       (``sigmoid(inverse_sigmoid(reference_boxes) + box_head(hidden_states))``, cxcywh);
-    * ``presence_logits [L, B, 1]``: clamped to +-10.
+    * ``presence_logits [L, B, 1]``: unclamped, as the original's.
     """
 
     def __init__(self, cfg: DetrDecoderConfig):
@@ -232,7 +233,7 @@ class DetrDecoder(nn.Module):
             normed = self.output_layer_norm(query_x)
             new_boxes = op.sigmoid(self.box_head(normed) + inverse_sigmoid(boxes))
             logit = self.presence_head(self.presence_layer_norm(presence_x))  # b, 1, 1
-            logit = clamp(op.reshape(logit, [b, 1]), -PRESENCE_CLAMP, PRESENCE_CLAMP, "presence_clamp")
+            logit = op.reshape(logit, [b, 1])
 
             hidden.append(normed)
             refs.append(boxes)

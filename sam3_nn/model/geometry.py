@@ -23,9 +23,13 @@ Prompts have a fixed maximum count ``N`` (the compiled shape): padded box slots
 are marked 0 in ``box_mask``; they are masked in attention with the finite
 ``MASK_VALUE``. One library serves any number of boxes up to ``N``.
 
-Point prompts: the released checkpoint holds ``points_*`` projections, but
-``transformers``' ``Sam3GeometryEncoder`` (the parity reference) has no point
-path, so points are not built here.
+With no valid box the prompt is the CLS token alone, still valid: the original
+SAM 3 encodes text-only queries so (``Sam3Image._get_dummy_prompt``).
+
+Point prompts: the released checkpoint holds ``points_*`` projections, but the
+original never gives the concept detector points at inference (``Sam3Image.forward``
+drops them with a warning, its ``Sam3Processor`` takes none, the video model passes
+zero points), so points are not built here (docs/fidelity.md).
 
 LayerNorms use eps 1e-5 (the reference's plain ``nn.LayerNorm(hidden)``).
 """
@@ -220,31 +224,3 @@ class GeometryEncoder(nn.Module):
             x = layer(x, bias, image, image_key)
         return self.output_layer_norm(x), mask
 
-
-def drop_geometry_without_boxes(mask: Tensor, box_mask: Tensor) -> Tensor:
-    """The geometry token mask as the reference's ``Sam3Model`` uses it.
-
-    ``transformers`` runs the geometry encoder only when the call has boxes: with
-    none anywhere in the batch there are no geometry tokens (text-only prompt),
-    whereas the encoder itself always adds a valid CLS token. A compiled library
-    always runs it, so this zeroes ``mask`` ``[B, N + 1]`` when ``box_mask``
-    ``[B, N]`` has no valid box in the whole batch. Masked prompt keys get exactly
-    zero attention weight (``MASK_VALUE``), so the result then equals the
-    text-only reference; otherwise ``mask`` is returned unchanged (an image of the
-    batch without boxes keeps its CLS token, as in the reference).
-    """
-    if len(mask.shape) != 2 or len(box_mask.shape) != 2:
-        raise ValueError(f"masks must be [B, N + 1] and [B, N], got {list(mask.shape)} and "
-                         f"{list(box_mask.shape)}")
-
-    def compute(m, bm):
-        b, n = bm.shape
-        rb = te.reduce_axis((0, b), name="rb")
-        rn = te.reduce_axis((0, n), name="rn")
-        total = te.compute((1,), lambda _: te.sum(
-            tirx.Select(bm[rb, rn] != tirx.const(0, bm.dtype), 1, 0).astype("int32"), axis=[rb, rn]),
-            name="num_boxes")
-        return te.compute(m.shape, lambda i, j: tirx.Select(total[0] > 0, m[i, j], tirx.const(0, m.dtype)),
-                          name="geometry_mask")
-
-    return op.tensor_expr_op(compute, "drop_geometry_without_boxes", args=[mask, box_mask])

@@ -11,8 +11,10 @@ exported functions follow that:
   -> (pred_logits, pred_boxes, pred_masks, presence_logits, semantic_seg)``, named as
   ``transformers``' ``Sam3ImageSegmentationOutput``. Box prompts come in a fixed
   number of slots (``max_boxes``) with a mask, valid boxes first, so one library
-  serves any number of boxes up to it; with no valid box in the batch the prompt
-  is the text alone, exactly as the reference without ``input_boxes``.
+  serves any number of boxes up to it. The prompt is always the text followed by
+  the geometry encoder's tokens, its CLS token included, also with no valid box:
+  the original SAM 3 runs the geometry encoder on an empty prompt for text-only
+  queries (``transformers`` skips it; docs/fidelity.md).
 * ``release_outputs(token[1]) -> token``: does nothing; every library has it. TVM's
   virtual machine keeps the value of its last call until the next one, so a caller that
   drops its outputs would still hold them (``encode_image``'s FPN maps: 54 MiB at 1008 px)
@@ -31,7 +33,7 @@ from sam3_nn.interface import RELEASE  # in every library, whatever its parts (s
 from sam3_nn.model.common import flatten_tokens, sine_position_encoding
 from sam3_nn.model.detr_decoder import DetrDecoder, box_cxcywh_to_xyxy
 from sam3_nn.model.detr_encoder import DetrEncoder
-from sam3_nn.model.geometry import GeometryEncoder, drop_geometry_without_boxes
+from sam3_nn.model.geometry import GeometryEncoder
 from sam3_nn.model.heads import DotProductScoring, MaskDecoder
 from sam3_nn.model.text_encoder import TextEncoder, encode_text
 from sam3_nn.model.vision import VisionModel
@@ -111,8 +113,8 @@ class Sam3Model(nn.Module):
         image = levels[-1]  # the scale-1 map: the encoders' image tokens
         h, w = int(image.shape[1]), int(image.shape[2])
         pos = op.permute_dims(sine_position_encoding(image, c // 2, image.dtype), [0, 2, 3, 1])
+        # the CLS token stays valid without boxes, as in the original (docs/fidelity.md)
         geo, geo_mask = self.geometry_encoder(boxes, box_labels, box_mask, image, pos)
-        geo_mask = drop_geometry_without_boxes(geo_mask, box_mask)
         prompt = op.concat([text_features, geo], dim=1)
         mask = op.astype(text_mask, "int32") if text_mask.dtype != "int32" else text_mask
         prompt_mask = op.concat([mask, geo_mask], dim=1)

@@ -368,7 +368,7 @@ class Sam3:
     def predict(self, state: ImageState, text: Optional[str] = None,
                 boxes: Optional[Sequence[Sequence[float]]] = None,
                 box_labels: Optional[Sequence[int]] = None,
-                score_threshold: float = 0.3, mask_threshold: float = 0.5) -> Detections:
+                score_threshold: float = 0.5, mask_threshold: float = 0.5) -> Detections:
         """Objects for one prompt: boxes (``xyxy`` pixels of the original image), scores
         (detection x presence), masks at the original resolution, and the raw outputs."""
         raw = self.detect(state, text, boxes, box_labels)

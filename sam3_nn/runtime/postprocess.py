@@ -1,13 +1,15 @@
-"""Post-processing as transformers' ``Sam3ImageProcessor.post_process_instance_segmentation``,
-in numpy.
+"""Post-processing as the original SAM 3's ``Sam3Processor._forward_grounding``, in numpy.
 
 * scores = sigmoid(pred_logits) * sigmoid(presence_logits); keep ``score > threshold``
+  (0.5 by default: the original processor's ``confidence_threshold``)
 * boxes (``xyxy`` in [0, 1]) * (width, height, width, height) of the original image
-* masks: sigmoid, bilinear resize to the original size (``align_corners=False``, no
-  antialiasing: PyTorch's ``F.interpolate(mode="bilinear")``, replicated below in
-  float32 with the same source indices, weights and summation order; measured within
-  5e-7 of it), then ``> mask_threshold``. Only pixels whose interpolated probability
-  lies within a few float32 ulps of the threshold can come out differently.
+* masks: the mask *logits* resized bilinearly to the original size
+  (``align_corners=False``, no antialiasing: PyTorch's ``F.interpolate(mode="bilinear")``,
+  replicated below in float32 with the same source indices, weights and summation order;
+  measured within 5e-7 of it), then sigmoid, then ``> mask_threshold``. Only pixels whose
+  interpolated value lies within a few float32 ulps of the threshold can come out
+  differently. ``transformers`` resizes the probabilities instead (sigmoid first), which
+  moves mask edges (docs/fidelity.md).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class Detections:
 
 
 def post_process_instances(raw: Dict[str, np.ndarray], original_size: Tuple[int, int],
-                           threshold: float = 0.3, mask_threshold: float = 0.5,
+                           threshold: float = 0.5, mask_threshold: float = 0.5,
                            batch_index: int = 0) -> Detections:
     """Raw outputs (``pred_logits [B, Q]``, ``pred_boxes [B, Q, 4]``, ``pred_masks [B, Q, h, w]``,
     optional ``presence_logits [B, 1]``) of image ``batch_index`` -> its objects."""
@@ -88,9 +90,10 @@ def post_process_instances(raw: Dict[str, np.ndarray], original_size: Tuple[int,
     keep = np.nonzero(scores > threshold)[0]
     scale = np.array([w, h, w, h], np.float32)
     boxes = (np.asarray(raw["pred_boxes"][batch_index], np.float32)[keep] * scale).astype(np.float32)
-    probs = sigmoid(np.asarray(raw["pred_masks"][batch_index])[keep])
+    logits = np.asarray(raw["pred_masks"][batch_index])[keep]
     if len(keep):
-        masks = resize_bilinear(probs, (h, w)) > np.float32(mask_threshold)
+        # logits resized, then sigmoid, as the original (not the port's probabilities)
+        masks = sigmoid(resize_bilinear(logits, (h, w))) > np.float32(mask_threshold)
     else:
         masks = np.zeros((0, h, w), bool)
     return Detections(boxes, scores[keep], masks, keep.astype(np.int64), dict(raw))

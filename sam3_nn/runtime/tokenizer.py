@@ -7,11 +7,11 @@ tokens and ``config.json`` for the context length and vocabulary size). Calling 
 on one prompt or a list gives ``input_ids`` and ``attention_mask`` (int32,
 ``[N, context]``), the inputs of the library's ``encode_text``.
 
-What a prompt goes through (as transformers' ``CLIPTokenizer``, which the HF
-``Sam3Processor`` uses, and the original SAM 3 tokenizer):
+What a prompt goes through (as the original SAM 3 tokenizer, ``tokenizer_ve.py``):
 
-1. cleanup: HTML entities unescaped (twice, as the original ``basic_clean``),
-   leading/trailing whitespace stripped;
+1. cleanup (the original's ``basic_clean``): ``ftfy.fix_text`` (mojibake repair,
+   curly quotes straightened, ligatures and full-width forms folded, NFC), HTML
+   entities unescaped twice, leading/trailing whitespace stripped;
 2. normalisation: Unicode NFC, every whitespace run -> one space, lower case;
 3. split into words, numbers (one digit each), punctuation runs and the
    ``'s 't 're 've 'm 'll 'd`` contractions; each piece byte-level encoded and BPE
@@ -21,11 +21,10 @@ What a prompt goes through (as transformers' ``CLIPTokenizer``, which the HF
    are flagged ``truncated`` in the result; then padding to the context length
    (``attention_mask`` 0 there).
 
-The original tokenizer also runs ``ftfy.fix_text`` (mojibake repair, quote
-uncurling, full-width folding); that is not done here, as in transformers, so
-text needing those repairs tokenizes as transformers tokenizes it. Steps 2-3 are
-the same as transformers'; step 1's unescaping differs from transformers only for
-text holding HTML entities (``&amp;`` -> ``&``), as the original does.
+Steps 2-3 are the same as transformers' ``CLIPTokenizer`` (the HF ``Sam3Processor``'s);
+step 1 is not in transformers at all, so text holding curly quotes (``dog’s``),
+ligatures, full-width letters, mojibake or HTML entities tokenizes as the original
+does and not as transformers does (docs/fidelity.md).
 
 Why the ``tokenizers`` library rather than a hand-written BPE: it is the very
 implementation transformers' ``CLIPTokenizer`` runs, so the ids match the
@@ -47,6 +46,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Union
 
+import ftfy
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
@@ -81,7 +81,7 @@ class TokenizedPrompts:
 
 def clean(text: str) -> str:
     """Step 1 of the module docstring (normalisation is the tokenizer's)."""
-    return html.unescape(html.unescape(text)).strip()
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
 
 
 def _special(value, default: str) -> str:

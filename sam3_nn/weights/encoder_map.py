@@ -74,5 +74,5 @@ def add_encoder_parts(m: ParamMapping, cfg: Sam3Config, prefix: str) -> None:
 
     if not hf:
         m.ignore(r"^" + geo_src.replace(".", r"\.") + r"points_(direct|pool|pos_enc)_project\.",
-                 "point-prompt projections: transformers' Sam3GeometryEncoder (the parity "
-                 "reference) has no point path, so point prompts are not built")
+                 "point-prompt projections: the original never gives the concept detector "
+                 "points at inference (Sam3Image.forward drops them), so they are not built")

@@ -137,9 +137,11 @@ def test_text_mask_is_applied(reference, library):
         assert_close(o, r, RTOL, ATOL, name + " (all-valid mask)")
 
 
-def test_presence_clamp(reference, library, tmp_path):
-    """Shift the presence head so its logits straddle the +-10 clamp (weights are
-    bound at run time: same library)."""
+def test_presence_not_clamped(reference, library, tmp_path):
+    """Shift the presence head so its logits straddle +-10: ours are unclamped, as the
+    original's (its clamp discards the result); transformers clamps to +-10, so the
+    corrected reference is its decoder with the clamp bound lifted (weights are bound
+    at run time: same library)."""
     model, _, x = reference
     _, vm, _ = library
     bias = model.detr_decoder.presence_head.layer3.bias
@@ -149,14 +151,19 @@ def test_presence_clamp(reference, library, tmp_path):
             logits = _hf_decode(model, x, x["mask"])[3]
             bias.add_(10.0 - float(logits.mean()))
         folder = save_hf_snapshot(model, str(tmp_path / "hf"))
+        clamped = _hf_decode(model, x, x["mask"])
+        model.detr_decoder.clamp_presence_logit_max_val = float("inf")
         refs = _hf_decode(model, x, x["mask"])
     finally:
+        model.detr_decoder.clamp_presence_logit_max_val = 10.0
         with torch.no_grad():
             bias.copy_(saved)
     ours = _run(vm, "decode", x["vision"], x["pos"], x["text"], x["mask"],
                 weights=_weights(library, folder))
-    assert (refs[3] == 10.0).any() and (refs[3] < 10.0).any()
-    assert_close(ours[3], refs[3], RTOL, ATOL, "presence_logits (clamped)")
+    assert (refs[3] > 10.0).any() and (refs[3] < 10.0).any()
+    assert_close(ours[3], refs[3], RTOL, ATOL, "presence_logits (unclamped)")
+    # the port's clamp would be caught: it cuts the logits above 10
+    assert (ours[3] - clamped[3].numpy()).max() > 1e-3
 
 
 def test_bad_spatial_shape_is_reported(reference):

@@ -22,7 +22,7 @@ from tvm.relax.frontend import nn
 from tests import torch_roi_align
 from tests.refs import assert_close, compile_module, randomize_, save_hf_snapshot, tiny_hf_config
 from sam3_nn.config import Sam3Config
-from sam3_nn.model.geometry import GeometryEncoder, drop_geometry_without_boxes
+from sam3_nn.model.geometry import GeometryEncoder
 from sam3_nn.weights import open_checkpoint
 from sam3_nn.weights.encoder_map import add_encoder_parts
 from sam3_nn.weights.mapping import ParamMapping
@@ -64,8 +64,7 @@ class GeoWrap(nn.Module):
         self.geometry_encoder = GeometryEncoder(cfg.geometry)
 
     def forward(self, boxes, labels, mask, feats, pos):
-        tokens, out_mask = self.geometry_encoder(boxes, labels, mask, feats, pos)
-        return tokens, out_mask, drop_geometry_without_boxes(out_mask, mask)
+        return self.geometry_encoder(boxes, labels, mask, feats, pos)
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +129,7 @@ def test_parity_hf_snapshot(reference, compiled, inputs, monkeypatch):
     feats, pos, boxes, labels, mask = inputs
     ref = hf_forward(model, feats, pos, boxes, labels, mask, monkeypatch)
     weights, _, _ = map_params(cfg, open_checkpoint(folder), expected, "")
-    tokens, out_mask, used_mask = run(weights, boxes.numpy(), labels.numpy(), mask.numpy(), nhwc(feats),
-                                      nhwc(pos))
-    np.testing.assert_array_equal(used_mask, out_mask)
+    tokens, out_mask = run(weights, boxes.numpy(), labels.numpy(), mask.numpy(), nhwc(feats), nhwc(pos))
     np.testing.assert_array_equal(out_mask, ref.attention_mask.int().numpy())
     assert out_mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]
     # every slot, padded ones included: the CLS placement and padded tokens are replicated
@@ -145,16 +142,16 @@ def test_labels_and_padding_matter(reference, compiled, inputs, monkeypatch):
     cfg, run, expected = compiled
     feats, pos, boxes, labels, mask = inputs
     weights, _, _ = map_params(cfg, open_checkpoint(folder), expected, "")
-    base, _, _ = run(weights, boxes.numpy(), labels.numpy(), mask.numpy(), nhwc(feats), nhwc(pos))
+    base, _ = run(weights, boxes.numpy(), labels.numpy(), mask.numpy(), nhwc(feats), nhwc(pos))
     flipped = labels.clone()
     flipped[0, 1] = 1 - flipped[0, 1]
-    t_flip, _, _ = run(weights, boxes.numpy(), flipped.numpy(), mask.numpy(), nhwc(feats), nhwc(pos))
+    t_flip, _ = run(weights, boxes.numpy(), flipped.numpy(), mask.numpy(), nhwc(feats), nhwc(pos))
     ref = hf_forward(model, feats, pos, boxes, flipped, mask, monkeypatch)
     assert_close(t_flip, ref.last_hidden_state, RTOL, ATOL, "flipped label")
     assert np.abs(t_flip[0, :4] - base[0, :4]).max() > 1e-3
     moved = boxes.clone()
     moved[1, 2] = torch.tensor([0.3, 0.3, 0.2, 0.2])  # a padded slot of image 1
-    t_moved, _, _ = run(weights, moved.numpy(), labels.numpy(), mask.numpy(), nhwc(feats), nhwc(pos))
+    t_moved, _ = run(weights, moved.numpy(), labels.numpy(), mask.numpy(), nhwc(feats), nhwc(pos))
     np.testing.assert_allclose(t_moved[1, :2], base[1, :2], rtol=1e-6, atol=1e-6)
 
 
@@ -205,30 +202,22 @@ def test_parity_sam3_pt(reference, compiled, inputs, monkeypatch, tmp_path):
         assert name in used or m.unused_reason(name), f"{name} neither mapped nor ignored"
     assert "point" in m.unused_reason("detector.geometry_encoder.points_direct_project.weight")
     ref = hf_forward(model, feats, pos, boxes, labels, mask, monkeypatch)
-    tokens, _, _ = run(weights, boxes.numpy(), labels.numpy(), mask.numpy(), nhwc(feats), nhwc(pos))
+    tokens, _ = run(weights, boxes.numpy(), labels.numpy(), mask.numpy(), nhwc(feats), nhwc(pos))
     assert_close(tokens, ref.last_hidden_state, RTOL, ATOL, "geometry tokens (sam3.pt)")
 
 
-def test_no_boxes_anywhere_drops_geometry(reference, compiled, inputs, monkeypatch):
-    """All slots padded: the encoder still gives a valid CLS token (as the reference's
-    encoder does), and drop_geometry_without_boxes masks everything (as the
-    reference's Sam3Model, which then runs no geometry encoder at all)."""
+def test_no_boxes_keeps_a_valid_cls_token(reference, compiled, inputs, monkeypatch):
+    """All slots padded: the prompt is the CLS token alone and it stays valid, as the
+    original encodes a text-only query (and the reference's encoder does)."""
     model, folder = reference
     cfg, run, expected = compiled
     feats, pos, boxes, labels, _ = inputs
     empty = torch.zeros(B, N, dtype=torch.int32)
     weights, _, _ = map_params(cfg, open_checkpoint(folder), expected, "")
-    tokens, out_mask, used_mask = run(weights, boxes.numpy(), labels.numpy(), empty.numpy(), nhwc(feats),
-                                      nhwc(pos))
+    tokens, out_mask = run(weights, boxes.numpy(), labels.numpy(), empty.numpy(), nhwc(feats), nhwc(pos))
     ref = hf_forward(model, feats, pos, boxes, labels, empty, monkeypatch)
     assert out_mask.tolist() == ref.attention_mask.int().tolist() == [[1, 0, 0, 0, 0]] * B
     assert_close(tokens[:, :1], ref.last_hidden_state[:, :1], RTOL, ATOL, "CLS token without boxes")
-    assert not used_mask.any()
-    one = empty.clone()
-    one[1, 0] = 1  # a box in image 1 only: image 0 keeps its CLS token, as in the reference
-    _, out_mask, used_mask = run(weights, boxes.numpy(), labels.numpy(), one.numpy(), nhwc(feats), nhwc(pos))
-    np.testing.assert_array_equal(used_mask, out_mask)
-    assert used_mask.tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
 
 
 def test_bad_inputs_are_refused():

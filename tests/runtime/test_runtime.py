@@ -235,6 +235,12 @@ REFERENCE = textwrap.dedent('''
         out[f"post.{tag}.probs"] = torch.nn.functional.interpolate(
             torch.from_numpy(raw["pred_masks"]).sigmoid(), size=case["size"], mode="bilinear",
             align_corners=False)[0].numpy()
+        # the original SAM 3 (Sam3Processor._forward_grounding): logits resized, then sigmoid
+        orig = torch.nn.functional.interpolate(
+            torch.from_numpy(raw["pred_masks"]), size=case["size"], mode="bilinear",
+            align_corners=False)[0].sigmoid()
+        out[f"post.{tag}.orig_probs"] = orig.numpy()
+        out[f"post.{tag}.orig_masks"] = (orig > case["mask_threshold"]).numpy()
     masks = torch.from_numpy(np.load(a["rle_masks"]))
     for i, r in enumerate(ips._mask_to_rle(masks)):
         out[f"rle.{i}"] = np.asarray(r["counts"], np.int64)
@@ -388,7 +394,10 @@ def test_tokenizer_matches_sam3_processor(art, reference):
 # post-processing and RLE
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize("case", POST_CASES, ids=[c["tag"] for c in POST_CASES])
-def test_postprocess_matches_transformers(reference, case):
+def test_postprocess_follows_the_original(reference, case):
+    """Scores and boxes as transformers' post-processing (the same rule as the original's);
+    masks as the original's (logits resized, then sigmoid), which transformers' are not
+    (sigmoid, then resized)."""
     out, tag = reference["out"], case["tag"]
     det = post_process_instances(reference["raw"], tuple(case["size"]), case["threshold"], case["mask_threshold"])
     ref_scores = out[f"post.{tag}.scores"]
@@ -399,12 +408,16 @@ def test_postprocess_matches_transformers(reference, case):
     assert len(det) >= 2, "the case must keep some objects to test anything"
     np.testing.assert_allclose(det.scores, ref_scores, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(det.boxes, out[f"post.{tag}.boxes"], rtol=1e-6, atol=1e-4)
-    ref_masks = out[f"post.{tag}.masks"].astype(bool)
+    ref_masks = out[f"post.{tag}.orig_masks"][det.query_index]
     assert det.masks.shape == ref_masks.shape
-    probs = out[f"post.{tag}.probs"][det.query_index]
+    probs = out[f"post.{tag}.orig_probs"][det.query_index]
     differ = det.masks != ref_masks
     assert not (differ & (np.abs(probs - case["mask_threshold"]) > 1e-6)).any()
     assert ref_masks.any() and (~ref_masks).any()
+    # the port's masks move edges when upsampling: a regression to its order would be caught
+    port = out[f"post.{tag}.masks"].astype(bool)
+    if tag == "up":
+        assert (port != ref_masks).sum() >= 5
 
 
 def test_bilinear_resize_matches_torch():
@@ -544,15 +557,27 @@ def test_text_features_match_sam3_model(art, hf_model, runtime):
     np.testing.assert_allclose(feats.numpy(), ref.pooler_output.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_predict_matches_sam3_model(art, hf_model, runtime, reference):
+def test_predict_matches_sam3_model(art, hf_model, runtime, reference, monkeypatch):
+    """Against transformers' Sam3Model run as the original runs a text-only query: one padded
+    box slot (label -10) makes it encode an empty geometric prompt, whose CLS token the
+    original keeps (docs/fidelity.md); its box pooling gets the pure-torch RoIAlign."""
+    import types
+
+    from tests import torch_roi_align
+    from transformers.models.sam3 import modeling_sam3
+
     needs(art, "encode_text", "detect")
+    monkeypatch.setattr(modeling_sam3, "torchvision",
+                        types.SimpleNamespace(ops=types.SimpleNamespace(roi_align=torch_roi_align.roi_align)),
+                        raising=False)
     state = runtime.set_image(art["image"])
     pixels, _ = runtime.preprocess(art["image"])
     ids, attn = runtime.tokenize(PROMPT)
     raw = runtime.detect(state, text=PROMPT)
     with torch.no_grad():
         ref = hf_model(pixel_values=torch.from_numpy(pixels), input_ids=torch.from_numpy(ids.astype(np.int64)),
-                       attention_mask=torch.from_numpy(attn.astype(np.int64)))
+                       attention_mask=torch.from_numpy(attn.astype(np.int64)),
+                       input_boxes=torch.zeros(1, 1, 4), input_boxes_labels=torch.full((1, 1), -10))
     for name in ("pred_logits", "pred_boxes", "pred_masks", "presence_logits", "semantic_seg"):
         if name in raw:
             np.testing.assert_allclose(raw[name], getattr(ref, name).numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
