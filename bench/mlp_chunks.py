@@ -8,7 +8,7 @@ board at its power cap), variants alternating; with ``ncu`` the DRAM bytes of ea
         --metrics dram__bytes_read.sum,dram__bytes_write.sum --csv python3 bench/mlp_chunks.py ncu
                                                               (one command line; c1, c2, c4, c8)
 
-Session 16's answer (H100, bench/results/h100-mlp-chunks-s16.txt): chunks cut the DRAM
+Session 16's answer (H100, bench/results/h100-mlp-chunks.txt): chunks cut the DRAM
 writes (76 -> 40 MB with 4 chunks) but cost more time than they save (0.163 -> 0.196 ms).
 """
 import sys
