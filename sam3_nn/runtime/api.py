@@ -235,8 +235,8 @@ def load_tokenizer(manifest: Dict, path: Optional[str]) -> Sam3Tokenizer:
     source = path or CLIP_BPE
     try:
         tok = Sam3Tokenizer.from_pretrained(source, text_context(manifest))
-    except TokenizerError as e:
-        raise LibraryError(f"tokenizer {source}: {e}") from e
+    except TokenizerError as e:  # its message names the file
+        raise LibraryError(f"tokenizer: {e}") from e
     vocab = int(manifest["config"].get("text", {}).get("vocab_size", tok.vocab_size))
     if tok.vocab_size > vocab:
         where = (f"tokenizer {path}" if path else
