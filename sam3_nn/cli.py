@@ -30,8 +30,8 @@ import warnings
 from typing import List, Optional, Tuple
 
 from sam3_nn.errors import InputError, UserError
-from sam3_nn.files import (atomic_write, atomic_write_path, check_not_inputs, check_output_file,
-                           check_output_folder, write_text)
+from sam3_nn.files import (atomic_write, check_not_inputs, check_output_file, check_output_folder,
+                           write_text)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 from sam3_nn.errors import InputError, UserError  # noqa: F401 (re-exported)
 from sam3_nn.files import (atomic_write, atomic_write_path, check_not_inputs,  # noqa: F401 (re-exported)
