@@ -18,17 +18,25 @@ one compiled library (its manifest gives the config, parameter set and dtype).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import signal
 import sys
-import tempfile
+import threading
 import time
-from typing import Callable, List, Optional, Tuple
+import warnings
+from typing import List, Optional, Tuple
+
+from sam3_nn.errors import InputError, UserError
+from sam3_nn.files import (atomic_write, check_not_inputs, check_output_file, check_output_folder,
+                           write_text)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A user error: printed as ``error: ...``, exit status 2."""
 
 
@@ -36,18 +44,8 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------
@@ -65,20 +63,6 @@ def _list_images(path: str) -> List[str]:
     return [path]
 
 
-def _image_size(path: str) -> Tuple[int, int]:
-    """(height, width) as displayed (EXIF orientation applied); raises CliError if unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
-            im.load()  # decodes: a truncated or corrupt file fails here, before any output
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise CliError(f"image {path}: cannot be read as an image ({e})") from None
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
-
-
 def _outputs_for(images: List[str], output: str) -> List[Tuple[str, str]]:
     stems = [os.path.splitext(os.path.basename(p))[0] for p in images]
     dup = sorted({s for s in stems if stems.count(s) > 1})
@@ -87,7 +71,8 @@ def _outputs_for(images: List[str], output: str) -> List[Tuple[str, str]]:
     return [(os.path.join(output, s + ".png"), os.path.join(output, s + ".json")) for s in stems]
 
 
-def _result_json(image: str, det, text: Optional[str], boxes, labels, args, timings) -> dict:
+def _result_json(image: str, det, text: Optional[str], boxes, labels, args, timings,
+                 dropped: int = 0) -> dict:
     from sam3_nn.runtime.rle import encode
 
     objects = []
@@ -102,7 +87,7 @@ def _result_json(image: str, det, text: Optional[str], boxes, labels, args, timi
     h, w = (int(det.masks.shape[1]), int(det.masks.shape[2]))
     return {
         "image": os.path.abspath(image), "height": h, "width": w,
-        "prompt": {"text": text, "boxes": boxes, "box_labels": labels},
+        "prompt": {"text": text, "boxes": boxes, "box_labels": labels, "text_tokens_dropped": dropped},
         "library": os.path.abspath(args.library), "weights": os.path.abspath(args.weights),
         "score_threshold": args.score_threshold, "mask_threshold": args.mask_threshold,
         "box_format": "xyxy pixels", "mask_format": "COCO RLE (column-major, compressed counts)",
@@ -111,10 +96,26 @@ def _result_json(image: str, det, text: Optional[str], boxes, labels, args, timi
     }
 
 
-def cmd_segment(args) -> int:
-    from sam3_nn.runtime.preprocess import InputError, parse_box
+def _tokenizer_files(path: Optional[str]) -> List[str]:
+    if not path:
+        return []
+    if os.path.isdir(path):
+        return [os.path.join(path, f) for f in ("tokenizer.json", "vocab.json", "merges.txt")]
+    return [path]
 
-    # everything that can be checked before the (slow) load is checked first
+
+def cmd_segment(args) -> int:
+    """Everything that can be checked is checked before the model is loaded: the prompt, the
+    library's manifest (functions, box slots, device), the weights' metadata, the tokenizer
+    (and the prompt's length), every image (decoded; boxes inside it) and the outputs. With a
+    folder, an image that fails is skipped and reported at the end (exit status 1)."""
+    from sam3_nn.runtime import io
+    from sam3_nn.runtime.api import (PromptTruncatedWarning, check_prompt, check_weights, find_tokenizer,
+                                     load_tokenizer, truncation_message)
+    from sam3_nn.runtime.engine import device_for, open_device, read_manifest
+    from sam3_nn.runtime.preprocess import check_boxes, image_size, parse_box
+
+    # the prompt
     if args.text is not None and not args.text.strip():
         raise CliError("--text is empty")
     try:
@@ -125,34 +126,67 @@ def cmd_segment(args) -> int:
         raise CliError("no prompt: give --text \"...\" and/or --box x0,y0,x1,y1[:neg]")
     boxes = [list(b) for b, _ in parsed] or None
     labels = [lab for _, lab in parsed] or None
-    images = _list_images(args.image)
-    outputs = _outputs_for(images, args.output)
-    sizes = [_image_size(p) for p in images]
-    if boxes:
-        from sam3_nn.runtime.preprocess import check_boxes
-
-        for path, size in zip(images, sizes):
-            try:
-                check_boxes(boxes, labels, size)
-            except InputError as e:
-                raise CliError(f"--box for {path} ({size[1]}x{size[0]}): {e}") from None
+    # the library, the device, the weights, the tokenizer
     for p in (args.library, args.weights):
         if not os.path.exists(p):
             raise CliError(f"{p}: no such file or folder")
+    manifest = read_manifest(args.library)
+    if "detect" not in manifest["functions"]:
+        raise CliError(f"library {args.library} has no detect function (it has "
+                       f"{', '.join(manifest['functions'])}); it cannot segment: compile it with a newer sam3_nn")
+    open_device(device_for(manifest, args.device))  # this machine has it (and its TVM runtime)
+    check_prompt(manifest, args.text, boxes, labels)
+    check_weights(args.weights, manifest)
+    tokenizer_path = args.tokenizer or find_tokenizer(args.weights, args.library)
+    tokenizer = load_tokenizer(manifest, tokenizer_path)
+    dropped = 0
+    if args.text is not None:
+        dropped = tokenizer(args.text).dropped[0]
+        if dropped:
+            _warn(truncation_message(args.text, dropped, tokenizer.context_length))
+    # the images and the outputs
+    folder_mode = os.path.isdir(args.image)
+    images = _list_images(args.image)
+    skipped = []
+    usable = []
+    for path in images:
+        try:
+            size = image_size(path)
+            if boxes:
+                try:
+                    check_boxes(boxes, labels, size)
+                except InputError as e:
+                    raise InputError(f"--box for {path} ({size[1]}x{size[0]}): {e}") from None
+        except InputError as e:
+            if not folder_mode:
+                raise
+            _log(f"skip {path}: {e}")
+            skipped.append((path, str(e)))
+        else:
+            usable.append(path)
+    check_output_folder(args.output, "--output")
+    outputs = _outputs_for(usable, args.output)
+    inputs = images + [args.library, os.path.splitext(args.library)[0] + ".json", args.weights]
+    if os.path.isdir(args.weights):  # a snapshot: its config, shards, tokenizer files
+        inputs += [os.path.join(args.weights, f) for f in os.listdir(args.weights)]
+    check_not_inputs([p for pair in outputs for p in pair], inputs + _tokenizer_files(tokenizer_path))
+    if not usable:
+        report = io.BatchReport(total=len(images), failed=skipped)
+        _log(report.summary())
+        return report.exit_code
 
-    from sam3_nn.runtime.overlay import draw_overlay
     from sam3_nn.runtime.api import Sam3
+    from sam3_nn.runtime.overlay import draw_overlay
 
     t0 = time.perf_counter()
     _log(f"[load] library {args.library} + weights {args.weights}")
-    model = Sam3.load(args.library, args.weights, device=args.device, tokenizer=args.tokenizer)
+    model = Sam3.load(args.library, args.weights, device=args.device, tokenizer=tokenizer)
     _log(f"[load] done in {time.perf_counter() - t0:.2f} s (target {model.manifest['target']}, "
          f"{model.manifest['dtype']}, image size {model.image_size})")
-    if not model.has("detect"):
-        raise CliError(f"library {args.library} has no detect function (it has "
-                       f"{', '.join(model.functions)}); it cannot segment: compile it with a newer sam3_nn")
-    for n, (path, (png, js)) in enumerate(zip(images, outputs), 1):
-        tag = f"[{n}/{len(images)}] {os.path.basename(path)}"
+    where = dict(zip(usable, outputs))
+
+    def segment_one(path: str, tag: str) -> None:
+        png, js = where[path]
         state = model.set_image(path)
         _log(f"{tag}: encode_image {state.timings['encode_image']:.2f} s "
              f"(preprocess {state.timings['preprocess']:.2f} s)")
@@ -165,24 +199,25 @@ def cmd_segment(args) -> int:
         img = draw_overlay(state.rgb, det.boxes, det.scores, det.masks, label,
                            prompt_boxes=boxes, prompt_labels=labels)
         result = _result_json(path, det, args.text, boxes, labels, args,
-                              {**state.timings, "detect_and_postprocess": t2 - t1})
-        _atomic_write(js, lambda p: _write_text(p, json.dumps(result, indent=1)))
-        _atomic_write(png, lambda p: img.save(p, format="PNG"))
+                              {**state.timings, "detect_and_postprocess": t2 - t1}, dropped)
+        atomic_write(png, lambda f: img.save(f, format="PNG"))
+        write_text(js, json.dumps(result, indent=1))  # last: a result's JSON means both are there
         _log(f"{tag}: wrote {png} and {js}")
-    return 0
 
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptTruncatedWarning)  # said above, once
+        report = io.run_batch(usable, segment_one, _log, skipped)
+    if folder_mode:
+        _log(report.summary())
+    return report.exit_code
 
 
 # ----------------------------------------------------------------------------
 # convert
 # ----------------------------------------------------------------------------
 def cmd_convert(args) -> int:
-    from sam3_nn.runtime.engine import read_manifest
     from sam3_nn.runtime.api import converted_metadata, convert_for_manifest
+    from sam3_nn.runtime.engine import read_manifest
     from sam3_nn.weights.store import save_converted
 
     if not os.path.exists(args.src):
@@ -193,6 +228,8 @@ def cmd_convert(args) -> int:
     if not os.path.isfile(manifest_path):
         raise CliError(f"{manifest_path}: no such manifest (make compile writes dist/sam3-<target>.json)")
     manifest = read_manifest(manifest_path)
+    check_output_file(args.out, "output")
+    check_not_inputs([args.out], [args.src, manifest_path, args.manifest])
     t0 = time.perf_counter()
     _log(f"[1/2] read {args.src} for {manifest['target']} {manifest['dtype']} "
          f"(parts {', '.join(manifest['parts'])}, {len(manifest['params'])} parameters)")
@@ -207,6 +244,15 @@ def cmd_convert(args) -> int:
 # ----------------------------------------------------------------------------
 # compile
 # ----------------------------------------------------------------------------
+def looks_like_hub_id(name: str) -> bool:
+    """``org/name`` that cannot be a local path: one slash, no leading ``.``/``/``/``~``, and
+    no local folder ``org`` (``weights/sam3-hf`` when ``weights/`` exists is a path whose
+    snapshot is missing, not a hub id)."""
+    if name.count("/") != 1 or name.startswith((".", "/", "~")) or os.sep != "/" and os.sep in name:
+        return False
+    return not os.path.exists(name.split("/")[0])
+
+
 def resolve_config(model: Optional[str]):
     """Architecture from --model; raises ValueError / FileNotFoundError with the reason."""
     from sam3_nn.config import Sam3Config
@@ -215,7 +261,7 @@ def resolve_config(model: Optional[str]):
         return Sam3Config()
     if os.path.exists(model):
         return Sam3Config.from_pretrained(model)
-    if model.count("/") == 1 and not model.startswith((".", "/")):
+    if looks_like_hub_id(model):
         try:
             from huggingface_hub import hf_hub_download
 
@@ -225,7 +271,8 @@ def resolve_config(model: Optional[str]):
                 f"cannot fetch config.json of {model!r} from the hub ({type(e).__name__}: "
                 f"{str(e).splitlines()[0] if str(e) else ''}). Download the snapshot and pass its directory.")
         return Sam3Config.from_pretrained(path)
-    raise FileNotFoundError(f"--model {model!r}: no such file or directory")
+    raise FileNotFoundError(f"--model {model!r}: no such file or directory (download the checkpoint "
+                            "there first: README, 'From nothing to an overlay PNG')")
 
 
 def toolchain_from_env():
@@ -276,8 +323,9 @@ def cmd_compile(args) -> int:
     try:
         preset, _ = resolve(options)
         check_tools(preset, options)
+        check_output_folder(args.output, "--output")
         cfg = resolve_config(args.model)
-        if args.image_size:
+        if args.image_size is not None:
             cfg.vision.backbone.image_size = args.image_size
             cfg.validate()
     except (TargetError, ValueError, FileNotFoundError) as e:
@@ -303,14 +351,16 @@ def add_compile_arguments(ap: argparse.ArgumentParser) -> None:
                     help="architecture: an HF snapshot folder, a config.json or a sam3.pt "
                          "(default: the released SAM 3)")
     ap.add_argument("--dtype", default=None, choices=["float32", "float16"])
-    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--image-size", type=_positive_int, default=None,
+                    help="input image side in pixels (a multiple of the patch size, 14; default: the "
+                         "model's, 1008)")
     ap.add_argument("--rope-mode", default=None, choices=["normal", "inline"],
                     help="ViT attention path (default: the target's, inline on GPUs)")
     ap.add_argument("--batch", default=None,
                     help="the batch size the library takes: an integer (static shapes: memory "
                          "planned ahead of time, CUDA graphs on CUDA) or 'any' (default: 1 on "
                          "CUDA targets, any elsewhere)")
-    ap.add_argument("--max-boxes", type=int, default=8,
+    ap.add_argument("--max-boxes", type=_positive_int, default=8,
                     help="box-prompt slots of detect (default 8): more boxes per query need more")
     ap.add_argument("--no-cuda-graph", action="store_true",
                     help="CUDA targets: launch kernels one by one instead of replaying CUDA graphs")
@@ -342,9 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="folder for <image>.png and <image>.json")
     s.add_argument("--device", default=None, help="cpu, cuda, metal... (default: the library's target)")
     s.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json (default: looked for beside the weights and the library)")
-    s.add_argument("--score-threshold", type=float, default=0.5)
-    s.add_argument("--mask-threshold", type=float, default=0.5)
+                   help="tokenizer.json, a folder of SAM 3 tokenizer files or CLIP's .gz vocabulary "
+                        "(default: looked for beside the weights and the library, else the CLIP "
+                        "vocabulary shipped with sam3_nn)")
+    s.add_argument("--score-threshold", type=_fraction, default=0.5,
+                   help="keep objects scoring above this (0..1, default 0.5)")
+    s.add_argument("--mask-threshold", type=_fraction, default=0.5,
+                   help="mask pixels whose probability is above this (0..1, default 0.5)")
     s.set_defaults(func=cmd_segment)
     c = sub.add_parser("convert", help="convert sam3.pt / an HF snapshot for one compiled library")
     c.add_argument("src", help="sam3.pt, an HF snapshot folder or a .safetensors")
@@ -354,17 +408,62 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    from sam3_nn.runtime.engine import LibraryError
-    from sam3_nn.runtime.preprocess import InputError
-    from sam3_nn.weights.loader import CheckpointError
-
+def _positive_int(text: str) -> int:
     try:
-        return args.func(args)
-    except (CliError, LibraryError, InputError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return v
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises ``SystemExit`` (status 143), so that a file being written is removed on
+    the way out (Python's default is to die on the spot); SIGKILL cannot be caught, which is
+    why files are written unnamed until complete (``sam3_nn.files``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Exit status: 0 done; 1 a batch skipped some images (listed at the end) or writing
+    failed; 2 nothing done: the arguments, a file, the library or the device are wrong (the
+    message says what and what was expected); 130 interrupted (Ctrl-C); 143 terminated."""
+    args = build_parser().parse_args(argv)
+    with _sigterm_raises():
+        try:
+            return args.func(args)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # writing an output: a full disk, a permission changed meanwhile
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
@@ -24,13 +25,13 @@ from typing import Any, Dict, List
 ORIGINAL_LAYER_NORM_EPS = 1e-5
 
 
-def _pair(value) -> int:
-    """Square sizes only: accept ``n`` or ``[n, n]``."""
+def _pair(value, key: str = "size"):
+    """Square sizes only: accept ``n`` or ``[n, n]`` (anything else is left for the type check)."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"only square sizes are supported, got {value!r}")
-        return int(value[0])
-    return int(value)
+            raise ValueError(f"{key}: only square sizes are supported, got {value!r}")
+        return value[0]
+    return value
 
 
 @dataclass
@@ -180,10 +181,49 @@ _HF_SECTIONS = {
 }
 
 
-def _fill(cls, values: Dict[str, Any]):
+def _fill(cls, values: Dict[str, Any], where: str = ""):
     """Build dataclass ``cls`` from the keys of ``values`` it knows; ignore the rest."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where or cls.__name__} must be a JSON object, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names and v is not None})
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def check_fields(obj, where: str) -> None:
+    """Every field of a config dataclass (and those nested in it) has its declared type:
+    sizes and counts are integers >= 1 (token ids >= 0), floats finite and positive,
+    lists of those; ``ValueError`` naming the key otherwise (a config.json with ``"64"`` for
+    a size would fail far later, inside the model code)."""
+    for f in dataclasses.fields(obj):
+        v, key = getattr(obj, f.name), f"{where}.{f.name}"
+        if dataclasses.is_dataclass(v):
+            check_fields(v, key)
+            continue
+        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if t == "int":
+            low = 0 if f.name.endswith("_id") else 1
+            if not _is_int(v) or v < low:
+                raise ValueError(f"{key} must be an integer >= {low}, got {v!r}")
+        elif t == "float":
+            if not _is_number(v) or v <= 0:
+                raise ValueError(f"{key} must be a positive number, got {v!r}")
+        elif t == "str":
+            if not isinstance(v, str):
+                raise ValueError(f"{key} must be a string, got {v!r}")
+        elif t == "List[int]":
+            if not isinstance(v, list) or not all(_is_int(x) and x >= 0 for x in v):
+                raise ValueError(f"{key} must be a list of integers >= 0, got {v!r}")
+        elif t == "List[float]":
+            if not isinstance(v, list) or not all(_is_number(x) and x > 0 for x in v):
+                raise ValueError(f"{key} must be a list of positive numbers, got {v!r}")
 
 
 def _without_eps(values: Dict[str, Any]) -> Dict[str, Any]:
@@ -212,6 +252,7 @@ class Sam3Config:
         return len(self.vision.scale_factors) - 1
 
     def validate(self) -> "Sam3Config":
+        check_fields(self, "config")
         self.vision.validate()
         return self
 
@@ -221,19 +262,24 @@ class Sam3Config:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Sam3Config":
-        vision = dict(d.get("vision", {}))
-        backbone = _fill(ViTConfig, vision.pop("backbone", {}))
-        kw = {"vision": _fill(VisionConfig, {**vision, "backbone": backbone})}
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
+        vision = d.get("vision", {})
+        if not isinstance(vision, dict):
+            raise ValueError(f"vision must be a JSON object, got {type(vision).__name__}")
+        vision = dict(vision)
+        backbone = _fill(ViTConfig, vision.pop("backbone", {}), "vision.backbone")
+        kw = {"vision": _fill(VisionConfig, {**vision, "backbone": backbone}, "vision")}
         for name, sub in _SECTIONS.items():
             if name != "vision" and name in d:
-                kw[name] = _fill(sub, d[name])
+                kw[name] = _fill(sub, d[name], name)
         return cls(**kw).validate()
 
     @classmethod
     def from_hf(cls, hf: Dict[str, Any]) -> "Sam3Config":
         """From an HF ``Sam3Config`` dict (``config.json``) or a ``Sam3VisionConfig`` dict."""
         if not isinstance(hf, dict):
-            raise TypeError(f"expected an HF config dict, got {type(hf).__name__}")
+            raise ValueError(f"an HF config (config.json) must be a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type == "sam3_vision_model":
             vision_hf, rest = hf, {}
@@ -243,18 +289,27 @@ class Sam3Config:
             raise ValueError(
                 f"config.json has model_type {model_type!r}; expected 'sam3' (a SAM 3 checkpoint)"
             )
-        bb = dict(vision_hf.get("backbone_config") or {})
+        if not isinstance(vision_hf, dict):
+            raise ValueError(f"vision_config must be a JSON object, got {type(vision_hf).__name__}")
+        bb = vision_hf.get("backbone_config") or {}
+        if not isinstance(bb, dict):
+            raise ValueError(f"vision_config.backbone_config must be a JSON object, got {type(bb).__name__}")
+        bb = dict(bb)
         for key in ("image_size", "patch_size", "pretrain_image_size"):
             if key in bb:
-                bb[key] = _pair(bb[key])
+                bb[key] = _pair(bb[key], f"vision_config.backbone_config.{key}")
         rope = bb.get("rope_parameters") or {}
-        if "rope_theta" in rope:
-            bb["rope_theta"] = float(rope["rope_theta"])
-        vision = _fill(VisionConfig, {**_without_eps(vision_hf), "backbone": _fill(ViTConfig, _without_eps(bb))})
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            bb["rope_theta"] = rope["rope_theta"]
+        vision = _fill(VisionConfig, {**_without_eps(vision_hf),
+                                      "backbone": _fill(ViTConfig, _without_eps(bb), "vision_config.backbone_config")},
+                       "vision_config")
         kw: Dict[str, Any] = {"vision": vision}
         for hf_name, ours in _HF_SECTIONS.items():
             if rest.get(hf_name):
-                kw[ours] = _fill(_SECTIONS[ours], _without_eps(rest[hf_name]))
+                if not isinstance(rest[hf_name], dict):
+                    raise ValueError(f"{hf_name} must be a JSON object, got {type(rest[hf_name]).__name__}")
+                kw[ours] = _fill(_SECTIONS[ours], _without_eps(rest[hf_name]), hf_name)
         return cls(**kw).validate()
 
     @classmethod

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -25,6 +24,7 @@ from sam3_nn.compiler.passes.param_transform import packed_functions, transform_
 from sam3_nn.compiler.pipeline import build_pipeline
 from sam3_nn.compiler.presets import TargetPreset, get_preset
 from sam3_nn.config import Sam3Config
+from sam3_nn.files import atomic_write_path, file_sha256, write_text
 from sam3_nn.kernels.cuda.gemm import cutlass_route
 from sam3_nn.kernels.cuda.source import cutlass_include
 from sam3_nn.model.sam3 import PARTS, Sam3Model
@@ -77,24 +77,6 @@ def manifest_for(cfg, model, mod, params, spec, options: BuildOptions) -> Dict:
         "functions": functions,
         "params": [{"name": n, "shape": _shape_list(p.shape), "dtype": str(p.dtype)} for n, p in params],
     }
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + base, dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def check_tools(preset: TargetPreset, options: BuildOptions) -> None:
@@ -170,8 +152,9 @@ def build(cfg: Sam3Config, options: BuildOptions = BuildOptions(), output: str =
     json_path = os.path.join(output, f"sam3-{preset.name}.json")
     log(f"[3/4] export {preset.library_format}: {lib_path} ({len(kernels)} device kernels) "
         f"[{t2 - t1:.1f} s]")
-    _atomic_write(lib_path, lambda p: export_library(preset, ex, p, log, os.path.basename(lib_path),
-                                                     options.toolchain))
+    # the linker writes the library: it needs a path (a hidden partial file until complete)
+    atomic_write_path(lib_path, lambda p: export_library(preset, ex, p, log, os.path.basename(lib_path),
+                                                         options.toolchain))
     t3 = time.time()
     log(f"[4/4] manifest {json_path} [{t3 - t2:.1f} s]")
     manifest.update({
@@ -180,10 +163,12 @@ def build(cfg: Sam3Config, options: BuildOptions = BuildOptions(), output: str =
         "tvm_ffi_version": _ffi_version(),
         "kernels": kernels,
         "param_transforms": {f: transform_name(f) for f in lift},
+        # the runtime checks it: a manifest from another build is refused, not run
+        "library_sha256": file_sha256(lib_path),
         "build_seconds": round(time.time() - t0, 1),
     })
     try:
-        _atomic_write(json_path, lambda p: open(p, "w").write(json.dumps(manifest, indent=1)))
+        write_text(json_path, json.dumps(manifest, indent=1))
     except BaseException:
         os.unlink(lib_path)
         raise

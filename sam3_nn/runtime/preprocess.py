@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sam3_nn.errors import InputError
 
 ImageLike = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
 
@@ -27,44 +30,102 @@ STD = 0.5
 RESCALE = 1.0 / 255.0
 
 
-class InputError(ValueError):
-    """An image, prompt or box the model cannot take."""
+# Pillow's image modes holding more than 8 bits per value (16-bit PNG/TIFF greys): scaled to
+# 0..255 here, as the image displays; Pillow's own conversion to RGB clips them (all white)
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _open_errors():
+    """What Pillow raises for a file it cannot decode (its plugins raise more than OSError)."""
+    return (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, KeyError,
+            IndexError, EOFError)
+
+
+def check_pixels(width: int, height: int, what: str) -> None:
+    """Refuse images over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise InputError(f"{what} is {width}x{height} = {width * height / 1e6:.0f} megapixels, over the "
+                         f"{limit / 1e6:.0f} megapixel limit (Pillow's guard against decompression bombs, "
+                         "PIL.Image.MAX_IMAGE_PIXELS); scale it down first")
+
+
+def open_image(path: str) -> Image.Image:
+    """The image file ``path`` decoded, its EXIF orientation applied (as it is displayed).
+    ``InputError`` says why a file is not an image this runtime takes."""
+    if not os.path.isfile(path):
+        raise InputError(f"image {path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (and decodes) up to twice its pixel limit: refused here from the limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                check_pixels(im.width, im.height, f"image {path}")
+                im.load()  # decodes: a truncated or corrupt file fails here
+                im = ImageOps.exif_transpose(im)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"image {path}: over Pillow's pixel limit against decompression bombs "
+                         f"(PIL.Image.MAX_IMAGE_PIXELS): {e}; scale it down first") from None
+    except _open_errors() as e:
+        raise InputError(f"image {path}: cannot be read as an image ({e})") from None
+    return im
+
+
+def image_size(path: str) -> Tuple[int, int]:
+    """(height, width) of an image file as displayed, after checking that it decodes fully and
+    that its pixel format is one :func:`load_image` takes."""
+    im = open_image(path)
+    _pil_to_rgb(im, f"image {path}", check_only=True)
+    return im.height, im.width
 
 
 def load_image(image: ImageLike) -> np.ndarray:
     """A path, a PIL image or an ``HxWx3`` uint8 array -> ``HxWx3`` uint8 RGB array.
 
     Files are opened with their EXIF orientation applied (as the image is displayed).
-    ``HxW`` (grey) and ``HxWx4`` (RGBA) uint8 arrays are accepted too.
+    ``HxW`` (grey) and ``HxWx4`` (RGBA) uint8 arrays are accepted too; 16-bit greys are
+    scaled to 8 bits (``round(v / 257)``); 32-bit float images are refused.
     """
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise InputError(f"image {path}: no such file")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                im = ImageOps.exif_transpose(im)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise InputError(f"image {path}: cannot be read as an image ({e})") from e
-        return _pil_to_rgb(im)
+        return _pil_to_rgb(open_image(path), f"image {path}")
     if isinstance(image, Image.Image):
-        return _pil_to_rgb(image)
+        check_pixels(image.width, image.height, "image")
+        return _pil_to_rgb(image, "image")
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
     raise InputError(f"expected an image path, a PIL image or an HxWx3 uint8 array, got {type(image).__name__}")
 
 
-def _pil_to_rgb(im: Image.Image) -> np.ndarray:
+def _pil_to_rgb(im: Image.Image, what: str = "image", check_only: bool = False) -> np.ndarray:
     if im.width < 1 or im.height < 1:
-        raise InputError(f"image has no pixels ({im.width}x{im.height})")
-    has_alpha = "A" in im.getbands() or im.info.get("transparency") is not None
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, rgba).convert("RGB")
-    else:
-        im = im.convert("RGB")
+        raise InputError(f"{what} has no pixels ({im.width}x{im.height})")
+    if im.mode in _WIDE_MODES:
+        v = np.asarray(im)
+        if v.size and (int(v.min()) < 0 or int(v.max()) > 65535):
+            raise InputError(f"{what}: {im.mode} pixel values {int(v.min())}..{int(v.max())} are "
+                             "outside 0..65535; expected an 8- or 16-bit image")
+        if check_only:
+            return v
+        grey = np.round(v.astype(np.float32) / np.float32(257.0)).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if im.mode == "F":
+        raise InputError(f"{what} holds 32-bit floating-point pixels (mode F), whose range is unknown; "
+                         "save it as an 8- or 16-bit image")
+    if check_only:
+        return np.zeros(0, np.uint8)
+    try:
+        has_alpha = "A" in im.getbands() or im.info.get("transparency") is not None
+        if has_alpha:
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(white, rgba).convert("RGB")
+        else:
+            im = im.convert("RGB")
+    except ValueError as e:  # a mode Pillow cannot convert
+        raise InputError(f"{what}: pixel format {im.mode} cannot be converted to RGB ({e})") from None
     return np.asarray(im, dtype=np.uint8).copy()
 
 

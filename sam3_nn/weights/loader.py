@@ -23,11 +23,16 @@ import numpy as np
 from safetensors import safe_open
 
 from sam3_nn.config import Sam3Config
+from sam3_nn.errors import UserError
 from sam3_nn.weights.mapping import ParamMapping
 from sam3_nn.weights.parts import PARTS, Part
 
 
-class CheckpointError(ValueError):
+# the largest finite value of the narrow dtypes a library may take its weights in
+_LARGEST = {"float16": float(np.finfo(np.float16).max)}
+
+
+class CheckpointError(UserError):
     """A checkpoint cannot be read or does not fit the model."""
 
 
@@ -243,7 +248,7 @@ def load_params(cfg: Sam3Config, source: TensorSource,
     """
     m, report = plan(cfg, source, expected, parts, strict)
     out: Dict[str, np.ndarray] = {}
-    bad = []
+    bad, nonfinite, too_big = [], [], []
     for ours, (shape, dtype) in expected.items():
         src = m.entries[ours]
         arr = src.build([source.read(n) for n in src.names])
@@ -254,7 +259,30 @@ def load_params(cfg: Sam3Config, source: TensorSource,
         if not np.issubdtype(np.asarray(arr).dtype, np.floating) and arr.dtype.name != "bfloat16":
             bad.append(f"{ours}: expected floating point data, got {arr.dtype} from {src.names}")
             continue
-        out[ours] = np.ascontiguousarray(np.asarray(arr).astype(dtype))
+        arr = np.asarray(arr)
+        wide = arr.astype(np.float32) if arr.dtype.name == "bfloat16" else arr
+        finite = np.isfinite(wide)
+        if not finite.all():
+            nonfinite.append(f"{ours} ({int(arr.size - finite.sum())} of {arr.size} values NaN or "
+                             f"infinite, from {', '.join(src.names)})")
+            continue
+        limit = _LARGEST.get(np.dtype(dtype).name)
+        if limit is not None and wide.size:
+            peak = float(np.abs(wide).max())
+            if peak > limit:
+                too_big.append(f"{ours} (|value| up to {peak:.6g}, from {', '.join(src.names)})")
+                continue
+        out[ours] = np.ascontiguousarray(arr.astype(dtype))
     if bad:
         raise CheckpointError(f"{source.path}: wrong shapes or dtypes:\n  " + "\n  ".join(bad))
+    if nonfinite:
+        raise CheckpointError(f"{source.path}: tensors holding NaN or infinite values (a damaged or "
+                              f"diverged checkpoint; nothing was written):\n  " + "\n  ".join(nonfinite))
+    if too_big:
+        dt = np.dtype(next(iter(expected.values()))[1]).name
+        raise CheckpointError(
+            f"{source.path}: tensors holding values beyond {dt}'s range (largest {_LARGEST[dt]:g}), "
+            f"which would become infinities (the original SAM 3 does not clamp weights either; "
+            f"nothing was written); use a float32 library (compile --dtype float32):\n  "
+            + "\n  ".join(too_big))
     return out, report

@@ -53,3 +53,34 @@ def test_bad_configs(tmp_path):
     (tmp_path / "config.json").write_text("{broken")
     with pytest.raises(ValueError, match="cannot read"):
         Sam3Config.from_pretrained(str(tmp_path))
+
+
+def test_config_values_of_the_wrong_type_are_named(tmp_path):
+    """A config.json that is not an object, or holds strings, fractions or negative numbers
+    where sizes go, is a ValueError naming the key (not a TypeError from deep in the model)."""
+    from tests.refs import TINY_HF
+
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        Sam3Config.from_pretrained(str(tmp_path))
+    cases = [(("text_config", "hidden_size"), "64", "text.hidden_size"),
+             (("detr_decoder_config", "num_queries"), 2.5, "detr_decoder.num_queries"),
+             (("detr_encoder_config", "num_layers"), 0, "detr_encoder.num_layers"),
+             (("geometry_encoder_config", "hidden_act"), 3, "geometry.hidden_act"),
+             (("vision_config", "fpn_hidden_size"), True, "vision.fpn_hidden_size")]
+    for (section, key), value, name in cases:
+        hf = json.loads(json.dumps(TINY_HF))
+        hf[section][key] = value
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+            Sam3Config.from_hf(hf)
+    hf = json.loads(json.dumps(TINY_HF))
+    hf["vision_config"]["backbone_config"]["image_size"] = -14  # a multiple of the patch size
+    with pytest.raises(ValueError, match="image_size must be an integer >= 1"):
+        Sam3Config.from_hf(hf)
+    hf["vision_config"] = "tiny"
+    with pytest.raises(ValueError, match="vision_config must be a JSON object"):
+        Sam3Config.from_hf(hf)
+    c = Sam3Config()
+    c.vision.backbone.image_size = -1008
+    with pytest.raises(ValueError, match="image_size"):
+        c.validate()

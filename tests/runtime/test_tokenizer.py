@@ -176,3 +176,52 @@ def test_bad_files(files, tmp_path):
         json.dump({"model_type": "sam3", "text_config": {"vocab_size": len(vocab), "max_position_embeddings": 8}}, f)
     tok = Sam3Tokenizer.from_pretrained(str(tmp_path))
     assert tok.context_length == 8 and tok("cat").input_ids.shape == (1, 8)
+
+
+# ----------------------------------------------------------------------------
+# CLIP's vocabulary shipped with the package (what the released SAM 3 tokenizes with)
+# ----------------------------------------------------------------------------
+def clip_files_from_gz(gz: str, folder: str) -> str:
+    """vocab.json + merges.txt built from CLIP's ``bpe_simple_vocab_16e6.txt.gz`` as CLIP's
+    ``SimpleTokenizer`` builds its vocabulary: the 256 byte symbols, the same with ``</w>``,
+    merges 1..48894 of the file joined, then the start and end tokens."""
+    import gzip
+
+    lines = gzip.open(gz, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    symbols = bytes_to_unicode()
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return folder
+
+
+def test_shipped_clip_vocabulary_matches_clip_tokenizer(tmp_path):
+    """``from_pretrained`` on the shipped .gz tokenizes as transformers' CLIPTokenizer built
+    from the same vocabulary; CLIP's well-known ids anchor both."""
+    import hashlib
+
+    import ftfy
+    from transformers import CLIPTokenizer
+
+    from sam3_nn.runtime.tokenizer import CLIP_BPE
+
+    # the file is the open_clip_torch 3.3.0 wheel's, unchanged (data/LICENSE-clip-bpe.txt)
+    with open(CLIP_BPE, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == \
+            "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+    assert os.path.isfile(os.path.join(os.path.dirname(CLIP_BPE), "LICENSE-clip-bpe.txt"))
+    ours = Sam3Tokenizer.from_pretrained(CLIP_BPE, context_length=32)
+    assert ours.vocab_size == 49408
+    ref = CLIPTokenizer.from_pretrained(clip_files_from_gz(CLIP_BPE, str(tmp_path / "clip")))
+    phrases = PHRASES + [LONG, "a photo of a cat", "yellow school bus", "hard-hat worker's vest"]
+    enc = ref([ftfy.fix_text(p) for p in phrases], padding="max_length", max_length=32, truncation=True)
+    out = ours(phrases)
+    np.testing.assert_array_equal(out.input_ids, np.array(enc["input_ids"]))
+    np.testing.assert_array_equal(out.attention_mask, np.array(enc["attention_mask"]))
+    # CLIP's ids: <|startoftext|> a photo of a cat <|endoftext|>
+    assert list(ours("a photo of a cat").input_ids[0, :7]) == [49406, 320, 1125, 539, 320, 2368, 49407]
