@@ -13,7 +13,7 @@ PARTS  ?=
 # in ToJSONGraph (every sch.tensorize). See docs/targets.md.
 TVM_FFI_PIN := apache-tvm-ffi==0.1.14.post1
 
-.PHONY: all install compile deps-metal deps-lld deps-cuda list-targets test test-slow bench clean
+.PHONY: all install compile deps-metal deps-lld deps-cuda list-targets app test test-slow bench clean
 
 all: compile
 
@@ -60,7 +60,15 @@ compile: install $(if $(filter metal metal-ios llvm-macos llvm-aarch64,$(TARGET)
 list-targets: install
 	$(PY) compile.py --list-targets
 
-test: install
+# The native app (app/README.md): C++ over TVM's runtime, TVM found through this environment's
+# Python; system libjpeg, libpng, zlib and ICU (Debian: libjpeg62-turbo-dev libpng-dev
+# zlib1g-dev libicu-dev).
+APP_BUILD ?= app/build
+app: install
+	cmake -S app -B $(APP_BUILD) -DSAM3_PYTHON=$(abspath $(PY))
+	cmake --build $(APP_BUILD) -j$$(nproc 2>/dev/null || echo 2)
+
+test: install app
 	$(PY) -m pytest -q tests
 
 test-slow: install
@@ -72,4 +80,4 @@ bench: install
 	$(PY) bench/pipeline.py --device cpu $(BENCH_ARGS)
 
 clean:
-	rm -rf $(OUT) build *.egg-info
+	rm -rf $(OUT) build *.egg-info $(APP_BUILD)

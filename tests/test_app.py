@@ -353,3 +353,27 @@ def test_segment_errors_as_python(app, art, tiny_bpe, tmp_path):
     code, _, err = app_cli(app, "--library", lib, "--weights", w, "--image", img, "--text", PROMPT,
                            "--tokenizer", CLIP_GZ, "--output", tmp_path / "out")
     assert code == 2 and "vocabulary has 1000 entries" in err and not (tmp_path / "out").exists(), err
+
+
+# ----------------------------------------------------------------------------
+# the end-to-end bench (bench/app_e2e.py), on the tiny library
+# ----------------------------------------------------------------------------
+def test_app_e2e_bench_runs(app, art, tiny_bpe, tmp_path):
+    """The GPU bench's logic on the CPU: both sides time the same images and their JSONs
+    agree (the bench's own comparison)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import app_e2e
+
+    out = tmp_path / "r.json"
+    assert app_e2e.main(["--library", art["library"], "--weights", art["converted"], "--tokenizer", tiny_bpe,
+                         "--app", os.path.join(app, "sam3-segment"), "-n", "2", "--size", "200x150",
+                         "--score-threshold", "0", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["images"] == 2 and r["python_median_ms"] > 0 and r["app_median_ms"] > 0
+    assert r["app_over_python"] == pytest.approx(r["app_median_ms"] / r["python_median_ms"])
+    agree = r["agreement"]
+    with open(art["manifest"]) as f:
+        queries = json.load(f)["config"]["detr_decoder"]["num_queries"]
+    assert agree["objects"] == 2 * queries and agree["images_with_other_object_count"] == 0
+    assert agree["max_box_diff"] <= 1e-5 and agree["max_score_diff"] <= 1e-5 + 1e-9
+    assert agree["mask_pixels_differing"] <= 10  # only probabilities within float32 ulps of 0.5 can flip
