@@ -139,6 +139,23 @@ def tvm_library_dirs() -> List[str]:
     return dirs
 
 
+def cuda_library_dirs() -> List[str]:
+    """Folders holding libcudart, which TVM's CUDA runtime (libtvm_runtime_cuda.so) needs:
+    the CUDA toolkit's, and those of NVIDIA's pip packages (torch's CUDA libraries), which
+    a Python process has loaded through torch before TVM asks for them, but the app has not."""
+    import glob
+
+    roots = [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"]
+    candidates = [os.path.join(r, sub) for r in roots if r for sub in ("lib64", "targets/x86_64-linux/lib")]
+    for path in sys.path:
+        candidates += glob.glob(os.path.join(path, "nvidia", "*", "lib")) + glob.glob(os.path.join(path, "nvidia", "lib"))
+    out = []
+    for d in candidates:
+        if d not in out and glob.glob(os.path.join(d, "libcudart.so*")):
+            out.append(d)
+    return out
+
+
 def run_python(model, images: List[str], args, out_dir: str) -> List[float]:
     from sam3_nn.__main__ import _result_json
 
@@ -168,7 +185,8 @@ def run_python(model, images: List[str], args, out_dir: str) -> List[float]:
 
 def run_app(images_dir: str, args, out_dir: str) -> Dict:
     env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(tvm_library_dirs() + [env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+    dirs = tvm_library_dirs() + (cuda_library_dirs() if args.kind == "cuda" else [])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(dirs + [env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
     cmd = [args.app, "--library", args.library, "--weights", args.weights, "--tokenizer", args.tokenizer,
            "--image", images_dir, "--text", args.text, "--score-threshold", str(args.score_threshold),
            "--output", out_dir] + (["--device", args.device] if args.device else []) + \
@@ -222,6 +240,7 @@ def main(argv=None) -> int:
     from sam3_nn.runtime import Sam3
 
     manifest = read_manifest(args.library)
+    args.kind = (args.device or manifest["target"]).split("-")[0]
     log(f"app vs Python runtime, end to end per image: {manifest['target']} {manifest['dtype']} library, "
         f"{platform.node()}, work folder {work}")
     if args.weights is None:

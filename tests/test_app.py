@@ -100,6 +100,8 @@ def images(art, tmp_path_factory):
     Image.fromarray(base).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(
         folder / "g_palette.png", transparency=3)
     Image.fromarray(base).resize((150, 700)).save(folder / "h_tall.png")  # Pillow's vertical-first order
+    # larger: more mask pixels, so more chances of one at the threshold
+    Image.fromarray(base).resize((800, 600), Image.Resampling.BICUBIC).save(folder / "i_800x600.jpg", quality=85)
     return str(folder)
 
 

@@ -82,7 +82,6 @@ Detections PostProcess(const RawOutputs& raw, int height, int width, float score
   Detections det;
   det.height = height;
   det.width = width;
-  std::vector<float> probs;
   const float scale[4] = {static_cast<float>(width), static_cast<float>(height), static_cast<float>(width),
                           static_cast<float>(height)};
   for (int i = 0; i < q; ++i) {
@@ -94,18 +93,14 @@ Detections PostProcess(const RawOutputs& raw, int height, int width, float score
     std::array<float, 4> b;
     for (int c = 0; c < 4; ++c) b[c] = pboxes.values[static_cast<size_t>(i) * 4 + c] * scale[c];
     det.boxes.push_back(b);
+    // one mask at a time: a full-size image with 200 objects would take a GB in float32
     const float* m = pmasks.values.data() + static_cast<size_t>(i) * mh * mw;
-    for (int k = 0; k < mh * mw; ++k) probs.push_back(Sigmoid(m[k]));
-  }
-  const int n = static_cast<int>(det.scores.size());
-  if (n) {
-    std::vector<float> up = ResizeMaps(probs, n, mh, mw, height, width);
-    const size_t hw = static_cast<size_t>(height) * width;
-    for (int k = 0; k < n; ++k) {
-      std::vector<uint8_t> mask(hw);
-      for (size_t j = 0; j < hw; ++j) mask[j] = up[k * hw + j] > mask_threshold;
-      det.masks.push_back(std::move(mask));
-    }
+    std::vector<float> probs(static_cast<size_t>(mh) * mw);
+    for (size_t k = 0; k < probs.size(); ++k) probs[k] = Sigmoid(m[k]);
+    std::vector<float> up = ResizeMaps(probs, 1, mh, mw, height, width);
+    std::vector<uint8_t> mask(up.size());
+    for (size_t j = 0; j < up.size(); ++j) mask[j] = up[j] > mask_threshold;
+    det.masks.push_back(std::move(mask));
   }
   return det;
 }
