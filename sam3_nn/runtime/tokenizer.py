@@ -1,6 +1,7 @@
 """SAM 3's text tokenizer for the runtime: CLIP byte-level BPE, no PyTorch, no network.
 
-``Sam3Tokenizer.from_pretrained(path)`` reads the tokenizer files of an HF SAM 3
+``Sam3Tokenizer.from_pretrained(path)`` reads CLIP's ``bpe_simple_vocab_16e6.txt.gz``
+(shipped with the package: ``CLIP_BPE``) or the tokenizer files of an HF SAM 3
 snapshot: ``tokenizer.json``, or ``vocab.json`` + ``merges.txt`` (plus, when
 present, ``tokenizer_config.json`` / ``special_tokens_map.json`` for the special
 tokens and ``config.json`` for the context length and vocabulary size). Calling it
@@ -58,6 +59,24 @@ DEFAULT_CONTEXT = 32  # SAM 3's text context (HF Sam3Processor: max_length=32)
 # transformers' CLIPTokenizer split pattern
 _SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]"""
           r"""|[^\s\p{L}\p{N}]+""")
+
+
+# CLIP's BPE vocabulary, shipped with the package (MIT licence: data/LICENSE-clip-bpe.txt)
+CLIP_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bpe_simple_vocab_16e6.txt.gz")
+CLIP_MERGES = 49152 - 256 - 2  # CLIP reads merges[1:49152-256-2+1]
+
+
+def _byte_symbols() -> List[str]:
+    """GPT-2/CLIP ``bytes_to_unicode``'s symbols in CLIP's order (printable bytes first)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
 
 
 class TokenizerError(ValueError):
@@ -155,6 +174,40 @@ class Sam3Tokenizer:
         return cls(tok, **kw)
 
     @classmethod
+    def from_clip_bpe(cls, path: str, **kw) -> "Sam3Tokenizer":
+        """From CLIP's ``bpe_simple_vocab_16e6.txt.gz`` (shipped as :data:`CLIP_BPE`): a header
+        line, then merges, of which CLIP uses the first 48894; the vocabulary is the 256 byte
+        symbols, the same with ``</w>``, each merge's result and the two special tokens, in
+        that order (as CLIP's and SAM 3's ``SimpleTokenizer`` build it)."""
+        import gzip
+
+        if not os.path.isfile(path):
+            raise TokenizerError(f"tokenizer file {path} does not exist")
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                lines = f.read().split("\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{path}: not a readable CLIP BPE .gz file ({e})") from e
+        body = lines[1:CLIP_MERGES + 1]
+        if body and body[-1] == "":
+            body = body[:-1]
+        merges = []
+        for line in body:
+            pair = line.split()
+            if len(pair) != 2:
+                raise TokenizerError(f"{path}: merge line {line!r} is not two tokens")
+            merges.append((pair[0], pair[1]))
+        symbols = _byte_symbols()
+        tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        eos = kw.get("eos_token", EOS_TOKEN)
+        bpe = BPE(vocab, merges, end_of_word_suffix="</w>", continuing_subword_prefix="", unk_token=eos,
+                  fuse_unk=False)
+        tok = Tokenizer(bpe)
+        tok.add_special_tokens(sorted({kw.get("bos_token", BOS_TOKEN), eos, kw.get("pad_token", EOS_TOKEN)}))
+        return cls(tok, **kw)
+
+    @classmethod
     def from_pretrained(cls, path: str, context_length: Optional[int] = None) -> "Sam3Tokenizer":
         """From an HF snapshot directory (or a ``tokenizer.json`` file).
 
@@ -167,6 +220,8 @@ class Sam3Tokenizer:
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         if not os.path.exists(path):
             raise TokenizerError(f"{path} does not exist")
+        if os.path.isfile(path) and path.endswith(".gz"):  # CLIP's vocabulary (sam3_nn/runtime/data/)
+            return cls.from_clip_bpe(path, context_length=int(context_length or DEFAULT_CONTEXT))
         cfg = _read_json(os.path.join(folder, "tokenizer_config.json")) or {}
         smap = _read_json(os.path.join(folder, "special_tokens_map.json")) or {}
         model_cfg = _read_json(os.path.join(folder, "config.json")) or {}
