@@ -30,6 +30,12 @@ std::vector<float> ResizeMaps(const std::vector<float>& maps, int n, int in_h, i
 bool DecodeUtf8(const std::string& s, std::u32string* out);
 std::string EncodeUtf8(const std::u32string& s);
 
+// Python's html.unescape (tokenizer.cc).
+std::u32string HtmlUnescape(const std::u32string& s);
+
+// ftfy.fix_text with its default configuration (ftfy.cc).
+std::u32string FixText(const std::u32string& text);
+
 // Set TVM_NUM_THREADS to the physical cores this process may run on unless TVM_NUM_THREADS
 // or OMP_NUM_THREADS is set (sam3_nn.cpu_threads: TVM's pool otherwise takes half the
 // hardware threads on x86, one thread on a 2-vCPU VM without SMT).

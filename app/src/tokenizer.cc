@@ -7,7 +7,8 @@
 // generated into html_entities.inc (tools/gen_html_entities.py).
 //
 // A prompt goes through, as in Python:
-//  1. cleanup: HTML entities unescaped twice (Python's html.unescape), then Python's strip();
+//  1. cleanup: ftfy.fix_text (ftfy.cc), HTML entities unescaped twice (Python's
+//     html.unescape), then Python's strip();
 //  2. the special tokens (<|startoftext|>, <|endoftext|>) matched literally; every other
 //     stretch: NFC, each run of White_Space -> one space, lower case per character;
 //  3. CLIP's split: contractions ('s 't 're 've 'm 'll 'd), letter runs, single digits,
@@ -132,9 +133,11 @@ void AppendUtf8(std::u32string* out, const char* utf8) {
 bool IsDigit(char32_t c) { return c >= '0' && c <= '9'; }
 bool IsHex(char32_t c) { return IsDigit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'); }
 
+}  // namespace
+
 // Python's html.unescape: re.sub of
 // &(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?) with html._replace_charref
-std::u32string Unescape(const std::u32string& s) {
+std::u32string HtmlUnescape(const std::u32string& s) {
   std::u32string out;
   size_t i = 0;
   while (i < s.size()) {
@@ -201,7 +204,6 @@ std::u32string Unescape(const std::u32string& s) {
   }
   return out;
 }
-}  // namespace
 
 // ---- UTF-8 -----------------------------------------------------------------------------
 bool DecodeUtf8(const std::string& s, std::u32string* out) {
@@ -473,14 +475,23 @@ Tokenizer Tokenizer::Load(const std::string& path) {
 
 int Tokenizer::max_id() const { return impl_->max_id; }
 
-std::vector<int32_t> Tokenizer::Tokenize(const std::string& utf8) const {
+namespace {
+// step 1: sam3_nn.runtime.tokenizer.clean
+std::u32string Clean(const std::string& utf8) {
   std::u32string text;
   if (!DecodeUtf8(utf8, &text)) throw InputError("text prompt is not valid UTF-8");
-  text = Unescape(Unescape(text));
+  text = HtmlUnescape(HtmlUnescape(FixText(text)));
   size_t b = 0, e = text.size();
   while (b < e && PyIsSpace(text[b])) ++b;
   while (e > b && PyIsSpace(text[e - 1])) --e;
-  text = text.substr(b, e - b);
+  return text.substr(b, e - b);
+}
+}  // namespace
+
+std::string Tokenizer::Clean(const std::string& utf8) { return EncodeUtf8(sam3::Clean(utf8)); }
+
+std::vector<int32_t> Tokenizer::Tokenize(const std::string& utf8) const {
+  std::u32string text = sam3::Clean(utf8);
   // special tokens first, on the raw text (HF tokenizers' added vocabulary: leftmost, longest)
   std::vector<int32_t> ids;
   std::vector<std::u32string> specials;

@@ -62,6 +62,8 @@ class Tokenizer {
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;
 
+  // A prompt after the cleanup (ftfy.fix_text, HTML unescaping, strip), as UTF-8.
+  static std::string Clean(const std::string& utf8);
   // BPE ids of one prompt, no start/end token, no truncation.
   std::vector<int32_t> Tokenize(const std::string& utf8) const;
   struct Encoding {
