@@ -45,6 +45,35 @@ TOKEN_PROMPTS = [
     "<|startoftext|>cat<|endoftext|> dog", "<|STARTOFTEXT|>", "tab\u00a0nbsp\u2003emsp\u3000ideo",
     "\u200bzero\u200bwidth", "\x1cfs\x1d", "a" * 120, "the cat " * 20, "  ", "&nbsp;",
 ]
+# one or more for each step of ftfy.fix_text (the original's cleanup, src/ftfy.cc), the step
+# named after each prompt: ftfy.fix_and_explain's explanation of it
+FTFY_PROMPTS = [
+    "ＬＯＵＤ　ＮＯＩＳＥＳ Ｕﾀｰﾝ",                       # fix_character_width (full and half width)
+    "ﬂuﬃeﬆ Ĳssel ǆ",                                  # fix_latin_ligatures
+    "“quoted” ‘single’ the dog’s ʼ",                    # uncurl_quotes
+    "P&EACUTE;REZ &NTILDE; &nTILDE; &hellip; &#x2019;",  # unescape_html (ftfy's upper-case entities)
+    "x < y &EACUTE; &amp;",                             # unescape_html off: the text holds '<'
+    "price \x80 5 \x93quoted\x94",                      # latin-1 -> windows-1252
+    "x\x81\x80y",                                       # fix_c1_controls
+    "cat\r\ndog\rbird\u2028fish\u2029end",                # fix_line_breaks
+    "\x1b[31mred\x1b[0m car",                            # remove_terminal_escapes
+    "\ufeffbom\x7f word\u206a",                          # remove_control_chars
+    "cafÃ©",                                            # latin-1 -> utf-8
+    "Ã la mode",                                       # latin-1, restore_byte_a0
+    "â€œquotedâ€\x9d",                                  # sloppy-windows-1252 -> utf-8
+    "â€œ like this â€\ufffd",                           # sloppy-windows-1252, replace_lossy_sequences
+    "Ð¿Ñ€Ð¸Ð²ÐµÑ‚ ðŸ˜€",                                  # sloppy-windows-1252: Cyrillic, emoji
+    "ÃƒÂ©tÃƒÂ©",                                        # twice mojibake: two rounds
+    "sÃ³ and real é",                                   # decode_inconsistent_utf8
+    "l’Ã©tÃ© quel",                                     # decode_inconsistent_utf8, uncurl_quotes
+    "smile í\xa0½í¸\x8d",                               # latin-1 -> utf-8-variants (CESU-8)
+    "Î±Î²Î³ beta",                                      # latin-1 -> utf-8 (Greek)
+    "√©t√© macroman",                                  # macroman -> utf-8
+    "caf├⌐ cp437",                                      # cp437 -> utf-8
+    "cafĂ© 1250",                                       # sloppy-windows-1250 -> utf-8
+    "Ã¢â‚¬Å“hiÃ¢â‚¬Â\x9d",                               # two rounds of sloppy-windows-1252
+    "first &amp; line\nsecond < line\n&amp; third",     # segments: '<' stops unescaping from there on
+]
 
 
 # ----------------------------------------------------------------------------
@@ -157,29 +186,97 @@ def test_token_ids_equal_python(app, tmp_path):
         json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
     (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
+    import ftfy
+
+    prompts = TOKEN_PROMPTS + FTFY_PROMPTS
+    assert [p for p in FTFY_PROMPTS if ftfy.fix_text(p) == p] == ["x < y &EACUTE; &amp;"]  # the others change
     checked = 0
     for context in (32, 400):
         tok = Sam3Tokenizer.from_pretrained(CLIP_GZ, context)
-        want = [_python_ids(tok, p) for p in TOKEN_PROMPTS]
-        assert sum("error" not in w for w in want) >= len(TOKEN_PROMPTS) - 2
+        want = [_python_ids(tok, p) for p in prompts]
+        assert sum("error" not in w for w in want) >= len(prompts) - 2
         for source in (CLIP_GZ, str(tmp_path)):
-            got = app_tokens(app, source, TOKEN_PROMPTS, context)
-            assert len(got) == len(TOKEN_PROMPTS)
-            for p, g, w in zip(TOKEN_PROMPTS, got, want):
+            got = app_tokens(app, source, prompts, context)
+            assert len(got) == len(prompts)
+            for p, g, w in zip(prompts, got, want):
                 if "error" in w:  # nothing to look for: both refuse it
                     assert "error" in g, (p, g)
                 else:
                     assert g == w, f"{source}, context {context}: {p!r}\n app    {g}\n python {w}"
                     checked += 1
-    assert checked == 4 * (len(TOKEN_PROMPTS) - 2)
+    assert checked == 4 * (len(prompts) - 2)
+
+
+def _mojibake_prompts(n, seed):
+    """Random prompts ftfy has work on: words made mojibake through ftfy's codecs (once or
+    twice, with spaces for U+00A0 and characters lost to U+FFFD or '?'), random runs of the
+    characters its heuristics look at, entities, quotes, controls."""
+    import random
+    import re
+
+    from ftfy import badness, chardata
+
+    rng = random.Random(seed)
+    words = ["café", "naïve", "señor", "über", "à", "às", "quelle", "“hi”", "dog’s", "—", "…", "€5", "日本", "😀",
+             "привет", "Ελλάδα", "ß", "Å", "œuvre", "ﬁ", "ＡＢ", "ｶ", "\u00a0", " ", "\n", "\r\n", "&amp;", "&eacute;",
+             "&EACUTE;", "&#233;", "&#x1F600;", "<", "\x1b[1m", "\x85", "\x92", "\x1a", "?", "\ufffd", "a", "the", "ÿ",
+             "Ø", "±", "°", "×²", "√", "≈"]
+    clues = "".join(list(badness.MOJIBAKE_CATEGORIES.values()) + list(chardata.UTF8_CLUES.values()))
+    pool = sorted(set(re.findall(f"[{clues}]", "".join(map(chr, range(0x3000)))))
+                  | set("abcXYZ .,?!;&#<\n\r\x1a\u00a0\u2019\u201c"))
+    encs = chardata.CHARMAP_ENCODINGS
+
+    def mojibake(s):
+        t = s.encode("utf-8").decode(rng.choice(encs + ["sloppy-windows-1252"] * 3), "replace")
+        if rng.random() < 0.3:
+            t = t.replace("\xa0", " ")
+        if rng.random() < 0.2 and len(t) > 2:
+            i = rng.randrange(len(t))
+            t = t[:i] + rng.choice(["\ufffd", "?", " "]) + t[i + 1:]
+        return t
+
+    out = []
+    while len(out) < n:
+        if rng.random() < 0.5:
+            parts = [rng.choice(words) for _ in range(rng.randint(1, 6))]
+            parts = [mojibake(mojibake(w)) if r < 0.1 else mojibake(w) if r < 0.5 else w
+                     for w, r in zip(parts, (rng.random() for _ in parts))]
+            p = rng.choice(["", " "]).join(parts)
+        else:
+            p = "".join(rng.choice(pool) for _ in range(rng.randint(1, 10)))
+            if rng.random() < 0.5:
+                p = mojibake(p)
+        if p.strip():
+            out.append(p)
+    return out
+
+
+def test_cleanup_equals_python(app):
+    """The app's cleanup (ftfy.fix_text, HTML unescaping, strip: `sam3-tokenize --clean`) gives
+    sam3_nn.runtime.tokenizer.clean's text on random mojibake, and ftfy changes most of it."""
+    from sam3_nn.runtime.tokenizer import clean
+
+    prompts = _mojibake_prompts(2000, seed=0) + FTFY_PROMPTS + TOKEN_PROMPTS
+    r = subprocess.run([os.path.join(app, "sam3-tokenize"), "--clean"], input="".join(json.dumps(p) + "\n" for p in prompts),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(got) == len(prompts)
+    want = [clean(p) for p in prompts]
+    differ = [(p, g, w) for p, g, w in zip(prompts, got, want) if g != w]
+    assert not differ, f"{len(differ)} of {len(prompts)} differ, e.g. {differ[:3]}"
+    assert sum(w != p.strip() for p, w in zip(prompts, want)) > len(prompts) // 2
 
 
 def test_python_clip_vocabulary_is_clips(tmp_path):
     """The shipped .gz read by Sam3Tokenizer gives transformers' CLIPTokenizer's ids (on
     vocab.json + merges.txt written from it), so the app is checked against the reference's
-    tokenizer, not only against our Python one. Left out: prompts with HTML entities and the
-    ASCII separators U+001C..U+001F (SAM 3's cleanup unescapes the former and strips the
-    latter, CLIPTokenizer does neither), special tokens and empty prompts."""
+    tokenizer, not only against our Python one. CLIPTokenizer gets each prompt after
+    ftfy.fix_text (the original's cleanup step that transformers lacks, docs/fidelity.md).
+    Left out: prompts with HTML entities and the ASCII separators U+001C..U+001F (SAM 3's
+    cleanup unescapes the former and strips the latter, CLIPTokenizer does neither), special
+    tokens and empty prompts."""
+    import ftfy
     from transformers import CLIPTokenizer
 
     from sam3_nn.runtime.tokenizer import CLIP_MERGES, Sam3Tokenizer, _byte_symbols
@@ -194,10 +291,10 @@ def test_python_clip_vocabulary_is_clips(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     ref = CLIPTokenizer.from_pretrained(str(tmp_path))
     ours = Sam3Tokenizer.from_pretrained(CLIP_GZ, 32)
-    for p in TOKEN_PROMPTS:
+    for p in TOKEN_PROMPTS + FTFY_PROMPTS:
         if "&" in p or not p.strip() or "<|" in p or any("\x1c" <= c <= "\x1f" for c in p):
             continue
-        want = ref(p, padding="max_length", max_length=32, truncation=True)["input_ids"]
+        want = ref(ftfy.fix_text(p), padding="max_length", max_length=32, truncation=True)["input_ids"]
         assert ours(p).input_ids[0].tolist() == want, p
 
 
