@@ -1,6 +1,9 @@
-// Post-processing as sam3_nn.postprocess (scores, boxes, mask upsampling and threshold), the
-// COCO RLE of sam3_nn.rle, and the box checks of sam3_nn.preprocess. Float32 arithmetic in
-// the same order as the numpy code (the build turns off FMA contraction for that reason).
+// Post-processing as sam3_nn.runtime.postprocess, which follows the original SAM 3's
+// Sam3Processor: scores = sigmoid(pred_logits) * sigmoid(presence_logits) kept above the score
+// threshold, boxes scaled to pixels, mask logits resized bilinearly to the image, then sigmoid,
+// then the mask threshold. Also the COCO RLE of sam3_nn.runtime.rle and the box checks of
+// sam3_nn.runtime.preprocess. Float32 arithmetic in the same order as the numpy code (the build
+// turns off FMA contraction for that reason).
 #include <cmath>
 #include <string>
 
@@ -95,11 +98,12 @@ Detections PostProcess(const RawOutputs& raw, int height, int width, float score
     det.boxes.push_back(b);
     // one mask at a time: a full-size image with 200 objects would take a GB in float32
     const float* m = pmasks.values.data() + static_cast<size_t>(i) * mh * mw;
-    std::vector<float> probs(static_cast<size_t>(mh) * mw);
-    for (size_t k = 0; k < probs.size(); ++k) probs[k] = Sigmoid(m[k]);
-    std::vector<float> up = ResizeMaps(probs, 1, mh, mw, height, width);
+    std::vector<float> mask_logits(m, m + static_cast<size_t>(mh) * mw);
+    // the logits are resized, then passed through the sigmoid, as the original (transformers
+    // resizes the probabilities, which moves mask edges)
+    std::vector<float> up = ResizeMaps(mask_logits, 1, mh, mw, height, width);
     std::vector<uint8_t> mask(up.size());
-    for (size_t j = 0; j < up.size(); ++j) mask[j] = up[j] > mask_threshold;
+    for (size_t j = 0; j < up.size(); ++j) mask[j] = Sigmoid(up[j]) > mask_threshold;
     det.masks.push_back(std::move(mask));
   }
   return det;

@@ -9,7 +9,8 @@ the same test.
 Tolerances: boxes and scores within 1e-5 (the JSON rounds them to 2 and 5 decimals; the
 library's outputs are the same bits on both sides, but numpy's float32 exp and the C
 library's expf may differ by one ulp in the sigmoid); masks: RLE identical, except pixels
-whose interpolated probability lies within 1e-6 of the threshold (counted, printed).
+whose probability (sigmoid of the interpolated logit) lies within 1e-6 of the threshold
+(counted, printed).
 """
 
 from __future__ import annotations
@@ -365,9 +366,10 @@ def test_segment_json_equals_python_cli(app, art, tiny_bpe, images, tmp_path):
             assert abs(oa["score"] - op["score"]) <= 1e-5 + 1e-9, (name, oa["score"], op["score"])
             assert oa["segmentation"]["size"] == op["segmentation"]["size"] == [a["height"], a["width"]]
             if oa["segmentation"] != op["segmentation"]:
-                # only pixels whose probability lies within 1e-6 of the threshold may differ
+                # only pixels whose probability (resized logits, then sigmoid: the Python
+                # post-processing's order) lies within 1e-6 of the threshold may differ
                 ma, mp = rle.decode(oa["segmentation"]), rle.decode(op["segmentation"])
-                prob = resize_bilinear(sigmoid(raw["pred_masks"][0, op["query"]]), ma.shape)
+                prob = sigmoid(resize_bilinear(raw["pred_masks"][0, op["query"]], ma.shape))
                 near = np.abs(prob - np.float32(0.5)) < 1e-6
                 diff = ma != mp
                 assert not (diff & ~near).any(), f"{name}: {int((diff & ~near).sum())} pixels differ away from the threshold"
