@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-n", type=int, default=20, help="synthetic images (default 20)")
     ap.add_argument("--size", default="1344x1008", help="synthetic image size WxH (default 1344x1008)")
     ap.add_argument("--text", default="a red car")
-    ap.add_argument("--score-threshold", type=float, default=0.3)
+    ap.add_argument("--score-threshold", type=float, default=0.5, help="default 0.5, as the CLI")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: the library's target)")
     ap.add_argument("--rounds", type=int, default=1, help="alternate Python / app this many times")
     ap.add_argument("--overlay", action="store_true", help="both sides also write the overlay PNG")

@@ -45,6 +45,8 @@ const char* kUsage =
     "  --tokenizer T   CLIP's bpe_simple_vocab_16e6.txt.gz (sam3_nn/runtime/data/) or a folder with vocab.json +\n"
     "                  merges.txt (default: looked for beside the weights and the library)\n"
     "  --device D      cpu, cuda or metal (default: the library's target)\n"
+    "  --score-threshold F  keep objects whose score (detection x presence) exceeds F (default 0.5)\n"
+    "  --mask-threshold F   mask pixels whose probability exceeds F (default 0.5)\n"
     "  --no-overlay    write the JSON only\n";
 
 const char* kImageExts[] = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"};
@@ -59,8 +61,8 @@ struct Args {
   bool has_text = false, overlay = true;
   std::string text;
   std::vector<std::string> boxes;
-  double score_threshold = 0.3, mask_threshold = 0.5;
-  std::string score_threshold_text = "0.3", mask_threshold_text = "0.5";
+  // the Python CLI's defaults: the original Sam3Processor's confidence threshold, and 0.5 on masks
+  double score_threshold = 0.5, mask_threshold = 0.5;
 };
 
 void Log(const std::string& s) { std::cout << s << std::endl; }

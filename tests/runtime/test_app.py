@@ -387,6 +387,23 @@ def test_segment_json_equals_python_cli(app, art, tiny_bpe, images, tmp_path):
           f"(all within 1e-6 of the threshold)")
 
 
+def test_segment_defaults_as_python(app, art, tiny_bpe, tmp_path):
+    """Without threshold flags both sides use the same defaults (the score threshold is the
+    original Sam3Processor's 0.5), which the JSON records. (The tiny random model keeps no
+    object at 0.5: objects are compared in test_segment_json_equals_python_cli.)"""
+    common = ["--library", art["library"], "--weights", art["converted"], "--tokenizer", tiny_bpe,
+              "--image", art["image"], "--text", PROMPT, "--no-overlay"]
+    code, _, err = app_cli(app, *common, "--output", tmp_path / "app")
+    assert code == 0, err
+    code, _, err = py_cli("segment", *common[:-1], "--output", tmp_path / "py")
+    assert code == 0, err
+    stem = os.path.splitext(os.path.basename(art["image"]))[0]
+    a = json.loads((tmp_path / "app" / f"{stem}.json").read_text())
+    p = json.loads((tmp_path / "py" / f"{stem}.json").read_text())
+    assert p["score_threshold"] == p["mask_threshold"] == 0.5
+    assert (a["score_threshold"], a["mask_threshold"]) == (p["score_threshold"], p["mask_threshold"])
+
+
 # ----------------------------------------------------------------------------
 # errors
 # ----------------------------------------------------------------------------

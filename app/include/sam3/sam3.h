@@ -118,10 +118,11 @@ class Model {
   std::string functions() const;  // comma-separated, for messages
 
   ImageState SetImage(const RgbImage& image);
-  // Raw outputs -> objects above `score_threshold`, as sam3_nn.postprocess. `text` empty:
+  // Raw outputs -> objects above `score_threshold`, as sam3_nn.runtime.postprocess (defaults as
+  // Sam3.predict's). `text` empty:
   // a box-only prompt ("visual", as Sam3Processor does). Text features are cached per prompt.
   Detections Predict(const ImageState& state, const Tokenizer& tokenizer, const std::string& text,
-                     const std::vector<Box>& boxes, float score_threshold = 0.3f,
+                     const std::vector<Box>& boxes, float score_threshold = 0.5f,
                      float mask_threshold = 0.5f);
 
  private:
