@@ -1,4 +1,4 @@
-// Images as the Python runtime sees them (sam3_nn.preprocess, Pillow): JPEG decoded by
+// Images as the Python runtime sees them (sam3_nn.runtime.preprocess, Pillow): JPEG decoded by
 // libjpeg(-turbo), PNG by libpng, EXIF orientation applied, transparency composited onto
 // white; then Pillow's antialiased bilinear resize (fixed point, reproduced bit for bit)
 // and the (x - 127.5) / 127.5 normalisation.
@@ -412,7 +412,7 @@ std::vector<uint8_t> ResizeBilinear(const RgbImage& image, int size) {
 }
 
 std::vector<float> NormalizePixels(const std::vector<uint8_t>& rgb, int size) {
-  // (x / 255 - 0.5) / 0.5 fused as (x - 127.5) / 127.5 in float32, as sam3_nn.preprocess
+  // (x / 255 - 0.5) / 0.5 fused as (x - 127.5) / 127.5 in float32, as sam3_nn.runtime.preprocess
   const float mean = static_cast<float>(0.5 / (1.0 / 255.0)), std = static_cast<float>(0.5 / (1.0 / 255.0));
   const size_t hw = static_cast<size_t>(size) * size;
   std::vector<float> out(3 * hw);

@@ -18,12 +18,12 @@ struct RawOutputs {
   std::map<std::string, Array> arrays;
 };
 
-// sam3_nn.postprocess.post_process_instances for image 0 of the batch.
+// sam3_nn.runtime.postprocess.post_process_instances for image 0 of the batch.
 Detections PostProcess(const RawOutputs& raw, int height, int width, float score_threshold,
                        float mask_threshold);
 
 // PyTorch's F.interpolate(bilinear, align_corners=False) of `maps` ([n, in_h, in_w]) to
-// [n, out_h, out_w], in float32 with sam3_nn.postprocess.resize_bilinear's arithmetic.
+// [n, out_h, out_w], in float32 with sam3_nn.runtime.postprocess.resize_bilinear's arithmetic.
 std::vector<float> ResizeMaps(const std::vector<float>& maps, int n, int in_h, int in_w, int out_h, int out_w);
 
 // UTF-8 <-> code points (the tokenizer works on code points, as Python's str does).

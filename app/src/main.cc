@@ -165,7 +165,7 @@ std::string Strip(const std::string& s) {
   return b == std::string::npos ? "" : s.substr(b, e - b + 1);
 }
 
-// "x0,y0,x1,y1" or "x0,y0,x1,y1:neg" (":pos" too), as sam3_nn.preprocess.parse_box
+// "x0,y0,x1,y1" or "x0,y0,x1,y1:neg" (":pos" too), as sam3_nn.runtime.preprocess.parse_box
 Box ParseBox(const std::string& text) {
   size_t colon = text.find(':');
   std::string spec = text.substr(0, colon);

@@ -102,7 +102,7 @@ JValue ReadManifest(const std::string& library) {
   return m;
 }
 
-// The part of a library's config the weights depend on (sam3_nn.runtime.weights_config):
+// The part of a library's config the weights depend on (sam3_nn.runtime.api.weights_config):
 // the image size changes no weight.
 static JValue WeightsConfig(JValue config) {
   auto v = config.object.find("vision");
@@ -113,7 +113,7 @@ static JValue WeightsConfig(JValue config) {
   return config;
 }
 
-// "key: theirs (weights) vs ours (library); ..." as sam3_nn.runtime.config_diff
+// "key: theirs (weights) vs ours (library); ..." as sam3_nn.runtime.api.config_diff
 static std::string ConfigDiff(const JValue& ours, const JValue& theirs, size_t limit = 6) {
   std::map<std::string, const JValue*> a, b;
   JValue wa = WeightsConfig(ours), wb = WeightsConfig(theirs);
@@ -715,7 +715,7 @@ ImageState Model::SetImage(const RgbImage& image) {
   return s;
 }
 
-// A detect input name -> (role, level), as sam3_nn.runtime._input_role.
+// A detect input name -> (role, level), as sam3_nn.runtime.api._input_role.
 static std::pair<std::string, int> InputRole(std::string name) {
   for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   static const std::regex feature(R"((?:fpn_)?(?:hidden_states|features|vision_features|fpn)[._]?(\d+))");
@@ -767,7 +767,7 @@ Detections Model::Predict(const ImageState& state, const Tokenizer& tokenizer, c
     if (static_cast<int>(boxes.size()) > slots)
       throw InputError(std::to_string(boxes.size()) + " boxes given; this library takes at most " +
                        std::to_string(slots) + " (compile with more box slots)");
-    // pixel xyxy -> normalised cxcywh in float32 (sam3_nn.preprocess.boxes_to_model)
+    // pixel xyxy -> normalised cxcywh in float32 (sam3_nn.runtime.preprocess.boxes_to_model)
     const float w = static_cast<float>(state.width), h = static_cast<float>(state.height);
     for (size_t i = 0; i < boxes.size(); ++i) {
       float x0 = static_cast<float>(boxes[i].x0) / w, y0 = static_cast<float>(boxes[i].y0) / h;

@@ -1,6 +1,6 @@
 // sam3-tokenize: the app's tokenizer on prompts read from stdin, one JSON string per line;
 // prints one JSON object per line: {"input_ids": [...], "attention_mask": [...]} or
-// {"error": "..."}. The tests compare it with sam3_nn.tokenizer.Sam3Tokenizer. With --clean
+// {"error": "..."}. The tests compare it with sam3_nn.runtime.tokenizer.Sam3Tokenizer. With --clean
 // it prints each prompt after the cleanup instead (a JSON string; sam3_nn.runtime.tokenizer.clean).
 //
 //   sam3-tokenize --tokenizer sam3_nn/runtime/data/bpe_simple_vocab_16e6.txt.gz [--context 32]

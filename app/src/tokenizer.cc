@@ -1,4 +1,4 @@
-// SAM 3's text tokenizer: CLIP's byte-level BPE, giving the ids of sam3_nn.tokenizer
+// SAM 3's text tokenizer: CLIP's byte-level BPE, giving the ids of sam3_nn.runtime.tokenizer
 // (HF tokenizers' BPE with transformers' CLIPTokenizer pipeline).
 //
 // A small hand-written BPE: no maintained C++ BPE library is packaged by Debian (HF's
@@ -284,7 +284,7 @@ struct Tokenizer::Impl {
       if (it == vocab.end()) throw LibraryError("tokenizer " + source + ": the vocabulary has no " + role + " token '" + tok + "'");
       *dst = it->second;
     }
-    unk = eos;  // sam3_nn.tokenizer: unk_token=eos
+    unk = eos;  // sam3_nn.runtime.tokenizer: unk_token=eos
     specials = {bos_t, eos_t, pad_t};
     std::sort(specials.begin(), specials.end());
     specials.erase(std::unique(specials.begin(), specials.end()), specials.end());
@@ -445,7 +445,7 @@ Tokenizer Tokenizer::Load(const std::string& path) {
       if (line.empty() || line.rfind("#version", 0) == 0) continue;
       split(line, merges);
     }
-    // the special tokens an HF snapshot names (sam3_nn.tokenizer.from_pretrained)
+    // the special tokens an HF snapshot names (sam3_nn.runtime.tokenizer.from_pretrained)
     for (const char* file : {"special_tokens_map.json", "tokenizer_config.json"}) {
       std::string f = path + "/" + file;
       if (!IsFile(f)) continue;

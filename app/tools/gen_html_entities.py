@@ -2,7 +2,7 @@
 """Write app/src/html_entities.inc: Python's html.unescape tables (the HTML5 named
 character references, the numeric references HTML maps to other characters, and the code
 points it drops), so that the app's tokenizer unescapes prompts exactly as
-sam3_nn.tokenizer.clean does. Run with the Python the project uses:
+sam3_nn.runtime.tokenizer.clean does. Run with the Python the project uses:
 
     python app/tools/gen_html_entities.py > app/src/html_entities.inc
 """

@@ -1,5 +1,5 @@
 """The native app (app/, C++ over TVM's runtime): its JSON against the Python CLI's on the
-same tiny llvm library, images and prompts; its tokenizer's ids against sam3_nn.tokenizer;
+same tiny llvm library, images and prompts; its tokenizer's ids against sam3_nn.runtime.tokenizer;
 its errors.
 
 The app is built once per test session with CMake (into app/build, incremental after
@@ -303,7 +303,7 @@ def test_python_clip_vocabulary_is_clips(tmp_path):
 # segment: the JSON against the Python CLI's
 # ----------------------------------------------------------------------------
 def _overlay_reference(rgb, det, prompt_boxes):
-    """sam3_nn.overlay.draw_overlay's drawing without its text tags (which the app leaves
+    """sam3_nn.runtime.overlay.draw_overlay's drawing without its text tags (which the app leaves
     out): masks tinted, boxes and prompt boxes outlined, with Pillow."""
     from PIL import Image, ImageDraw
 

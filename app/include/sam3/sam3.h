@@ -51,7 +51,7 @@ std::vector<uint8_t> ResizeBilinear(const RgbImage& image, int size);
 std::vector<float> NormalizePixels(const std::vector<uint8_t>& rgb, int size);
 
 // ---- tokenizer -------------------------------------------------------------------------
-// SAM 3's CLIP byte-level BPE tokenizer, giving the ids of sam3_nn.tokenizer.Sam3Tokenizer.
+// SAM 3's CLIP byte-level BPE tokenizer, giving the ids of sam3_nn.runtime.tokenizer.Sam3Tokenizer.
 class Tokenizer {
  public:
   // `path`: CLIP's bpe_simple_vocab_16e6.txt.gz (what sam3_nn ships in sam3_nn/runtime/data/), or
@@ -138,7 +138,7 @@ std::string RleString(const uint8_t* mask, int height, int width);
 void WriteOverlayPng(const std::string& path, const RgbImage& image, const Detections& det,
                      const std::vector<Box>& prompt_boxes);
 
-// Checks boxes as sam3_nn.preprocess.check_boxes does; throws InputError.
+// Checks boxes as sam3_nn.runtime.preprocess.check_boxes does; throws InputError.
 void CheckBoxes(const std::vector<Box>& boxes, int height, int width);
 
 }  // namespace sam3
