@@ -16,7 +16,7 @@ TVM_FFI_PIN := apache-tvm-ffi==0.1.14.post1
 # timm / torchvision / triton / pycocotools do not install beside the CPU torch (stand-ins)
 SAM3_ORIGINAL_PIN := sam3==0.1.4
 
-.PHONY: all install compile deps-metal deps-lld deps-cuda list-targets test bench clean
+.PHONY: all install compile deps-metal deps-lld deps-cuda list-targets app test bench clean
 
 all: compile
 
@@ -64,7 +64,15 @@ compile: install $(if $(filter metal metal-ios llvm-macos llvm-aarch64,$(TARGET)
 list-targets: install
 	$(PY) compile.py --list-targets
 
-test: install
+# The native app (app/README.md): C++ over TVM's runtime, TVM found through this environment's
+# Python; system libjpeg, libpng, zlib and ICU (Debian: libjpeg62-turbo-dev libpng-dev
+# zlib1g-dev libicu-dev).
+APP_BUILD ?= app/build
+app: install
+	cmake -S app -B $(APP_BUILD) -DSAM3_PYTHON=$(abspath $(PY))
+	cmake --build $(APP_BUILD) -j$$(nproc 2>/dev/null || echo 2)
+
+test: install app
 	$(PY) -m pytest -q tests
 
 # CPU: our llvm library vs transformers' Sam3Model, full size (bench/pipeline.py --help; GPU: README)
@@ -73,4 +81,4 @@ bench: install
 	$(PY) bench/pipeline.py --device cpu $(BENCH_ARGS)
 
 clean:
-	rm -rf $(OUT) build *.egg-info
+	rm -rf $(OUT) build *.egg-info $(APP_BUILD)

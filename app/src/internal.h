@@ -1,0 +1,44 @@
+// Declarations shared by the app's sources (not part of the public API).
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "sam3/sam3.h"
+
+namespace sam3 {
+
+// The detect outputs post-processing reads, on the host in float32.
+struct RawOutputs {
+  struct Array {
+    std::vector<float> values;
+    std::vector<int64_t> shape;
+  };
+  std::map<std::string, Array> arrays;
+};
+
+// sam3_nn.runtime.postprocess.post_process_instances for image 0 of the batch.
+Detections PostProcess(const RawOutputs& raw, int height, int width, float score_threshold,
+                       float mask_threshold);
+
+// PyTorch's F.interpolate(bilinear, align_corners=False) of `maps` ([n, in_h, in_w]) to
+// [n, out_h, out_w], in float32 with sam3_nn.runtime.postprocess.resize_bilinear's arithmetic.
+std::vector<float> ResizeMaps(const std::vector<float>& maps, int n, int in_h, int in_w, int out_h, int out_w);
+
+// UTF-8 <-> code points (the tokenizer works on code points, as Python's str does).
+bool DecodeUtf8(const std::string& s, std::u32string* out);
+std::string EncodeUtf8(const std::u32string& s);
+
+// Python's html.unescape (tokenizer.cc).
+std::u32string HtmlUnescape(const std::u32string& s);
+
+// ftfy.fix_text with its default configuration (ftfy.cc).
+std::u32string FixText(const std::u32string& text);
+
+// Set TVM_NUM_THREADS to the physical cores this process may run on unless TVM_NUM_THREADS
+// or OMP_NUM_THREADS is set (sam3_nn.cpu_threads: TVM's pool otherwise takes half the
+// hardware threads on x86, one thread on a 2-vCPU VM without SMT).
+void ConfigureCpuThreads();
+
+}  // namespace sam3
