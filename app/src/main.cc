@@ -262,7 +262,8 @@ void AtomicWrite(const std::string& path, F write) {
 }
 
 void WriteResultJson(const std::string& path, const std::string& image, const Detections& det, const Args& a,
-                     const std::vector<Box>& boxes, const std::vector<std::pair<std::string, double>>& timings) {
+                     const std::vector<Box>& boxes, const std::vector<std::pair<std::string, double>>& timings,
+                     int dropped) {
   JsonWriter w(1);
   w.BeginObject();
   w.Key("image").String(AbsPath(image));
@@ -287,6 +288,7 @@ void WriteResultJson(const std::string& path, const std::string& image, const De
     for (const Box& b : boxes) w.Int(b.label);
     w.EndArray();
   }
+  w.Key("text_tokens_dropped").Int(dropped);
   w.EndObject();
   w.Key("library").String(AbsPath(a.library));
   w.Key("weights").String(AbsPath(a.weights));
@@ -438,6 +440,18 @@ int Segment(const Args& a) {
     throw LibraryError("tokenizer ids go up to " + std::to_string(tokenizer.max_id()) + ", but the model's vocabulary has " +
                        std::to_string(model.vocab_size()) + " entries: this tokenizer does not belong to this library's model");
 
+  // a prompt longer than the text context loses its last tokens, as in the original (and the
+  // Python CLI, which reports it the same way)
+  int dropped = 0;
+  if (a.has_text) {
+    dropped = tokenizer.Encode(a.text, model.text_context()).dropped;
+    if (dropped) {
+      std::string shown = a.text.size() <= 60 ? a.text : a.text.substr(0, 57) + "...";
+      std::cerr << "warning: text prompt '" << shown << "' is longer than the model's text context ("
+                << model.text_context() << " tokens with the start and end tokens): its last " << dropped
+                << " tokens are ignored, as the original SAM 3 ignores them" << std::endl;
+    }
+  }
   for (size_t n = 0; n < images.size(); ++n) {
     const std::string& path = images[n];
     std::string tag = "[" + std::to_string(n + 1) + "/" + std::to_string(images.size()) + "] " + Basename(path);
@@ -456,7 +470,7 @@ int Segment(const Args& a) {
     std::string out = a.output + "/" + Stem(path);
     WriteResultJson(out + ".json", path, det, a, boxes,
                     {{"preprocess", state.preprocess_s}, {"encode_image", state.encode_s},
-                     {"detect_and_postprocess", detect_s}});
+                     {"detect_and_postprocess", detect_s}}, dropped);
     double to_json = std::chrono::duration<double>(Clock::now() - start).count();
     if (a.overlay) AtomicWrite(out + ".png", [&](const std::string& tmp) { WriteOverlayPng(tmp, img, det, boxes); });
     Log(tag + ": image to JSON " + Fixed(to_json * 1000, 1) + " ms; wrote " + (a.overlay ? out + ".png and " : "") +
