@@ -110,9 +110,12 @@ def convert_for_manifest(source_path: str, manifest: Dict, log: Callable[[str], 
     source = open_checkpoint(source_path)
     if source.config is not None:
         try:
-            theirs = Sam3Config.from_hf(source.config).to_dict()
+            # sections the file does not describe (a tracker snapshot has no text encoder)
+            # are the library's; sections the library does not record are not compared
+            theirs = Sam3Config.from_hf(source.config, base=cfg).to_dict()
         except (ValueError, TypeError) as e:
             raise LibraryError(f"{source_path}/config.json: {e}") from e
+        theirs = {k: v for k, v in theirs.items() if k in manifest["config"]}
         if config_fingerprint(theirs) != config_fingerprint(manifest["config"]):
             raise LibraryError(
                 f"checkpoint {source_path} is a different model than the library was compiled for: "
