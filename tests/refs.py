@@ -169,3 +169,36 @@ def fixture_source():
         return np.zeros(shape, np.float32)
 
     return TensorSource(path, "pt", meta, read)
+
+
+def tracker_processor():
+    """``transformers``' ``Sam3TrackerProcessor`` for its coordinate and mask post-processing
+    (``post_process_masks``, ``_normalize_tensor_coordinates``). Its image processor module
+    imports ``torchvision.ops.boxes.batched_nms`` at module level, and torchvision does not
+    import beside this CPU torch: a stand-in module holds that name during the import (the
+    methods used never call it); the processors are made without ``__init__`` (which would
+    set up torchvision transforms), with the attributes those methods read."""
+    import sys
+    import types
+
+    from transformers import Sam3TrackerProcessor
+
+    names = ("torchvision", "torchvision.ops", "torchvision.ops.boxes")
+    saved = {k: sys.modules.get(k) for k in names}
+    tv, ops, boxes = (types.ModuleType(n) for n in names)
+    boxes.batched_nms = None
+    tv.ops, ops.boxes = ops, boxes
+    sys.modules.update(dict(zip(names, (tv, ops, boxes))))
+    try:
+        from transformers.models.sam3.image_processing_sam3 import Sam3ImageProcessor
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    image = Sam3ImageProcessor.__new__(Sam3ImageProcessor)
+    proc = Sam3TrackerProcessor.__new__(Sam3TrackerProcessor)
+    proc.image_processor, proc.point_pad_value = image, -10
+    proc.target_size = TINY_HF["vision_config"]["backbone_config"]["image_size"]
+    return proc

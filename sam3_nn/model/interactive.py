@@ -58,8 +58,11 @@ class InteractiveModel(nn.Module):
                       mask_valid: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         b = points.shape[0]
         sparse, dense = self.prompt_encoder(points, labels, mask_input, mask_valid)
-        # the padding point the prompt encoder appends is a real token
-        token_mask = op.concat([point_mask, op.ones([b, 1], point_mask.dtype)], dim=1)
+        # the padding point the prompt encoder appends is a real token when there are points;
+        # a prompt of no point (a mask alone) has no sparse token at all, as the original
+        # predictor's (points and boxes None: the prompt encoder pads nothing)
+        any_point = op.max(point_mask, axis=1, keepdims=True)
+        token_mask = op.concat([point_mask, any_point], dim=1)
         image_pe = self.shared_image_embedding.grid(self.grid, image_embed.dtype)
         masks, iou, obj = self.mask_decoder(image_embed, feat_s0, feat_s1, image_pe, sparse,
                                             token_mask, dense)

@@ -12,8 +12,9 @@ the random-Fourier encoding of its pixel centre (``(p + 0.5) / S``, ``2c - 1``,
 ``@ G [2, C/2]``, ``2 pi``, ``[sin, cos]``) plus ``point_embed[label]``; a -1 label gives
 ``not_a_point_embed`` alone. After the slots comes the padding point the original always
 appends (the image predictor gives boxes as points, so ``boxes`` is None and it pads):
-``not_a_point_embed``, valid. Empty slots are masked out of the decoder's attention by
-the caller, so one library serves any number of points up to ``P``.
+``not_a_point_embed``, valid when any slot is (a prompt of a mask alone has no sparse
+token, as in the original). Empty slots are masked out of the decoder's attention by the
+caller, so one library serves any number of points up to ``P``.
 
 Masks: ``mask_input [B, 1, 4g, 4g]`` (low-resolution logits, ``g`` the ViT grid) through
 ``mask_embed`` (2x2 stride-2 conv, LayerNorm2d, GELU, twice, then a 1x1 conv) where
