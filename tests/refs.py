@@ -44,6 +44,9 @@ def tiny_tracker_hf_config(**overrides):
     vision = json.loads(json.dumps(TINY_HF["vision_config"]))
     g = 168 // 14
     vision["backbone_feature_sizes"] = [[4 * g, 4 * g], [2 * g, 2 * g], [g, g]]
+    # the last block global, as the original's ViT needs (original_ref.build_tiny): one
+    # library serves the tests against transformers and against the original
+    vision["backbone_config"]["global_attn_indexes"] = [2]
     d["vision_config"] = vision
     for k, v in overrides.items():
         d[k].update(v) if isinstance(v, dict) else d.__setitem__(k, v)

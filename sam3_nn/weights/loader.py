@@ -177,8 +177,8 @@ def build_mapping(cfg: Sam3Config, source: TensorSource, parts: Sequence[str]) -
                     "is this a SAM 3 checkpoint?"
                 )
             part.add(m, cfg, prefix, ctx)
-        elif prefix is not None:
-            for owned in part.owns[source.fmt]:
+        else:
+            for owned in part.owns[source.fmt] if prefix is not None else ():
                 m.part(prefix + owned, f"{part.description}: not built in this model")
             for owned in part.owns_outside(source.fmt, ctx):
                 m.part(owned, f"{part.description}: not built in this model")
