@@ -407,7 +407,8 @@ def compile_options(args):
         BuildOptions().parts
     kernels = KernelOptions(rope_mode=args.rope_mode, pdl=not args.no_pdl)
     return BuildOptions(target=args.target, arch=args.arch, dtype=args.dtype, batch=batch,
-                        parts=parts, max_boxes=args.max_boxes, cuda_graph=not args.no_cuda_graph,
+                        parts=parts, max_boxes=args.max_boxes, max_points=args.max_points,
+                        cuda_graph=not args.no_cuda_graph,
                         kernels=kernels, toolchain=toolchain_from_env())
 
 
@@ -447,7 +448,9 @@ def cmd_compile(args) -> int:
 def add_compile_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--target", default="llvm", help="a target preset (--list-targets)")
     ap.add_argument("--arch", default=None, help="cuda targets: SASS arches, e.g. sm_80,sm_90a")
-    ap.add_argument("--parts", default=None, help="comma-separated model parts (default: all)")
+    ap.add_argument("--parts", default=None,
+                    help="comma-separated model parts: vision, text, detector, interactive (default: "
+                         "vision,text,detector; add interactive for clicks, or vision,interactive alone)")
     ap.add_argument("--list-targets", action="store_true")
     ap.add_argument("--model", default=None,
                     help="architecture: an HF snapshot folder, a config.json or a sam3.pt "
@@ -462,6 +465,8 @@ def add_compile_arguments(ap: argparse.ArgumentParser) -> None:
                          "CUDA targets, any elsewhere)")
     ap.add_argument("--max-boxes", type=int, default=8,
                     help="box-prompt slots of detect (default 8): more boxes per query need more")
+    ap.add_argument("--max-points", type=int, default=16,
+                    help="point slots of predict_masks (interactive part; default 16, a box takes two)")
     ap.add_argument("--no-cuda-graph", action="store_true",
                     help="CUDA targets: launch kernels one by one instead of replaying CUDA graphs")
     ap.add_argument("--no-pdl", action="store_true",

@@ -78,3 +78,22 @@ def test_segment_interactive_errors_leave_no_files(art, tmp_path, extra, message
     assert code == 2, stderr
     assert message in stderr and "Traceback" not in stderr, stderr
     assert files_under(out) == []
+
+
+def test_compile_options_for_the_interactive_part():
+    """``compile --parts ... --max-points N`` reach the build options (recorded in the
+    manifest); an interactive part without the vision part, or no point slot, is refused
+    before any work."""
+    from sam3_nn.cli import build_parser, compile_options
+    from sam3_nn.compiler.build import resolve
+
+    args = build_parser().parse_args(["compile", "--parts", "vision,interactive", "--max-points", "4"])
+    options = compile_options(args)
+    assert options.parts == ("vision", "interactive") and options.max_points == 4
+    assert resolve(options)[1].record()["max_points"] == 4
+    for parts, points, message in ((("interactive",), 16, "needs the vision part"),
+                                   (("vision", "interactive"), 0, "max_points must be at least 1")):
+        with pytest.raises(ValueError, match=message):
+            resolve(options.with_(parts=parts, max_points=points))
+    code, _, err = cli("compile", "--parts", "interactive", "--output", "/nonexistent/x")
+    assert code == 2 and "needs the vision part" in err
