@@ -53,8 +53,11 @@ class RandomPositionEmbedding(nn.Module):
         x = op.unsqueeze(x * 2.0 - 1.0, -1)
         y = op.unsqueeze(y * 2.0 - 1.0, -1)
         proj = (x * op.reshape(g0, [self.hidden // 2]) + y * op.reshape(g1, [self.hidden // 2]))
-        proj = proj * float(2.0 * math.pi)
-        return op.astype(op.concat([_sin(proj), _cos(proj)], dim=-1), dtype)
+        proj = op.unsqueeze(proj * float(2.0 * math.pi), -2)
+        # [sin | cos] joined on a new second-to-last axis, then merged: a concatenation on
+        # the channel axis would select per channel inside vectorised loops (Metal cannot)
+        both = op.concat([_sin(proj), _cos(proj)], dim=-2)
+        return op.astype(op.reshape(both, list(both.shape[:-2]) + [self.hidden]), dtype)
 
     def grid(self, size: int, dtype: str) -> Tensor:
         """The encoding of every cell centre of a ``size x size`` grid: ``[size * size, C]``
@@ -126,13 +129,10 @@ class PromptEncoder(nn.Module):
         px, py = op.split(pts, 2, axis=2)
         s = float(self.image_size)
         pe = self.shared_embedding.encode(op.reshape(px, [b, p]) / s, op.reshape(py, [b, p]) / s, dtype)
-        lab = op.unsqueeze(labels, -1)  # b, p, 1
         table = op.reshape(self.point_embed.weight, [1, 1, 4, c])
         per_label = op.sum(table * _one_hot4(labels, dtype), axis=2)  # point_embed[label] (0 if -1)
-        nap = op.reshape(self.not_a_point_embed.weight, [1, 1, c])
-        emb = op.where(op.equal(lab, op.full([1], -1, labels.dtype)), op.broadcast_to(nap, [b, p, c]),
-                       pe + per_label)
-        pad = op.broadcast_to(nap, [b, 1, c])
+        emb = _label_select(labels, self.not_a_point_embed.weight, pe + per_label)
+        pad = op.broadcast_to(op.reshape(self.not_a_point_embed.weight, [1, 1, c]), [b, 1, c])
         return op.concat([emb, pad], dim=1)
 
     def embed_mask(self, mask_input: Tensor, mask_valid: Tensor) -> Tensor:
@@ -140,13 +140,33 @@ class PromptEncoder(nn.Module):
         b = mask_input.shape[0]
         g, c = self.grid, self.hidden
         dense = self.mask_embed(mask_input)
-        none = op.broadcast_to(op.reshape(self.no_mask_embed.weight, [1, 1, 1, c]), [b, g, g, c])
-        valid = op.reshape(op.not_equal(mask_valid, op.zeros([1], mask_valid.dtype)), [b, 1, 1, 1])
-        return op.where(valid, dense, none)
+        dtype = self.no_mask_embed.weight.dtype
+
+        def flags(m):
+            return te.compute(m.shape, lambda i: tirx.Select(m[i] != tirx.const(0, m.dtype),
+                                                             tirx.const(1, dtype), tirx.const(0, dtype)),
+                              name="mask_flag")
+
+        # a blend by a 0/1 factor (exact for finite maps): this fuses into the 1x1 convolution's
+        # epilogue, where a per-image select would be a vector of booleans (Metal cannot)
+        f = op.reshape(op.tensor_expr_op(flags, "mask_flag", args=[mask_valid]), [b, 1, 1, 1])
+        none = op.reshape(self.no_mask_embed.weight, [1, 1, 1, c])
+        return dense * f + none * (1.0 - f)
 
     def forward(self, points: Tensor, labels: Tensor, mask_input: Tensor,
                 mask_valid: Tensor) -> Tuple[Tensor, Tensor]:
         return self.embed_points(points, labels), self.embed_mask(mask_input, mask_valid)
+
+
+def _label_select(labels: Tensor, not_a_point: Tensor, emb: Tensor) -> Tensor:
+    """``not_a_point [1, C]`` where the label is -1, else ``emb [B, P, C]`` (one select: no
+    boolean tensor is stored, which Metal cannot vectorise)."""
+
+    def compute(lab, nap, e):
+        return te.compute(e.shape, lambda i, j, k: tirx.Select(
+            lab[i, j] == tirx.const(-1, lab.dtype), nap[0, k], e[i, j, k]), name="point_embedding")
+
+    return op.tensor_expr_op(compute, "point_embedding", args=[labels, not_a_point, emb])
 
 
 def _one_hot4(labels: Tensor, dtype: str) -> Tensor:

@@ -180,26 +180,47 @@ def choose_single_mask(masks: Tensor, iou: Tensor, cfg: TrackerConfig) -> Tuple[
     b, n, h, w = masks.shape
     first = op.reshape(op.split(masks, [1], axis=1)[0], [b, int(h) * int(w)])
     delta = cfg.dynamic_multimask_stability_delta
-    inside = op.sum(op.astype(op.greater(first, op.full([1], delta, masks.dtype)), "float32"), axis=1)
-    union = op.sum(op.astype(op.greater(first, op.full([1], -delta, masks.dtype)), "float32"), axis=1)
+    inside = op.sum(_above(first, delta), axis=1)
+    union = op.sum(_above(first, -delta), axis=1)
     thresh = float(cfg.dynamic_multimask_stability_thresh)
 
-    def compute(m, s, i_area, u_area):
+    def source(s, i_area, u_area):
+        """The mask each output slot takes: ``[B, 4]`` int32 (slot 0 of an unstable token 0:
+        the best multimask output; else the slot itself)."""
+
         def best(bi):
             i1, i2, i3 = s[bi, 1], s[bi, 2], s[bi, 3]
             return tirx.Select(tirx.all(i1 >= i2, i1 >= i3), 1, tirx.Select(i2 >= i3, 2, 3))
 
-        def stable(bi):
+        def unstable(bi):
             score = tirx.Select(u_area[bi] > 0.0, i_area[bi] / u_area[bi], tirx.const(1.0, "float32"))
-            return score >= tirx.const(thresh, "float32")
+            return score < tirx.const(thresh, "float32")
 
-        out_m = te.compute(m.shape, lambda bi, k, y, x: tirx.Select(
-            tirx.all(k == 0, tirx.Not(stable(bi))), m[bi, best(bi), y, x], m[bi, k, y, x]),
-            name="single_mask")
-        out_s = te.compute(s.shape, lambda bi, k: tirx.Select(
-            tirx.all(k == 0, tirx.Not(stable(bi))), s[bi, best(bi)], s[bi, k]), name="single_iou")
+        return te.compute(s.shape, lambda bi, k: tirx.Select(
+            tirx.all(k == 0, unstable(bi)), tirx.Cast("int32", best(bi)), tirx.Cast("int32", k)),
+            name="single_mask_source")
+
+    src = op.tensor_expr_op(source, "single_mask_source", args=[iou, inside, union])
+
+    # a gather by slot: no select inside the per-pixel loop (a vectorised boolean condition
+    # is what Metal cannot print)
+    def compute(m, s, idx):
+        out_m = te.compute(m.shape, lambda bi, k, y, x: m[bi, idx[bi, k], y, x], name="single_mask")
+        out_s = te.compute(s.shape, lambda bi, k: s[bi, idx[bi, k]], name="single_iou")
         return [out_m, out_s]
 
-    out = op.tensor_expr_op(compute, "choose_single_mask", args=[masks, iou, inside, union])
+    out = op.tensor_expr_op(compute, "choose_single_mask", args=[masks, iou, src])
     return out[0], out[1]
+
+
+def _above(x: Tensor, level: float) -> Tensor:
+    """1.0 where ``x > level`` (compared in ``x``'s dtype, as the reference), else 0.0, float32;
+    a select, so no boolean tensor is stored (Metal cannot vectorise one)."""
+
+    def compute(t):
+        return te.compute(t.shape, lambda *i: tirx.Select(t(*i) > tirx.const(level, t.dtype),
+                                                           tirx.const(1.0, "float32"),
+                                                           tirx.const(0.0, "float32")), name="above")
+
+    return op.tensor_expr_op(compute, "above", args=[x])
 
