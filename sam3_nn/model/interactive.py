@@ -56,7 +56,6 @@ class InteractiveModel(nn.Module):
     def predict_masks(self, feat_s0: Tensor, feat_s1: Tensor, image_embed: Tensor, points: Tensor,
                       labels: Tensor, point_mask: Tensor, mask_input: Tensor,
                       mask_valid: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        b = points.shape[0]
         sparse, dense = self.prompt_encoder(points, labels, mask_input, mask_valid)
         # the padding point the prompt encoder appends is a real token when there are points;
         # a prompt of no point (a mask alone) has no sparse token at all, as the original

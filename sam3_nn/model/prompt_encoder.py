@@ -112,7 +112,6 @@ class PromptEncoder(nn.Module):
         c = cfg.vision.fpn_hidden_size
         self.hidden = c
         self.image_size = cfg.image_size
-        self.grid = cfg.vision.backbone.grid_size
         self.shared_embedding = RandomPositionEmbedding(c)
         self.mask_embed = MaskEmbedding(c, cfg.tracker.mask_input_channels)
         self.no_mask_embed = EmbeddingTable(1, c)
@@ -137,8 +136,7 @@ class PromptEncoder(nn.Module):
 
     def embed_mask(self, mask_input: Tensor, mask_valid: Tensor) -> Tensor:
         """``[B, 1, 4g, 4g]`` logits, ``[B]`` flags -> ``[B, g, g, C]``."""
-        b = mask_input.shape[0]
-        g, c = self.grid, self.hidden
+        b, c = mask_input.shape[0], self.hidden
         dense = self.mask_embed(mask_input)
         dtype = self.no_mask_embed.weight.dtype
 

@@ -5,7 +5,6 @@ Uses the session's tiny interactive library (``conftest.py``)."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
