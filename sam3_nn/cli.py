@@ -9,6 +9,13 @@
 writes ``out/photo.png`` (overlay: masks, boxes, ``label score`` tags) and ``out/photo.json``
 (boxes in pixels, scores, masks as COCO RLE). ``--image`` may be a folder of images.
 
+    python -m sam3_nn segment ... --image photo.jpg --point 410,220 --point 380,300:neg [--box x0,y0,x1,y1]
+
+is the interactive task (SAM 1/2's: clicks and/or one box select one object; a library
+compiled with the ``interactive`` part): ``--point`` implies it, ``--task interactive``
+makes a lone ``--box`` the object's box instead of a concept exemplar. The same PNG (the
+best candidate mask, the clicks) and JSON (every candidate with its predicted IoU).
+
     python -m sam3_nn convert weights/sam3.pt dist/sam3-llvm.json weights/sam3-float32.safetensors
 
 converts a released checkpoint (``sam3.pt`` or HF snapshot) into the parameter file of
@@ -104,6 +111,179 @@ def _tokenizer_files(path: Optional[str]) -> List[str]:
     return [path]
 
 
+def segment_task(args) -> str:
+    """``concept`` (text and/or exemplar boxes: every matching object) or ``interactive``
+    (clicks and/or one box: one object). ``--point`` implies interactive; a ``--box`` alone is
+    a concept exemplar unless ``--task interactive`` says otherwise. Raises CliError for a
+    mix of the two tasks' prompts."""
+    points = args.point or []
+    task = args.task or ("interactive" if points else "concept")
+    if task == "concept":
+        if points:
+            raise CliError("--point is an interactive prompt, but --task concept was given: drop "
+                           "--task (--point implies --task interactive) or the points")
+        if args.multimask is not None:
+            raise CliError("--multimask / --no-multimask apply to interactive segmentation "
+                           "(--point, --task interactive) only")
+        return task
+    if args.text is not None:
+        raise CliError("--text is a concept prompt (every object matching it); interactive "
+                       "segmentation (--point / --task interactive) takes clicks and at most one "
+                       "--box: give one task's prompts")
+    if len(args.box or []) > 1:
+        raise CliError(f"interactive segmentation takes one --box (the object's), got {len(args.box)}; "
+                       "several boxes are concept exemplars (drop --point and --task interactive)")
+    if any(b.partition(":")[2].strip().lower() == "neg" for b in args.box or []):
+        raise CliError("a negative --box (:neg) is a concept exemplar; interactive segmentation "
+                       "takes negative clicks (--point x,y:neg) instead")
+    if not points and not args.box:
+        raise CliError("interactive segmentation needs --point x,y[:neg] (repeatable) and/or one "
+                       "--box x0,y0,x1,y1")
+    return task
+
+
+def _interactive_json(image: str, res, best: int, points, labels, box, multimask, args,
+                      timings) -> dict:
+    from sam3_nn.runtime.interactive import mask_box
+    from sam3_nn.runtime.rle import encode
+
+    objects = []
+    for k in range(len(res)):
+        m = res.masks[k]
+        bb = mask_box(m)
+        objects.append({
+            "box": [round(v, 2) for v in bb] if bb is not None else None,
+            "score": round(float(res.scores[k]), 5),
+            "mask_index": k,
+            "area": int(m.sum()),
+            "segmentation": encode(m),
+        })
+    h, w = (int(res.masks.shape[1]), int(res.masks.shape[2]))
+    return {
+        "image": os.path.abspath(image), "height": h, "width": w, "task": "interactive",
+        "prompt": {"points": points, "point_labels": labels, "box": box, "multimask": multimask},
+        "library": os.path.abspath(args.library), "weights": os.path.abspath(args.weights),
+        "mask_threshold": args.mask_threshold,
+        "box_format": "xyxy pixels", "mask_format": "COCO RLE (column-major, compressed counts)",
+        "score": "predicted IoU of each candidate mask",
+        "object_score_logit": round(res.object_score, 5), "best": best,
+        "objects": objects,
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+    }
+
+
+def segment_interactive(args) -> int:
+    """``segment`` with clicks and/or one box (``segment_task`` == interactive). Checked before
+    the model is loaded as the concept path is: the prompt, the library (it must have
+    ``predict_masks``), the device, the weights' metadata, every image (the clicks and the
+    box inside it) and the outputs."""
+    import numpy as np
+
+    from sam3_nn.runtime import io
+    from sam3_nn.runtime.api import check_weights
+    from sam3_nn.runtime.engine import device_for, open_device, read_manifest
+    from sam3_nn.runtime.interactive import check_box, check_points, mask_box, parse_point
+    from sam3_nn.runtime.preprocess import image_size, parse_box
+
+    try:
+        parsed = [parse_point(p) for p in args.point or []]
+    except InputError as e:
+        raise CliError(f"--point: {e}") from None
+    try:
+        box = list(parse_box(args.box[0])[0]) if args.box else None
+    except InputError as e:
+        raise CliError(f"--box: {e}") from None
+    if not 0.0 < args.mask_threshold < 1.0:
+        raise CliError(f"--mask-threshold must be a probability strictly between 0 and 1 for "
+                       f"interactive segmentation, got {args.mask_threshold}")
+    points = [list(p) for p, _ in parsed] or None
+    labels = [lab for _, lab in parsed] or None
+    # one click alone is ambiguous (part or whole): three candidates; more prompts pin one
+    multimask = args.multimask if args.multimask is not None else (len(parsed) == 1 and box is None)
+    for p in (args.library, args.weights):
+        if not os.path.exists(p):
+            raise CliError(f"{p}: no such file or folder")
+    manifest = read_manifest(args.library)
+    if "predict_masks" not in manifest["functions"]:
+        raise CliError(f"library {args.library} has no predict_masks function (it has "
+                       f"{', '.join(manifest['functions'])}): interactive segmentation needs a library "
+                       "compiled with the interactive part (--parts vision,interactive or "
+                       "vision,text,detector,interactive)")
+    open_device(device_for(manifest, args.device))
+    check_weights(args.weights, manifest)
+    folder_mode = os.path.isdir(args.image)
+    images = _list_images(args.image)
+    skipped, usable = [], []
+    for path in images:
+        try:
+            size = image_size(path)
+            try:
+                if points:
+                    check_points(points, labels, size)
+                if box:
+                    check_box(box, size)
+            except InputError as e:
+                raise InputError(f"prompt for {path} ({size[1]}x{size[0]}): {e}") from None
+        except InputError as e:
+            if not folder_mode:
+                raise
+            _log(f"skip {path}: {e}")
+            skipped.append((path, str(e)))
+        else:
+            usable.append(path)
+    check_output_folder(args.output, "--output")
+    outputs = _outputs_for(usable, args.output)
+    inputs = images + [args.library, os.path.splitext(args.library)[0] + ".json", args.weights]
+    if os.path.isdir(args.weights):
+        inputs += [os.path.join(args.weights, f) for f in os.listdir(args.weights)]
+    check_not_inputs([p for pair in outputs for p in pair], inputs)
+    if not usable:
+        report = io.BatchReport(total=len(images), failed=skipped)
+        _log(report.summary())
+        return report.exit_code
+
+    from sam3_nn.runtime.api import Sam3
+    from sam3_nn.runtime.overlay import draw_overlay
+
+    t0 = time.perf_counter()
+    _log(f"[load] library {args.library} + weights {args.weights}")
+    model = Sam3.load(args.library, args.weights, device=args.device, tokenizer=args.tokenizer)
+    _log(f"[load] done in {time.perf_counter() - t0:.2f} s (target {model.manifest['target']}, "
+         f"{model.manifest['dtype']}, image size {model.image_size})")
+    # the probability threshold as a logit threshold (0.5 -> 0, the original's)
+    logit = math.log(args.mask_threshold / (1.0 - args.mask_threshold))
+    where = dict(zip(usable, outputs))
+
+    def segment_one(path: str, tag: str) -> None:
+        png, js = where[path]
+        state = model.set_image(path)
+        _log(f"{tag}: encode_image {state.timings['encode_image']:.2f} s "
+             f"(preprocess {state.timings['preprocess']:.2f} s)")
+        t1 = time.perf_counter()
+        res = model.predict_points(state, points, labels, box=box, multimask=multimask,
+                                   mask_threshold=logit)
+        t2 = time.perf_counter()
+        best = res.best
+        _log(f"{tag}: predict_masks {t2 - t1:.2f} s -> {len(res)} candidate mask(s), best "
+             f"IoU {float(res.scores[best]):.3f}, object score {res.object_score:+.2f}")
+        bb = mask_box(res.masks[best])
+        keep = slice(best, best + 1) if bb is not None else slice(0, 0)  # an empty mask: none drawn
+        img = draw_overlay(state.rgb, np.asarray([bb] if bb is not None else [], np.float32).reshape(-1, 4),
+                           res.scores[keep], res.masks[keep], "object",
+                           prompt_boxes=[box] if box else None, prompt_points=points,
+                           prompt_point_labels=labels)
+        result = _interactive_json(path, res, best, points, labels, box, multimask, args,
+                                   {**state.timings, "predict_and_postprocess": t2 - t1})
+        atomic_write(png, lambda f: img.save(f, format="PNG"))
+        write_text(js, json.dumps(result, indent=1))  # last: a result's JSON means both are there
+        _log(f"{tag}: wrote {png} and {js}")
+
+    report = io.run_batch(usable, segment_one, _log, skipped)
+    if folder_mode:
+        _log(report.summary())
+    return report.exit_code
+
+
 def cmd_segment(args) -> int:
     """Everything that can be checked is checked before the model is loaded: the prompt, the
     library's manifest (functions, box slots, device), the weights' metadata, the tokenizer
@@ -115,6 +295,8 @@ def cmd_segment(args) -> int:
     from sam3_nn.runtime.engine import device_for, open_device, read_manifest
     from sam3_nn.runtime.preprocess import check_boxes, image_size, parse_box
 
+    if segment_task(args) == "interactive":
+        return segment_interactive(args)
     # the prompt
     if args.text is not None and not args.text.strip():
         raise CliError("--text is empty")
@@ -304,7 +486,8 @@ def compile_options(args):
         BuildOptions().parts
     kernels = KernelOptions(rope_mode=args.rope_mode, pdl=not args.no_pdl)
     return BuildOptions(target=args.target, arch=args.arch, dtype=args.dtype, batch=batch,
-                        parts=parts, max_boxes=args.max_boxes, cuda_graph=not args.no_cuda_graph,
+                        parts=parts, max_boxes=args.max_boxes, max_points=args.max_points,
+                        cuda_graph=not args.no_cuda_graph,
                         kernels=kernels, toolchain=toolchain_from_env())
 
 
@@ -345,7 +528,9 @@ def cmd_compile(args) -> int:
 def add_compile_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--target", default="llvm", help="a target preset (--list-targets)")
     ap.add_argument("--arch", default=None, help="cuda targets: SASS arches, e.g. sm_80,sm_90a")
-    ap.add_argument("--parts", default=None, help="comma-separated model parts (default: all)")
+    ap.add_argument("--parts", default=None,
+                    help="comma-separated model parts: vision, text, detector, interactive (default: "
+                         "vision,text,detector; add interactive for clicks, or vision,interactive alone)")
     ap.add_argument("--list-targets", action="store_true")
     ap.add_argument("--model", default=None,
                     help="architecture: an HF snapshot folder, a config.json or a sam3.pt "
@@ -362,6 +547,8 @@ def add_compile_arguments(ap: argparse.ArgumentParser) -> None:
                          "CUDA targets, any elsewhere)")
     ap.add_argument("--max-boxes", type=_positive_int, default=8,
                     help="box-prompt slots of detect (default 8): more boxes per query need more")
+    ap.add_argument("--max-points", type=_positive_int, default=16,
+                    help="point slots of predict_masks (interactive part; default 16, a box takes two)")
     ap.add_argument("--no-cuda-graph", action="store_true",
                     help="CUDA targets: launch kernels one by one instead of replaying CUDA graphs")
     ap.add_argument("--no-pdl", action="store_true",
@@ -388,7 +575,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", required=True, help="an image file or a folder of images")
     s.add_argument("--text", default=None, help="text prompt (a noun phrase: \"cat\", \"red car\")")
     s.add_argument("--box", action="append", default=None, metavar="x0,y0,x1,y1[:neg]",
-                   help="box prompt in pixels of the image (repeatable; ':neg' marks a negative box)")
+                   help="box prompt in pixels of the image: concept exemplars (repeatable; ':neg' marks "
+                        "a negative box), or with --point / --task interactive the object's box (one)")
+    s.add_argument("--point", action="append", default=None, metavar="x,y[:neg]",
+                   help="a click in pixels of the image (repeatable; ':neg' marks a background click): "
+                        "interactive segmentation of one object (a library with the interactive part)")
+    s.add_argument("--task", choices=["concept", "interactive"], default=None,
+                   help="concept: every object matching --text / exemplar --box; interactive: the one "
+                        "object --point and/or one --box select (default: interactive with --point, "
+                        "else concept)")
+    s.add_argument("--multimask", action=argparse.BooleanOptionalAction, default=None,
+                   help="interactive: three candidate masks (the best drawn, all in the JSON) or one "
+                        "(default: three for a single click alone, one otherwise)")
     s.add_argument("--output", required=True, help="folder for <image>.png and <image>.json")
     s.add_argument("--device", default=None, help="cpu, cuda, metal... (default: the library's target)")
     s.add_argument("--tokenizer", default=None,
@@ -398,7 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--score-threshold", type=_fraction, default=0.5,
                    help="keep objects scoring above this (0..1, default 0.5)")
     s.add_argument("--mask-threshold", type=_fraction, default=0.5,
-                   help="mask pixels whose probability is above this (0..1, default 0.5)")
+                   help="mask pixels whose probability is above this (0..1, default 0.5; interactive: "
+                        "on the logits' sigmoid)")
     s.set_defaults(func=cmd_segment)
     c = sub.add_parser("convert", help="convert sam3.pt / an HF snapshot for one compiled library")
     c.add_argument("src", help="sam3.pt, an HF snapshot folder or a .safetensors")

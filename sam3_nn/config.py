@@ -162,6 +162,40 @@ class MaskDecoderConfig:
     num_attention_heads: int = 8
 
 
+@dataclass
+class TrackerConfig:
+    """SAM 3's interactive (SAM 2-style) prompt encoder and mask decoder: the tracker's
+    ``sam_prompt_encoder`` / ``sam_mask_decoder`` (released sizes as defaults). Their
+    width is the FPN's (``vision.fpn_hidden_size``); the image and mask-input sizes
+    follow from the ViT grid (``4 x grid`` mask inputs, 288 at 1008 px)."""
+
+    mask_input_channels: int = 16
+    num_attention_heads: int = 8
+    mlp_dim: int = 2048
+    num_layers: int = 2  # two-way transformer blocks
+    attention_downsample_rate: int = 2
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    # single-mask output falls back to the best multimask one when its stability
+    # (IoU of the masks thresholded at +-delta) is below thresh (release: on, 0.05, 0.98)
+    dynamic_multimask_via_stability: bool = True
+    dynamic_multimask_stability_delta: float = 0.05
+    dynamic_multimask_stability_thresh: float = 0.98
+
+    def validate(self, hidden: int) -> None:
+        internal = hidden // self.attention_downsample_rate
+        if hidden % self.num_attention_heads or internal % self.num_attention_heads:
+            raise ValueError(f"tracker: width {hidden} (and {internal} in the cross attentions) "
+                             f"is not a multiple of {self.num_attention_heads} heads")
+        if self.mask_input_channels % 4 or hidden % 8:
+            raise ValueError(f"tracker: mask_input_channels ({self.mask_input_channels}) must be a "
+                             f"multiple of 4 and the width ({hidden}) of 8")
+        if self.num_multimask_outputs != 3 or self.num_layers < 1 or self.iou_head_depth < 2:
+            raise ValueError("tracker: 3 multimask outputs, at least one block and a 2+ layer IoU head "
+                             "are supported")
+
+
 _SECTIONS = {
     "vision": VisionConfig,
     "text": TextConfig,
@@ -169,6 +203,7 @@ _SECTIONS = {
     "detr_encoder": DetrEncoderConfig,
     "detr_decoder": DetrDecoderConfig,
     "mask_decoder": MaskDecoderConfig,
+    "tracker": TrackerConfig,
 }
 
 # HF config.json section name -> our section name
@@ -232,6 +267,25 @@ def _without_eps(values: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in values.items() if k != "layer_norm_eps"}
 
 
+def _tracker_from_hf(prompt: Dict[str, Any], decoder: Dict[str, Any]) -> TrackerConfig:
+    """``Sam3TrackerPromptEncoderConfig`` + ``Sam3TrackerMaskDecoderConfig`` dicts -> ours
+    (their widths must be the FPN's; their eps are the port's 1e-6, the original's
+    LayerNorm2d default, fixed in the model)."""
+    for name, d in (("prompt_encoder_config", prompt), ("mask_decoder_config", decoder)):
+        act = d.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise ValueError(f"{name}: hidden_act {act!r} is not supported (expected 'gelu')")
+    if decoder.get("num_hidden_layers", 2) != 2:
+        raise ValueError("mask_decoder_config: the two-way transformer's MLP has 2 layers "
+                         f"(num_hidden_layers 2), got {decoder['num_hidden_layers']}")
+    keys = {"mask_input_channels": prompt, "num_attention_heads": decoder, "mlp_dim": decoder,
+            "attention_downsample_rate": decoder, "num_multimask_outputs": decoder,
+            "iou_head_depth": decoder, "iou_head_hidden_dim": decoder,
+            "dynamic_multimask_via_stability": decoder, "dynamic_multimask_stability_delta": decoder,
+            "dynamic_multimask_stability_thresh": decoder}
+    return _fill(TrackerConfig, {k: src[k] for k, src in keys.items() if k in src})
+
+
 @dataclass
 class Sam3Config:
     """The SAM 3 image model (detector) with the released sizes as defaults."""
@@ -242,6 +296,7 @@ class Sam3Config:
     detr_encoder: DetrEncoderConfig = field(default_factory=DetrEncoderConfig)
     detr_decoder: DetrDecoderConfig = field(default_factory=DetrDecoderConfig)
     mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
     @property
     def image_size(self) -> int:
@@ -251,9 +306,18 @@ class Sam3Config:
         """FPN levels the mask decoder receives: all but the coarsest (0.5x) one."""
         return len(self.vision.scale_factors) - 1
 
+    def tracker_levels(self) -> List[int]:
+        """Sizes of the tracker neck's maps (its 0.5x level is dropped, ``scalp=1``):
+        ``[4g, 2g, g]`` for a ``g x g`` ViT grid (288, 144, 72 at 1008 px)."""
+        if list(self.vision.scale_factors[:3]) != [4.0, 2.0, 1.0]:
+            raise ValueError("the tracker needs FPN scale factors starting 4, 2, 1, got "
+                             f"{self.vision.scale_factors}")
+        return self.vision.level_sizes()[:3]
+
     def validate(self) -> "Sam3Config":
         check_fields(self, "config")
         self.vision.validate()
+        self.tracker.validate(self.vision.fpn_hidden_size)
         return self
 
     # ---- (de)serialisation -------------------------------------------------
@@ -276,18 +340,45 @@ class Sam3Config:
         return cls(**kw).validate()
 
     @classmethod
-    def from_hf(cls, hf: Dict[str, Any]) -> "Sam3Config":
-        """From an HF ``Sam3Config`` dict (``config.json``) or a ``Sam3VisionConfig`` dict."""
+    def from_hf(cls, hf: Dict[str, Any], base: "Sam3Config | None" = None) -> "Sam3Config":
+        """From an HF ``Sam3Config`` dict (``config.json``), a ``Sam3VisionConfig``, a
+        ``Sam3TrackerConfig`` (``sam3_tracker``: vision + prompt encoder + mask decoder) or a
+        ``Sam3VideoConfig`` (``sam3_video``: its detector and tracker configs). Sections the
+        dict does not describe come from ``base`` (default: the released sizes)."""
         if not isinstance(hf, dict):
             raise ValueError(f"an HF config (config.json) must be a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
+        if model_type == "sam3_video":
+            detector = dict(hf.get("detector_config") or {}, model_type="sam3")
+            cfg = cls.from_hf(detector, base)
+            tracker = hf.get("tracker_config")
+            if tracker:
+                cfg.tracker = cls.from_hf(dict(tracker, model_type="sam3_tracker")).tracker
+            return cfg.validate()
+        if model_type == "sam3_tracker":
+            vision = dict(hf.get("vision_config") or {}, model_type="sam3_vision_model")
+            cfg = cls.from_hf(vision, base)
+            prompt, decoder = hf.get("prompt_encoder_config") or {}, hf.get("mask_decoder_config") or {}
+            width = cfg.vision.fpn_hidden_size
+            for name, d in (("prompt_encoder_config", prompt), ("mask_decoder_config", decoder)):
+                if d.get("hidden_size", width) != width:
+                    raise ValueError(f"{name}: hidden_size {d['hidden_size']} differs from the FPN's "
+                                     f"{width}")
+            for key, ours in (("image_size", cfg.image_size),
+                              ("patch_size", cfg.vision.backbone.patch_size)):
+                if key in prompt and _pair(prompt[key]) != ours:
+                    raise ValueError(f"prompt_encoder_config: {key} {prompt[key]} differs from the "
+                                     f"vision encoder's {ours}")
+            cfg.tracker = _tracker_from_hf(prompt, decoder)
+            return cfg.validate()
         if model_type == "sam3_vision_model":
             vision_hf, rest = hf, {}
         elif model_type in (None, "sam3"):
             vision_hf, rest = hf.get("vision_config") or {}, hf
         else:
             raise ValueError(
-                f"config.json has model_type {model_type!r}; expected 'sam3' (a SAM 3 checkpoint)"
+                f"config.json has model_type {model_type!r}; expected 'sam3', 'sam3_tracker' or "
+                "'sam3_video' (a SAM 3 checkpoint)"
             )
         if not isinstance(vision_hf, dict):
             raise ValueError(f"vision_config must be a JSON object, got {type(vision_hf).__name__}")
@@ -305,6 +396,9 @@ class Sam3Config:
                                       "backbone": _fill(ViTConfig, _without_eps(bb), "vision_config.backbone_config")},
                        "vision_config")
         kw: Dict[str, Any] = {"vision": vision}
+        if base is not None:
+            kw.update({name: dataclasses.replace(getattr(base, name)) for name in _SECTIONS
+                       if name != "vision"})
         for hf_name, ours in _HF_SECTIONS.items():
             if rest.get(hf_name):
                 if not isinstance(rest[hf_name], dict):

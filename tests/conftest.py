@@ -8,3 +8,38 @@ import torch  # noqa: F401
 from sam3_nn.runtime import threads
 
 threads.configure()
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_interactive(tmp_path_factory):
+    """One tiny llvm library with the interactive part (``vision`` + ``interactive``, 8 point
+    slots, float32) and a ``Sam3TrackerModel`` with every parameter perturbed, its weights
+    bound to it through the HF ``Sam3TrackerModel`` layout. Shared by the model, runtime and
+    CLI tests of the interactive part (one compile)."""
+    from transformers import Sam3TrackerModel
+
+    from sam3_nn.compiler.build import build
+    from sam3_nn.compiler.options import BuildOptions
+    from sam3_nn.config import Sam3Config
+    from sam3_nn.runtime.engine import CompiledModel
+    from sam3_nn.weights import load_params
+    from tests.refs import (expected_params, randomize_, save_hf_snapshot, state_dict_source,
+                            tiny_tracker_hf_config)
+
+    hf = randomize_(Sam3TrackerModel(tiny_tracker_hf_config()).eval(), seed=5)
+    folder = save_hf_snapshot(hf, str(tmp_path_factory.mktemp("hf_sam3_tracker")))
+    cfg = Sam3Config.from_pretrained(folder)
+    art = build(cfg, BuildOptions(target="llvm", dtype="float32", parts=("vision", "interactive"),
+                                  max_points=8), str(tmp_path_factory.mktemp("interactive_lib")))
+    lib = CompiledModel(art["library"])
+
+    def load(model):
+        params, _ = load_params(cfg, state_dict_source(model.state_dict()), expected_params(lib),
+                                lib.manifest["parts"])
+        return params
+
+    lib.bind(load(hf))
+    return {"hf": hf, "lib": lib, "cfg": cfg, "snapshot": folder, "load": load,
+            "library": art["library"]}

@@ -219,9 +219,10 @@ class FixedTokenizer:
 def build_tiny(image_size=168, patch=14, vit_width=64, vit_depth=3, vit_heads=4, vit_mlp=128,
                window=5, global_blocks=(2,), pretrain_image_size=70, width=32, heads=2, ffn=64,
                text_width=32, text_layers=2, text_heads=2, context=16, vocab=1000, queries=10,
-               geo_layers=2, enc_layers=2, dec_layers=2):
+               geo_layers=2, enc_layers=2, dec_layers=2, sam2_neck=False):
     """``Sam3Image`` with ``model_builder``'s options at a small size. The ViT's last block must
-    be global: the original takes the ViT's output after the last global block."""
+    be global: the original takes the ViT's output after the last global block. ``sam2_neck``:
+    the tracker's second FPN neck too (``enable_inst_interactivity``)."""
     o = original()
     nn_ = torch.nn
     MHA = o.misc.MultiheadAttentionWrapper
@@ -238,7 +239,7 @@ def build_tiny(image_size=168, patch=14, vit_width=64, vit_depth=3, vit_heads=4,
                                       temperature=10000, precompute_resolution=None)
     neck = o.necks.Sam3DualViTDetNeck(position_encoding=pos, d_model=width,
                                       scale_factors=[4.0, 2.0, 1.0, 0.5], trunk=vit,
-                                      add_sam2_neck=False)
+                                      add_sam2_neck=sam2_neck)
     tokenizer = FixedTokenizer()
     text = o.text.VETextEncoder(tokenizer=tokenizer, d_model=width, width=text_width,
                                 heads=text_heads, layers=text_layers, context_length=context,
@@ -396,3 +397,123 @@ def hf_state_from_ours(cfg, params: Dict[str, np.ndarray], hf_model) -> Dict[str
             assert tuple(part.shape) == tuple(sd[name].shape), name
             out[name] = part
     return out
+
+
+# ----------------------------------------------------------------------------
+# the interactive predictor (predict_inst) at a tiny size
+# ----------------------------------------------------------------------------
+_TRACKER: Optional[types.SimpleNamespace] = None
+
+
+def tracker_modules() -> types.SimpleNamespace:
+    """The original's SAM heads and image predictor modules (imported once)."""
+    global _TRACKER
+    if _TRACKER is None:
+        original()
+        with stand_ins():
+            names = dict(pe="sam3.sam.prompt_encoder", md="sam3.sam.mask_decoder", tr="sam3.sam.transformer",
+                         pred="sam3.model.sam1_task_predictor", base="sam3.model.sam3_tracker_base",
+                         utils="sam3.model.utils.sam1_utils", cc="sam3.perflib.connected_components")
+            _TRACKER = types.SimpleNamespace(**{k: importlib.import_module(v) for k, v in names.items()})
+    return _TRACKER
+
+
+class TinyTracker(nn.Module):
+    """The parts of ``Sam3TrackerBase`` that ``predict_inst`` uses, built as ``_build_sam_heads``
+    builds them (the release's options) at a small size."""
+
+    def __init__(self, width=32, heads=2, mlp=64, iou_hidden=32, image_size=168, stride=14):
+        super().__init__()
+        t = tracker_modules()
+        g = image_size // stride
+        self.image_size, self.num_feature_levels = image_size, 3
+        self.sam_prompt_encoder = t.pe.PromptEncoder(embed_dim=width, image_embedding_size=(g, g),
+                                                     input_image_size=(image_size, image_size),
+                                                     mask_in_chans=16)
+        self.sam_mask_decoder = t.md.MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=t.tr.TwoWayTransformer(depth=2, embedding_dim=width, mlp_dim=mlp, num_heads=heads),
+            transformer_dim=width, iou_head_depth=3, iou_head_hidden_dim=iou_hidden,
+            use_high_res_features=True, iou_prediction_use_sigmoid=True, pred_obj_scores=True,
+            pred_obj_scores_mlp=True, use_multimask_token_for_obj_ptr=True,
+            dynamic_multimask_via_stability=True, dynamic_multimask_stability_delta=0.05,
+            dynamic_multimask_stability_thresh=0.98)
+        self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, width))
+        self.feat_sizes = [(4 * g, 4 * g), (2 * g, 2 * g), (g, g)]
+
+    @property
+    def device(self):
+        return self.no_mem_embed.device
+
+    def _prepare_backbone_features(self, backbone_out):
+        return tracker_modules().base.Sam3TrackerBase._prepare_backbone_features(self, backbone_out)
+
+
+def tracker_release_layout(tracker: TinyTracker) -> Dict[str, torch.Tensor]:
+    """The tracker heads' tensors named as in the released ``sam3.pt`` (``tracker.`` prefix)."""
+    return {"tracker." + k: v.detach().clone() for k, v in tracker.state_dict().items()
+            if k.startswith(("sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed"))}
+
+
+def flood_label(values, return_num=False):
+    """``skimage.measure.label`` (full connectivity, background 0) by breadth-first flood fill:
+    stands in for scikit-image, which the original's CPU hole filling imports."""
+    values = np.asarray(values)
+    h, w = values.shape
+    labels = np.zeros((h, w), np.int64)
+    n = 0
+    for y0 in range(h):
+        for x0 in range(w):
+            if not values[y0, x0] or labels[y0, x0]:
+                continue
+            n += 1
+            labels[y0, x0] = n
+            stack = [(y0, x0)]
+            while stack:
+                y, x = stack.pop()
+                for yy in (y - 1, y, y + 1):
+                    for xx in (x - 1, x, x + 1):
+                        if 0 <= yy < h and 0 <= xx < w and values[yy, xx] and not labels[yy, xx]:
+                            labels[yy, xx] = n
+                            stack.append((yy, xx))
+    return (labels, n) if return_num else labels
+
+
+def predict_inst(image_model, tracker: TinyTracker, pixels: torch.Tensor, original_hw, **kwargs):
+    """``Sam3Image.predict_inst`` after ``Sam3Processor.set_image`` on ``pixels [1, 3, S, S]``
+    of an image of ``original_hw`` (the original's code throughout: the predictor's prompt
+    transforms, SAM heads, post-processing with 256-pixel hole filling, +-32 clamp).
+    ``SAM3InteractiveImagePredictor`` is made without ``__init__`` (its image transforms
+    are torchvision's, used only by ``set_image``), with the attributes ``__init__`` sets."""
+    t = tracker_modules()
+    pred = t.pred.SAM3InteractiveImagePredictor.__new__(t.pred.SAM3InteractiveImagePredictor)
+    nn.Module.__init__(pred)
+    pred.model = tracker
+    transforms = t.utils.SAM2Transforms.__new__(t.utils.SAM2Transforms)
+    nn.Module.__init__(transforms)
+    transforms.resolution, transforms.mask_threshold = tracker.image_size, 0.0
+    transforms.max_hole_area, transforms.max_sprinkle_area = 256.0, 0.0
+    pred._transforms, pred.mask_threshold = transforms, 0.0
+    pred._is_image_set, pred._features, pred._orig_hw, pred._is_batch = False, None, None, False
+    pred._bb_feat_sizes = tracker.feat_sizes
+    skimage = types.ModuleType("skimage")
+    skimage.measure = types.ModuleType("skimage.measure")
+    skimage.measure.label = flood_label
+    saved = {k: sys.modules.get(k) for k in ("skimage", "skimage.measure")}
+    sys.modules.update({"skimage": skimage, "skimage.measure": skimage.measure})
+    try:
+        with torch.no_grad():
+            backbone_out = image_model.backbone.forward_image(pixels)
+            sam2 = backbone_out["sam2_backbone_out"]  # Sam3Processor.set_image:
+            sam2["backbone_fpn"][0] = tracker.sam_mask_decoder.conv_s0(sam2["backbone_fpn"][0])
+            sam2["backbone_fpn"][1] = tracker.sam_mask_decoder.conv_s1(sam2["backbone_fpn"][1])
+            state = {"original_height": original_hw[0], "original_width": original_hw[1],
+                     "backbone_out": backbone_out}
+            holder = types.SimpleNamespace(inst_interactive_predictor=pred)
+            return original().image.Sam3Image.predict_inst(holder, state, **kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v

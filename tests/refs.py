@@ -15,7 +15,7 @@ from sam3_nn.compiler.build import build, compile_module as build_module, resolv
 from sam3_nn.compiler.options import BuildOptions
 from sam3_nn.compiler.pipeline import routing_passes
 from sam3_nn.config import TINY_HF, Sam3Config  # noqa: F401  (TINY_HF: the tests' config)
-from sam3_nn.model.sam3 import PARTS
+from sam3_nn.model.sam3 import DEFAULT_PARTS
 from sam3_nn.runtime.api import channel_first  # noqa: F401  (tests compare encode_image's maps in the reference's layout)
 from sam3_nn.runtime.engine import CompiledModel
 
@@ -27,6 +27,47 @@ def tiny_hf_config(**overrides):
     for k, v in overrides.items():
         d[k].update(v) if isinstance(v, dict) else d.__setitem__(k, v)
     return HFSam3Config(**d)
+
+
+# the tracker (interactive part) at the tiny size: the FPN's width (32), 2 heads
+TINY_TRACKER = dict(
+    prompt_encoder_config=dict(hidden_size=32, image_size=168, patch_size=14),
+    mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+)
+
+
+def tiny_tracker_hf_config(**overrides):
+    """``transformers``' ``Sam3TrackerConfig`` at the tiny size (vision: ``TINY_HF``'s)."""
+    from transformers import Sam3TrackerConfig
+
+    d = json.loads(json.dumps(TINY_TRACKER))
+    vision = json.loads(json.dumps(TINY_HF["vision_config"]))
+    g = 168 // 14
+    vision["backbone_feature_sizes"] = [[4 * g, 4 * g], [2 * g, 2 * g], [g, g]]
+    # the last block global, as the original's ViT needs (original_ref.build_tiny): one
+    # library serves the tests against transformers and against the original
+    vision["backbone_config"]["global_attn_indexes"] = [2]
+    d["vision_config"] = vision
+    for k, v in overrides.items():
+        d[k].update(v) if isinstance(v, dict) else d.__setitem__(k, v)
+    return Sam3TrackerConfig(**d)
+
+
+def tiny_config(tracker: bool = True) -> Sam3Config:
+    """Our tiny config (``TINY_HF``), with the tiny tracker section."""
+    cfg = Sam3Config.from_hf(json.loads(json.dumps(TINY_HF)))
+    if tracker:
+        cfg.tracker = Sam3Config.from_hf(tiny_tracker_hf_config().to_dict()).tracker
+    return cfg.validate()
+
+
+def state_dict_source(state_dict, name: str = "<torch state dict>", fmt: str = "hf"):
+    """A ``sam3_nn.weights`` tensor source over an in-memory state dict (names, shapes from
+    the tensors; reading gives their float32 values)."""
+    from sam3_nn.weights.loader import TensorSource
+
+    meta = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in state_dict.items()}
+    return TensorSource(name, fmt, meta, lambda k: state_dict[k].detach().float().cpu().numpy())
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
@@ -57,9 +98,9 @@ def save_hf_snapshot(model, folder: str) -> str:
 
 def compile_library(cfg: Sam3Config, folder: str, dtype: str = "float32",
                     rope_mode: str = "normal", target: str = "llvm", parts=None, **options):
-    """Compile ``cfg`` (all parts, or ``parts``) for ``target`` into ``folder`` and load it (CPU).
+    """Compile ``cfg`` (the default parts, or ``parts``) for ``target`` into ``folder`` and load it (CPU).
     ``options``: further ``BuildOptions`` / ``KernelOptions`` fields."""
-    art = build(cfg, BuildOptions(target=target, dtype=dtype, parts=tuple(parts or PARTS))
+    art = build(cfg, BuildOptions(target=target, dtype=dtype, parts=tuple(parts or DEFAULT_PARTS))
                 .with_(rope_mode=rope_mode, **options), folder)
     return CompiledModel(art["library"])
 
@@ -131,3 +172,36 @@ def fixture_source():
         return np.zeros(shape, np.float32)
 
     return TensorSource(path, "pt", meta, read)
+
+
+def tracker_processor():
+    """``transformers``' ``Sam3TrackerProcessor`` for its coordinate and mask post-processing
+    (``post_process_masks``, ``_normalize_tensor_coordinates``). Its image processor module
+    imports ``torchvision.ops.boxes.batched_nms`` at module level, and torchvision does not
+    import beside this CPU torch: a stand-in module holds that name during the import (the
+    methods used never call it); the processors are made without ``__init__`` (which would
+    set up torchvision transforms), with the attributes those methods read."""
+    import sys
+    import types
+
+    from transformers import Sam3TrackerProcessor
+
+    names = ("torchvision", "torchvision.ops", "torchvision.ops.boxes")
+    saved = {k: sys.modules.get(k) for k in names}
+    tv, ops, boxes = (types.ModuleType(n) for n in names)
+    boxes.batched_nms = None
+    tv.ops, ops.boxes = ops, boxes
+    sys.modules.update(dict(zip(names, (tv, ops, boxes))))
+    try:
+        from transformers.models.sam3.image_processing_sam3 import Sam3ImageProcessor
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    image = Sam3ImageProcessor.__new__(Sam3ImageProcessor)
+    proc = Sam3TrackerProcessor.__new__(Sam3TrackerProcessor)
+    proc.image_processor, proc.point_pad_value = image, -10
+    proc.target_size = TINY_HF["vision_config"]["backbone_config"]["image_size"]
+    return proc

@@ -129,3 +129,20 @@ def test_table():
     assert "eager" in body[1] and "2.00" in body[1]
     assert "compile" in body[2] and "5.00" in body[2] and body[2].rstrip().endswith("61")
     assert "skipped" in body[3] and "FAILED: RuntimeError: boom" in body[4]
+
+
+@pytest.mark.parametrize("preset", ["full", "tiny"])
+def test_interactive_bench_config_and_prompts(preset):
+    """bench/interactive.py: ``Sam3TrackerConfig`` for our config maps back to it; the
+    prompts fill the slots as ``predict_masks`` takes them (box corners first)."""
+    import interactive
+
+    cfg = common.model_config(preset, None, 1)
+    hf = interactive.tracker_config(cfg)
+    assert hf.prompt_encoder_config.image_size == cfg.image_size
+    assert hf.vision_config.backbone_feature_sizes[-1] == [cfg.vision.backbone.grid_size] * 2
+    ps = interactive.prompts(cfg, np.random.default_rng(0))
+    pts, lab, pm, mi, mv = interactive.slots(ps["box + 2 clicks + mask"], 16, 4 * cfg.vision.backbone.grid_size)
+    assert lab[0, :4].tolist() == [2, 3, 1, 0] and pm.sum() == 4 and mv[0] == 1
+    np.testing.assert_array_equal(pts[0, 1], np.float32(ps["box + 2 clicks + mask"]["box"][2:]))
+    assert ps["1 click"]["multimask"] and not ps["box + 2 clicks + mask"]["multimask"]

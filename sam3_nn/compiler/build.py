@@ -27,19 +27,19 @@ from sam3_nn.config import Sam3Config
 from sam3_nn.files import atomic_write_path, file_sha256, write_text
 from sam3_nn.kernels.cuda.gemm import cutlass_route
 from sam3_nn.kernels.cuda.source import cutlass_include
-from sam3_nn.model.sam3 import PARTS, Sam3Model
+from sam3_nn.model.sam3 import DEFAULT_PARTS, PARTS, Sam3Model
 
 
 def _shape_list(shape):
     return [int(s) if isinstance(s, (int, tvm.tirx.IntImm)) else str(s) for s in shape]
 
 
-def export(cfg: Sam3Config, dtype: str, parts=PARTS, batch: Optional[int] = None,
-           max_boxes: int = 8):
+def export(cfg: Sam3Config, dtype: str, parts=DEFAULT_PARTS, batch: Optional[int] = None,
+           max_boxes: int = 8, max_points: int = 16):
     """Trace the model to Relax (target-independent: operators are routed to kernels by the
     pipeline). ``batch``: the one batch size the functions take, or None for any (see
     ``Sam3Model.export_spec``)."""
-    model = Sam3Model(cfg, parts, max_boxes=max_boxes)
+    model = Sam3Model(cfg, parts, max_boxes=max_boxes, max_points=max_points)
     model.to(dtype)
     spec = model.export_spec(dtype, batch)
     mod, params = model.export_tvm(spec=spec)
@@ -73,10 +73,20 @@ def manifest_for(cfg, model, mod, params, spec, options: BuildOptions) -> Dict:
         "batch": options.batch or None,  # null: any batch size
         "parts": list(model.parts),
         "options": options.record(),
-        "config": cfg.to_dict(),
+        "config": manifest_config(cfg, model.parts),
         "functions": functions,
         "params": [{"name": n, "shape": _shape_list(p.shape), "dtype": str(p.dtype)} for n, p in params],
     }
+
+
+def manifest_config(cfg: Sam3Config, parts) -> Dict:
+    """The config a manifest records: without the tracker section when the interactive part
+    is not built, so a detector library's config (and the weights fingerprint made from it)
+    is what it was before that part existed."""
+    d = cfg.to_dict()
+    if "interactive" not in parts:
+        d.pop("tracker")
+    return d
 
 
 def check_tools(preset: TargetPreset, options: BuildOptions) -> None:
@@ -102,6 +112,10 @@ def resolve(options: BuildOptions) -> tuple:
         raise ValueError(f"unknown model parts {unknown or '(none)'}; known: {list(PARTS)}")
     if options.max_boxes < 1:
         raise ValueError(f"max_boxes must be at least 1, got {options.max_boxes}")
+    if options.max_points < 1:
+        raise ValueError(f"max_points must be at least 1, got {options.max_points}")
+    if "interactive" in options.parts and "vision" not in options.parts:
+        raise ValueError("the interactive part needs the vision part (parts vision,interactive)")
     rope_mode = options.kernels.rope_mode or ("inline" if preset.gpu else "normal")
     parts = tuple(p for p in PARTS if p in options.parts)
     return preset, options.with_(target=preset.name, dtype=dtype, batch=batch or 0, parts=parts,
@@ -137,7 +151,7 @@ def build(cfg: Sam3Config, options: BuildOptions = BuildOptions(), output: str =
     log(f"[1/4] export: {preset.name}, {options.dtype}, rope {options.kernels.rope_mode}, "
         f"parts {', '.join(options.parts)}, batch {options.batch or 'any'}")
     model, mod, params, spec = export(cfg, options.dtype, options.parts, options.batch or None,
-                                      options.max_boxes)
+                                      options.max_boxes, options.max_points)
     manifest = manifest_for(cfg, model, mod, params, spec, options)
     t1 = time.time()
     log(f"[2/4] compile for {preset.description} ({len(params)} parameters) "

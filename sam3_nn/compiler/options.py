@@ -61,8 +61,9 @@ class BuildOptions:
     dtype: Optional[str] = None  # None: the target's default
     # the one batch size the functions take (static shapes); 0: any; None: target default
     batch: Optional[int] = None
-    parts: Tuple[str, ...] = ("vision", "text", "detector")
+    parts: Tuple[str, ...] = ("vision", "text", "detector")  # add "interactive" for clicks
     max_boxes: int = 8
+    max_points: int = 16  # point slots of predict_masks (interactive part; a box takes two)
     cuda_graph: bool = True
     kernels: KernelOptions = field(default_factory=KernelOptions)
     toolchain: Toolchain = field(default_factory=Toolchain)

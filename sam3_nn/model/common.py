@@ -128,6 +128,24 @@ class ConvTranspose2x2(nn.Module):
         return op.reshape(y, [b, 2 * h, 2 * w, cout])
 
 
+class Conv2x2Stride2(nn.Module):
+    """``Conv2d(kernel 2, stride 2)`` on channel-last input, as one GEMM over the 2x2
+    patches: ``[B, H, W, in] -> [B, H/2, W/2, out]``. Weight ``[out, in, 2, 2]``."""
+
+    def __init__(self, cin: int, cout: int):
+        self.cin, self.cout = cin, cout
+        self.weight = nn.Parameter((cout, cin, 2, 2))
+        self.bias = nn.Parameter((cout,))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        h2, w2 = int(h) // 2, int(w) // 2
+        x = op.reshape(x, [b, h2, 2, w2, 2, c])
+        x = op.permute_dims(x, [0, 1, 3, 5, 2, 4])  # b, h2, w2, in, dy, dx (the weight's order)
+        x = op.reshape(x, [b, h2, w2, 4 * self.cin])
+        return linear_nd(x, op.reshape(self.weight, [self.cout, 4 * self.cin]), self.bias)
+
+
 class Conv2d(nn.Module):
     """``k x k`` convolution with ``padding=k//2``; channel-last in, channel-last out.
 
@@ -139,9 +157,24 @@ class Conv2d(nn.Module):
         self.weight = nn.Parameter((cout, cin, kernel, kernel))
         self.bias = nn.Parameter((cout,)) if bias else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, then: "Conv1x1 | None" = None) -> Tensor:
+        """``then``: a 1x1 convolution applied to the result, folded into this one (both are
+        linear): one convolution with ``then``'s output width, the wide map never stored. The
+        folded weights depend on the weights alone (computed once, when weights are bound:
+        sam3_nn.compiler.passes.param_transform)."""
+        weight, bias = self.weight, self.bias
+        if then is not None:
+            if bias is None:
+                raise ValueError("folding a 1x1 convolution needs this convolution's bias")
+            cout, cin, k = then.cout, int(self.weight.shape[1]), self.kernel
+            w1 = op.reshape(then.weight, [cout, then.cin])
+            weight = op.matmul(w1, op.reshape(self.weight, [then.cin, cin * k * k]))
+            weight = op.reshape(weight, [cout, cin, k, k])
+            # w1 @ bias as a product and a row sum in float32 (no GEMV kernel for one column)
+            prod = op.astype(w1, "float32") * op.astype(op.reshape(self.bias, [1, then.cin]), "float32")
+            bias = op.astype(op.sum(prod, axis=1), self.bias.dtype) + then.bias
         xc = op.permute_dims(x, [0, 3, 1, 2])
-        y = op.conv2d(xc, self.weight, self.bias, padding=self.kernel // 2)
+        y = op.conv2d(xc, weight, bias, padding=self.kernel // 2)
         return op.permute_dims(y, [0, 2, 3, 1])
 
 
@@ -195,23 +228,32 @@ class Attention(nn.Module):
     """``Sam3Attention``: separate q/k/v/o projections, multi-head softmax attention.
 
     ``query [B, Nq, C]``, ``key``/``value [B, Nk, C]``; ``key_bias`` broadcasts to
-    ``[B, heads, Nq, Nk]`` (e.g. ``key_padding_bias``'s ``[B, 1, 1, Nk]``).
+    ``[B, heads, Nq, Nk]`` (e.g. ``key_padding_bias``'s ``[B, 1, 1, Nk]``). ``internal``:
+    the width q/k/v are projected to (SAM's downsampled attention; default ``hidden``).
     """
 
-    def __init__(self, hidden: int, num_heads: int):
-        if hidden % num_heads:
-            raise ValueError(f"hidden size {hidden} is not a multiple of {num_heads} heads")
+    def __init__(self, hidden: int, num_heads: int, internal: Optional[int] = None):
+        internal = hidden if internal is None else internal
+        if internal % num_heads:
+            raise ValueError(f"attention width {internal} is not a multiple of {num_heads} heads")
         self.num_heads = num_heads
-        self.q_proj = nn.Linear(hidden, hidden)
-        self.k_proj = nn.Linear(hidden, hidden)
-        self.v_proj = nn.Linear(hidden, hidden)
-        self.o_proj = nn.Linear(hidden, hidden)
+        self.q_proj = nn.Linear(hidden, internal)
+        self.k_proj = nn.Linear(hidden, internal)
+        self.v_proj = nn.Linear(hidden, internal)
+        self.o_proj = nn.Linear(internal, hidden)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_bias: Optional[Tensor] = None) -> Tensor:
         out = attention(self.q_proj(query), self.k_proj(key), self.v_proj(value),
                         self.num_heads, key_bias)
         return self.o_proj(out)
+
+
+class EmbeddingTable(nn.Module):
+    """``nn.Embedding`` whose table is used whole (learned tokens): ``weight [n, C]``."""
+
+    def __init__(self, n: int, hidden: int):
+        self.weight = nn.Parameter((n, hidden))
 
 
 class DecoderMLP(nn.Module):

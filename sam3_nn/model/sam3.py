@@ -15,6 +15,15 @@ exported functions follow that:
   the geometry encoder's tokens, its CLS token included, also with no valid box:
   the original SAM 3 runs the geometry encoder on an empty prompt for text-only
   queries (``transformers`` skips it; docs/fidelity.md).
+* with the ``interactive`` part (clicks, a box or a mask select one object: the SAM 1/2
+  task, ``Sam3Image.predict_inst``), ``encode_image`` also returns the tracker neck's maps
+  ``tracker_embeddings.0..2`` (``model.interactive``), and
+  ``predict_masks(tracker_embeddings_0..2, points, point_labels, point_mask, mask_input,
+  mask_valid) -> (pred_masks, iou_scores, object_score_logits)``: points in fixed slots with
+  a mask (``max_points``, a box is two points), the four mask logits (slot 0 the single-mask
+  output, 1..3 the multimask ones). One ViT trunk pass feeds both necks: an image queried
+  with clicks and with concepts is encoded once. A library with ``interactive`` but no
+  ``detector`` builds no detector neck: its ``encode_image`` returns the tracker's maps only.
 * ``release_outputs(token[1]) -> token``: does nothing; every library has it. TVM's
   virtual machine keeps the value of its last call until the next one, so a caller that
   drops its outputs would still hold them (``encode_image``'s FPN maps: 54 MiB at 1008 px)
@@ -29,24 +38,29 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from sam3_nn.config import Sam3Config
-from sam3_nn.interface import RELEASE  # in every library, whatever its parts (see the module doc)
+from sam3_nn.interface import RELEASE, builds_detector_neck  # RELEASE: in every library (module doc)
 from sam3_nn.model.common import flatten_tokens, sine_position_encoding
 from sam3_nn.model.detr_decoder import DetrDecoder, box_cxcywh_to_xyxy
 from sam3_nn.model.detr_encoder import DetrEncoder
 from sam3_nn.model.geometry import GeometryEncoder
 from sam3_nn.model.heads import DotProductScoring, MaskDecoder
+from sam3_nn.model.interactive import InteractiveModel
 from sam3_nn.model.text_encoder import TextEncoder, encode_text
-from sam3_nn.model.vision import VisionModel
+from sam3_nn.model.vision import VisionModel, VisionNeck
 
 MAX_BOXES = 8  # default box-prompt slots of a compiled detect()
+MAX_POINTS = 16  # default point slots of a compiled predict_masks() (a box takes two)
 
 # the checkpoint parts (sam3_nn.weights.parts) a model can hold, and the functions each exports
-PARTS = ("vision", "text", "detector")
+PARTS = ("vision", "text", "detector", "interactive")
+DEFAULT_PARTS = ("vision", "text", "detector")
 FUNCTIONS = {
     "vision": ("encode_image", "image_position_encoding"),
     "text": ("encode_text",),
     "detector": ("detect",),
+    "interactive": ("predict_masks",),
 }
+TRACKER_LEVELS = 3  # the tracker neck's levels (its 0.5x level is dropped, scalp=1)
 
 
 def _last(x: Tensor) -> Tensor:
@@ -59,14 +73,19 @@ def _last(x: Tensor) -> Tensor:
 class Sam3Model(nn.Module):
     """The whole image model, or a subset of its parts (e.g. only the vision encoder)."""
 
-    def __init__(self, cfg: Sam3Config, parts=PARTS, max_boxes: int = MAX_BOXES):
+    def __init__(self, cfg: Sam3Config, parts=DEFAULT_PARTS, max_boxes: int = MAX_BOXES,
+                 max_points: int = MAX_POINTS):
         unknown = sorted(set(parts) - set(PARTS))
         if unknown:
             raise ValueError(f"unknown model parts {unknown}; known: {list(PARTS)}")
+        if "interactive" in parts and "vision" not in parts:
+            raise ValueError("the interactive part needs the vision part (its image features come "
+                             "from encode_image)")
         self.cfg = cfg
         self.parts = tuple(p for p in PARTS if p in parts)
+        self.detector_neck = builds_detector_neck(self.parts)
         if "vision" in self.parts:
-            self.vision_encoder = VisionModel(cfg.vision)
+            self.vision_encoder = VisionModel(cfg.vision, neck=self.detector_neck)
         if "text" in self.parts:
             self.text_encoder = TextEncoder(cfg.text)
             # resizer from the text width to the detector width (HF ``Sam3Model.text_projection``)
@@ -80,20 +99,59 @@ class Sam3Model(nn.Module):
             self.detr_decoder = DetrDecoder(cfg.detr_decoder)
             self.dot_product_scoring = DotProductScoring(cfg.detr_decoder)
             self.mask_decoder = MaskDecoder(cfg.mask_decoder, cfg.mask_decoder_levels())
+        if "interactive" in self.parts:
+            if max_points < 1:
+                raise ValueError(f"max_points must be at least 1, got {max_points}")
+            self.max_points = max_points
+            cfg.tracker_levels()  # checks the FPN scales the tracker neck needs
+            self.tracker_neck = VisionNeck(cfg.vision, TRACKER_LEVELS)
+            self.tracker_model = InteractiveModel(cfg)
 
     def functions(self) -> List[str]:
-        return [f for p in self.parts for f in FUNCTIONS[p]] + [RELEASE]
+        fns = [f for p in self.parts for f in FUNCTIONS[p]
+               if f != "image_position_encoding" or self.detector_neck]
+        return fns + [RELEASE]
 
     def release_outputs(self, token: Tensor) -> Tensor:
         return token
 
     def encode_image(self, pixel_values: Tensor) -> Tuple[Tensor, ...]:
-        """The FPN maps, highest resolution first, channel last (``[B, s, s, 256]``: the
-        layout the model computes and ``detect`` reads; the reference's
-        ``fpn_hidden_states`` are these maps channel first)."""
-        return tuple(self.vision_encoder.forward_nhwc(pixel_values))
+        """The detector's FPN maps, highest resolution first, channel last (``[B, s, s, 256]``:
+        the layout the model computes and ``detect`` reads; the reference's
+        ``fpn_hidden_states`` are these maps channel first), then, with the interactive part,
+        the tracker's (``InteractiveModel.image_embeddings``), from the same trunk output.
+        Every level of both necks is rescaled before any 3x3 convolution: those write the
+        maps the function returns, so they come last (see ``VisionNeck.forward``)."""
+        trunk = self.vision_encoder.backbone(pixel_values)
+        necks = []
+        if self.detector_neck:
+            necks.append(self.vision_encoder.neck.fpn_layers)
+        if "interactive" in self.parts:
+            necks.append(self.tracker_neck.fpn_layers)
+        rescaled = [[layer.rescale(trunk) for layer in layers] for layers in necks]
+        out = []
+        if self.detector_neck:
+            out += [layer.proj2(p) for layer, p in zip(necks[0], rescaled[0])]
+        if "interactive" in self.parts:
+            out += self.tracker_model.image_embeddings(necks[-1], rescaled[-1])
+        return tuple(out)
+
+    def predict_masks(self, tracker_embeddings_0: Tensor, tracker_embeddings_1: Tensor,
+                      tracker_embeddings_2: Tensor, points: Tensor, point_labels: Tensor,
+                      point_mask: Tensor, mask_input: Tensor, mask_valid: Tensor) -> Tuple[Tensor, ...]:
+        """Clicks / a box / a mask against encoded tracker features (``encode_image``'s
+        ``tracker_embeddings``). ``points [B, P, 2]`` float32 pixels of the model input (``S x
+        S``), ``point_labels [B, P]`` (1 positive, 0 negative, 2/3 box corners), ``point_mask
+        [B, P]`` (1 valid, 0 empty slot; valid slots first), ``mask_input [B, 1, 4g, 4g]``
+        low-resolution logits used where ``mask_valid [B]`` is 1. Returns ``pred_masks [B, 4,
+        4g, 4g]`` (slot 0: single-mask output, 1..3: multimask), ``iou_scores [B, 4]``,
+        ``object_score_logits [B, 1]``."""
+        return self.tracker_model.predict_masks(tracker_embeddings_0, tracker_embeddings_1,
+                                                tracker_embeddings_2, points, point_labels,
+                                                point_mask, mask_input, mask_valid)
 
     def image_position_encoding(self, batch) -> Tuple[Tensor, ...]:
+        """The sine position encodings of the detector's FPN maps (``detect``'s input)."""
         dtype = self.vision_encoder.neck.fpn_layers[0].proj1.weight.dtype
         sizes = self.cfg.vision.level_sizes()
         likes = [op.zeros([batch, s, s, 1], dtype) for s in sizes]
@@ -146,6 +204,21 @@ class Sam3Model(nn.Module):
             RELEASE: {"token": nn.spec.Tensor([1], "int32"),
                       "$": {"param_mode": "none", "effect_mode": "none"}},
         }
+        if "interactive" in self.parts:
+            c = self.cfg.vision.fpn_hidden_size
+            s0, s1, s2 = self.cfg.tracker_levels()
+            p = self.max_points
+            spec["predict_masks"] = {
+                "tracker_embeddings_0": nn.spec.Tensor([b, s0, s0, c // 8], dtype),
+                "tracker_embeddings_1": nn.spec.Tensor([b, s1, s1, c // 4], dtype),
+                "tracker_embeddings_2": nn.spec.Tensor([b, s2, s2, c], dtype),
+                "points": nn.spec.Tensor([b, p, 2], "float32"),
+                "point_labels": nn.spec.Tensor([b, p], "int32"),
+                "point_mask": nn.spec.Tensor([b, p], "int32"),
+                "mask_input": nn.spec.Tensor([b, 1, 4 * s2, 4 * s2], dtype),
+                "mask_valid": nn.spec.Tensor([b], "int32"),
+                "$": mode,
+            }
         if "detector" in self.parts:
             c = self.cfg.detr_encoder.hidden_size
             n = self.max_boxes
@@ -164,8 +237,12 @@ class Sam3Model(nn.Module):
 
     def output_names(self) -> Dict[str, List[str]]:
         n = len(self.cfg.vision.scale_factors)
+        image = [f"fpn_hidden_states.{i}" for i in range(n)] if self.detector_neck else []
+        if "interactive" in self.parts:
+            image += [f"tracker_embeddings.{i}" for i in range(TRACKER_LEVELS)]
         names = {
-            "encode_image": [f"fpn_hidden_states.{i}" for i in range(n)],
+            "encode_image": image,
+            "predict_masks": ["pred_masks", "iou_scores", "object_score_logits"],
             "image_position_encoding": [f"fpn_position_encoding.{i}" for i in range(n)],
             "encode_text": ["text_features", "text_mask"],
             "detect": ["pred_logits", "pred_boxes", "pred_masks", "presence_logits", "semantic_seg"],

@@ -161,9 +161,14 @@ class FPNLayer(nn.Module):
 
 
 class VisionNeck(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    """The FPN neck: one ``FPNLayer`` per scale factor (the first ``num_levels`` of them).
+    SAM 3 has two of these on one trunk: the detector's (``convs``) and the tracker's
+    (``sam2_convs``, a copy of the first's structure; its 0.5x level is dropped)."""
+
+    def __init__(self, cfg: VisionConfig, num_levels: int | None = None):
+        scales = cfg.scale_factors if num_levels is None else cfg.scale_factors[:num_levels]
         self.fpn_layers = nn.ModuleList([
-            FPNLayer(cfg.backbone.hidden_size, cfg.fpn_hidden_size, s) for s in cfg.scale_factors
+            FPNLayer(cfg.backbone.hidden_size, cfg.fpn_hidden_size, s) for s in scales
         ])
         self.num_pos_feats = cfg.fpn_hidden_size // 2
 
@@ -181,11 +186,12 @@ class VisionNeck(nn.Module):
 
 
 class VisionModel(nn.Module):
-    """``Sam3VisionModel``: pixels ``[B, 3, S, S]`` -> FPN maps ``[B, 256, s, s]``."""
+    """``Sam3VisionModel``: pixels ``[B, 3, S, S]`` -> FPN maps ``[B, 256, s, s]``.
+    ``neck=False``: the trunk alone (a model whose only neck is the tracker's)."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, neck: bool = True):
         self.backbone = ViTBackbone(cfg.backbone)
-        self.neck = VisionNeck(cfg)
+        self.neck = VisionNeck(cfg) if neck else None
 
     def forward_nhwc(self, pixels: Tensor) -> List[Tensor]:
         return self.neck(self.backbone(pixels))

@@ -36,6 +36,8 @@ from safetensors import safe_open
 from sam3_nn.config import Sam3Config
 from sam3_nn.runtime import ffi
 from sam3_nn.runtime.engine import CompiledModel, LibraryError, read_manifest
+from sam3_nn.runtime.interactive import MAX_HOLE_AREA, InteractiveResult, make_prompt
+from sam3_nn.runtime.interactive import post_process as post_process_interactive
 from sam3_nn.runtime.postprocess import Detections, post_process_instances
 from sam3_nn.runtime.preprocess import (ImageLike, InputError, boxes_to_model, check_boxes,
                                         load_image, normalize, resize_uint8)
@@ -43,8 +45,9 @@ from sam3_nn.runtime.io import check_fraction
 from sam3_nn.runtime.tokenizer import CLIP_BPE, Sam3Tokenizer, TokenizerError
 from sam3_nn.weights import CheckpointError, load_converted, load_params, open_checkpoint
 
-__all__ = ["Sam3", "ImageState", "Detections", "LibraryError", "InputError", "PromptTruncatedWarning",
-           "config_fingerprint", "load_weights", "check_weights", "check_prompt", "load_tokenizer"]
+__all__ = ["Sam3", "ImageState", "Detections", "InteractiveResult", "LibraryError", "InputError",
+           "PromptTruncatedWarning", "config_fingerprint", "load_weights", "check_weights", "check_prompt",
+           "load_tokenizer"]
 
 # what ``Sam3Processor`` feeds as the text of a box-only prompt
 VISUAL_PROMPT = "visual"
@@ -121,9 +124,12 @@ def check_checkpoint_config(source_path: str, config: Optional[dict], manifest: 
     if config is None:
         return
     try:
-        theirs = Sam3Config.from_hf(config).to_dict()
+        # sections the file does not describe (a tracker snapshot has no text encoder) are the
+        # library's; sections the library does not record are not compared
+        theirs = Sam3Config.from_hf(config, base=Sam3Config.from_dict(manifest["config"])).to_dict()
     except (ValueError, TypeError) as e:
         raise LibraryError(f"{source_path}/config.json: {e}") from e
+    theirs = {k: v for k, v in theirs.items() if k in manifest["config"]}
     if config_fingerprint(theirs) != config_fingerprint(manifest["config"]):
         raise LibraryError(
             f"checkpoint {source_path} is a different model than the library was compiled for: "
@@ -267,6 +273,8 @@ class ImageState:
     timings: Dict[str, float] = field(default_factory=dict)
     # the Sam3 whose device memory holds the features (a state is used with that model only)
     owner: Optional[object] = field(default=None, repr=False, compare=False)
+    # the tracker neck's maps (libraries with the interactive part): predict_points' input
+    tracker_features: List = field(default_factory=list)
 
 
 def _input_role(name: str) -> Tuple[str, int]:
@@ -333,6 +341,16 @@ def truncation_message(text: str, dropped: int, context: int) -> str:
     return (f"text prompt {short!r} is longer than the model's text context ({context} tokens with "
             f"the start and end tokens): its last {dropped} tokens are ignored, as the original "
             f"SAM 3 ignores them")
+
+
+def split_image_outputs(spec: Dict, outputs: List) -> Tuple[List, List]:
+    """``encode_image``'s outputs -> (the detector's FPN maps, the tracker's maps), by the
+    manifest's output names (``tracker_embeddings.*``: the interactive part's)."""
+    names = [o["name"] for o in spec["outputs"]]
+    if len(names) != len(outputs):
+        raise LibraryError(f"encode_image returned {len(outputs)} outputs, its manifest names {len(names)}")
+    tracker = [o for n, o in zip(names, outputs) if n.startswith("tracker_embeddings.")]
+    return [o for n, o in zip(names, outputs) if not n.startswith("tracker_embeddings.")], tracker
 
 
 class Sam3:
@@ -422,8 +440,10 @@ class Sam3:
         t1 = time.perf_counter()
         features = self.model.call_device("encode_image", pixels)
         t2 = time.perf_counter()
+        features, tracker = split_image_outputs(self.functions["encode_image"], features)
         return ImageState((int(rgb.shape[0]), int(rgb.shape[1])), rgb, features,
-                          {"preprocess": t1 - t0, "encode_image": t2 - t1}, owner=self)
+                          {"preprocess": t1 - t0, "encode_image": t2 - t1}, owner=self,
+                          tracker_features=tracker)
 
     def _check_state(self, state: ImageState) -> None:
         if not isinstance(state, ImageState):
@@ -552,3 +572,32 @@ class Sam3:
         mask_threshold = check_fraction("mask_threshold", mask_threshold)
         raw = self.detect(state, text, boxes, box_labels)
         return post_process_instances(raw, state.original_size, score_threshold, mask_threshold)
+
+    # -- interactive (clicks, a box, a mask) ---------------------------------
+    def predict_points(self, state: ImageState, points: Optional[Sequence[Sequence[float]]] = None,
+                       labels: Optional[Sequence[int]] = None,
+                       box: Optional[Sequence[float]] = None, mask_input: Optional[np.ndarray] = None,
+                       multimask: bool = True, mask_threshold: float = 0.0,
+                       max_hole_area: float = MAX_HOLE_AREA) -> InteractiveResult:
+        """One object selected by clicks ``(x, y)`` (pixels of the original image; ``labels``
+        1 positive / 0 negative, default all positive), a ``box`` (``xyxy`` pixels), and/or a
+        previous result's ``low_res_logits[k]`` as ``mask_input``, as the original SAM 3's
+        ``predict_inst``: 3 candidate masks (``multimask``) or 1, at the original size (logits
+        ``> mask_threshold`` after hole filling up to ``max_hole_area`` low-res pixels), their
+        predicted IoU, the object score logit and the low-res logits for refinement. Reuses
+        the image's encoding: any number of calls cost one ``encode_image``."""
+        self._require("predict_masks", "interactive segmentation (points, a box or a mask)")
+        self._check_state(state)
+        if not state.tracker_features:
+            raise LibraryError("this image state holds no tracker features (it was encoded by a library "
+                               "without the interactive part)")
+        spec = {i["name"]: i for i in self.functions["predict_masks"]["inputs"]}
+        prompt = make_prompt(points, labels, box, mask_input, state.original_size, self.image_size,
+                             int(spec["points"]["shape"][1]), int(spec["mask_input"]["shape"][-1]))
+        out = self.model("predict_masks", *state.tracker_features, prompt.points, prompt.labels,
+                         prompt.mask, prompt.mask_input.astype(spec["mask_input"]["dtype"]),
+                         prompt.mask_valid)
+        names = [o["name"] for o in self.functions["predict_masks"]["outputs"]]
+        raw = {n: o.astype(np.float32) for n, o in zip(names, out)}
+        return post_process_interactive(raw, multimask, state.original_size, mask_threshold, max_hole_area)
+

@@ -16,6 +16,8 @@ PALETTE = [
 ]
 
 PROMPT_COLOR = (255, 255, 255)
+POINT_POSITIVE = (0, 200, 0)
+POINT_NEGATIVE = (230, 0, 0)
 
 
 def _font(size: int):
@@ -28,10 +30,13 @@ def _font(size: int):
 def draw_overlay(rgb: np.ndarray, boxes: np.ndarray, scores: np.ndarray, masks: np.ndarray,
                  label: str = "", alpha: float = 0.45,
                  prompt_boxes: Optional[Sequence[Sequence[float]]] = None,
-                 prompt_labels: Optional[Sequence[int]] = None) -> Image.Image:
+                 prompt_labels: Optional[Sequence[int]] = None,
+                 prompt_points: Optional[Sequence[Sequence[float]]] = None,
+                 prompt_point_labels: Optional[Sequence[int]] = None) -> Image.Image:
     """``rgb`` ``[H, W, 3]`` uint8 + objects -> RGB PIL image.
 
-    Prompt boxes (if given) are drawn dashed-looking in white (positive) or black (negative).
+    Prompt boxes (if given) are drawn dashed-looking in white (positive) or black (negative);
+    prompt points (clicks) as discs, green (positive) or red (negative), outlined in white.
     """
     h, w = rgb.shape[:2]
     out = rgb.astype(np.float32)
@@ -60,4 +65,10 @@ def draw_overlay(rgb: np.ndarray, boxes: np.ndarray, scores: np.ndarray, masks: 
         c = (0, 0, 0) if neg else PROMPT_COLOR
         x0, y0, x1, y1 = (float(v) for v in b)
         draw.rectangle([x0, y0, x1, y1], outline=c, width=max(1, width // 2))
+    radius = max(3, round(min(h, w) / 120))
+    for k, (x, y) in enumerate(prompt_points or []):
+        neg = prompt_point_labels is not None and int(prompt_point_labels[k]) == 0
+        fill = POINT_NEGATIVE if neg else POINT_POSITIVE
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=fill,
+                     outline=PROMPT_COLOR, width=max(1, radius // 3))
     return img

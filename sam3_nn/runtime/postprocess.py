@@ -53,10 +53,16 @@ def resize_bilinear(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     flat_in = x.reshape(-1, in_h, in_w)
     flat_out = out.reshape(-1, out_h, out_w)
     for k in range(flat_in.shape[0]):  # one map at a time: bounded memory
-        a, b = flat_in[k][h0], flat_in[k][h1]
-        top = wl0 * a[:, w0] + wl1 * a[:, w1]
-        bot = wl0 * b[:, w0] + wl1 * b[:, w1]
-        flat_out[k] = hl0 * top + hl1 * bot
+        # each source row interpolated along the width once; output rows then mix two of
+        # them: the same products and sums as PyTorch's, on in_h rows instead of out_h
+        a = flat_in[k]
+        rows = wl0 * a[:, w0] + wl1 * a[:, w1]
+        o = flat_out[k]
+        np.take(rows, h0, axis=0, out=o)  # in place: no full-size temporaries but one
+        o *= hl0
+        other = np.take(rows, h1, axis=0)
+        other *= hl1
+        o += other
     return out
 
 

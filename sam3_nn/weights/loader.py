@@ -25,7 +25,9 @@ from safetensors import safe_open
 from sam3_nn.config import Sam3Config
 from sam3_nn.errors import UserError
 from sam3_nn.weights.mapping import ParamMapping
-from sam3_nn.weights.parts import PARTS, Part
+from sam3_nn.interface import builds_detector_neck
+from sam3_nn.weights.parts import PARTS, Context, Part
+from sam3_nn.weights.tracker_map import VIDEO_TRACKER
 
 
 # the largest finite value of the narrow dtypes a library may take its weights in
@@ -164,8 +166,14 @@ def source_prefix(source: TensorSource, part: Part) -> Optional[str]:
 
 def build_mapping(cfg: Sam3Config, source: TensorSource, parts: Sequence[str]) -> ParamMapping:
     m = ParamMapping(source.fmt)
+    ctx = Context(tuple(parts), {part.name: source_prefix(source, part) for part in PARTS})
+    if source.fmt == "hf" and ctx.prefixes["interactive"] == "" and builds_detector_neck(parts) \
+            and "vision" in parts:
+        raise CheckpointError(
+            f"{source.path}: a Sam3TrackerModel checkpoint: its vision encoder's neck is the "
+            "tracker's, and it holds no detector; it serves a library of parts vision,interactive")
     for part in PARTS:
-        prefix = source_prefix(source, part)
+        prefix = ctx.prefixes[part.name]
         if part.name in parts:
             if prefix is None:
                 raise CheckpointError(
@@ -173,12 +181,14 @@ def build_mapping(cfg: Sam3Config, source: TensorSource, parts: Sequence[str]) -
                     f"(looked for names like {part.prefixes[source.fmt][0]}{part.probe[source.fmt]}...); "
                     "is this a SAM 3 checkpoint?"
                 )
-            part.add(m, cfg, prefix)
-        elif prefix is not None:
-            for owned in part.owns[source.fmt]:
+            part.add(m, cfg, prefix, ctx)
+        else:
+            for owned in part.owns[source.fmt] if prefix is not None else ():
                 m.part(prefix + owned, f"{part.description}: not built in this model")
-    for prefix, desc in (("tracker.", "video tracker: not part of the image model"),):
-        m.part(prefix, desc)
+            for owned in part.owns_outside(source.fmt, ctx):
+                m.part(owned, f"{part.description}: not built in this model")
+    for prefix in ("tracker.", "tracker_model."):
+        m.part(prefix, VIDEO_TRACKER)
     return m
 
 

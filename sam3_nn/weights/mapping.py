@@ -77,8 +77,11 @@ class ParamMapping:
         assert ours.startswith(our_prefix)
         self.add(ours, src_prefix + ours[len(our_prefix):])
 
-    def ignore(self, pattern: str, reason: str):
-        self.unused.append((re.compile(pattern), reason))
+    def ignore(self, pattern: str, reason: str, first: bool = False):
+        """Tensors matching ``pattern`` are not loaded, for ``reason`` (``first``: this rule
+        wins over the ones added before it)."""
+        rule = (re.compile(pattern), reason)
+        self.unused.insert(0, rule) if first else self.unused.append(rule)
 
     def part(self, prefix: str, description: str):
         """Source tensors under ``prefix`` belong to a part described as ``description``."""

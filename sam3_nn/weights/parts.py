@@ -7,15 +7,26 @@ contain are reported as such, never silently dropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
 
 from sam3_nn.config import Sam3Config
+from sam3_nn.interface import builds_detector_neck
 from sam3_nn.weights.mapping import ParamMapping
 from sam3_nn.weights.decoder_map import add_decoder_parts
 from sam3_nn.weights.encoder_map import add_encoder_parts
 from sam3_nn.weights.text_map import add_text
+from sam3_nn.weights.tracker_map import add_interactive
 from sam3_nn.weights.vision_map import add_vision
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a part's rules may depend on besides its own prefix: the parts the model
+    builds and where every part present in the checkpoint lives (None: absent)."""
+
+    parts: Tuple[str, ...]
+    prefixes: Dict[str, Optional[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -28,35 +39,53 @@ class Part:
     probe: Dict[str, str]
     # what, under the prefix, the part owns (for reporting unbuilt parts)
     owns: Dict[str, Tuple[str, ...]]
-    add: Callable[[ParamMapping, Sam3Config, str], None]
+    add: Callable[[ParamMapping, Sam3Config, str, Context], None]
+    # what the part owns outside its prefix (absolute names), from the context
+    owns_outside: Callable[[str, Context], Tuple[str, ...]] = lambda fmt, ctx: ()
 
 
-def _not_built(m, cfg, prefix):  # pragma: no cover - placeholder until the part exists
-    raise NotImplementedError
+def _tracker_neck(fmt: str, ctx: Context) -> Tuple[str, ...]:
+    """Where the tracker's neck lives: beside the detector's in sam3.pt, ``tracker_neck.`` in
+    an HF ``Sam3VideoModel``, the vision encoder's own neck in a ``Sam3TrackerModel``."""
+    vision = ctx.prefixes.get("vision")
+    if fmt == "pt":
+        return (vision + "sam2_convs.",) if vision is not None else ()
+    return ("tracker_neck.",) if ctx.prefixes.get("interactive") == "tracker_model." else ()
 
 
 PARTS = [
     Part(
         "vision", "vision backbone (ViT + FPN neck)",
-        {"hf": ("vision_encoder.", ""), "pt": ("detector.backbone.vision_backbone.", "backbone.vision_backbone.")},
+        {"hf": ("detector_model.vision_encoder.", "vision_encoder.", ""),
+         "pt": ("detector.backbone.vision_backbone.", "backbone.vision_backbone.")},
         {"hf": "backbone.embeddings.", "pt": "trunk."},
         {"hf": ("",), "pt": ("",)},
-        lambda m, cfg, prefix: add_vision(m, cfg.vision, prefix),
+        lambda m, cfg, prefix, ctx: add_vision(m, cfg.vision, prefix, builds_detector_neck(ctx.parts)),
     ),
     Part(
         "text", "text encoder",
-        {"hf": ("",), "pt": ("detector.", "")},
+        {"hf": ("detector_model.", ""), "pt": ("detector.", "")},
         {"hf": "text_encoder.", "pt": "backbone.language_backbone."},
         {"hf": ("text_encoder.", "text_projection."), "pt": ("backbone.language_backbone.",)},
-        lambda m, cfg, prefix: add_text(m, cfg.text, prefix),
+        lambda m, cfg, prefix, ctx: add_text(m, cfg.text, prefix),
     ),
     Part(
         "detector", "detector (geometry encoder, DETR encoder/decoder, heads)",
-        {"hf": ("",), "pt": ("detector.", "")},
+        {"hf": ("detector_model.", ""), "pt": ("detector.", "")},
         {"hf": "detr_decoder.", "pt": "transformer.decoder."},
         {"hf": ("geometry_encoder.", "detr_encoder.", "detr_decoder.", "mask_decoder.",
                 "dot_product_scoring."),
          "pt": ("geometry_encoder.", "transformer.", "segmentation_head.", "dot_prod_scoring.")},
-        lambda m, cfg, prefix: (add_encoder_parts(m, cfg, prefix), add_decoder_parts(m, cfg, prefix)),
+        lambda m, cfg, prefix, ctx: (add_encoder_parts(m, cfg, prefix), add_decoder_parts(m, cfg, prefix)),
+    ),
+    Part(
+        "interactive", "interactive segmentation (tracker neck, prompt encoder, mask decoder)",
+        {"hf": ("tracker_model.", ""), "pt": ("",)},
+        {"hf": "prompt_encoder.not_a_point_embed.weight",
+         "pt": "tracker.sam_prompt_encoder.not_a_point_embed.weight"},
+        {"hf": ("prompt_encoder.", "mask_decoder.", "shared_image_embedding.", "no_memory_embedding"),
+         "pt": ("tracker.sam_prompt_encoder.", "tracker.sam_mask_decoder.", "tracker.no_mem_embed")},
+        lambda m, cfg, prefix, ctx: add_interactive(m, cfg, prefix, ctx.prefixes.get("vision") or ""),
+        _tracker_neck,
     ),
 ]

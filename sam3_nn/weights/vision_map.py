@@ -6,6 +6,8 @@ the fused attention projection ``attention.qkv`` (HF: q/k/v_proj; sam3.pt: qkv).
 
 from __future__ import annotations
 
+import re
+
 from sam3_nn.config import VisionConfig
 from sam3_nn.weights.mapping import ParamMapping, concat0, drop_first_token
 
@@ -13,8 +15,12 @@ OURS = "vision_encoder."
 PT = "backbone.vision_backbone."
 
 
-def add_vision(m: ParamMapping, cfg: VisionConfig, src: str) -> None:
-    """Add the vision rules; ``src`` is the format's prefix of the vision tensors."""
+NO_NECK = "detector FPN neck: not built in this model (interactive part without the detector)"
+
+
+def add_vision(m: ParamMapping, cfg: VisionConfig, src: str, neck: bool = True) -> None:
+    """Add the vision rules; ``src`` is the format's prefix of the vision tensors; ``neck``:
+    whether the model has the detector's FPN neck (``interface.builds_detector_neck``)."""
     bb = cfg.backbone
     ob = OURS + "backbone."
     if m.fmt == "hf":
@@ -29,6 +35,9 @@ def add_vision(m: ParamMapping, cfg: VisionConfig, src: str) -> None:
                 for n in ("attention.o_proj", "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):
                     m.add(f"{o}{n}.{t}", f"{s}{n}.{t}")
         m.ignore(r"rotary_emb\.", "RoPE buffers (computed in-kernel)")
+        if not neck:
+            m.ignore(r"^" + re.escape(src) + r"neck\.", NO_NECK)
+            return
         for lvl, scale in enumerate(cfg.scale_factors):
             o, s = f"{OURS}neck.fpn_layers.{lvl}.", f"{src}neck.fpn_layers.{lvl}."
             for t in ("weight", "bias"):
@@ -50,8 +59,9 @@ def add_vision(m: ParamMapping, cfg: VisionConfig, src: str) -> None:
                                  ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
                 m.add(f"{o}{ours}.{t}", f"{s}{theirs}.{t}")
     m.ignore(r"\.freqs_cis$", "precomputed complex RoPE table (computed in-kernel)")
-    m.ignore(r"^" + src.replace(".", r"\.") + r"sam2_convs\.",
-             "SAM 2-style neck of the video tracker (not part of the image model)")
+    if not neck:
+        m.ignore(r"^" + re.escape(src) + r"convs\.", NO_NECK)
+        return
     for lvl, scale in enumerate(cfg.scale_factors):
         o, s = f"{OURS}neck.fpn_layers.{lvl}.", f"{src}convs.{lvl}."
         names = {"scale_layers.0": "dconv_2x2_0" if scale == 4.0 else "dconv_2x2",

@@ -200,6 +200,21 @@ def test_failed_link_leaves_nothing(metal_build, tmp_path, monkeypatch):
     assert files_in(out) == []
 
 
+@needs_ld64
+def test_metal_builds_the_interactive_part(tmp_path):
+    """The interactive part (tracker neck, prompt encoder, SAM mask decoder) compiles and links
+    for Metal: its kernels are in the dylib's Metal source."""
+    from tests.refs import tiny_config
+
+    art = build_mod.build(tiny_config(), BuildOptions(target="metal", parts=("vision", "interactive")),
+                          str(tmp_path))
+    manifest = json.load(open(art["manifest"]))
+    assert set(manifest["functions"]) == {"encode_image", "predict_masks", "release_outputs"}
+    text = open(art["library"], "rb").read().decode("latin-1")
+    in_dylib = sorted(set(re.findall(r"kernel\s+void\s+(\w+)\s*\(", text)))
+    assert in_dylib == manifest["kernels"] and any("attention" in k for k in in_dylib)
+
+
 def test_missing_linker_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(targets, "find_tool", lambda names: None)
     out = tmp_path / "out"

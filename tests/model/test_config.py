@@ -84,3 +84,24 @@ def test_config_values_of_the_wrong_type_are_named(tmp_path):
     c.vision.backbone.image_size = -1008
     with pytest.raises(ValueError, match="image_size"):
         c.validate()
+
+
+def test_from_hf_tracker_and_video_configs():
+    """``Sam3TrackerConfig`` (vision + prompt encoder + mask decoder) and ``Sam3VideoConfig``
+    (detector + tracker): the released defaults read back as ours; a tiny tracker config
+    gives its sizes, sections it does not describe come from ``base``."""
+    from transformers import Sam3TrackerConfig, Sam3VideoConfig
+
+    from tests.refs import tiny_tracker_hf_config
+
+    assert Sam3Config.from_hf(Sam3TrackerConfig().to_dict()).to_dict() == Sam3Config().to_dict()
+    assert Sam3Config.from_hf(Sam3VideoConfig().to_dict()).to_dict() == Sam3Config().to_dict()
+    base = Sam3Config()
+    base.text.num_hidden_layers = 3
+    tiny = Sam3Config.from_hf(tiny_tracker_hf_config().to_dict(), base=base)
+    assert tiny.vision.fpn_hidden_size == 32 and tiny.tracker.num_attention_heads == 2
+    assert tiny.tracker.mlp_dim == 64 and tiny.tracker.iou_head_hidden_dim == 32
+    assert tiny.text.num_hidden_layers == 3  # not in a tracker config: the base's
+    assert tiny.tracker_levels() == [48, 24, 12]
+    with pytest.raises(ValueError, match="hidden_size 64 differs from the FPN's 32"):
+        Sam3Config.from_hf(tiny_tracker_hf_config(mask_decoder_config={"hidden_size": 64}).to_dict())

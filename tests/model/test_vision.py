@@ -108,7 +108,7 @@ def test_parity_sam3_pt(reference, library, tmp_path):
     torch.save({"model": original_layout(model)}, path)
     params, report = load_params(cfg, open_checkpoint(path), expected_params(lib), ["vision"])
     reasons = " | ".join(report.unused)
-    assert "complex RoPE" in reasons and "video tracker" in reasons
+    assert "complex RoPE" in reasons and "tracker neck" in reasons  # sam2_convs: interactive part
     maps, _ = _run(library, params, pixels)
     for i, (ours, ref) in enumerate(zip(maps, out.fpn_hidden_states)):
         assert_close(ours, ref, RTOL, ATOL, f"fpn level {i} (sam3.pt)")

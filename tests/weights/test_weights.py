@@ -218,7 +218,10 @@ def test_converted_rejects_foreign_file(tmp_path):
 
 def test_whole_released_checkpoint_is_accounted_for():
     """Every tensor of the released sam3.pt layout: mapped onto the full-size model
-    (all parts), or unused with a stated reason; tracker.* is the video tracker."""
+    (all parts), or unused with a stated reason. The interactive part takes the tracker
+    neck's three used levels (``sam2_convs.0..2``), ``tracker.sam_prompt_encoder.*``,
+    ``tracker.sam_mask_decoder.*`` and ``tracker.no_mem_embed``; the rest of ``tracker.*``
+    is the video tracker."""
     from sam3_nn.model.sam3 import PARTS, Sam3Model
 
     model = Sam3Model(Sam3Config(), parts=PARTS)
@@ -233,8 +236,94 @@ def test_whole_released_checkpoint_is_accounted_for():
     detector_unused = {n: r for n, r in unused.items() if n.startswith("detector.")}
     for n, r in detector_unused.items():
         assert not r.endswith("not built in this model"), f"{n}: {r}"
-    tracker = [n for n in src.meta if n.startswith("tracker.")]
-    assert tracker and all("video tracker" in unused[n] for n in tracker)
+    interactive = [n for n in src.meta if n.startswith(("tracker.sam_prompt_encoder.",
+                                                          "tracker.sam_mask_decoder.", "tracker.no_mem_embed"))]
+    neck = [n for n in src.meta if ".sam2_convs." in n]
+    assert len(interactive) == 17 + 131 + 1 and len(neck) == 22  # prompt encoder, decoder, no_mem_embed
+    assert set(interactive) <= used
+    assert all(n in used for n in neck if ".sam2_convs.3." not in n)
+    assert all("0.5x level" in unused[n] for n in neck if ".sam2_convs.3." in n)
+    video = [n for n in src.meta if n.startswith("tracker.") and n not in interactive]
+    assert len(video) == 309 - len(interactive)
+    assert video and all("video tracker" in unused[n] for n in video)
     # shapes: every mapped parameter is built with the shape the model expects
     params, _ = load_params(Sam3Config(), src, expected, PARTS)
     assert all(params[n].shape == expected[n][0] for n in expected)
+    # the one Gaussian matrix of the original feeds both position encodings
+    assert report.mapped["tracker_model.shared_image_embedding.positional_embedding"] == \
+        report.mapped["tracker_model.prompt_encoder.shared_embedding.positional_embedding"] == \
+        ("tracker.sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",)
+
+
+def _plan_for(parts, src, cfg=None):
+    from sam3_nn.model.sam3 import Sam3Model
+
+    cfg = cfg or Sam3Config()
+    model = Sam3Model(cfg, parts=parts)
+    expected = {n: (tuple(int(s) for s in p.shape), "float32") for n, p in model.named_parameters()}
+    _, report = plan(cfg, src, expected, parts, strict=True)
+    used = {n for names in report.mapped.values() for n in names}
+    unused = {n: r for r, names in report.unused.items() for n in names}
+    assert len(report.mapped) == len(expected) and set(src.meta) == used | set(unused)
+    return report, used, unused
+
+
+def test_released_layout_interactive_only():
+    """A library of parts vision + interactive: the tracker neck alone, the detector's neck
+    (``convs.*``) and the detector, text and video tracker reported with their reasons."""
+    src = fixture_source()
+    _, used, unused = _plan_for(("vision", "interactive"), src)
+    convs = [n for n in src.meta if n.startswith("detector.backbone.vision_backbone.convs.")]
+    assert convs and all("detector FPN neck: not built" in unused[n] for n in convs)
+    assert all(".sam2_convs." in n or not n.startswith("detector.backbone.vision_backbone.conv")
+               for n in used)
+    assert any("text encoder: not built" in r for r in unused.values())
+    assert any("detector (geometry encoder" in r for r in unused.values())
+    # without the interactive part its tensors are reported as such
+    _, _, unused = _plan_for(("vision", "text", "detector"), src)
+    assert all("interactive segmentation" in unused[n] and "not built" in unused[n]
+               for n in src.meta if n.startswith(("tracker.sam_", "detector.backbone.vision_backbone.sam2_convs.")))
+
+
+@pytest.fixture(scope="module")
+def hf_tiny_tracker_layouts():
+    """Tiny ``transformers`` models: a ``Sam3TrackerModel`` and a ``Sam3VideoModel`` (the
+    layout of the hub's ``facebook/sam3``: ``detector_model.``, ``tracker_model.``,
+    ``tracker_neck.``), with the config our tiny tracker tests use."""
+    from transformers import Sam3TrackerModel, Sam3VideoConfig, Sam3VideoModel
+
+    from tests.refs import tiny_hf_config, tiny_tracker_hf_config
+
+    tracker_cfg = tiny_tracker_hf_config()
+    video_tracker = {k: tracker_cfg.to_dict()[k]
+                     for k in ("vision_config", "prompt_encoder_config", "mask_decoder_config")}
+    video = Sam3VideoModel(Sam3VideoConfig(detector_config=tiny_hf_config().to_dict(),
+                                           tracker_config=dict(video_tracker, image_size=168)))
+    return Sam3TrackerModel(tracker_cfg).state_dict(), video.state_dict(), video.config
+
+
+def test_hf_tracker_layouts_fully_mapped(hf_tiny_tracker_layouts):
+    """Both HF layouts: every tensor mapped or unused with a reason; a Sam3TrackerModel
+    checkpoint (whose vision neck is the tracker's) refused for a library with the
+    detector's neck."""
+    from tests.refs import state_dict_source
+
+    tracker_sd, video_sd, video_cfg = hf_tiny_tracker_layouts
+    cfg = Sam3Config.from_hf(video_cfg.to_dict())
+    tracker_src = state_dict_source(tracker_sd)
+    report, used, unused = _plan_for(("vision", "interactive"), tracker_src, cfg)
+    assert {n for n in tracker_sd if n.startswith(("prompt_encoder.", "mask_decoder."))} <= used
+    assert all("0.5x level" in unused[n] for n in tracker_sd if n.startswith("vision_encoder.neck.fpn_layers.3."))
+    assert report.mapped["tracker_neck.fpn_layers.0.proj2.weight"] == ("vision_encoder.neck.fpn_layers.0.proj2.weight",)
+    with pytest.raises(CheckpointError, match="Sam3TrackerModel checkpoint"):
+        _plan_for(("vision", "text", "detector", "interactive"), tracker_src, cfg)
+
+    from sam3_nn.model.sam3 import PARTS
+
+    report, used, unused = _plan_for(PARTS, state_dict_source(video_sd), cfg)
+    assert report.mapped["tracker_neck.fpn_layers.0.proj2.weight"] == ("tracker_neck.fpn_layers.0.proj2.weight",)
+    assert report.mapped["vision_encoder.neck.fpn_layers.0.proj2.weight"] == \
+        ("detector_model.vision_encoder.neck.fpn_layers.0.proj2.weight",)
+    video = [n for n in video_sd if n.startswith("tracker_model.") and n not in used]
+    assert video and all("video tracker" in unused[n] for n in video)
+    assert all("0.5x level" in unused[n] for n in video_sd if n.startswith("tracker_neck.fpn_layers.3."))
