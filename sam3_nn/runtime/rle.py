@@ -8,11 +8,16 @@ gives ``bytes``); ``decode`` takes that form, ``bytes`` counts, or uncompressed 
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Sequence, Union
 
 import numpy as np
 from pycocotools import mask as _coco_mask
 
+# pycocotools' decode converts its RLE objects without numpy 2's ``copy`` keyword: a warning
+# per call about their API, nothing about the result
+warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword",
+                        category=DeprecationWarning, module="pycocotools")
 Rle = Dict[str, Union[List[int], str]]
 
 
