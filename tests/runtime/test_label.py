@@ -334,6 +334,29 @@ def test_store_recovers_unindexed_shards_and_drops_duplicates(tmp_path):
         ShardStore(str(tmp_path / "other")).begin({"options": {}})
 
 
+def test_fast_masks_equal_post_process_instances():
+    """``label.masks``: the same scores, boxes and masks as ``post_process_instances``, for
+    thresholds inside and outside the logit band, up- and down-sizing, and logits placed right
+    at the threshold's logit (where only the float32 sigmoid decides)."""
+    import math
+
+    from sam3_nn.runtime.label.masks import post_process
+    from sam3_nn.runtime.postprocess import post_process_instances
+    from tests.runtime.test_runtime import random_raw
+
+    for seed, size in enumerate([(100, 160), (17, 13), (300, 41), (24, 20)]):
+        raw = random_raw(seed, queries=12)
+        for mask_threshold in (0.5, 0.3, 0.9, 0.0005):
+            edge = np.float32(math.log(mask_threshold / (1 - mask_threshold)))
+            raw["pred_masks"][0, :2] = edge + np.float32(1e-6) * np.arange(-240, 240).reshape(24, 20)
+            ref = post_process_instances(raw, size, 0.1, mask_threshold)
+            scores, boxes, masks = post_process(raw, size, 0.1, mask_threshold)
+            np.testing.assert_array_equal(scores, ref.scores)
+            np.testing.assert_array_equal(boxes, ref.boxes)
+            np.testing.assert_array_equal(masks, ref.masks)
+            assert 0 < masks.sum() < masks.size
+
+
 # ----------------------------------------------------------------------------
 # NMS, options, errors
 # ----------------------------------------------------------------------------

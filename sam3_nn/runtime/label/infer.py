@@ -7,8 +7,8 @@
   (a batch-N library's N; the last batch padded with copies of its last image, whose outputs
   are dropped), then one ``detect`` per concept on the whole batch; the text of each concept
   is encoded once per job;
-* ``finish`` (any thread): post-processing as ``Sam3.predict`` (same function, same
-  arguments), NMS and the per-image cap, masks to COCO RLE.
+* ``finish`` (any thread): post-processing with ``Sam3.predict``'s results (``masks``: the same
+  floats, fewer passes), NMS and the per-image cap, masks to COCO RLE.
 
 A record (one JSON line of a shard, ``store``) is ``{"key", "file", "status": "ok", "height",
 "width", "objects": [{"concept": index, "score", "box": xyxy pixels, "area", "segmentation":
@@ -27,7 +27,7 @@ from sam3_nn.runtime import rle
 from sam3_nn.runtime.api import Sam3, _input_role
 from sam3_nn.runtime.engine import LibraryError
 from sam3_nn.runtime.label.options import Exemplars, ImageItem, LabelError, LabelOptions
-from sam3_nn.runtime.postprocess import post_process_instances
+from sam3_nn.runtime.label.masks import post_process
 from sam3_nn.runtime.preprocess import (InputError, boxes_to_model, check_boxes, load_image, normalize,
                                         resize_uint8)
 
@@ -135,11 +135,11 @@ class BatchLabeler:
         o = self.options
         scores, concept, boxes, masks = [], [], [], []
         for ci, c in enumerate(o.concepts):
-            det = post_process_instances(raw[c], p.size, o.threshold(c), o.mask_threshold)
-            scores.append(det.scores)
-            concept.append(np.full(len(det), ci, np.int64))
-            boxes.append(det.boxes)
-            masks.append(det.masks)
+            s, b, m = post_process(raw[c], p.size, o.threshold(c), o.mask_threshold)
+            scores.append(s)
+            concept.append(np.full(len(s), ci, np.int64))
+            boxes.append(b)
+            masks.append(m)
         scores_a, concept_a = np.concatenate(scores), np.concatenate(concept)
         boxes_a, masks_a = np.concatenate(boxes), np.concatenate(masks)
         rles = rle.encode_many(masks_a)
