@@ -249,6 +249,53 @@ def test_yolo_seg_files_parse_and_trace_the_masks(labelled, expected, images):
             assert mask[px[:, 1], px[:, 0]].all()
 
 
+def test_coco_polygons(labelled, tmp_path):
+    """``--polygons``: outer contours whose corners lie on the mask, loadable by pycocotools; a
+    mask too small for a 3-point contour keeps its RLE."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    from sam3_nn.runtime.label.export import coco_dict, write_coco
+
+    records = ShardStore(str(labelled["out"])).records()
+    dot = np.zeros((40, 60), bool)
+    dot[5, 7] = True
+    shapes = np.zeros((40, 60), bool)
+    shapes[10:30, 20:50] = True  # a rectangle: 4 corners at the corner pixels
+    shapes[2:5, 2:5] = True  # and a 3x3 square: a second part
+    obj = lambda m: {"concept": 1, "score": 0.9, "box": [0, 0, 1, 1], "area": int(m.sum()),  # noqa: E731
+                     "segmentation": rle.encode(m)}
+    records.append({"key": "zz-shapes.png", "file": "x", "status": "ok", "height": 40, "width": 60,
+                    "objects": [obj(dot), obj(shapes)]})
+    dataset, kept = coco_dict(records, CONCEPTS, polygons=True)
+    assert kept == 1
+    write_coco(str(tmp_path / "poly.json"), dataset)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(tmp_path / "poly.json"))
+    last = max(coco.imgs)
+    dot_ann, shapes_ann = coco.loadAnns(coco.getAnnIds(imgIds=[last]))
+    np.testing.assert_array_equal(coco.annToMask(dot_ann).astype(bool), dot)  # kept as RLE
+    polys = sorted(sorted(map(tuple, np.asarray(p).reshape(-1, 2).astype(int).tolist()))
+                   for p in shapes_ann["segmentation"])
+    assert polys == [[(2, 2), (2, 4), (4, 2), (4, 4)], [(20, 10), (20, 29), (49, 10), (49, 29)]]
+    masks = {(r["key"], i): rle.decode(o["segmentation"]) for r in records if r["status"] == "ok"
+             for i, o in enumerate(r["objects"])}
+    n = 0
+    for img in coco.imgs.values():
+        for i, ann in enumerate(coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]]))):
+            if isinstance(ann["segmentation"], dict):
+                continue
+            mask = masks[(img["file_name"], i)]
+            for poly in ann["segmentation"]:  # corners of the outline: pixels of the mask
+                assert len(poly) >= 6 and len(poly) % 2 == 0
+                xy = np.asarray(poly).reshape(-1, 2).astype(int)
+                assert mask[xy[:, 1], xy[:, 0]].all()
+            n += 1
+    assert n > 2
+
+
 # ----------------------------------------------------------------------------
 # resume
 # ----------------------------------------------------------------------------

@@ -162,6 +162,7 @@ def run_job(labeler: BatchLabeler, items: Sequence[ImageItem], store: ShardStore
             log: Callable[[str], None] = print) -> Summary:
     """Label the images a previous run left (``store.begin`` called first), then write the
     final files from all shards."""
+    check_formats(formats, polygons)
     if formats in ("yolo-seg", "both"):
         check_yolo_names([it.key for it in items])
     todo = pending(store, items, retry_errors)

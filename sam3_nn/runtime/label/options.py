@@ -85,7 +85,8 @@ def list_images(spec: str) -> List[ImageItem]:
             raise LabelError(f"--images {spec}: the list names no image")
     else:
         raise LabelError(f"--images {spec}: no such folder, file or matching pattern")
-    return sorted(items, key=lambda it: it.key)
+    # absolute paths: a resumed job (or a Ray worker) may start in another folder
+    return sorted((ImageItem(it.key, os.path.abspath(it.path)) for it in items), key=lambda it: it.key)
 
 
 # ----------------------------------------------------------------------------
