@@ -5,10 +5,11 @@
 * ``prepare`` (any thread): decode, resize and normalise one image, check its exemplar boxes;
 * ``infer`` (the one thread that calls the library): ``encode_image`` on N images at a time
   (a batch-N library's N; the last batch padded with copies of its last image, whose outputs
-  are dropped), then one ``detect`` per concept on the whole batch; the text of each concept
-  is encoded once per job;
-* ``finish`` (any thread): post-processing with ``Sam3.predict``'s results (``masks``: the same
-  floats, fewer passes), NMS and the per-image cap, masks to COCO RLE.
+  are dropped), then one ``detect`` per concept on the whole batch, of whose outputs only the
+  queries above the concept's score threshold are kept; each concept's text is encoded once
+  per job;
+* ``finish`` (any thread): the masks of the queries ``infer`` kept, resized and thresholded
+  (``masks``: ``Sam3.predict``'s results, fewer passes), NMS and the per-image cap, COCO RLE.
 
 A record (one JSON line of a shard, ``store``) is ``{"key", "file", "status": "ok", "height",
 "width", "objects": [{"concept": index, "score", "box": xyxy pixels, "area", "segmentation":
@@ -27,7 +28,7 @@ from sam3_nn.runtime import rle
 from sam3_nn.runtime.api import Sam3, _input_role
 from sam3_nn.runtime.engine import LibraryError
 from sam3_nn.runtime.label.options import Exemplars, ImageItem, LabelError, LabelOptions
-from sam3_nn.runtime.label.masks import post_process
+from sam3_nn.runtime.label.masks import Candidates, finish, select as select_queries
 from sam3_nn.runtime.preprocess import (InputError, boxes_to_model, check_boxes, load_image, normalize,
                                         resize_uint8)
 
@@ -124,8 +125,8 @@ class BatchLabeler:
         except Exception as e:  # a decoder's own failure: still one bad image, not the job's end
             return error_record(item, f"image {item.path}: {type(e).__name__}: {e}")
 
-    def finish(self, p: Prepared, raw: Dict[str, Dict[str, np.ndarray]]) -> Dict:
-        """Post-process one image's raw outputs (``{concept: {output: [1, ...]}}``) -> its record."""
+    def finish(self, p: Prepared, raw: Dict[str, Candidates]) -> Dict:
+        """Post-process one image's candidates (``{concept: Candidates}``) -> its record."""
         try:
             return self._finish(p, raw)
         except Exception as e:  # one image's failure is reported in its record
@@ -135,7 +136,7 @@ class BatchLabeler:
         o = self.options
         scores, concept, boxes, masks = [], [], [], []
         for ci, c in enumerate(o.concepts):
-            s, b, m = post_process(raw[c], p.size, o.threshold(c), o.mask_threshold)
+            s, b, m = finish(raw[c], p.size, o.mask_threshold)
             scores.append(s)
             concept.append(np.full(len(s), ci, np.int64))
             boxes.append(b)
@@ -167,15 +168,16 @@ class BatchLabeler:
             self._positions = self.model.model.call_device("image_position_encoding", self.batch)
         return self._positions
 
-    def infer(self, batch: Sequence[Prepared]) -> List[Dict[str, Dict[str, np.ndarray]]]:
-        """Raw outputs of up to ``self.batch`` images: ``[{concept: {output: [1, ...]}}]``."""
+    def infer(self, batch: Sequence[Prepared]) -> List[Dict[str, Candidates]]:
+        """Up to ``self.batch`` images -> per image ``{concept: Candidates}`` (the queries above
+        the concept's score threshold: only their masks are kept from the batch's outputs)."""
         n, rows = len(batch), self.batch
         if not 0 < n <= rows:
             raise ValueError(f"infer takes 1 to {rows} images, got {n}")
         t0 = time.perf_counter()
         pixels = np.stack([p.pixels for p in batch] + [batch[-1].pixels] * (rows - n))
         features = self.model.model.call_device("encode_image", pixels)
-        per_image: List[Dict[str, Dict[str, np.ndarray]]] = [{} for _ in range(n)]
+        per_image: List[Dict[str, Candidates]] = [{} for _ in range(n)]
         for concept in self.options.concepts:
             text_features, text_mask = self.text(concept)
             boxes = np.zeros((rows, self.box_slots, 4), np.float32)
@@ -204,10 +206,8 @@ class BatchLabeler:
             out = self.model.model("detect", *args)
             if len(out) != len(self._detect_outputs):
                 raise LibraryError(f"detect returned {len(out)} outputs, manifest names {len(self._detect_outputs)}")
-            for name, arr in zip(self._detect_outputs, out):
-                if np.issubdtype(arr.dtype, np.floating):
-                    arr = arr.astype(np.float32, copy=False)
-                for i in range(n):
-                    per_image[i].setdefault(concept, {})[name] = arr[i:i + 1]
+            raw = dict(zip(self._detect_outputs, out))
+            for i in range(n):
+                per_image[i][concept] = select_queries(raw, i, self.options.threshold(concept))
         self.device_seconds += time.perf_counter() - t0
         return per_image

@@ -15,6 +15,7 @@ pixel, which dominates a labelling job's CPU time (tens of masks per image at fu
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import numpy as np
@@ -58,20 +59,41 @@ def masks_above(logits: np.ndarray, size: Tuple[int, int], threshold: float) -> 
     return out
 
 
-def post_process(raw: Dict[str, np.ndarray], original_size: Tuple[int, int], threshold: float,
-                 mask_threshold: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Image 0 of ``raw`` -> (scores ``[N]``, boxes ``[N, 4]`` xyxy pixels, masks ``[N, H, W]``):
-    ``post_process_instances``' objects, in query order."""
-    h, w = int(original_size[0]), int(original_size[1])
-    scores = sigmoid(raw["pred_logits"][0])
+@dataclass
+class Candidates:
+    """One image's objects for one prompt before their masks are made: what ``finish`` needs,
+    copied out of a batch's outputs so the batch can be freed."""
+
+    scores: np.ndarray  # [N] float32, detection x presence, above the score threshold
+    boxes: np.ndarray  # [N, 4] float32, xyxy in [0, 1]
+    mask_logits: np.ndarray  # [N, h, w] float32
+
+
+def select(raw: Dict[str, np.ndarray], index: int, threshold: float) -> Candidates:
+    """Image ``index`` of a batch's raw outputs: the queries scoring above ``threshold``."""
+    scores = sigmoid(np.asarray(raw["pred_logits"][index], np.float32))
     presence = raw.get("presence_logits")
     if presence is not None:
-        scores = (scores * sigmoid(np.asarray(presence)[0])).astype(np.float32)
+        scores = (scores * sigmoid(np.asarray(presence[index], np.float32))).astype(np.float32)
     keep = np.nonzero(scores > threshold)[0]
-    scale = np.array([w, h, w, h], np.float32)
-    boxes = (np.asarray(raw["pred_boxes"][0], np.float32)[keep] * scale).astype(np.float32)
-    if len(keep):
-        masks = masks_above(np.asarray(raw["pred_masks"][0])[keep], (h, w), mask_threshold)
+    return Candidates(scores[keep], np.asarray(raw["pred_boxes"][index][keep], np.float32),
+                      np.asarray(raw["pred_masks"][index][keep], np.float32))
+
+
+def finish(c: Candidates, original_size: Tuple[int, int], mask_threshold: float
+           ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (scores ``[N]``, boxes ``[N, 4]`` xyxy pixels, masks ``[N, H, W]`` bool)."""
+    h, w = int(original_size[0]), int(original_size[1])
+    boxes = (c.boxes * np.array([w, h, w, h], np.float32)).astype(np.float32)
+    if len(c.scores):
+        masks = masks_above(c.mask_logits, (h, w), mask_threshold)
     else:
         masks = np.zeros((0, h, w), bool)
-    return scores[keep], boxes, masks
+    return c.scores, boxes, masks
+
+
+def post_process(raw: Dict[str, np.ndarray], original_size: Tuple[int, int], threshold: float,
+                 mask_threshold: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image 0 of ``raw`` -> (scores, boxes, masks): ``post_process_instances``' objects, in
+    query order."""
+    return finish(select(raw, 0, threshold), original_size, mask_threshold)
