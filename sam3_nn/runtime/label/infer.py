@@ -154,11 +154,12 @@ class BatchLabeler:
 
     # -- the library's thread ------------------------------------------------
     def text(self, concept: str) -> Tuple:
-        """(text_features, text_mask) on the device, ``batch`` rows: encoded once per concept."""
+        """(text_features, text_mask), ``batch`` rows: encoded once per concept and kept on the
+        host (a few KB; a library's next call may reuse the memory of its previous outputs)."""
         if concept not in self._text:
             ids, mask = self.model.tokenize(concept)
             rows = self.batch
-            self._text[concept] = tuple(self.model.model.call_device(
+            self._text[concept] = tuple(self.model.model(
                 "encode_text", np.repeat(ids, rows, 0), np.repeat(mask, rows, 0)))
         return self._text[concept]
 
