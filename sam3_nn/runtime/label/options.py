@@ -7,7 +7,6 @@ with a message saying what was wrong, not after minutes of work.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import math
 import os
@@ -225,8 +224,3 @@ def load_exemplars(path: str, concepts: Sequence[str], keys: Sequence[str],
                                  f"(compile with --max-boxes {len(b)})")
             out.setdefault(key, {})[concept] = (np.asarray(b, np.float32), np.asarray(lab, np.int64))
     return out
-
-
-def fingerprint(record: Dict) -> str:
-    blob = json.dumps(record, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
