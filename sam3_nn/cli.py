@@ -1,4 +1,4 @@
-"""Command line: ``sam3-nn`` / ``python -m sam3_nn`` with ``compile``, ``convert`` and ``segment``.
+"""Command line: ``sam3-nn`` / ``python -m sam3_nn`` with ``compile``, ``convert``, ``segment`` and ``label``.
 
     sam3-nn compile --target llvm [--model weights/sam3-hf] [--dtype float32] --output dist
 
@@ -20,6 +20,11 @@ best candidate mask, the clicks) and JSON (every candidate with its predicted Io
 
 converts a released checkpoint (``sam3.pt`` or HF snapshot) into the parameter file of
 one compiled library (its manifest gives the config, parameter set and dtype).
+
+    python -m sam3_nn label --library ... --weights ... --images photos/ --concepts "person,car" \\
+        --output labels/ --format both [--ray [--ray-address ADDR]]
+
+labels a dataset (``sam3_nn.runtime.label``): ``labels/coco.json`` and ``labels/yolo/``; rerun to resume.
 """
 
 from __future__ import annotations
@@ -395,6 +400,69 @@ def cmd_segment(args) -> int:
 
 
 # ----------------------------------------------------------------------------
+# label
+# ----------------------------------------------------------------------------
+def cmd_label(args) -> int:
+    from sam3_nn.runtime.label.command import run_command
+    from sam3_nn.runtime.label.options import LabelError
+
+    try:
+        return run_command(args, log=_log)
+    except LabelError as e:
+        raise CliError(str(e)) from None
+
+
+def add_label_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--library", required=True, help="compiled library (.so/.dylib) with its .json beside it")
+    ap.add_argument("--weights", required=True,
+                    help="converted .safetensors (python -m sam3_nn convert) or an HF snapshot folder")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer.json (default: looked for beside the weights and the library)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, metal... (default: the library's target)")
+    ap.add_argument("--images", required=True,
+                    help="a folder (searched recursively), a glob ('photos/**/*.jpg'), a text file "
+                         "listing image paths, or one image")
+    ap.add_argument("--concepts", required=True, help="comma-separated noun phrases: \"person,car\"")
+    ap.add_argument("--exemplars", default=None, metavar="FILE",
+                    help="JSON of example boxes drawn on some images: {image key: {concept: "
+                         "[[x0,y0,x1,y1(,label)], ...]}} (README: Label a dataset)")
+    ap.add_argument("--output", required=True,
+                    help="job folder: shards (resumable), coco.json, yolo/; rerun the same command to resume")
+    ap.add_argument("--format", default="coco", choices=["coco", "yolo-seg", "both"])
+    ap.add_argument("--polygons", action="store_true",
+                    help="COCO segmentations as polygons (OpenCV contours) instead of RLE")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="images per library call (default: the library's fixed batch, else 1)")
+    ap.add_argument("--score-threshold", type=float, default=0.5,
+                    help="keep objects scoring above this (detection x presence; default 0.5)")
+    ap.add_argument("--class-thresholds", default=None, metavar="C=T,...",
+                    help="per-concept score thresholds, e.g. person=0.5,car=0.3 (others: --score-threshold)")
+    ap.add_argument("--mask-threshold", type=float, default=0.5)
+    ap.add_argument("--nms-iou", type=float, default=None,
+                    help="non-maximum suppression: drop an object overlapping a higher-scoring one by "
+                         "more than this IoU (default: no NMS, SAM 3's own output)")
+    ap.add_argument("--nms-kind", default="mask", choices=["mask", "box"], help="IoU of masks or of boxes")
+    ap.add_argument("--class-agnostic-nms", action="store_true",
+                    help="NMS across concepts (default: within each concept)")
+    ap.add_argument("--max-detections", type=int, default=0,
+                    help="keep at most this many objects per image, highest scores first (0: all)")
+    ap.add_argument("--shard-size", type=int, default=64,
+                    help="images per result shard (what a kill can lose; default 64)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="threads decoding and post-processing images (default: cores, 2 to 8)")
+    ap.add_argument("--retry-errors", action="store_true", help="on resume, try failed images again")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--ray", action="store_true", help="run on Ray Data (a local instance unless --ray-address)")
+    ap.add_argument("--ray-address", default=None,
+                    help="a Ray cluster to run on ('auto', 'ray://head:10001', 'head:6379'); implies --ray")
+    ap.add_argument("--ray-actors", type=int, default=1,
+                    help="library copies (one per GPU on a GPU cluster; default 1)")
+    ap.add_argument("--ray-gpus-per-actor", type=float, default=None,
+                    help="default: 1 for a CUDA library, 0 otherwise")
+    ap.add_argument("--ray-cpus-per-actor", type=float, default=1.0)
+
+
+# ----------------------------------------------------------------------------
 # convert
 # ----------------------------------------------------------------------------
 def cmd_convert(args) -> int:
@@ -599,6 +667,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask pixels whose probability is above this (0..1, default 0.5; interactive: "
                         "on the logits' sigmoid)")
     s.set_defaults(func=cmd_segment)
+    lb = sub.add_parser("label", help="label a dataset: COCO / YOLO-seg files, resumable, on one "
+                                      "machine or Ray", description="Labels every image with every concept; "
+                                      "rerunning the command resumes an interrupted job.")
+    add_label_arguments(lb)
+    lb.set_defaults(func=cmd_label)
     c = sub.add_parser("convert", help="convert sam3.pt / an HF snapshot for one compiled library")
     c.add_argument("src", help="sam3.pt, an HF snapshot folder or a .safetensors")
     c.add_argument("manifest", help="the library's manifest (dist/sam3-<target>.json) or the library")

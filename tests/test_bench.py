@@ -146,3 +146,25 @@ def test_interactive_bench_config_and_prompts(preset):
     assert lab[0, :4].tolist() == [2, 3, 1, 0] and pm.sum() == 4 and mv[0] == 1
     np.testing.assert_array_equal(pts[0, 1], np.float32(ps["box + 2 clicks + mask"]["box"][2:]))
     assert ps["1 click"]["multimask"] and not ps["box + 2 clicks + mask"]["multimask"]
+
+
+def test_label_bench_photo_set(tmp_path):
+    """bench/label.py's image set: n distinct JPEGs made from the scikit-image photos present."""
+    import hashlib
+
+    from PIL import Image
+
+    import label
+
+    src = tmp_path / "data"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("astronaut.png", "camera.png", "chessboard_GRAY.png"):  # the last is no photo
+        Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).save(src / name)
+    info = label.make_photo_set(str(src), str(tmp_path / "out"), 7)
+    files = sorted((tmp_path / "out").iterdir())
+    assert info["files"] == 7 and info["photos"] == 2 and len(files) == 7
+    assert len({hashlib.sha256(f.read_bytes()).hexdigest() for f in files}) == 7
+    for f in files:
+        with Image.open(f) as im:
+            assert im.format == "JPEG" and 320 <= max(im.size) <= 1280

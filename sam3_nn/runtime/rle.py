@@ -1,92 +1,89 @@
-"""COCO run-length encoding of binary masks (the format of pycocotools' ``mask.encode``).
+"""COCO run-length encoding of binary masks, through ``pycocotools`` (the COCO API's own codec).
 
-A mask ``[H, W]`` is read column by column (Fortran order); ``counts`` alternates
-runs of 0s and 1s, starting with 0s (a mask starting with 1 has a leading 0 count).
-``encode`` gives the compressed form ``{"size": [H, W], "counts": "<ascii>"}``
-(pycocotools' string encoding: differences to the count two back, 5 bits per
-character, offset 48); ``counts_to_string``/``string_to_counts`` convert between
-the two forms.
+A mask ``[H, W]`` is read column by column (Fortran order); ``counts`` alternates runs of
+0s and 1s, starting with 0s. ``encode`` gives the compressed form
+``{"size": [H, W], "counts": "<ascii>"}`` with ``counts`` as ``str`` (JSON-ready; pycocotools
+gives ``bytes``); ``decode`` takes that form, ``bytes`` counts, or uncompressed list counts.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Union
+import warnings
+from typing import Dict, List, Sequence, Union
 
 import numpy as np
+from pycocotools import mask as _coco_mask
+
+# pycocotools' decode converts its RLE objects without numpy 2's ``copy`` keyword: a warning
+# per call about their API, nothing about the result
+warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword",
+                        category=DeprecationWarning, module="pycocotools")
+Rle = Dict[str, Union[List[int], str]]
 
 
-def mask_to_counts(mask: np.ndarray) -> List[int]:
-    """Uncompressed COCO counts of a 2-D mask."""
+def _as_str(rle: Dict) -> Rle:
+    counts = rle["counts"]
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])],
+            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
+def encode(mask: np.ndarray) -> Rle:
+    """``[H, W]`` binary mask -> ``{"size": [H, W], "counts": str}`` (COCO compressed RLE)."""
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"expected a 2-D mask, got shape {m.shape}")
-    flat = m.astype(bool).ravel(order="F")
-    n = flat.size
-    if n == 0:
+    return _as_str(_coco_mask.encode(np.asfortranarray(m.astype(bool, copy=False), dtype=np.uint8)))
+
+
+def encode_many(masks: np.ndarray) -> List[Rle]:
+    """``[N, H, W]`` binary masks -> N compressed RLEs (one pycocotools call)."""
+    m = np.asarray(masks)
+    if m.ndim != 3:
+        raise ValueError(f"expected [N, H, W] masks, got shape {m.shape}")
+    if m.shape[0] == 0:
         return []
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [n]])
-    runs = np.diff(bounds).tolist()
-    return ([0] + runs) if flat[0] else runs
+    # pycocotools takes [H, W, N] in Fortran order: each mask column-major, one after another
+    stacked = np.asfortranarray(np.transpose(m.astype(bool, copy=False), (1, 2, 0)), dtype=np.uint8)
+    return [_as_str(r) for r in _coco_mask.encode(stacked)]
 
 
-def counts_to_mask(counts: List[int], size: List[int]) -> np.ndarray:
-    h, w = int(size[0]), int(size[1])
+def _to_coco(rle: Dict) -> Dict:
+    h, w = int(rle["size"][0]), int(rle["size"][1])
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        return {"size": [h, w], "counts": counts.encode("ascii")}
+    if isinstance(counts, bytes):
+        return {"size": [h, w], "counts": counts}
+    counts = [int(c) for c in counts]
     if sum(counts) != h * w:
         raise ValueError(f"RLE counts sum to {sum(counts)}, expected {h}x{w}={h * w}")
-    values = np.zeros(len(counts), bool)
-    values[1::2] = True
-    flat = np.repeat(values, np.asarray(counts, dtype=np.int64))
-    return flat.reshape((w, h)).T.copy()
-
-
-def counts_to_string(counts: List[int]) -> str:
-    out = []
-    for i, c in enumerate(counts):
-        x = int(c) - (int(counts[i - 2]) if i > 2 else 0)
-        more = True
-        while more:
-            ch = x & 0x1F
-            x >>= 5  # arithmetic shift: negative differences stay negative
-            more = (x != -1) if (ch & 0x10) else (x != 0)
-            if more:
-                ch |= 0x20
-            out.append(chr(ch + 48))
-    return "".join(out)
-
-
-def string_to_counts(s: str) -> List[int]:
-    counts: List[int] = []
-    p = 0
-    while p < len(s):
-        x, k, more = 0, 0, True
-        while more:
-            if p >= len(s):
-                raise ValueError("truncated RLE string")
-            c = ord(s[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
-def encode(mask: np.ndarray) -> Dict[str, Union[List[int], str]]:
-    """``[H, W]`` binary mask -> ``{"size": [H, W], "counts": str}`` (COCO compressed RLE)."""
-    m = np.asarray(mask)
-    return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": counts_to_string(mask_to_counts(m))}
+    return _coco_mask.frPyObjects({"size": [h, w], "counts": counts}, h, w)
 
 
 def decode(rle: Dict) -> np.ndarray:
-    """COCO RLE (compressed string or uncompressed list counts) -> ``[H, W]`` bool mask."""
-    counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    if isinstance(counts, str):
-        counts = string_to_counts(counts)
-    return counts_to_mask(list(counts), rle["size"])
+    """COCO RLE (compressed ``str``/``bytes`` or uncompressed list counts) -> ``[H, W]`` bool mask."""
+    return _coco_mask.decode(_to_coco(rle)).astype(bool)
+
+
+def area(rles: Sequence[Dict]) -> np.ndarray:
+    """Pixels set in each RLE -> ``[N]`` int64."""
+    if not len(rles):
+        return np.zeros(0, np.int64)
+    return np.asarray(_coco_mask.area([_to_coco(r) for r in rles]), np.int64)
+
+
+def iou(a: Sequence[Dict], b: Sequence[Dict]) -> np.ndarray:
+    """Mask IoU of every RLE in ``a`` with every RLE in ``b`` -> ``[len(a), len(b)]`` float64."""
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    return np.asarray(_coco_mask.iou([_to_coco(r) for r in a], [_to_coco(r) for r in b],
+                                      [0] * len(b)), np.float64).reshape(len(a), len(b))
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of ``xyxy`` boxes ``a [N, 4]`` with ``b [M, 4]`` -> ``[N, M]`` float64 (pycocotools)."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    xywh = lambda x: np.concatenate([x[:, :2], x[:, 2:] - x[:, :2]], 1)  # noqa: E731
+    return np.asarray(_coco_mask.iou(xywh(a), xywh(b), [0] * len(b)), np.float64).reshape(len(a), len(b))

@@ -430,24 +430,44 @@ def test_bilinear_resize_matches_torch():
 
 
 def test_rle_round_trip_and_counts_match_transformers(reference):
+    """``rle`` (pycocotools) against transformers' uncompressed counts, and the compressed string
+    form (the JSON of ``segment`` and the C++ app) against hand-derived strings."""
     masks = reference["rle_masks"]
     for i, m in enumerate(masks):
-        counts = rle.mask_to_counts(m)
-        np.testing.assert_array_equal(counts, reference["out"][f"rle.{i}"])
+        counts = [int(c) for c in reference["out"][f"rle.{i}"]]
         enc = rle.encode(m)
         assert isinstance(enc["counts"], str) and enc["size"] == list(m.shape)
         np.testing.assert_array_equal(rle.decode(enc), m)
         np.testing.assert_array_equal(rle.decode({"size": enc["size"], "counts": counts}), m)
+        assert rle.encode(rle.decode({"size": enc["size"], "counts": counts})) == enc
     rng = np.random.default_rng(2)
-    for shape in [(1, 1), (37, 53), (200, 3)]:
-        m = rng.random(shape) < 0.3
-        m[:, : shape[1] // 2] |= rng.random((shape[0], shape[1] // 2)) < 0.9  # long runs: big counts
-        np.testing.assert_array_equal(rle.decode(rle.encode(m)), m)
-    # the string form carries counts that need several characters and negative differences
-    counts = [4, 1, 4]
-    assert rle.string_to_counts(rle.counts_to_string(counts)) == counts
-    big = [100000, 3, 70000, 1, 5]
-    assert rle.string_to_counts(rle.counts_to_string(big)) == big
+    stack = rng.random((4, 37, 53)) < 0.3
+    stack[:, :, :20] |= rng.random((4, 37, 20)) < 0.9  # long runs: big counts
+    many = rle.encode_many(stack)
+    for m, e in zip(stack, many):
+        assert e == rle.encode(m)
+        np.testing.assert_array_equal(rle.decode(e), m)
+    np.testing.assert_array_equal(rle.area(many), stack.reshape(4, -1).sum(1))
+    # column-major runs 0,1,1,1 -> counts [1, 3] -> one character each, count + 48
+    assert rle.encode(np.array([[0, 1], [1, 1]], bool)) == {"size": [2, 2], "counts": "13"}
+    # counts [2, 3, 2, 5]: the fourth is written as its difference to the second (5 - 3)
+    m = np.asarray([0, 0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1], bool).reshape((3, 4), order="F")
+    assert rle.encode(m) == {"size": [3, 4], "counts": "2322"}
+    # runs of 50000 need several 5-bit characters
+    long = np.zeros((1000, 100), bool)
+    long[:, 50:] = True
+    assert rle.decode(rle.encode(long)).sum() == 50000
+
+
+def test_rle_iou_of_masks_and_boxes():
+    a = np.zeros((3, 10, 10), bool)
+    a[0, :5, :] = True  # 50 px
+    a[1, :, :] = True  # 100 px
+    a[2, 5:, 5:] = True  # 25 px, disjoint from a[0]
+    r = rle.encode_many(a)
+    np.testing.assert_allclose(rle.iou(r, r), [[1, .5, 0], [.5, 1, .25], [0, .25, 1]])
+    boxes = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 40]], np.float32)
+    np.testing.assert_allclose(rle.box_iou(boxes, boxes), [[1, 50 / 150, 0], [50 / 150, 1, 0], [0, 0, 1]])
 
 
 # ----------------------------------------------------------------------------
