@@ -1,6 +1,7 @@
 // Declarations shared by the app's sources (not part of the public API).
 #pragma once
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -12,8 +13,11 @@ namespace sam3 {
 // The detect outputs post-processing reads, on the host in float32.
 struct RawOutputs {
   struct Array {
-    std::vector<float> values;
+    std::vector<float> values;  // empty for an array read through `range`
     std::vector<int64_t> shape;
+    // values [begin, begin + count) as float32, converted when asked for: detect's mask logits
+    // (200 x 288 x 288) are read for the kept queries only
+    std::function<std::vector<float>(size_t begin, size_t count)> range;
   };
   std::map<std::string, Array> arrays;
 };

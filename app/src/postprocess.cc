@@ -97,8 +97,10 @@ Detections PostProcess(const RawOutputs& raw, int height, int width, float score
     for (int c = 0; c < 4; ++c) b[c] = pboxes.values[static_cast<size_t>(i) * 4 + c] * scale[c];
     det.boxes.push_back(b);
     // one mask at a time: a full-size image with 200 objects would take a GB in float32
-    const float* m = pmasks.values.data() + static_cast<size_t>(i) * mh * mw;
-    std::vector<float> mask_logits(m, m + static_cast<size_t>(mh) * mw);
+    const size_t plane = static_cast<size_t>(mh) * mw;
+    std::vector<float> mask_logits =
+        pmasks.values.empty() ? pmasks.range(static_cast<size_t>(i) * plane, plane)
+                              : std::vector<float>(pmasks.values.begin() + i * plane, pmasks.values.begin() + (i + 1) * plane);
     // the logits are resized, then passed through the sigmoid, as the original (transformers
     // resizes the probabilities, which moves mask edges)
     std::vector<float> up = ResizeMaps(mask_logits, 1, mh, mw, height, width);

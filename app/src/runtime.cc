@@ -405,6 +405,31 @@ static std::vector<float> ToFloats(const ffi::Tensor& t) {
   return out;
 }
 
+// The tensor's bytes on the host, converted to float32 a range at a time.
+static std::function<std::vector<float>(size_t, size_t)> FloatRange(const ffi::Tensor& t) {
+  DLDataType dt = t.dtype();
+  const bool f32 = dt.code == kDLFloat && dt.bits == 32;
+  if (!f32 && !((dt.code == kDLFloat || dt.code == kDLBfloat) && dt.bits == 16))
+    throw LibraryError("unexpected output dtype " + std::string(ffi::DLDataTypeToString(dt)));
+  auto bytes = std::make_shared<std::vector<uint8_t>>(NumBytes(t));
+  CopyOut(t, bytes->data(), bytes->size());
+  const bool half = dt.code == kDLFloat;
+  return [bytes, f32, half](size_t begin, size_t count) {
+    std::vector<float> out(count);
+    if (f32) {
+      std::memcpy(out.data(), bytes->data() + begin * 4, count * 4);
+      return out;
+    }
+    const uint8_t* src = bytes->data() + begin * 2;
+    for (size_t i = 0; i < count; ++i) {
+      uint16_t h;
+      std::memcpy(&h, src + 2 * i, 2);
+      out[i] = half ? HalfToFloat(h) : Bfloat16ToFloat(h);
+    }
+    return out;
+  };
+}
+
 void ConfigureCpuThreads() {
   if (getenv("TVM_NUM_THREADS") || getenv("OMP_NUM_THREADS")) return;
 #ifdef __linux__
@@ -812,7 +837,10 @@ Detections Model::Predict(const ImageState& state, const Tokenizer& tokenizer, c
     const std::string& n = names[i];
     if (n != "pred_logits" && n != "pred_boxes" && n != "pred_masks" && n != "presence_logits") continue;
     RawOutputs::Array& a = raw.arrays[n];
-    a.values = ToFloats(out[i]);
+    if (n == "pred_masks")
+      a.range = FloatRange(out[i]);
+    else
+      a.values = ToFloats(out[i]);
     a.shape.assign(out[i].shape().begin(), out[i].shape().end());
   }
   return PostProcess(raw, state.height, state.width, score_threshold, mask_threshold);
