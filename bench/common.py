@@ -103,8 +103,12 @@ def spread(times: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------
 def to_numpy(x) -> np.ndarray:
     """A torch tensor, TVM tensor or array -> float32 (floats) numpy array."""
+    from sam3_nn.runtime import ffi
+
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
+    elif ffi.is_tensor(x):
+        x = ffi.to_numpy(x)
     elif hasattr(x, "numpy") and not isinstance(x, np.ndarray):
         x = x.numpy()
     x = np.asarray(x)

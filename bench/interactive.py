@@ -232,11 +232,11 @@ def run(args) -> Dict:
         sides = {"torch fp32": (ref, ref_embeds), "torch fp16": (half, [e.to(tdtype) for e in ref_embeds])}
 
     rows: List[Dict] = []
-    import tvm
+    from sam3_nn.runtime import ffi
 
     for name, p in prompts(cfg, rng).items():
         args_np = slots(p, n_slots, g4)
-        dev_args = [tvm.runtime.tensor(a.astype(dtype) if k == 3 else a, lib.device) for k, a in enumerate(args_np)]
+        dev_args = [ffi.to_device(a.astype(dtype) if k == 3 else a, lib.device) for k, a in enumerate(args_np)]
         ours_fn = lambda: lib.call_device("predict_masks", *feats, *dev_args)  # noqa: E731
         t_ours, _, out = common.timed(ours_fn, args.runs, args.warmup, sync)
         ours_out = [common.to_numpy(o) for o in out]

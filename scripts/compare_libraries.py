@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from sam3_nn.runtime import ffi
 from sam3_nn.runtime.engine import CompiledModel, read_manifest
 
 
@@ -70,11 +71,11 @@ def run_all(lib, x):
     pixels, ids, mask, with_boxes, no_boxes = x
     maps = lib.call_device("encode_image", pixels)
     text = lib.call_device("encode_text", ids, mask)
-    outs = {f"encode_image.{i}": m.numpy() for i, m in enumerate(maps)}
-    outs.update({f"encode_text.{i}": t.numpy() for i, t in enumerate(text)})
+    outs = {f"encode_image.{i}": ffi.to_numpy(m) for i, m in enumerate(maps)}
+    outs.update({f"encode_text.{i}": ffi.to_numpy(t) for i, t in enumerate(text)})
     for tag, prompt in (("text", no_boxes), ("text+boxes", with_boxes)):
         det = lib.call_device("detect", *maps[:3], *text, *prompt)
-        outs.update({f"detect[{tag}].{i}": d.numpy() for i, d in enumerate(det)})
+        outs.update({f"detect[{tag}].{i}": ffi.to_numpy(d) for i, d in enumerate(det)})
     return outs, maps, text
 
 
@@ -138,7 +139,8 @@ def _report(args, results, libs, x) -> int:
         print("all outputs bit-identical:", equal)
         _write(args, report)
         return 0
-    sync = libs[0].device.sync
+    dev = libs[0].device
+    sync = lambda: ffi.sync(dev)  # noqa: E731
 
     def pipeline(lib):
         maps = lib.call_device("encode_image", x[0])

@@ -116,6 +116,11 @@ def open_device(name: str, index: int = 0):
     return dev
 
 
+def sync(dev) -> None:
+    """Wait for the work queued on ``dev``'s default stream (timing)."""
+    tvm_ffi.get_global_func("runtime.Device_StreamSync")(dev, 0)
+
+
 def load_module(path: str):
     load_runtime()
     return tvm_ffi.load_module(os.fspath(path))
