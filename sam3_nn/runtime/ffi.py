@@ -152,6 +152,28 @@ def to_numpy(tensor) -> np.ndarray:
     return out
 
 
+def rows_to_numpy(tensor, lead: int, rows) -> np.ndarray:
+    """Rows ``rows`` of ``tensor`` seen as ``[-1, *shape[lead:]]``, copied into a new numpy
+    array ``[len(rows), *shape[lead:]]``: only those rows cross from the device (a batch's mask
+    logits are tens of MB, the few kept queries' a fraction of one)."""
+    inner = tuple(int(d) for d in tensor.shape[lead:])
+    dtype = np.dtype(str(tensor.dtype))
+    out = np.empty((len(rows),) + inner, dtype=dtype)
+    row_bytes = out[0].nbytes if len(rows) else 0
+    view = tvm_ffi.get_global_func("runtime.TVMTensorCreateView")
+    copy = tvm_ffi.get_global_func("runtime.TVMTensorCopyToBytes")
+    rows = [int(r) for r in rows]
+    start = 0
+    while start < len(rows) and row_bytes:  # one copy per run of consecutive rows
+        end = start + 1
+        while end < len(rows) and rows[end] == rows[end - 1] + 1:
+            end += 1
+        part = view(tensor, shape(end - start, *inner), tvm_ffi.dtype(str(tensor.dtype)), rows[start] * row_bytes)
+        copy(part, out[start:end].ctypes.data_as(ctypes.c_void_p), (end - start) * row_bytes)
+        start = end
+    return out
+
+
 def shape(*dims: int):
     return tvm_ffi.Shape(tuple(int(d) for d in dims))
 

@@ -295,3 +295,15 @@ def test_a_device_the_machine_lacks(art, tmp_path):
     lib = _library_copy(art, tmp_path / "cuda", cuda)
     with pytest.raises(ffi.DeviceError, match="CUDA|cuda"):
         Sam3.load(lib, art["converted"], tokenizer=art["snapshot"])
+
+
+def test_rows_to_numpy_copies_exactly_the_rows_asked_for():
+    from sam3_nn.runtime import ffi
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((2, 5, 3, 4)).astype(np.float16)
+    t = ffi.to_device(a, ffi.open_device("cpu"))
+    flat = a.reshape(-1, 3, 4)
+    for rows in ([], [0], [9], [1, 2, 3, 7], [6, 2, 3], [4, 5, 6, 7, 8, 9]):
+        got = ffi.rows_to_numpy(t, 2, rows)
+        assert got.dtype == np.float16 and got.shape == (len(rows), 3, 4)
+        np.testing.assert_array_equal(got, flat[rows])

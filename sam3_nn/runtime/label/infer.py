@@ -6,8 +6,8 @@
 * ``infer`` (the one thread that calls the library): ``encode_image`` on N images at a time
   (a batch-N library's N; the last batch padded with copies of its last image, whose outputs
   are dropped), then one ``detect`` per concept on the whole batch, of whose outputs only the
-  queries above the concept's score threshold are kept; each concept's text is encoded once
-  per job;
+  queries above the concept's score threshold are kept (only their mask rows leave the
+  device); each concept's text is encoded once per job;
 * ``finish`` (any thread): the masks of the queries ``infer`` kept, resized and thresholded
   (``masks``: ``Sam3.predict``'s results, fewer passes), NMS and the per-image cap, COCO RLE.
 
@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from sam3_nn.runtime import rle
+from sam3_nn.runtime import ffi, rle
 from sam3_nn.runtime.api import Sam3, _input_role
 from sam3_nn.runtime.engine import LibraryError
 from sam3_nn.runtime.label.options import Exemplars, ImageItem, LabelError, LabelOptions
@@ -204,11 +204,16 @@ class BatchLabeler:
                     args.append(box_mask.astype(inp["dtype"]))
                 else:
                     args.append(labels.astype(inp["dtype"]))
-            out = self.model.model("detect", *args)
-            if len(out) != len(self._detect_outputs):
-                raise LibraryError(f"detect returned {len(out)} outputs, manifest names {len(self._detect_outputs)}")
-            raw = dict(zip(self._detect_outputs, out))
-            for i in range(n):
-                per_image[i][concept] = select_queries(raw, i, self.options.threshold(concept))
+            engine = self.model.model
+            with engine.lock:  # the outputs are read before any later call can reuse their memory
+                out = engine.call_device("detect", *args)
+                if len(out) != len(self._detect_outputs):
+                    raise LibraryError(f"detect returned {len(out)} outputs, manifest names "
+                                       f"{len(self._detect_outputs)}")
+                # every output but the mask logits to the host; of those only the kept rows
+                raw = {name: o if name == "pred_masks" else ffi.to_numpy(o)
+                       for name, o in zip(self._detect_outputs, out)}
+                for i in range(n):
+                    per_image[i][concept] = select_queries(raw, i, self.options.threshold(concept))
         self.device_seconds += time.perf_counter() - t0
         return per_image

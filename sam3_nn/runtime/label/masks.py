@@ -20,6 +20,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from sam3_nn.runtime import ffi
 from sam3_nn.runtime.postprocess import _linear_indices, sigmoid
 
 BAND = 1e-2
@@ -70,14 +71,21 @@ class Candidates:
 
 
 def select(raw: Dict[str, np.ndarray], index: int, threshold: float) -> Candidates:
-    """Image ``index`` of a batch's raw outputs: the queries scoring above ``threshold``."""
+    """Image ``index`` of a batch's raw outputs: the queries scoring above ``threshold``.
+    ``pred_masks`` may still be on the device: then only the kept queries' rows are copied."""
     scores = sigmoid(np.asarray(raw["pred_logits"][index], np.float32))
     presence = raw.get("presence_logits")
     if presence is not None:
         scores = (scores * sigmoid(np.asarray(presence[index], np.float32))).astype(np.float32)
     keep = np.nonzero(scores > threshold)[0]
+    masks = raw["pred_masks"]
+    if ffi.is_tensor(masks):
+        queries = int(masks.shape[1])
+        kept = ffi.rows_to_numpy(masks, 2, index * queries + keep)
+    else:
+        kept = masks[index][keep]
     return Candidates(scores[keep], np.asarray(raw["pred_boxes"][index][keep], np.float32),
-                      np.asarray(raw["pred_masks"][index][keep], np.float32))
+                      np.asarray(kept, np.float32))
 
 
 def finish(c: Candidates, original_size: Tuple[int, int], mask_threshold: float
