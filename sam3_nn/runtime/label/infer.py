@@ -106,6 +106,7 @@ class BatchLabeler:
         self._pixel_dtype = model._input_dtype("encode_image", "pixel_values")
         self._text: Dict[str, Tuple] = {}
         self._positions: Optional[List] = None
+        self._no_boxes: Optional[Dict[str, object]] = None
         self.device_seconds = 0.0  # time inside the library calls (encode_image + detect)
 
     # -- any thread ----------------------------------------------------------
@@ -154,14 +155,27 @@ class BatchLabeler:
 
     # -- the library's thread ------------------------------------------------
     def text(self, concept: str) -> Tuple:
-        """(text_features, text_mask), ``batch`` rows: encoded once per concept and kept on the
-        host (a few KB; a library's next call may reuse the memory of its previous outputs)."""
+        """(text_features, text_mask), ``batch`` rows: encoded once per concept and kept in
+        tensors of our own (a library's next call may reuse the memory of its own outputs), so
+        no ``detect`` uploads them again."""
         if concept not in self._text:
             ids, mask = self.model.tokenize(concept)
-            rows = self.batch
-            self._text[concept] = tuple(self.model.model(
+            rows, engine = self.batch, self.model.model
+            self._text[concept] = tuple(ffi.to_device(a, engine.device) for a in engine(
                 "encode_text", np.repeat(ids, rows, 0), np.repeat(mask, rows, 0)))
         return self._text[concept]
+
+    def no_boxes(self) -> Dict[str, object]:
+        """The box slots of a concept no image of the batch has exemplars for (the usual case),
+        uploaded once: ``{"boxes", "box_labels", "box_mask"}`` device tensors, all slots empty."""
+        if self._no_boxes is None:
+            dtypes = {_input_role(inp["name"])[0]: inp["dtype"] for inp, _ in self._detect_inputs}
+            rows, dev = self.batch, self.model.model.device
+            self._no_boxes = {
+                role: ffi.to_device(np.zeros((rows, self.box_slots) + ((4,) if role == "boxes" else ()),
+                                             dtypes[role]), dev)
+                for role in ("boxes", "box_labels", "box_mask") if role in dtypes}
+        return self._no_boxes
 
     def positions(self) -> List:
         """The FPN position encodings at ``batch`` rows (libraries whose detect takes them)."""
@@ -184,10 +198,10 @@ class BatchLabeler:
             boxes = np.zeros((rows, self.box_slots, 4), np.float32)
             labels = np.zeros((rows, self.box_slots), np.int64)
             box_mask = np.zeros((rows, self.box_slots), np.int64)
-            for i, p in enumerate(batch):
-                if concept in p.prompts:
-                    b, lab = p.prompts[concept]
-                    boxes[i, :len(b)], labels[i, :len(b)], box_mask[i, :len(b)] = b, lab, 1
+            prompted = [(i, p.prompts[concept]) for i, p in enumerate(batch) if concept in p.prompts]
+            for i, (b, lab) in prompted:
+                boxes[i, :len(b)], labels[i, :len(b)], box_mask[i, :len(b)] = b, lab, 1
+            empty = None if prompted else self.no_boxes()
             args = []
             for inp, (role, level) in self._detect_inputs:
                 if role == "feature":
@@ -198,6 +212,8 @@ class BatchLabeler:
                     args.append(text_features)
                 elif role == "text_mask":
                     args.append(text_mask)
+                elif empty is not None:
+                    args.append(empty[role])
                 elif role == "boxes":
                     args.append(boxes.astype(inp["dtype"]))
                 elif role == "box_mask":
