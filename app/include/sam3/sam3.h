@@ -4,6 +4,7 @@
 //   sam3::Tokenizer tok = sam3::Tokenizer::Load("sam3_nn/runtime/data/bpe_simple_vocab_16e6.txt.gz");
 //   sam3::ImageState state = model.SetImage(sam3::LoadImage("photo.jpg"));
 //   sam3::Detections cats = model.Predict(state, tok, "cat", {});
+//   sam3::InteractiveResult one = model.PredictPoints(state, {{410, 220, 1}, {380, 300, 0}});  // clicks
 //
 // Each step does what the Python runtime (sam3_nn.runtime.Sam3) does, with the same
 // arithmetic, so that both give the same JSON for the same inputs. TVM stays behind this
