@@ -211,9 +211,14 @@ def segment_interactive(args) -> int:
     manifest = read_manifest(args.library)
     if "predict_masks" not in manifest["functions"]:
         raise CliError(f"library {args.library} has no predict_masks function (it has "
-                       f"{', '.join(manifest['functions'])}): interactive segmentation needs a library "
-                       "compiled with the interactive part (--parts vision,interactive or "
+                       f"{', '.join(sorted(manifest['functions']))}): interactive segmentation needs a "
+                       "library compiled with the interactive part (--parts vision,interactive or "
                        "vision,text,detector,interactive)")
+    slots = next(int(i["shape"][1]) for i in manifest["functions"]["predict_masks"]["inputs"]
+                 if i["name"] == "points")
+    if len(parsed) + (2 if box else 0) > slots:
+        raise CliError(f"{len(parsed)} points{' and a box (2 points)' if box else ''} given; this library "
+                       f"takes at most {slots} points (compile with --max-points)")
     open_device(device_for(manifest, args.device))
     check_weights(args.weights, manifest)
     folder_mode = os.path.isdir(args.image)
@@ -320,7 +325,8 @@ def cmd_segment(args) -> int:
     manifest = read_manifest(args.library)
     if "detect" not in manifest["functions"]:
         raise CliError(f"library {args.library} has no detect function (it has "
-                       f"{', '.join(manifest['functions'])}); it cannot segment: compile it with a newer sam3_nn")
+                       f"{', '.join(sorted(manifest['functions']))}); it cannot segment: compile it "
+                       "with a newer sam3_nn")
     open_device(device_for(manifest, args.device))  # this machine has it (and its TVM runtime)
     check_prompt(manifest, args.text, boxes, labels)
     check_weights(args.weights, manifest)

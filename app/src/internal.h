@@ -26,6 +26,23 @@ struct RawOutputs {
 Detections PostProcess(const RawOutputs& raw, int height, int width, float score_threshold,
                        float mask_threshold);
 
+// predict_masks' point slots for one image (sam3_nn.runtime.interactive.make_prompt): the
+// box's corners (labels 2, 3) then the clicks, in pixels of the S x S model input; empty
+// slots zero with mask 0. Checks the prompt (InputError).
+struct PointSlots {
+  std::vector<float> points;             // slots x 2
+  std::vector<int64_t> labels, mask;     // slots
+  int count = 0;                         // valid slots
+};
+PointSlots MakePointSlots(const std::vector<Point>& points, const Box* box, int height, int width, int image_size,
+                          int slots);
+
+// sam3_nn.runtime.interactive.post_process for image 0: `pred_masks` [4, g, g] (slot 0 single,
+// 1..3 multimask), `iou` [4]; `threshold` on the logits.
+InteractiveResult PostProcessInteractive(const std::vector<float>& pred_masks, int g, const std::vector<float>& iou,
+                                         float object_score, bool multimask, int height, int width,
+                                         double threshold, double max_hole_area);
+
 // PyTorch's F.interpolate(bilinear, align_corners=False) of `maps` ([n, in_h, in_w]) to
 // [n, out_h, out_w], in float32 with sam3_nn.runtime.postprocess.resize_bilinear's arithmetic.
 std::vector<float> ResizeMaps(const std::vector<float>& maps, int n, int in_h, int in_w, int out_h, int out_w);

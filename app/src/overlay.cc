@@ -1,5 +1,7 @@
 // The overlay PNG (libpng): masks tinted and boxes outlined as sam3_nn.runtime.overlay draws them;
-// the "label score" tags are left out, since drawing text would need a font library.
+// the "label score" tags are left out, since drawing text would need a font library. Clicks
+// are discs of the same size and colours as there, rasterised here (Pillow's ellipse edge
+// pixels are not reproduced).
 #include <png.h>
 
 #include <algorithm>
@@ -35,8 +37,22 @@ static void Rectangle(std::vector<uint8_t>* img, int h, int w, double fx0, doubl
   }
 }
 
+// A disc filling the pixel box [x0, x1] x [y0, y1] (inclusive, truncated as Pillow's
+// coordinates), its outer ring of `ring` pixels in `outline`
+static void Disc(std::vector<uint8_t>* img, int h, int w, double fx0, double fy0, double fx1, double fy1,
+                 const uint8_t* fill, const uint8_t* outline, int ring) {
+  const int x0 = static_cast<int>(fx0), y0 = static_cast<int>(fy0), x1 = static_cast<int>(fx1), y1 = static_cast<int>(fy1);
+  const double cx = (x0 + x1) / 2.0, cy = (y0 + y1) / 2.0, r = (x1 - x0 + 1) / 2.0, inner = r - ring;
+  for (int y = std::max(0, y0); y <= std::min(h - 1, y1); ++y)
+    for (int x = std::max(0, x0); x <= std::min(w - 1, x1); ++x) {
+      const double d = std::hypot(x - cx, y - cy);
+      if (d > r) continue;
+      std::memcpy(&(*img)[(static_cast<size_t>(y) * w + x) * 3], d > inner ? outline : fill, 3);
+    }
+}
+
 void WriteOverlayPng(const std::string& path, const RgbImage& image, const Detections& det,
-                     const std::vector<Box>& prompt_boxes) {
+                     const std::vector<Box>& prompt_boxes, const std::vector<Point>& prompt_points) {
   const int h = image.height, w = image.width;
   const size_t n = det.scores.size();
   std::vector<float> out(image.pixels.begin(), image.pixels.end());
@@ -60,6 +76,12 @@ void WriteOverlayPng(const std::string& path, const RgbImage& image, const Detec
   }
   static const uint8_t kWhite[3] = {255, 255, 255}, kBlack[3] = {0, 0, 0};
   for (const Box& b : prompt_boxes) Rectangle(&img, h, w, b.x0, b.y0, b.x1, b.y1, b.label ? kWhite : kBlack, std::max(1, width / 2));
+  // clicks: green (positive) or red (negative), outlined in white
+  static const uint8_t kPositive[3] = {0, 200, 0}, kNegative[3] = {230, 0, 0};
+  const int radius = std::max(3, static_cast<int>(std::nearbyint(std::min(h, w) / 120.0)));
+  for (const Point& p : prompt_points)
+    Disc(&img, h, w, p.x - radius, p.y - radius, p.x + radius, p.y + radius, p.label ? kPositive : kNegative, kWhite,
+         std::max(1, radius / 3));
 
   FILE* f = std::fopen(path.c_str(), "wb");
   if (!f) throw Error("cannot write " + path + ": " + std::strerror(errno));

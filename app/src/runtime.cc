@@ -1,5 +1,5 @@
 // The compiled library at run time: manifest, converted weights, TVM's Relax VM, and the
-// calls encode_image / encode_text / detect, as sam3_nn.runtime.engine and sam3_nn.runtime.api do.
+// calls encode_image / encode_text / detect / predict_masks, as sam3_nn.runtime.engine and sam3_nn.runtime.api do.
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <sched.h>
@@ -713,6 +713,13 @@ int Model::max_boxes() const {
   return 0;
 }
 
+int Model::max_points() const {
+  if (!impl_->has("predict_masks")) return 0;
+  for (const auto& s : impl_->inputs("predict_masks"))
+    if (s.name == "points") return static_cast<int>(s.shape[1].i);
+  return 0;
+}
+
 int64_t Model::vocab_size() const {
   const JValue* t = impl_->manifest.get("config")->get("text");
   const JValue* v = t ? t->get("vocab_size") : nullptr;
@@ -844,6 +851,75 @@ Detections Model::Predict(const ImageState& state, const Tokenizer& tokenizer, c
     a.shape.assign(out[i].shape().begin(), out[i].shape().end());
   }
   return PostProcess(raw, state.height, state.width, score_threshold, mask_threshold);
+}
+
+bool Model::has_interactive() const { return impl_->has("predict_masks"); }
+
+InteractiveResult Model::PredictPoints(const ImageState& state, const std::vector<Point>& points, const Box* box,
+                                       bool multimask, double mask_threshold_logit, double max_hole_area,
+                                       const std::vector<float>& mask_input) {
+  Impl& m = *impl_;
+  if (!m.has("predict_masks"))
+    throw LibraryError("interactive segmentation (points, a box or a mask) needs the library function "
+                       "'predict_masks', which this library lacks (it has " + m.function_list() +
+                       "); compile it with the interactive part (--parts vision,text,detector,interactive)");
+  const auto specs = m.inputs("predict_masks");
+  int slots = 0, g = 0;
+  for (const auto& in : specs) {
+    if (in.name == "points") slots = static_cast<int>(in.shape.at(1).i);
+    if (in.name == "mask_input") g = static_cast<int>(in.shape.back().i);
+  }
+  PointSlots prompt = MakePointSlots(points, box, state.height, state.width, m.image_size, slots);
+  const size_t plane = static_cast<size_t>(g) * g;
+  if (!mask_input.empty()) {
+    if (mask_input.size() != plane)
+      throw InputError("mask_input must be " + std::to_string(g) + "x" + std::to_string(g) +
+                       " low-resolution logits (one of a previous call's low_res_logits), got " +
+                       std::to_string(mask_input.size()) + " values");
+    for (float v : mask_input)
+      if (!std::isfinite(v)) throw InputError("mask_input must hold finite floating-point logits");
+  }
+  if (prompt.count == 0 && mask_input.empty()) throw InputError("give a prompt: points, a box or a mask_input");
+  // encode_image's maps by name: the tracker neck's are predict_masks' inputs
+  const auto& features = *static_cast<std::vector<ffi::Tensor>*>(state.features.get());
+  const std::vector<std::string> names = m.outputs("encode_image");
+  std::map<std::string, ffi::Tensor> tracker;
+  for (size_t i = 0; i < names.size() && i < features.size(); ++i)
+    if (names[i].rfind("tracker_embeddings.", 0) == 0)
+      tracker.emplace("tracker_embeddings_" + names[i].substr(std::strlen("tracker_embeddings.")), features[i]);
+  if (tracker.empty())
+    throw LibraryError("this image state holds no tracker features (it was encoded by a library without the "
+                       "interactive part)");
+  std::vector<float> mask = mask_input.empty() ? std::vector<float>(plane, 0.f) : mask_input;
+  std::vector<ffi::Any> args;
+  for (const auto& in : specs) {
+    if (tracker.count(in.name)) {
+      args.push_back(tracker.at(in.name));
+    } else if (in.name == "points") {
+      args.push_back(m.host_to_device(ConvertFloats(prompt.points, in.dtype), {1, slots, 2}, in.dtype));
+    } else if (in.name == "point_labels") {
+      args.push_back(m.host_to_device(ConvertInts(prompt.labels, in.dtype), {1, slots}, in.dtype));
+    } else if (in.name == "point_mask") {
+      args.push_back(m.host_to_device(ConvertInts(prompt.mask, in.dtype), {1, slots}, in.dtype));
+    } else if (in.name == "mask_input") {
+      args.push_back(m.host_to_device(ConvertFloats(mask, in.dtype), {1, 1, g, g}, in.dtype));
+    } else if (in.name == "mask_valid") {
+      args.push_back(m.host_to_device(ConvertInts({mask_input.empty() ? 0 : 1}, in.dtype), {1}, in.dtype));
+    } else {
+      throw LibraryError("the library's predict_masks function takes an input '" + in.name +
+                         "' this runtime does not know");
+    }
+  }
+  std::vector<ffi::Tensor> out = m.call("predict_masks", args);
+  std::vector<std::string> out_names = m.outputs("predict_masks");
+  std::map<std::string, std::vector<float>> raw;
+  for (size_t i = 0; i < out_names.size() && i < out.size(); ++i) raw[out_names[i]] = ToFloats(out[i]);
+  for (const char* n : {"pred_masks", "iou_scores", "object_score_logits"})
+    if (!raw.count(n)) throw LibraryError(std::string("predict_masks' outputs lack '") + n + "'");
+  if (raw["pred_masks"].size() < 4 * plane || raw["iou_scores"].size() < 4)
+    throw LibraryError("predict_masks returned fewer than 4 masks of " + std::to_string(g) + "x" + std::to_string(g));
+  return PostProcessInteractive(raw["pred_masks"], g, raw["iou_scores"], raw["object_score_logits"].at(0), multimask,
+                                state.height, state.width, mask_threshold_logit, max_hole_area);
 }
 
 }  // namespace sam3

@@ -104,7 +104,7 @@ def check_points(points, labels, original_size: Tuple[int, int]) -> Tuple[np.nda
         if not np.isin(lab, (0, 1)).all():
             raise InputError(f"point labels must be 1 (positive) or 0 (negative), got {sorted(set(lab.tolist()))}")
         lab = lab.astype(np.int32)
-    for i, (x, y) in enumerate(arr):
+    for i, (x, y) in enumerate(arr.tolist()):  # Python floats: messages read [600.0, 40.0]
         if not (math.isfinite(x) and math.isfinite(y)):
             raise InputError(f"point {i}: coordinates must be finite, got {[x, y]}")
         if not (0 <= x <= w and 0 <= y <= h):

@@ -494,3 +494,152 @@ def test_app_e2e_bench_runs(app, art, tiny_bpe, tmp_path):
     assert agree["objects"] == 2 * queries and agree["images_with_other_object_count"] == 0
     assert agree["max_box_diff"] <= 1e-5 and agree["max_score_diff"] <= 1e-5 + 1e-9
     assert agree["mask_pixels_differing"] <= 10  # only probabilities within float32 ulps of 0.5 can flip
+
+
+# ----------------------------------------------------------------------------
+# interactive segmentation (--point / --task interactive): the JSON against the Python CLI's
+# ----------------------------------------------------------------------------
+# prompts inside every form of the test image (the smallest is 100 wide, 100 high); the tiny
+# model's mask logits lie within +-0.1, hence thresholds near 0.5
+INTERACTIVE_PROMPTS = {
+    "one_click": ["--point", "60,40"],  # default: three candidates
+    "three_clicks": ["--point", "60,40", "--point", "30,70", "--point", "90,20:neg"],
+    "box": ["--task", "interactive", "--box", "20,10,90,80"],
+    "box_clicks": ["--box", "20,10,90,80", "--point", "60,40", "--point", "85,75:neg"],
+    "box_click_multimask": ["--box", "20.5,10,90,80.25", "--point", "60,40", "--multimask", "--mask-threshold", "0.505"],
+    "click_single": ["--point", "60.5,40.5", "--no-multimask", "--mask-threshold", "0.49"],
+}
+
+
+@pytest.fixture(scope="module")
+def interactive(tiny_interactive, tmp_path_factory):
+    """The session's tiny interactive library (vision + interactive, 8 point slots:
+    conftest.py) with its weights converted for the app."""
+    converted = str(tmp_path_factory.mktemp("app_interactive") / "tiny.safetensors")
+    code, _, err = py_cli("convert", tiny_interactive["snapshot"], tiny_interactive["library"], converted)
+    assert code == 0, err
+    return {"library": tiny_interactive["library"], "weights": converted}
+
+
+def _interactive_overlay_reference(rgb, mask, box, prompt_box):
+    """sam3_nn.runtime.overlay.draw_overlay's interactive drawing without its text tag and its
+    click discs: the best mask tinted, its box, the prompt box."""
+    from PIL import Image, ImageDraw
+
+    from sam3_nn.runtime.overlay import PALETTE, PROMPT_COLOR
+
+    h, w = rgb.shape[:2]
+    out = rgb.astype(np.float32)
+    out[mask] = (1 - 0.45) * out[mask] + 0.45 * np.array(PALETTE[0], np.float32)
+    img = Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    width = max(2, round(min(h, w) / 300))
+    if box is not None:
+        draw.rectangle(box, outline=PALETTE[0], width=width)
+    if prompt_box is not None:
+        draw.rectangle(prompt_box, outline=PROMPT_COLOR, width=max(1, width // 2))
+    return np.asarray(img)
+
+
+@pytest.mark.parametrize("case", sorted(INTERACTIVE_PROMPTS))
+def test_interactive_json_equals_python_cli(app, interactive, images, tmp_path, case):
+    """Clicks, a box, both; single and multimask; default and other mask thresholds; nine
+    forms of the image: the same JSON as `python -m sam3_nn segment --point ...` (scores and
+    the object score within 1e-5, RLE masks identical: no sigmoid is involved, the logits are
+    compared with the threshold's logit on both sides) and the overlay as Pillow draws it."""
+    from PIL import Image
+
+    from sam3_nn.runtime import Sam3, rle
+    from sam3_nn.runtime.overlay import POINT_NEGATIVE, POINT_POSITIVE
+
+    prompt = INTERACTIVE_PROMPTS[case]
+    common = ["--library", interactive["library"], "--weights", interactive["weights"], "--image", images, *prompt]
+    code, out, err = app_cli(app, *common, "--output", tmp_path / "app")
+    assert code == 0, err
+    assert "predict_masks" in out and "image to JSON" in out
+    code, _, err = py_cli("segment", *common, "--output", tmp_path / "py")
+    assert code == 0, err
+    names = sorted(os.listdir(images))
+    assert sorted(os.listdir(tmp_path / "app")) == sorted(os.listdir(tmp_path / "py"))
+    model = Sam3.load(interactive["library"], interactive["weights"])
+    compared = differing = partial = 0
+    for name in names:
+        stem = os.path.splitext(name)[0]
+        a = json.loads((tmp_path / "app" / f"{stem}.json").read_text())
+        p = json.loads((tmp_path / "py" / f"{stem}.json").read_text())
+        assert sorted(a) == sorted(p) and sorted(a["timings_s"]) == sorted(p["timings_s"])
+        for key in a:
+            if key not in ("objects", "timings_s", "object_score_logit"):
+                assert a[key] == p[key], (name, key, a[key], p[key])
+        assert abs(a["object_score_logit"] - p["object_score_logit"]) <= 1e-5 + 1e-9, name
+        assert len(a["objects"]) == len(p["objects"]) == (3 if p["prompt"]["multimask"] else 1), name
+        for oa, op in zip(a["objects"], p["objects"]):
+            assert oa["mask_index"] == op["mask_index"]
+            assert abs(oa["score"] - op["score"]) <= 1e-5 + 1e-9, (name, oa["score"], op["score"])
+            assert oa["segmentation"]["size"] == op["segmentation"]["size"] == [a["height"], a["width"]]
+            diff = rle.decode(oa["segmentation"]) != rle.decode(op["segmentation"])
+            differing += int(diff.sum())
+            assert oa["segmentation"] == op["segmentation"], f"{name}: {int(diff.sum())} mask pixels differ"
+            assert (oa["box"], oa["area"]) == (op["box"], op["area"]), name
+            partial += 0 < op["area"] < a["height"] * a["width"]
+            compared += 1
+        # the overlay: Pillow's drawing without the tag, exact outside the click discs (drawn
+        # by the app's own rasteriser), whose centres hold the click's colour
+        state = model.set_image(os.path.join(images, name))
+        best = p["objects"][p["best"]]
+        mask = rle.decode(best["segmentation"]).astype(bool)
+        want = _interactive_overlay_reference(state.rgb, mask, best["box"], p["prompt"]["box"])
+        got = np.asarray(Image.open(tmp_path / "app" / f"{stem}.png").convert("RGB"))
+        assert got.shape == want.shape, name
+        outside = np.ones(got.shape[:2], bool)
+        h, w = got.shape[:2]
+        radius = max(3, round(min(h, w) / 120))
+        for (x, y), label in zip(p["prompt"]["points"] or [], p["prompt"]["point_labels"] or []):
+            outside[max(0, int(y - radius) - 1):int(y + radius) + 2, max(0, int(x - radius) - 1):int(x + radius) + 2] = False
+            assert tuple(got[int(y), int(x)]) == (POINT_POSITIVE if label else POINT_NEGATIVE), (name, x, y)
+        bad = (got != want).any(-1) & outside
+        assert not bad.any(), f"{name}: overlay differs in {int(bad.sum())} pixels outside the click discs"
+    assert compared == len(names) * (3 if "--multimask" in prompt or case == "one_click" else 1)
+    assert partial > 0, "every mask empty or full: the comparison would show little"
+    print(f"\n{case}: app vs Python CLI: {len(names)} images, {compared} masks ({partial} neither empty nor "
+          f"full), {differing} mask pixels differ")
+
+
+def test_interactive_errors_as_python(app, art, interactive, tmp_path):
+    """Bad clicks, boxes and flags, and a library without predict_masks: the app and the Python
+    CLI both exit with status 2 and the same message, and write nothing."""
+    lib, w = interactive["library"], interactive["weights"]
+    nine = [x for i in range(9) for x in ("--point", f"{10 + i},{10 + i}")]
+    cases = [
+        ((art["library"], art["converted"]), ["--point", "60,40"], "has no predict_masks function"),
+        ((lib, w), ["--point", "60"], "--point: point '60': expected x,y (2 numbers), got 1 values"),
+        ((lib, w), ["--point", "60,x"], "--point: point '60,x': not a number"),
+        ((lib, w), ["--point", "60,40:maybe"], "label must be ':pos' or ':neg', got 'maybe'"),
+        ((lib, w), ["--point", "600,40"], "point 0: [600.0, 40.0] lies outside the 160x100 image"),
+        ((lib, w), ["--point", "60,40", "--point", "nan,4"], "point 1: coordinates must be finite, got [nan, 4.0]"),
+        ((lib, w), ["--task", "interactive", "--box", "90,10,20,80"], "expected x0 < x1 and y0 < y1"),
+        ((lib, w), ["--point", "60,40", "--box", "200,10,300,80"], "box [200.0, 10.0, 300.0, 80.0] lies outside"),
+        ((lib, w), ["--point", "60,40", "--task", "concept"], "--point is an interactive prompt"),
+        ((lib, w), ["--point", "60,40", "--text", "cat"], "--text is a concept prompt"),
+        ((lib, w), ["--point", "60,40", "--box", "1,1,20,20", "--box", "30,30,50,50"], "takes one --box (the object's), got 2"),
+        ((lib, w), ["--point", "60,40", "--box", "1,1,20,20:neg"], "a negative --box (:neg) is a concept exemplar"),
+        ((lib, w), ["--task", "interactive"], "needs --point x,y[:neg] (repeatable) and/or one --box"),
+        ((lib, w), ["--text", "cat", "--no-multimask"], "apply to interactive segmentation"),
+        ((lib, w), ["--point", "60,40", "--mask-threshold", "1"], "strictly between 0 and 1 for interactive segmentation, got 1.0"),
+        ((lib, w), ["--point", "60,40", "--mask-threshold", "1.5"], "argument --mask-threshold: expected a number in [0, 1], got '1.5'"),
+        ((lib, w), ["--point", "60,40", "--task", "clicks"], "argument --task: invalid choice: 'clicks'"),
+        ((lib, w), nine, "9 points given; this library takes at most 8 points"),
+        ((lib, w), nine[:14] + ["--box", "1,1,20,20"], "7 points and a box (2 points) given; this library takes at most 8"),
+    ]
+    for (library, weights), args, msg in cases:
+        full = ["--library", library, "--weights", weights, "--image", art["image"], *args]
+        out = tmp_path / "out"
+        code, _, err = app_cli(app, *full, "--output", out)
+        assert code == 2 and msg in err and "error:" in err, (args, code, err)
+        assert not out.exists(), args
+        code, _, perr = py_cli("segment", *full, "--output", out)
+        assert code == 2 and msg in perr, (args, code, perr)
+        assert not out.exists(), args
+        # the whole message (argparse's carries the program's name before "error:")
+        said = err.strip().splitlines()[-1]
+        assert perr.strip().splitlines()[-1].endswith(said), (args, said, perr)

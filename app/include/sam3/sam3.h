@@ -4,6 +4,7 @@
 //   sam3::Tokenizer tok = sam3::Tokenizer::Load("sam3_nn/runtime/data/bpe_simple_vocab_16e6.txt.gz");
 //   sam3::ImageState state = model.SetImage(sam3::LoadImage("photo.jpg"));
 //   sam3::Detections cats = model.Predict(state, tok, "cat", {});
+//   sam3::InteractiveResult one = model.PredictPoints(state, {{410, 220, 1}, {380, 300, 0}});  // clicks
 //
 // Each step does what the Python runtime (sam3_nn.runtime.Sam3) does, with the same
 // arithmetic, so that both give the same JSON for the same inputs. TVM stays behind this
@@ -85,6 +86,12 @@ struct Box {
   int label = 1;  // 1 positive, 0 negative
 };
 
+// A click in pixels of the original image.
+struct Point {
+  double x, y;
+  int label = 1;  // 1 positive (the object), 0 negative (background)
+};
+
 struct Detections {
   int height = 0, width = 0;                 // the original image
   std::vector<std::array<float, 4>> boxes;   // xyxy pixels
@@ -93,10 +100,22 @@ struct Detections {
   std::vector<std::vector<uint8_t>> masks;   // height x width, 0/1, row-major
 };
 
+// One object selected by clicks / a box / a mask (interactive segmentation): K candidate
+// masks (3 with multimask, else 1) in the model's order.
+struct InteractiveResult {
+  int height = 0, width = 0;                    // the original image
+  std::vector<std::vector<uint8_t>> masks;      // K x (height x width), 0/1, row-major
+  std::vector<float> scores;                    // predicted IoU of each mask
+  int low_res_size = 0;                         // g: the low-resolution logits are g x g
+  std::vector<std::vector<float>> low_res_logits;  // K x (g x g), clamped to +-32: a later mask_input
+  float object_score = 0;                       // object score logit (> 0: an object is present)
+  int best() const;                             // the first candidate with the highest score
+};
+
 // An encoded image: its feature maps stay on the device, reusable for many prompts.
 struct ImageState {
   int height = 0, width = 0;
-  std::shared_ptr<void> features;  // the library's FPN maps (opaque)
+  std::shared_ptr<void> features;  // encode_image's maps, detector's and tracker's (opaque)
   double preprocess_s = 0, encode_s = 0;
 };
 
@@ -113,6 +132,7 @@ class Model {
   int image_size() const;
   int text_context() const;   // encode_text's input length
   int max_boxes() const;      // detect's box slots
+  int max_points() const;     // predict_masks' point slots (a box takes two); 0 without it
   int64_t vocab_size() const; // the text encoder's vocabulary
   bool has(const std::string& function) const;
   std::string functions() const;  // comma-separated, for messages
@@ -124,6 +144,16 @@ class Model {
   Detections Predict(const ImageState& state, const Tokenizer& tokenizer, const std::string& text,
                      const std::vector<Box>& boxes, float score_threshold = 0.5f,
                      float mask_threshold = 0.5f);
+  // Interactive segmentation (a library with the interactive part: predict_masks), as
+  // sam3_nn's Sam3.predict_points: clicks and/or one box (pixels of the original image)
+  // and/or a previous result's low_res_logits[k] as `mask_input` (empty: none). Masks are the
+  // logits after hole filling (background components of at most `max_hole_area` low-res
+  // pixels) resized to the image and `> mask_threshold_logit` (0: probability 0.5).
+  bool has_interactive() const;
+  InteractiveResult PredictPoints(const ImageState& state, const std::vector<Point>& points,
+                                  const Box* box = nullptr, bool multimask = true,
+                                  double mask_threshold_logit = 0.0, double max_hole_area = 256.0,
+                                  const std::vector<float>& mask_input = {});
 
  private:
   struct Impl;
@@ -135,10 +165,15 @@ class Model {
 std::string RleString(const uint8_t* mask, int height, int width);
 
 // Overlay PNG: masks tinted, boxes outlined (no text tags: no font library is used).
+// Clicks are drawn as discs, green (positive) or red (negative), outlined in white.
 void WriteOverlayPng(const std::string& path, const RgbImage& image, const Detections& det,
-                     const std::vector<Box>& prompt_boxes);
+                     const std::vector<Box>& prompt_boxes, const std::vector<Point>& prompt_points = {});
 
 // Checks boxes as sam3_nn.runtime.preprocess.check_boxes does; throws InputError.
 void CheckBoxes(const std::vector<Box>& boxes, int height, int width);
+// Checks clicks and an interactive box as sam3_nn.runtime.interactive.check_points /
+// check_box do; throws InputError.
+void CheckPoints(const std::vector<Point>& points, int height, int width);
+void CheckBox(const Box& box, int height, int width);
 
 }  // namespace sam3
