@@ -12,6 +12,9 @@
 #include <link.h>
 #endif
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/shape.h>
@@ -264,6 +267,42 @@ static float HalfToFloat(uint16_t h) {
   return f;
 }
 
+// F16C converts 8 values per instruction with the same rounding (nearest even) as the scalar
+// code; a 1008 px image is 3M pixels and a mask output 16M logits, too many to do one by one.
+#if defined(__x86_64__) || defined(__i386__)
+static bool HasF16C() {
+  static const bool has = __builtin_cpu_supports("f16c");
+  return has;
+}
+__attribute__((target("f16c"))) static void FloatsToHalfF16C(const float* in, uint16_t* out, size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) out[i] = FloatToHalf(in[i]);
+}
+__attribute__((target("f16c"))) static void HalfsToFloatF16C(const uint16_t* in, float* out, size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  for (; i < n; ++i) out[i] = HalfToFloat(in[i]);
+}
+#endif
+
+static void FloatsToHalf(const float* in, uint16_t* out, size_t n) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (HasF16C()) return FloatsToHalfF16C(in, out, n);
+#endif
+  for (size_t i = 0; i < n; ++i) out[i] = FloatToHalf(in[i]);
+}
+
+static void HalfsToFloat(const uint16_t* in, float* out, size_t n) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (HasF16C()) return HalfsToFloatF16C(in, out, n);
+#endif
+  for (size_t i = 0; i < n; ++i) out[i] = HalfToFloat(in[i]);
+}
+
 static uint16_t FloatToBfloat16(float f) {
   uint32_t x;
   std::memcpy(&x, &f, 4);
@@ -360,10 +399,15 @@ static std::vector<uint8_t> ConvertFloats(const std::vector<float>& v, const std
   if (dtype == "float32") {
     out.resize(v.size() * 4);
     std::memcpy(out.data(), v.data(), out.size());
-  } else if (dtype == "float16" || dtype == "bfloat16") {
+  } else if (dtype == "float16") {
+    std::vector<uint16_t> h(v.size());
+    FloatsToHalf(v.data(), h.data(), v.size());
+    out.resize(v.size() * 2);
+    std::memcpy(out.data(), h.data(), out.size());
+  } else if (dtype == "bfloat16") {
     out.resize(v.size() * 2);
     for (size_t i = 0; i < v.size(); ++i) {
-      uint16_t h = dtype == "float16" ? FloatToHalf(v[i]) : FloatToBfloat16(v[i]);
+      uint16_t h = FloatToBfloat16(v[i]);
       std::memcpy(out.data() + 2 * i, &h, 2);
     }
   } else {
@@ -398,7 +442,11 @@ static std::vector<float> ToFloats(const ffi::Tensor& t) {
   } else if ((dt.code == kDLFloat || dt.code == kDLBfloat) && dt.bits == 16) {
     std::vector<uint16_t> h(n);
     CopyOut(t, h.data(), n * 2);
-    for (size_t i = 0; i < n; ++i) out[i] = dt.code == kDLFloat ? HalfToFloat(h[i]) : Bfloat16ToFloat(h[i]);
+    if (dt.code == kDLFloat) {
+      HalfsToFloat(h.data(), out.data(), n);
+    } else {
+      for (size_t i = 0; i < n; ++i) out[i] = Bfloat16ToFloat(h[i]);
+    }
   } else {
     throw LibraryError("unexpected output dtype " + std::string(ffi::DLDataTypeToString(dt)));
   }
@@ -420,11 +468,12 @@ static std::function<std::vector<float>(size_t, size_t)> FloatRange(const ffi::T
       std::memcpy(out.data(), bytes->data() + begin * 4, count * 4);
       return out;
     }
-    const uint8_t* src = bytes->data() + begin * 2;
-    for (size_t i = 0; i < count; ++i) {
-      uint16_t h;
-      std::memcpy(&h, src + 2 * i, 2);
-      out[i] = half ? HalfToFloat(h) : Bfloat16ToFloat(h);
+    std::vector<uint16_t> h(count);
+    std::memcpy(h.data(), bytes->data() + begin * 2, count * 2);
+    if (half) {
+      HalfsToFloat(h.data(), out.data(), count);
+    } else {
+      for (size_t i = 0; i < count; ++i) out[i] = Bfloat16ToFloat(h[i]);
     }
     return out;
   };
