@@ -130,19 +130,19 @@ def main() -> int:
                     help="with --time: sample SM clock, power and clock-limit reasons (nvidia-smi)")
     args = ap.parse_args()
 
+    from sam3_nn.runtime import ffi
     from sam3_nn.runtime.engine import CompiledModel
 
     lib = CompiledModel(args.library)
-    import tvm  # after CompiledModel: it loads TVM's device runtime first
     rng = np.random.default_rng(0)
     lib.bind(random_params(lib.manifest, rng))
     dev = lib.device
     # on the device once: the calls below time the function, not the inputs' upload
-    inputs = [tvm.runtime.tensor(a, dev) for a in random_inputs(lib.manifest, args.function, args.batch, rng)]
+    inputs = [ffi.to_device(a, dev) for a in random_inputs(lib.manifest, args.function, args.batch, rng)]
 
     def call():
         out = lib.call_device(args.function, *inputs)
-        dev.sync()
+        ffi.sync(dev)
         return out
 
     call()
@@ -183,7 +183,7 @@ def main() -> int:
     start = [0.0]
 
     def instrument(func, symbol, before, ret, *_):
-        dev.sync()
+        ffi.sync(dev)
         if before:
             start[0] = time.perf_counter()
         else:
