@@ -517,3 +517,12 @@ def test_ray_job_equals_the_single_process_run(art, images, labelled, tmp_path):
     assert yolo_files(out) == yolo_files(labelled["out"])
     names = ShardStore(str(out)).shard_names()
     assert len(names) == 4  # 7 images in shards of 2, written by the actors
+
+
+def test_batches_ahead_give_every_worker_an_image():
+    from sam3_nn.runtime.label.job import batches_ahead
+    assert batches_ahead(16, 1) == 16  # batch 1: an image per worker
+    assert batches_ahead(16, 4) == 4
+    assert batches_ahead(15, 4) == 4  # a partly filled batch still counts
+    assert batches_ahead(2, 4) == 2  # never fewer than the least asked for
+    assert batches_ahead(2, 1, least=3) == 3

@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from sam3_nn.runtime.api import Sam3
-from sam3_nn.runtime.label.job import Summary, check_formats, default_workers, export, label_stream, pending, progress_bar
+from sam3_nn.runtime.label.job import (Summary, batches_ahead, check_formats, default_workers, export, label_stream,
+                                       pending, progress_bar)
 from sam3_nn.runtime.label.export import check_yolo_names
 from sam3_nn.runtime.label.infer import BatchLabeler
 from sam3_nn.runtime.label.options import ImageItem, LabelError
@@ -39,14 +40,16 @@ class LabelActor:
         model = Sam3.load(spec["library"], spec["weights"], device=spec.get("device"),
                           tokenizer=spec.get("tokenizer"))
         self.labeler = BatchLabeler(model, spec["options"], spec.get("batch"), spec.get("exemplars"))
-        self.pool = ThreadPoolExecutor(spec.get("workers") or default_workers(), thread_name_prefix="label")
+        workers = spec.get("workers") or default_workers()
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="label")
+        self.ahead = batches_ahead(workers, self.labeler.batch)
         self.store = ShardStore(spec["output"])
         self.prefix = run_prefix(uuid.uuid4().hex[:8])
         self.seq = 0
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         items = [ImageItem(str(k), str(p)) for k, p in zip(batch["key"], batch["path"])]
-        records = list(label_stream(self.labeler, items, self.pool))
+        records = list(label_stream(self.labeler, items, self.pool, self.ahead))
         self.seq += 1
         name = self.store.write_shard(records, self.prefix, self.seq)
         return {"key": np.array([r["key"] for r in records], dtype=object),
