@@ -3,8 +3,8 @@ implementations: the fused TIR kernel in its GPU or CPU schedule, the composed p
 inline or as the standalone kernel. GPU targets without kernels of their own (Metal, OpenCL)
 take these tables as they are; the CPU and CUDA tables start from them.
 
-* ``attention``: on GPUs the fused kernel when the bias is absent or a key mask, else the
-  composed path; on CPUs the composed path (its GEMMs run on the register-blocked kernels:
+* ``attention``: on GPUs the fused kernel when the bias is absent or a key mask, else (and
+  for a few queries against many keys) the composed path; on CPUs the composed path (its GEMMs run on the register-blocked kernels:
   the DETR encoder's self-attention at full size took 4.6 s in the fused CPU kernel against
   ~1 s composed).
 * ``qkv_attention``: RoPE mode ``normal``, the standalone RoPE kernel then composed attention
@@ -30,6 +30,20 @@ def is_gpu(target: Optional[tvm.target.Target]) -> bool:
     return target is not None and "gpu" in target.keys
 
 
+# The GPU TIR kernel runs one block per (query tile, head) and walks the keys serially in
+# it: a handful of queries against thousands of keys (the interactive decoder's tokens
+# against the 72 x 72 image) gets a few blocks on a GPU of a hundred SMs, so there the
+# composed path (matmul, softmax, matmul over all keys at once) is taken.
+FEW_QUERIES = 64
+MANY_KEYS = 1024
+
+
+def few_queries_many_keys(q, k) -> bool:
+    nq, nk = q.shape[1], k.shape[1]
+    static = all(isinstance(x, (int, tvm.tirx.IntImm)) for x in (nq, nk))
+    return static and int(nq) <= FEW_QUERIES and int(nk) >= MANY_KEYS
+
+
 def default_rope_mode(target: tvm.target.Target) -> str:
     return "inline" if is_gpu(target) else "normal"
 
@@ -40,7 +54,7 @@ def attention_routes(target: tvm.target.Target, opts: KernelOptions) -> Dict[str
     tiles = opts.gpu_attention_tiles
 
     def attention(q, k, v, key_bias=None, *, num_heads):
-        if gpu:
+        if gpu and not few_queries_many_keys(q, k):
             bias2d = A.key_bias_2d(key_bias, q.shape[0], k.shape[1]) if key_bias is not None else None
             if key_bias is None or bias2d is not None:
                 return A.fused_attention(q, k, v, num_heads, int(q.shape[2]) // num_heads,

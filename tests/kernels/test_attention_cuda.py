@@ -238,3 +238,22 @@ def test_cuda_library_links_the_kernel(tmp_path):
         assert s in syms, s
     ldd = subprocess.run(["ldd", lib], capture_output=True, text=True).stdout
     assert "libcudart" not in ldd  # the CUDA runtime is linked statically
+
+
+def test_few_queries_against_many_keys_take_the_composed_path():
+    """The interactive decoder's tokens against the image (head dim 16, which the CUDA kernel
+    does not take): the GPU TIR kernel would run one block per head over all keys, so the
+    composed path serves it; many queries, or few keys, keep the fused kernel."""
+
+    class Cross(nn.Module):
+        def forward(self, q, k, v):
+            return attention(q, k, v, 8)
+
+    t = lambda *s: nn.spec.Tensor(list(s), "float16")
+    for nq, nk, composed in ((7, 5184, True), (64, 1024, True), (65, 5184, False), (7, 1023, False)):
+        mod, _ = Cross().export_tvm(spec={"forward": {"q": t(1, nq, 128), "k": t(1, nk, 128),
+                                                      "v": t(1, nk, 128)}})
+        for target in (CUDA, {"kind": "metal"}):
+            s = route_attention(mod, target)["forward"].script()
+            assert ("softmax" in s) == composed, (nq, nk, target)
+            assert ("sam3_attention" not in s) == composed, (nq, nk, target)
