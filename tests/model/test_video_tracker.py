@@ -5,9 +5,10 @@ object-pointer tokens; empty memory and pointer slots masked out, where the refe
 given the present ones only), the memory encoder, and the library's ``track_step`` /
 ``encode_memory`` against the reference's per-frame methods.
 
-Tolerances (fp32): memory attention rtol 1e-4 / atol 1e-4 (four layers, softmax over
-~500 keys; measured ~1e-5), memory encoder rtol 1e-4 / atol 5e-5; ``track_step`` masks and
-object pointers rtol 1e-4 / atol 2e-4 (measured ~2e-5).
+Tolerances (fp32): memory attention with unit-scale memory rtol 1e-4 / atol 1e-4 (measured
+~3e-6); with the memory's real scale (~20) float32 is ill-conditioned there (the reference's
+own float32 result is ~6e-4 from its float64 one): ours within 4x the reference's distance
+to float64 (measured ~2x); memory encoder rtol 1e-4 / atol 5e-5.
 """
 
 from __future__ import annotations
@@ -51,14 +52,22 @@ def _weights(module: torch.nn.Module, prefix: str):
     return {prefix + k: v.detach().float().numpy() for k, v in module.state_dict().items()}
 
 
-def test_memory_attention_matches_reference(hf_video):
+@pytest.mark.parametrize("scale", [1.0, 20.0])
+def test_memory_attention_matches_reference(hf_video, scale):
+    """``scale``: the memory's magnitude (the memory encoder's outputs reach ~20): at 1 our
+    float32 result equals the reference's (atol 1e-4); at 20 the attention's scores are large
+    enough that float32 itself is off by ~1e-3 (the reference's float32 result against its own
+    float64 evaluation): ours must be as close to the float64 result as the reference's
+    float32 one, within a factor 4."""
+    import copy
+
     hf, cfg = hf_video
     rng = np.random.default_rng(0)
     b, frames, pointers = 2, 3, 6  # slots: 3 memory frames, 6 pointer tokens; some empty
     hw = G * G
     feats = rng.standard_normal((b, hw, C)).astype(np.float32)
     pos = rng.standard_normal((1, hw, C)).astype(np.float32)
-    memory = rng.standard_normal((b, frames * hw + pointers, MEM)).astype(np.float32)
+    memory = (rng.standard_normal((b, frames * hw + pointers, MEM)) * scale).astype(np.float32)
     memory_pos = rng.standard_normal((b, frames * hw + pointers, MEM)).astype(np.float32)
     valid_frames = [[1, 1, 0], [1, 0, 1]]
     valid_ptrs = [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]
@@ -72,18 +81,27 @@ def test_memory_attention_matches_reference(hf_video):
     weights = _weights(hf.memory_attention, "memory_attention.")
     assert set(expected) == set(weights)
     (ours,) = run(weights, feats, pos, memory, memory_pos, key_mask)
+    m64 = copy.deepcopy(hf.memory_attention).double()
     for i in range(b):
         keep = key_mask[i] == 1
         n_ptr = int(sum(valid_ptrs[i]))
+        inputs = dict(current_vision_features=torch.from_numpy(feats[i:i + 1]).transpose(0, 1),
+                      memory=torch.from_numpy(memory[i:i + 1, keep]).transpose(0, 1),
+                      current_vision_position_embeddings=torch.from_numpy(pos).transpose(0, 1),
+                      memory_posision_embeddings=torch.from_numpy(memory_pos[i:i + 1, keep]).transpose(0, 1),
+                      num_object_pointer_tokens=n_ptr)
         with torch.no_grad():
-            ref = hf.memory_attention(
-                current_vision_features=torch.from_numpy(feats[i:i + 1]).transpose(0, 1),
-                memory=torch.from_numpy(memory[i:i + 1, keep]).transpose(0, 1),
-                current_vision_position_embeddings=torch.from_numpy(pos).transpose(0, 1),
-                memory_posision_embeddings=torch.from_numpy(memory_pos[i:i + 1, keep]).transpose(0, 1),
-                num_object_pointer_tokens=n_ptr)
-        # the reference returns [HW, 1, 1, C] (its unsqueezed point batch)
-        assert_close(ours[i], ref.reshape(hw, C), rtol=1e-4, atol=1e-4, what=f"memory attention object {i}")
+            # the reference returns [HW, 1, 1, C] (its unsqueezed point batch)
+            ref = hf.memory_attention(**inputs).reshape(hw, C).numpy()
+            ref64 = m64(**{k: v.double() if torch.is_tensor(v) else v for k, v in inputs.items()})
+            ref64 = ref64.reshape(hw, C).numpy()
+        ours_err, ref_err = np.abs(ours[i] - ref64).max(), np.abs(ref - ref64).max()
+        print(f"scale {scale}: |ours - ref| {np.abs(ours[i] - ref).max():.2e}, |ours - f64| {ours_err:.2e}, "
+              f"|ref - f64| {ref_err:.2e}")
+        if scale == 1.0:
+            assert_close(ours[i], ref, rtol=1e-4, atol=1e-4, what=f"memory attention object {i}")
+        else:
+            assert ours_err <= 4 * ref_err, (ours_err, ref_err)
 
 
 class _Encoder(nn.Module):
