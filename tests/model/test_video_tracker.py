@@ -2,8 +2,9 @@
 every parameter perturbed, float32, llvm): the memory attention (self-attention with 2D RoPE,
 cross-attention to the memory with RoPE repeated over its frames and none on the
 object-pointer tokens; empty memory and pointer slots masked out, where the reference is
-given the present ones only), the memory encoder, and the library's ``track_step`` /
-``encode_memory`` against the reference's per-frame methods.
+given the present ones only) and the memory encoder. The compiled ``track_step`` /
+``encode_memory`` / ``mask_prompt`` are compared frame by frame, end to end, in
+tests/runtime/test_video_runtime.py.
 
 Tolerances (fp32): memory attention with unit-scale memory rtol 1e-4 / atol 1e-4 (measured
 ~3e-6); with the memory's real scale (~20) float32 is ill-conditioned there (the reference's
