@@ -349,14 +349,16 @@ class VideoSession:
             pts, lab = np.concatenate([b, pts]), np.concatenate([np.array([2, 3], np.int32), lab])
         if len(pts) == 0:
             raise InputError("give clicks or a box")
-        obj = self._object(obj_id)
-        if not clear and frame_index in obj.points:
-            old_p, old_l = obj.points[frame_index]
-            pts, lab = np.concatenate([old_p, pts]), np.concatenate([old_l, lab])
-        if len(pts) > self.point_slots:
-            raise InputError(f"{len(pts)} points (a box counts two) on one frame; this library takes at most "
+        model_pts = to_model_coords(pts, size, self.image_size)
+        known = self._objects.get(int(obj_id)) if isinstance(obj_id, (int, np.integer)) else None
+        if not clear and known is not None and frame_index in known.points:
+            old_p, old_l = known.points[frame_index]
+            model_pts, lab = np.concatenate([old_p, model_pts]), np.concatenate([old_l, lab])
+        if len(lab) > self.point_slots:
+            raise InputError(f"{len(lab)} points (a box counts two) on one frame; this library takes at most "
                              f"{self.point_slots} (compile with --max-points)")
-        obj.points[frame_index] = (to_model_coords(pts, size, self.image_size), lab.astype(np.int32))
+        obj = self._object(obj_id)
+        obj.points[frame_index] = (model_pts.astype(np.float32), lab.astype(np.int32))
         obj.masks.pop(frame_index, None)
         self._new_inputs = [int(obj_id)]
         return self._run_frame(frame_index, reverse=False)

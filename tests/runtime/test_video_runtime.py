@@ -224,3 +224,36 @@ def test_memory_stays_flat_over_1000_frames(video_env):
     print(f"RSS after 100 frames {peak[100]:.1f} MiB, after 1000 {peak[1000]:.1f} MiB")
     assert peak[1000] - peak[100] < 16.0, peak
     assert all(len(o.non_cond) <= session.window + 1 for o in session._objects.values())
+
+
+def test_session_bad_input_and_lifecycle(video_env):
+    from sam3_nn.errors import InputError
+
+    model, _, video = video_env
+    ours = VideoSession(model, video)
+    with pytest.raises(InputError, match="no objects to follow"):
+        next(ours.propagate())
+    with pytest.raises(InputError, match="outside the video"):
+        ours.add_points(T, 1, [(5, 5)])
+    with pytest.raises(InputError, match="lies outside"):
+        ours.add_points(0, 1, [(500, 5)])
+    with pytest.raises(InputError, match="at most 8"):
+        ours.add_points(0, 1, [(5, 5)] * 9)
+    with pytest.raises(InputError, match="object ids are integers"):
+        ours.add_points(0, "car", [(5, 5)])
+    assert ours.object_ids == []  # nothing half-added
+    ours.add_points(0, 1, [(20, 30)])
+    ours.add_box(2, 5, (60, 30, 110, 90))
+    assert [r.object_ids for r in ours.propagate(max_frames=2)] == [[1, 5]] * 3
+    ours.remove_object(5)
+    assert next(ours.propagate()).object_ids == [1]
+    with pytest.raises(InputError, match="no object 5"):
+        ours.remove_object(5)
+    ours.reset()
+    with pytest.raises(InputError, match="no objects to follow"):
+        next(ours.propagate())
+    # an iterator cannot go back
+    it = VideoSession(model, iter(list(video)))
+    it.add_points(3, 1, [(20, 30)])
+    with pytest.raises(InputError, match="cannot go back"):
+        it.add_points(0, 1, [(20, 30)])
