@@ -750,8 +750,9 @@ def add_compile_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--target", default="llvm", help="a target preset (--list-targets)")
     ap.add_argument("--arch", default=None, help="cuda targets: SASS arches, e.g. sm_80,sm_90a")
     ap.add_argument("--parts", default=None,
-                    help="comma-separated model parts: vision, text, detector, interactive (default: "
-                         "vision,text,detector; add interactive for clicks, or vision,interactive alone)")
+                    help="comma-separated model parts: vision, text, detector, interactive, video (default: "
+                         "vision,text,detector; add interactive for clicks, or vision,interactive alone; "
+                         "vision,interactive,video to track objects through videos)")
     ap.add_argument("--list-targets", action="store_true")
     ap.add_argument("--model", default=None,
                     help="architecture: an HF snapshot folder, a config.json or a sam3.pt "
