@@ -12,8 +12,11 @@ not rotated (``num_k_exclude_rope``). A key mask (0: empty slot) lets one compil
 function serve any number of memory frames and pointers up to its static maximum; the
 reference concatenates only the present ones, which is the same softmax.
 
-RoPE goes through ``sam3_nn.ops.rope.rotate_tokens`` (the project's axial-RoPE
-arithmetic, ``head_dim/4`` x-pairs then y-pairs), attention through
+The self-attention goes through the project's ``qkv_self_attention`` operator with the
+grid's RoPE (routed per target: RoPE inline in the fused attention kernel, or the
+standalone kernel); the cross-attention rotates q and the spatial keys with
+``sam3_nn.ops.rope.rotate_tokens`` (the same axial-RoPE arithmetic, ``head_dim/4``
+x-pairs then y-pairs, the grid repeated over the memory frames) and goes through
 ``sam3_nn.ops.attention.attention``. LayerNorm eps 1e-5 (``nn.LayerNorm``).
 """
 
@@ -24,8 +27,8 @@ from typing import Optional
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from sam3_nn.model.common import LN_EPS
-from sam3_nn.ops.attention import attention
+from sam3_nn.model.common import LN_EPS, linear_nd
+from sam3_nn.ops.attention import attention, qkv_self_attention
 from sam3_nn.ops.rope import AxialRope, rotate_tokens
 
 QUERY_POS_SCALE = 0.1  # output = features + 0.1 * position encoding (the reference's pos_enc_at_input)
@@ -41,6 +44,15 @@ class RopeAttention(nn.Module):
         self.k_proj = nn.Linear(kv_in, hidden)
         self.v_proj = nn.Linear(kv_in, hidden)
         self.o_proj = nn.Linear(hidden, hidden)
+
+    def self_attention(self, x: Tensor, rope: AxialRope) -> Tensor:
+        """Self-attention of a token grid: one q/k/v projection (the three weights joined; a
+        compiled library joins them once, when weights are bound) into the project's
+        ``qkv_self_attention`` operator, whose routes rotate q and k by ``rope`` (inline in
+        the attention kernel where the target has one, else the standalone RoPE kernel)."""
+        w = op.concat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], dim=0)
+        b = op.concat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias], dim=0)
+        return self.o_proj(qkv_self_attention(linear_nd(x, w, b), self.num_heads, rope))
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, rope: AxialRope,
                 rotated_keys=None, key_bias: Optional[Tensor] = None) -> Tensor:
@@ -65,7 +77,7 @@ class MemoryAttentionLayer(nn.Module):
     def forward(self, queries: Tensor, memory: Tensor, memory_pos: Tensor, rope: AxialRope,
                 rotated_keys: int, key_bias: Tensor) -> Tensor:
         q = self.layer_norm1(queries)
-        queries = queries + self.self_attn(q, q, q, rope)
+        queries = queries + self.self_attn.self_attention(q, rope)
         q = self.layer_norm2(queries)
         queries = queries + self.cross_attn_image(q, memory + memory_pos, memory, rope, rotated_keys, key_bias)
         q = self.layer_norm3(queries)
