@@ -10,8 +10,9 @@ convolution, LayerNorm2d, pointwise MLP with GELU, layer scale, residual) and a 
 ``projection`` to ``mem_dim``. The memory's sine position encoding depends on the grid
 alone; the tracker computes it where it is used (``VideoTrackerModel``).
 
-Convolutions with a spatial kernel run channel-first (``op.conv2d``); 1x1 convolutions,
-norms and MLPs channel-last. LayerNorm2d eps 1e-6 (the reference's ``channels_first``
+Channel-last throughout but for the fuser's depthwise convolution (``op.conv2d``, channel
+first for that one op): the downsampler's strided convolutions are GEMMs over their patches
+(``PatchConv``), 1x1 convolutions and MLPs GEMMs. LayerNorm2d eps 1e-6 (the reference's ``channels_first``
 LayerNorm).
 """
 
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 import math
 
+from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from sam3_nn.config import VideoConfig
-from sam3_nn.model.common import Conv1x1
+from sam3_nn.model.common import Conv1x1, linear_nd
 
 LN2D_EPS = 1e-6
 
@@ -37,7 +39,7 @@ def _to_first(x: Tensor) -> Tensor:
 
 
 class StridedConv(nn.Module):
-    """``nn.Conv2d(kernel k, stride s, padding p)`` on channel-first input."""
+    """``nn.Conv2d(kernel k, stride s, padding p)`` on channel-first input (``op.conv2d``)."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, padding: int, groups: int = 1):
         self.stride, self.padding, self.groups = stride, padding, groups
@@ -49,15 +51,45 @@ class StridedConv(nn.Module):
                          groups=self.groups)
 
 
+class PatchConv(nn.Module):
+    """``nn.Conv2d(kernel k, stride s, padding p)`` on channel-last input as one GEMM over its
+    patches (im2col in the weight's ``(in, ky, kx)`` order, zero outside the image): the GEMM
+    goes to the target's GEMM kernels, where a generic strided convolution would not."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, padding: int):
+        self.cin, self.cout, self.k, self.stride, self.padding = cin, cout, kernel, stride, padding
+        self.weight = nn.Parameter((cout, cin, kernel, kernel))
+        self.bias = nn.Parameter((cout,))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        k, s, p = self.k, self.stride, self.padding
+        ho, wo = (int(h) + 2 * p - k) // s + 1, (int(w) + 2 * p - k) // s + 1
+
+        def compute(t):
+            def f(n, i, j, q):
+                ch, r = q // (k * k), q % (k * k)
+                y, xx = i * s + r // k - p, j * s + r % k - p
+                inside = tirx.all(y >= 0, y < t.shape[1], xx >= 0, xx < t.shape[2])
+                yc = tirx.max(tirx.min(y, t.shape[1] - 1), 0)
+                xc = tirx.max(tirx.min(xx, t.shape[2] - 1), 0)
+                return tirx.Select(inside, t[n, yc, xc, ch], tirx.const(0, t.dtype))
+
+            return te.compute((t.shape[0], ho, wo, c * k * k), f, name="patches")
+
+        cols = op.tensor_expr_op(compute, "patches", args=[x])
+        return linear_nd(cols, op.reshape(self.weight, [self.cout, self.cin * k * k]), self.bias)
+
+
 class MaskDownSamplerLayer(nn.Module):
-    """``Sam3TrackerVideoMaskDownSamplerLayer``: conv, LayerNorm2d, GELU (channel-first)."""
+    """``Sam3TrackerVideoMaskDownSamplerLayer``: 3x3 stride-2 conv, LayerNorm2d, GELU."""
 
     def __init__(self, cin: int, cout: int):
-        self.conv = StridedConv(cin, cout, 3, 2, 1)
+        self.conv = PatchConv(cin, cout, 3, 2, 1)
         self.layer_norm = nn.LayerNorm(cout, eps=LN2D_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _to_first(op.gelu(self.layer_norm(_to_last(self.conv(x)))))
+        return op.gelu(self.layer_norm(self.conv(x)))
 
 
 class MaskDownSampler(nn.Module):
@@ -71,9 +103,11 @@ class MaskDownSampler(nn.Module):
         self.final_conv = Conv1x1(chans[-1], hidden)
 
     def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        x = op.reshape(x, [b, h, w, 1])  # one channel: channel last is a free reshape
         for layer in self.layers:
             x = layer(x)
-        return self.final_conv(_to_last(x))
+        return self.final_conv(x)
 
 
 class MemoryFuserCXBlock(nn.Module):
