@@ -1,4 +1,4 @@
-"""Command line: ``sam3-nn`` / ``python -m sam3_nn`` with ``compile``, ``convert``, ``segment`` and ``label``.
+"""Command line: ``sam3-nn`` / ``python -m sam3_nn`` with ``compile``, ``convert``, ``segment``, ``track`` and ``label``.
 
     sam3-nn compile --target llvm [--model weights/sam3-hf] [--dtype float32] --output dist
 
@@ -15,6 +15,12 @@ is the interactive task (SAM 1/2's: clicks and/or one box select one object; a l
 compiled with the ``interactive`` part): ``--point`` implies it, ``--task interactive``
 makes a lone ``--box`` the object's box instead of a concept exemplar. The same PNG (the
 best candidate mask, the clicks) and JSON (every candidate with its predicted IoU).
+
+    python -m sam3_nn track --library dist/sam3-video.so --weights ... --video clip.mp4 \\
+        --point 1:410,220@0 --point 1:380,300:neg@0 --box 2:10,20,200,300@3 --output out/
+
+follows objects (ids 1, 2) given on some frames through a video (a library with the ``video``
+part): ``out/masks.jsonl`` (a line per frame, COCO RLE masks) and ``out/overlay.mp4``.
 
     python -m sam3_nn convert weights/sam3.pt dist/sam3-llvm.json weights/sam3-float32.safetensors
 
@@ -42,8 +48,8 @@ import warnings
 from typing import List, Optional, Tuple
 
 from sam3_nn.errors import InputError, UserError
-from sam3_nn.files import (atomic_write, check_not_inputs, check_output_file, check_output_folder,
-                           write_text)
+from sam3_nn.files import (atomic_write, atomic_write_path, check_not_inputs, check_output_file,
+                           check_output_folder, write_text)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -406,6 +412,153 @@ def cmd_segment(args) -> int:
 
 
 # ----------------------------------------------------------------------------
+# track
+# ----------------------------------------------------------------------------
+def cmd_track(args) -> int:
+    """``track``: objects given by clicks / boxes on some frames, followed through the video.
+    Checked before the model is loaded: the prompts, the library (it must have
+    ``track_step``), the device, the weights' metadata, the video (its frame count, the
+    prompts' frames and coordinates inside them) and the output folder. Writes
+    ``DIR/masks.jsonl`` (a line per frame: the objects' ids, scores, boxes, COCO RLE masks;
+    the frames from the first prompted one to the end, then back to frame 0) and the overlay,
+    ``DIR/overlay.mp4`` through PyAV (PNG frames in ``DIR/overlay/`` with ``--overlay png`` or
+    without PyAV); the JSON lines and the video appear whole or not at all."""
+    import numpy as np
+
+    from sam3_nn.runtime import rle
+    from sam3_nn.runtime.api import check_weights
+    from sam3_nn.runtime.engine import device_for, open_device, read_manifest
+    from sam3_nn.runtime.interactive import check_box, check_points, mask_box
+    from sam3_nn.runtime.video import group_prompts, open_frames, parse_track_prompt
+
+    prompts = []
+    for kind, values in (("point", args.point or []), ("box", args.box or [])):
+        for text in values:
+            try:
+                prompts.append(parse_track_prompt(text, kind))
+            except InputError as e:
+                raise CliError(f"--{kind}: {e}") from None
+    if not prompts:
+        raise CliError("give at least one --point ID:x,y[:neg]@FRAME or --box ID:x0,y0,x1,y1@FRAME")
+    try:
+        groups = group_prompts(prompts)
+    except InputError as e:
+        raise CliError(str(e)) from None
+    for p in (args.library, args.weights, args.video):
+        if not os.path.exists(p):
+            raise CliError(f"{p}: no such file or folder")
+    manifest = read_manifest(args.library)
+    if "track_step" not in manifest["functions"]:
+        raise CliError(f"library {args.library} has no track_step function (it has "
+                       f"{', '.join(manifest['functions'])}): video tracking needs a library compiled "
+                       "with --parts vision,interactive,video")
+    open_device(device_for(manifest, args.device))
+    check_weights(args.weights, manifest)
+    frames = open_frames(args.video)
+    n = frames.num_frames
+    first = frames.get(0)
+    size = (int(first.shape[0]), int(first.shape[1]))
+    for (frame, obj), g in groups.items():
+        if frame >= n:
+            raise CliError(f"object {obj}: frame {frame} is past the video's last frame ({n - 1})")
+        try:
+            if g["points"]:
+                check_points(g["points"], g["labels"], size)
+            if g["box"] is not None:
+                check_box(g["box"], size)
+        except InputError as e:
+            raise CliError(f"object {obj} on frame {frame} ({size[1]}x{size[0]}): {e}") from None
+    check_output_folder(args.output, "--output")
+    jsonl = os.path.join(args.output, "masks.jsonl")
+    use_video = args.overlay == "video"
+    if use_video:
+        try:
+            import av  # noqa: F401  (the overlay video's writer)
+        except ImportError:
+            _warn("PyAV is not installed (pip install 'sam3_nn[video]'): the overlay is written as PNG "
+                  "frames")
+            use_video = False
+    video_out = os.path.join(args.output, "overlay.mp4")
+    png_dir = os.path.join(args.output, "overlay")
+    check_not_inputs([jsonl, video_out], [args.video, args.library, args.weights])
+
+    from sam3_nn.runtime.api import Sam3
+    from sam3_nn.runtime.overlay import draw_overlay
+    from sam3_nn.runtime.video import VideoSession, VideoWriter
+
+    t0 = time.perf_counter()
+    _log(f"[load] library {args.library} + weights {args.weights}")
+    model = Sam3.load(args.library, args.weights, device=args.device)
+    _log(f"[load] done in {time.perf_counter() - t0:.2f} s ({n} frames of {size[1]}x{size[0]})")
+    session = VideoSession(model, frames)
+    start = min(frame for frame, _ in groups)
+
+    def write_all(jsonl_tmp: str, video_tmp: Optional[str]) -> None:
+        writer = VideoWriter(video_tmp, size, args.fps) if video_tmp else None
+        done, t_start = 0, time.perf_counter()
+        with open(jsonl_tmp, "w", encoding="utf-8") as out:
+            def emit(res) -> None:
+                nonlocal done
+                objects = [{"id": oid, "score": round(float(res.object_scores[k]), 4),
+                            "box": mask_box(res.masks[k]), "mask": rle.encode(res.masks[k])}
+                           for k, oid in enumerate(res.object_ids)]
+                out.write(json.dumps({"frame": res.frame_index, "objects": objects}) + "\n")
+                if args.overlay != "none":
+                    present = [k for k in range(len(res.object_ids)) if res.masks[k].any()]
+                    boxes = np.asarray([mask_box(res.masks[k]) for k in present], np.float32).reshape(-1, 4)
+                    img = draw_overlay(session.frame(res.frame_index), boxes, res.object_scores[present],
+                                       res.masks[present], "object")
+                    if writer is not None:
+                        writer.write(np.asarray(img))
+                    else:
+                        path = os.path.join(png_dir, f"{res.frame_index:06d}.png")
+                        atomic_write(path, lambda f: img.save(f, format="PNG"))
+                done += 1
+                if done % args.log_every == 0 or done == n:
+                    _log(f"[track] {done}/{n} frames, {done / (time.perf_counter() - t_start):.1f} frames/s")
+
+            # the prompts first (each gives its frame's masks), then propagation forward from
+            # the first prompted frame and backward from it to frame 0
+            for (frame, obj), g in groups.items():
+                session.add_points(frame, obj, g["points"], g["labels"] or None, box=g["box"])
+            for res in session.propagate(start=start):
+                emit(res)
+            if start > 0:
+                for res in session.propagate(start=start - 1, reverse=True):
+                    emit(res)
+        if writer is not None:
+            writer.close()
+
+    if use_video:
+        atomic_write_path(jsonl, lambda tmp: atomic_write_path(video_out, lambda vtmp: write_all(tmp, vtmp)))
+    else:
+        atomic_write_path(jsonl, lambda tmp: write_all(tmp, None))
+    session.close()
+    wrote = f" and {video_out}" if use_video else (f" and {png_dir}{os.sep}" if args.overlay != "none" else "")
+    _log(f"[track] wrote {jsonl}{wrote}")
+    return 0
+
+
+def add_track_arguments(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--library", required=True, help="compiled library with the video part (.so/.dylib)")
+    t.add_argument("--weights", required=True,
+                   help="converted .safetensors (python -m sam3_nn convert) or an HF snapshot folder")
+    t.add_argument("--video", required=True,
+                   help="a video file (needs PyAV: the video extra) or a folder of frames (sorted by name)")
+    t.add_argument("--point", action="append", default=None, metavar="ID:x,y[:neg]@FRAME",
+                   help="a click on object ID in frame FRAME, pixels of the frame (repeatable; ':neg': "
+                        "background)")
+    t.add_argument("--box", action="append", default=None, metavar="ID:x0,y0,x1,y1@FRAME",
+                   help="object ID's box in frame FRAME (one per object and frame)")
+    t.add_argument("--output", required=True, help="folder for masks.jsonl and the overlay")
+    t.add_argument("--overlay", choices=["video", "png", "none"], default="video",
+                   help="overlay.mp4 (PNG frames in overlay/ without PyAV), PNG frames, or none")
+    t.add_argument("--fps", type=float, default=25.0, help="the overlay video's frame rate")
+    t.add_argument("--device", default=None, help="cpu, cuda, metal... (default: the library's target)")
+    t.add_argument("--log-every", type=_positive_int, default=25, help="a progress line every N frames")
+
+
+# ----------------------------------------------------------------------------
 # label
 # ----------------------------------------------------------------------------
 def cmd_label(args) -> int:
@@ -603,8 +756,9 @@ def add_compile_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--target", default="llvm", help="a target preset (--list-targets)")
     ap.add_argument("--arch", default=None, help="cuda targets: SASS arches, e.g. sm_80,sm_90a")
     ap.add_argument("--parts", default=None,
-                    help="comma-separated model parts: vision, text, detector, interactive (default: "
-                         "vision,text,detector; add interactive for clicks, or vision,interactive alone)")
+                    help="comma-separated model parts: vision, text, detector, interactive, video (default: "
+                         "vision,text,detector; add interactive for clicks, or vision,interactive alone; "
+                         "vision,interactive,video to track objects through videos)")
     ap.add_argument("--list-targets", action="store_true")
     ap.add_argument("--model", default=None,
                     help="architecture: an HF snapshot folder, a config.json or a sam3.pt "
@@ -673,6 +827,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask pixels whose probability is above this (0..1, default 0.5; interactive: "
                         "on the logits' sigmoid)")
     s.set_defaults(func=cmd_segment)
+    t = sub.add_parser("track", help="follow objects given by clicks / boxes through a video")
+    add_track_arguments(t)
+    t.set_defaults(func=cmd_track)
     lb = sub.add_parser("label", help="label a dataset: COCO / YOLO-seg files, resumable, on one "
                                       "machine or Ray", description="Labels every image with every concept; "
                                       "rerunning the command resumes an interrupted job.")

@@ -196,6 +196,87 @@ class TrackerConfig:
                              "are supported")
 
 
+@dataclass
+class VideoConfig:
+    """The video tracker (memory attention, memory encoder, object pointers) of
+    ``Sam3TrackerVideoConfig``; released sizes as defaults. Its width is the FPN's
+    (``fpn_hidden_size``), the memory's ``mem_dim`` (64)."""
+
+    num_maskmem: int = 7  # memory frames: the conditioning slot + 6 most recent
+    max_cond_frame_num: int = 4
+    max_object_pointers: int = 16
+    sigmoid_scale_for_mem_enc: float = 20.0
+    sigmoid_bias_for_mem_enc: float = -10.0
+    mem_dim: int = 64
+    memory_attention_num_layers: int = 4
+    memory_attention_num_heads: int = 1
+    memory_attention_feed_forward_size: int = 2048
+    rope_theta: float = 10000.0
+    mask_downsampler_total_stride: int = 16
+    memory_fuser_num_layers: int = 2
+    memory_fuser_intermediate_dim: int = 1024
+    memory_fuser_kernel_size: int = 7
+    # the HF flags the released model sets; only these values are supported
+    enable_occlusion_spatial_embedding: bool = True
+    enable_temporal_pos_encoding_for_object_pointers: bool = True
+
+    def validate(self, hidden: int) -> None:
+        if hidden % self.mem_dim:
+            raise ValueError(f"video: the width {hidden} must be a multiple of mem_dim {self.mem_dim}")
+        head = hidden // self.memory_attention_num_heads
+        if hidden % self.memory_attention_num_heads or head % 4:
+            raise ValueError(f"video: width {hidden} over {self.memory_attention_num_heads} heads needs a "
+                             "head width that is a multiple of 4 (2D RoPE)")
+        if self.mask_downsampler_total_stride != 16 or self.memory_fuser_kernel_size % 2 == 0:
+            raise ValueError("video: a mask downsampler of total stride 16 and an odd fuser kernel are supported")
+        if not (self.enable_occlusion_spatial_embedding and self.enable_temporal_pos_encoding_for_object_pointers):
+            raise ValueError("video: the occlusion embedding and the pointers' temporal encoding must be on "
+                             "(the released model's settings)")
+        if self.num_maskmem < 2 or self.max_object_pointers < 2:
+            raise ValueError("video: num_maskmem and max_object_pointers must be at least 2")
+
+    @property
+    def memory_slots(self) -> int:
+        """Memory frames one step attends to: conditioning frames + the recent ones."""
+        return self.max_cond_frame_num + self.num_maskmem - 1
+
+    @property
+    def pointer_slots(self) -> int:
+        """Object pointers one step attends to: conditioning frames' + the recent ones."""
+        return self.max_cond_frame_num + self.max_object_pointers - 1
+
+
+def _video_from_hf(d: Dict[str, Any]) -> "VideoConfig":
+    """A ``Sam3TrackerVideoConfig`` dict -> ours (checks what we do not model)."""
+    for key, want in (("memory_attention_downsample_rate", 1), ("memory_attention_feed_forward_hidden_act", "relu"),
+                      ("mask_downsampler_stride", 2), ("mask_downsampler_kernel_size", 3),
+                      ("mask_downsampler_padding", 1), ("mask_downsampler_hidden_act", "gelu"),
+                      ("memory_fuser_hidden_act", "gelu"), ("multimask_output_in_sam", True),
+                      ("multimask_min_pt_num", 0), ("multimask_max_pt_num", 1),
+                      ("multimask_output_for_tracking", True), ("memory_encoder_output_channels", 64)):
+        if key in d and d[key] != want:
+            raise ValueError(f"tracker_config: {key} {d[key]!r} is not supported (expected {want!r})")
+    rope = d.get("rope_parameters") or {}
+    keys = {"num_maskmem": "num_maskmem", "max_cond_frame_num": "max_cond_frame_num",
+            "max_object_pointers": "max_object_pointers_in_encoder",
+            "sigmoid_scale_for_mem_enc": "sigmoid_scale_for_mem_enc",
+            "sigmoid_bias_for_mem_enc": "sigmoid_bias_for_mem_enc",
+            "memory_attention_num_layers": "memory_attention_num_layers",
+            "memory_attention_num_heads": "memory_attention_num_attention_heads",
+            "memory_attention_feed_forward_size": "memory_attention_feed_forward_hidden_size",
+            "mask_downsampler_total_stride": "mask_downsampler_total_stride",
+            "memory_fuser_num_layers": "memory_fuser_num_layers",
+            "memory_fuser_intermediate_dim": "memory_fuser_intermediate_dim",
+            "memory_fuser_kernel_size": "memory_fuser_kernel_size",
+            "enable_occlusion_spatial_embedding": "enable_occlusion_spatial_embedding",
+            "enable_temporal_pos_encoding_for_object_pointers": "enable_temporal_pos_encoding_for_object_pointers"}
+    values = {ours: d[theirs] for ours, theirs in keys.items() if d.get(theirs) is not None}
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        values["rope_theta"] = float(rope["rope_theta"])
+    # the sigmoid bias is negative: check_fields wants positive floats, so it is kept as given
+    return VideoConfig(**values)
+
+
 _SECTIONS = {
     "vision": VisionConfig,
     "text": TextConfig,
@@ -204,6 +285,7 @@ _SECTIONS = {
     "detr_decoder": DetrDecoderConfig,
     "mask_decoder": MaskDecoderConfig,
     "tracker": TrackerConfig,
+    "video": VideoConfig,
 }
 
 # HF config.json section name -> our section name
@@ -232,6 +314,9 @@ def _is_number(v) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
+_SIGNED = {"sigmoid_bias_for_mem_enc"}  # float fields that may be negative
+
+
 def check_fields(obj, where: str) -> None:
     """Every field of a config dataclass (and those nested in it) has its declared type:
     sizes and counts are integers >= 1 (token ids >= 0), floats finite and positive,
@@ -248,7 +333,7 @@ def check_fields(obj, where: str) -> None:
             if not _is_int(v) or v < low:
                 raise ValueError(f"{key} must be an integer >= {low}, got {v!r}")
         elif t == "float":
-            if not _is_number(v) or v <= 0:
+            if not _is_number(v) or (v <= 0 and f.name not in _SIGNED):
                 raise ValueError(f"{key} must be a positive number, got {v!r}")
         elif t == "str":
             if not isinstance(v, str):
@@ -297,6 +382,7 @@ class Sam3Config:
     detr_decoder: DetrDecoderConfig = field(default_factory=DetrDecoderConfig)
     mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
 
     @property
     def image_size(self) -> int:
@@ -318,6 +404,8 @@ class Sam3Config:
         check_fields(self, "config")
         self.vision.validate()
         self.tracker.validate(self.vision.fpn_hidden_size)
+        # the video tracker's widths are checked where it is built (a tiny image model may
+        # be narrower than its 64-wide memory)
         return self
 
     # ---- (de)serialisation -------------------------------------------------
@@ -342,7 +430,8 @@ class Sam3Config:
     @classmethod
     def from_hf(cls, hf: Dict[str, Any], base: "Sam3Config | None" = None) -> "Sam3Config":
         """From an HF ``Sam3Config`` dict (``config.json``), a ``Sam3VisionConfig``, a
-        ``Sam3TrackerConfig`` (``sam3_tracker``: vision + prompt encoder + mask decoder) or a
+        ``Sam3TrackerConfig`` (``sam3_tracker``: vision + prompt encoder + mask decoder), a
+        ``Sam3TrackerVideoConfig`` (``sam3_tracker_video``: that + the video tracker) or a
         ``Sam3VideoConfig`` (``sam3_video``: its detector and tracker configs). Sections the
         dict does not describe come from ``base`` (default: the released sizes)."""
         if not isinstance(hf, dict):
@@ -354,6 +443,20 @@ class Sam3Config:
             tracker = hf.get("tracker_config")
             if tracker:
                 cfg.tracker = cls.from_hf(dict(tracker, model_type="sam3_tracker")).tracker
+                try:
+                    cfg.video = cls.from_hf(dict(tracker, model_type="sam3_tracker_video")).video
+                except ValueError:
+                    pass  # a video tracker we cannot build (its widths): the image parts still can
+            return cfg.validate()
+        if model_type == "sam3_tracker_video":
+            cfg = cls.from_hf(dict(hf, model_type="sam3_tracker"), base)
+            width = cfg.vision.fpn_hidden_size
+            for key in ("memory_attention_hidden_size", "memory_encoder_hidden_size",
+                        "mask_downsampler_embed_dim", "memory_fuser_embed_dim"):
+                if hf.get(key, width) != width:
+                    raise ValueError(f"{key} {hf[key]} differs from the FPN's width {width}")
+            cfg.video = _video_from_hf(hf)
+            cfg.video.validate(width)
             return cfg.validate()
         if model_type == "sam3_tracker":
             vision = dict(hf.get("vision_config") or {}, model_type="sam3_vision_model")
@@ -377,7 +480,7 @@ class Sam3Config:
             vision_hf, rest = hf.get("vision_config") or {}, hf
         else:
             raise ValueError(
-                f"config.json has model_type {model_type!r}; expected 'sam3', 'sam3_tracker' or "
+                f"config.json has model_type {model_type!r}; expected 'sam3', 'sam3_tracker', 'sam3_tracker_video' or "
                 "'sam3_video' (a SAM 3 checkpoint)"
             )
         if not isinstance(vision_hf, dict):

@@ -205,3 +205,30 @@ def tracker_processor():
     proc.image_processor, proc.point_pad_value = image, -10
     proc.target_size = TINY_HF["vision_config"]["backbone_config"]["image_size"]
     return proc
+
+
+# the video tracker at the tiny size: a 128-wide FPN (two 64-wide memory tokens per object
+# pointer, as the released 256 gives four), 12x12 grid, small MLPs
+TINY_VIDEO = dict(
+    prompt_encoder_config=dict(hidden_size=128, image_size=168, patch_size=14),
+    mask_decoder_config=dict(hidden_size=128, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+    memory_attention_hidden_size=128, memory_attention_feed_forward_hidden_size=64,
+    memory_encoder_hidden_size=128, mask_downsampler_embed_dim=128, memory_fuser_embed_dim=128,
+    memory_fuser_intermediate_dim=64, image_size=168,
+)
+
+
+def tiny_video_hf_config(**overrides):
+    """``transformers``' ``Sam3TrackerVideoConfig`` at the tiny size (vision: ``TINY_HF``'s with
+    a 128-wide neck)."""
+    from transformers import Sam3TrackerVideoConfig
+
+    d = json.loads(json.dumps(TINY_VIDEO))
+    vision = json.loads(json.dumps(TINY_HF["vision_config"]))
+    g = 168 // 14
+    vision["fpn_hidden_size"] = 128
+    vision["backbone_feature_sizes"] = [[4 * g, 4 * g], [2 * g, 2 * g], [g, g]]
+    vision["backbone_config"]["global_attn_indexes"] = [2]
+    d["vision_config"] = vision
+    d.update(overrides)
+    return Sam3TrackerVideoConfig(**d)

@@ -21,7 +21,7 @@ ROOT = PKG.parent
 # lazily imported where they are used: heavy or optional (not needed by every install)
 HEAVY = ("torch", "transformers", "huggingface_hub", "safetensors.torch", "tvm.relax.backend",
          "tvm.support", "tvm_ffi.libinfo", "concurrent.futures", "cutlass_library",
-         "importlib.metadata", "cv2", "ray")
+         "importlib.metadata", "cv2", "ray", "av")
 # may import anything lazily: the command line loads the compiler or the runtime on demand
 LAZY_ANYTHING = {"sam3_nn.cli"}
 MODEL_FORBIDDEN = ("sam3_nn.kernels", "sam3_nn.compiler", "sam3_nn.runtime", "sam3_nn.cli",

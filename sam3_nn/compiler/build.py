@@ -86,6 +86,8 @@ def manifest_config(cfg: Sam3Config, parts) -> Dict:
     d = cfg.to_dict()
     if "interactive" not in parts:
         d.pop("tracker")
+    if "video" not in parts:
+        d.pop("video")
     return d
 
 
@@ -116,6 +118,8 @@ def resolve(options: BuildOptions) -> tuple:
         raise ValueError(f"max_points must be at least 1, got {options.max_points}")
     if "interactive" in options.parts and "vision" not in options.parts:
         raise ValueError("the interactive part needs the vision part (parts vision,interactive)")
+    if "video" in options.parts and "interactive" not in options.parts:
+        raise ValueError("the video part needs the interactive part (parts vision,interactive,video)")
     rope_mode = options.kernels.rope_mode or ("inline" if preset.gpu else "normal")
     parts = tuple(p for p in PARTS if p in options.parts)
     return preset, options.with_(target=preset.name, dtype=dtype, batch=batch or 0, parts=parts,

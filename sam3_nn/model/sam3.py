@@ -24,6 +24,12 @@ exported functions follow that:
   output, 1..3 the multimask ones). One ViT trunk pass feeds both necks: an image queried
   with clicks and with concepts is encoded once. A library with ``interactive`` but no
   ``detector`` builds no detector neck: its ``encode_image`` returns the tracker's maps only.
+* with the ``video`` part (follow objects through a video: the SAM 2 task,
+  ``model.video_tracker``), ``track_step`` (one frame for all its objects: memory attention,
+  prompt encoder, mask decoder, object pointer), ``encode_memory`` (a frame's memory for all
+  its objects) and ``mask_prompt`` (a mask prompt to the decoder's mask input). Objects are the
+  batch (any number); memory frames and pointers come in static slots with masks (the
+  config's ``memory_slots`` / ``pointer_slots``), so one library serves a whole session.
 * ``release_outputs(token[1]) -> token``: does nothing; every library has it. TVM's
   virtual machine keeps the value of its last call until the next one, so a caller that
   drops its outputs would still hold them (``encode_image``'s FPN maps: 54 MiB at 1008 px)
@@ -46,19 +52,21 @@ from sam3_nn.model.geometry import GeometryEncoder
 from sam3_nn.model.heads import DotProductScoring, MaskDecoder
 from sam3_nn.model.interactive import InteractiveModel
 from sam3_nn.model.text_encoder import TextEncoder, encode_text
+from sam3_nn.model.video_tracker import VideoTrackerModel
 from sam3_nn.model.vision import VisionModel, VisionNeck
 
 MAX_BOXES = 8  # default box-prompt slots of a compiled detect()
 MAX_POINTS = 16  # default point slots of a compiled predict_masks() (a box takes two)
 
 # the checkpoint parts (sam3_nn.weights.parts) a model can hold, and the functions each exports
-PARTS = ("vision", "text", "detector", "interactive")
+PARTS = ("vision", "text", "detector", "interactive", "video")
 DEFAULT_PARTS = ("vision", "text", "detector")
 FUNCTIONS = {
     "vision": ("encode_image", "image_position_encoding"),
     "text": ("encode_text",),
     "detector": ("detect",),
     "interactive": ("predict_masks",),
+    "video": ("track_step", "encode_memory", "mask_prompt"),
 }
 TRACKER_LEVELS = 3  # the tracker neck's levels (its 0.5x level is dropped, scalp=1)
 
@@ -78,6 +86,8 @@ class Sam3Model(nn.Module):
         unknown = sorted(set(parts) - set(PARTS))
         if unknown:
             raise ValueError(f"unknown model parts {unknown}; known: {list(PARTS)}")
+        if "video" in parts and "interactive" not in parts:
+            raise ValueError("the video part needs the interactive part (parts vision,interactive,video)")
         if "interactive" in parts and "vision" not in parts:
             raise ValueError("the interactive part needs the vision part (its image features come "
                              "from encode_image)")
@@ -105,7 +115,11 @@ class Sam3Model(nn.Module):
             self.max_points = max_points
             cfg.tracker_levels()  # checks the FPN scales the tracker neck needs
             self.tracker_neck = VisionNeck(cfg.vision, TRACKER_LEVELS)
-            self.tracker_model = InteractiveModel(cfg)
+            if "video" in self.parts:
+                cfg.video.validate(cfg.vision.fpn_hidden_size)
+                self.tracker_model = VideoTrackerModel(cfg)
+            else:
+                self.tracker_model = InteractiveModel(cfg)
 
     def functions(self) -> List[str]:
         fns = [f for p in self.parts for f in FUNCTIONS[p]
@@ -149,6 +163,34 @@ class Sam3Model(nn.Module):
         return self.tracker_model.predict_masks(tracker_embeddings_0, tracker_embeddings_1,
                                                 tracker_embeddings_2, points, point_labels,
                                                 point_mask, mask_input, mask_valid)
+
+    def track_step(self, tracker_embeddings_0: Tensor, tracker_embeddings_1: Tensor,
+                   tracker_embeddings_2: Tensor, memory: Tensor, memory_tpos: Tensor, memory_mask: Tensor,
+                   pointers: Tensor, pointer_tpos: Tensor, pointer_mask: Tensor, mode: Tensor, points: Tensor,
+                   point_labels: Tensor, point_mask: Tensor, mask_input: Tensor, mask_valid: Tensor,
+                   multimask: Tensor, pointer_present: Tensor) -> Tuple[Tensor, ...]:
+        """One video frame for ``N`` objects (``model.video_tracker``): the frame's tracker maps
+        (``encode_image``, batch 1), each object's memory (``memory [N, M, g*g, 64]``,
+        ``memory_tpos``/``memory_mask [N, M]``; ``pointers [N, P, C]``, ``pointer_tpos``
+        float32 / ``pointer_mask [N, P]``), ``mode [N]`` (0 initial conditioning frame, 1
+        tracked, 2 mask prompt), the prompt slots as ``predict_masks`` takes them and
+        ``multimask [N]``, ``pointer_present [N]`` (-1: the object pointer blends by the score;
+        0/1: by this, a mask prompt's presence). Returns ``low_res_masks [N, 1, 4g, 4g]``, ``high_res_masks [N, 1, S,
+        S]``, ``iou_scores [N, 1]``, ``object_score_logits [N, 1]``, ``object_pointer [N, C]``."""
+        return self.tracker_model.track_step(tracker_embeddings_0, tracker_embeddings_1, tracker_embeddings_2,
+                                             memory, memory_tpos, memory_mask, pointers, pointer_tpos,
+                                             pointer_mask, mode, points, point_labels, point_mask, mask_input,
+                                             mask_valid, multimask, pointer_present)
+
+    def encode_memory(self, tracker_embeddings_2: Tensor, high_res_masks: Tensor, object_score_logits: Tensor,
+                      binarize: Tensor) -> Tensor:
+        """The frame's memory for ``N`` objects: ``[N, g*g, 64]`` (``model.video_tracker``)."""
+        return self.tracker_model.encode_memory(tracker_embeddings_2, high_res_masks, object_score_logits,
+                                                binarize)
+
+    def mask_prompt(self, masks: Tensor) -> Tensor:
+        """A 0/1 mask prompt ``[N, 1, S, S]`` -> ``track_step``'s ``mask_input`` ``[N, 1, 4g, 4g]``."""
+        return self.tracker_model.mask_prompt(masks)
 
     def image_position_encoding(self, batch) -> Tuple[Tensor, ...]:
         """The sine position encodings of the detector's FPN maps (``detect``'s input)."""
@@ -219,6 +261,41 @@ class Sam3Model(nn.Module):
                 "mask_valid": nn.spec.Tensor([b], "int32"),
                 "$": mode,
             }
+        if "video" in self.parts:
+            c = self.cfg.vision.fpn_hidden_size
+            s0, s1, s2 = self.cfg.tracker_levels()
+            v = self.cfg.video
+            n, m, pp, p = "objects", v.memory_slots, v.pointer_slots, self.max_points
+            image = self.cfg.image_size
+            maps = {"tracker_embeddings_0": nn.spec.Tensor([1, s0, s0, c // 8], dtype),
+                    "tracker_embeddings_1": nn.spec.Tensor([1, s1, s1, c // 4], dtype),
+                    "tracker_embeddings_2": nn.spec.Tensor([1, s2, s2, c], dtype)}
+            spec["track_step"] = {
+                **maps,
+                "memory": nn.spec.Tensor([n, m, s2 * s2, v.mem_dim], dtype),
+                "memory_tpos": nn.spec.Tensor([n, m], "int32"),
+                "memory_mask": nn.spec.Tensor([n, m], "int32"),
+                "pointers": nn.spec.Tensor([n, pp, c], dtype),
+                "pointer_tpos": nn.spec.Tensor([n, pp], "float32"),
+                "pointer_mask": nn.spec.Tensor([n, pp], "int32"),
+                "mode": nn.spec.Tensor([n], "int32"),
+                "points": nn.spec.Tensor([n, p, 2], "float32"),
+                "point_labels": nn.spec.Tensor([n, p], "int32"),
+                "point_mask": nn.spec.Tensor([n, p], "int32"),
+                "mask_input": nn.spec.Tensor([n, 1, 4 * s2, 4 * s2], dtype),
+                "mask_valid": nn.spec.Tensor([n], "int32"),
+                "multimask": nn.spec.Tensor([n], "int32"),
+                "pointer_present": nn.spec.Tensor([n], "int32"),
+                "$": mode,
+            }
+            spec["encode_memory"] = {
+                "tracker_embeddings_2": maps["tracker_embeddings_2"],
+                "high_res_masks": nn.spec.Tensor([n, 1, image, image], dtype),
+                "object_score_logits": nn.spec.Tensor([n, 1], dtype),
+                "binarize": nn.spec.Tensor([n], "int32"),
+                "$": mode,
+            }
+            spec["mask_prompt"] = {"masks": nn.spec.Tensor([n, 1, image, image], dtype), "$": mode}
         if "detector" in self.parts:
             c = self.cfg.detr_encoder.hidden_size
             n = self.max_boxes
@@ -243,6 +320,10 @@ class Sam3Model(nn.Module):
         names = {
             "encode_image": image,
             "predict_masks": ["pred_masks", "iou_scores", "object_score_logits"],
+            "track_step": ["low_res_masks", "high_res_masks", "iou_scores", "object_score_logits",
+                           "object_pointer"],
+            "encode_memory": ["memory_features"],
+            "mask_prompt": ["mask_input"],
             "image_position_encoding": [f"fpn_position_encoding.{i}" for i in range(n)],
             "encode_text": ["text_features", "text_mask"],
             "detect": ["pred_logits", "pred_boxes", "pred_masks", "presence_logits", "semantic_seg"],

@@ -133,10 +133,12 @@ class SamMaskDecoder(nn.Module):
         self.pred_obj_score_head = FeedForward(c, c, 1, 3)
 
     def forward(self, image_embed: Tensor, feat_s0: Tensor, feat_s1: Tensor, image_pe: Tensor,
-                sparse: Tensor, token_mask: Tensor, dense: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+                sparse: Tensor, token_mask: Tensor, dense: Tensor, with_tokens: bool = False) -> Tuple[Tensor, ...]:
         """``image_embed [B, g, g, C]``, ``feat_s0 [B, 4g, 4g, C/8]``, ``feat_s1 [B, 2g, 2g, C/4]``
         (channel last), ``image_pe [g*g, C]``, ``sparse [B, P, C]`` prompt tokens with their
-        ``token_mask [B, P]``, ``dense [B, g, g, C]``."""
+        ``token_mask [B, P]``, ``dense [B, g, g, C]``. ``with_tokens``: the four mask tokens
+        after the transformer ``[B, 4, C]`` are returned too (the video tracker's object
+        pointers are made from them)."""
         b, g, _, c = image_embed.shape
         g = int(g)
         out_tokens = op.concat([self.obj_score_token.weight, self.iou_token.weight,
@@ -166,7 +168,7 @@ class SamMaskDecoder(nn.Module):
         masks = op.reshape(masks, [b, n, h4, h4])
         iou = op.reshape(self.iou_prediction_head(iou_token), [b, n])
         obj = op.reshape(self.pred_obj_score_head(obj_token), [b, 1])
-        return masks, iou, obj
+        return (masks, iou, obj, mask_tokens) if with_tokens else (masks, iou, obj)
 
 
 def choose_single_mask(masks: Tensor, iou: Tensor, cfg: TrackerConfig) -> Tuple[Tensor, Tensor]:

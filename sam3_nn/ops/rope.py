@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tvm import tirx
+from tvm import te, tirx
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm._kernel_common import RopeMode
 from tvm.script import tirx as T
 
-__all__ = ["RopeMode", "AxialRope", "rope_angle", "fused_qkv_rope"]
+__all__ = ["RopeMode", "AxialRope", "rope_angle", "fused_qkv_rope", "rotate_tokens"]
 
 
 @dataclass(frozen=True)
@@ -158,3 +158,33 @@ def fused_qkv_rope(qkv: Tensor, num_heads: int, rope: AxialRope | None) -> tuple
             Tensor.placeholder(out_shape, dtype),
         ),
     )
+
+
+def rotate_tokens(x: Tensor, rope: AxialRope, num_heads: int, rotated=None) -> Tensor:
+    """``x [B, N, num_heads * D]`` with every head rotated by ``rope``; token ``n`` sits at
+    grid position ``n % (grid_h * grid_w)`` (the reference's repeat of the table over the
+    memory frames of a cross attention's keys). Tokens from ``rotated`` on (an int; default
+    all) pass unrotated (the memory's object-pointer tokens). Rotation in float32, as the
+    reference upcasts."""
+    b, n, width = x.shape
+    head_dim = int(width) // num_heads
+    if head_dim != rope.head_dim:
+        raise ValueError(f"rope head_dim {rope.head_dim} != attention head_dim {head_dim}")
+    limit = int(n) if rotated is None else int(rotated)
+    seq = rope.seq_len
+    dtype = x.dtype
+
+    def compute(t):
+        def f(bb, s, c):
+            d = tirx.floormod(c, head_dim)
+            base = c - d
+
+            def load(j):
+                return tirx.Cast("float32", t[bb, s, base + j])
+
+            value = rotate_element(rope, load, tirx.floormod(s, seq), d)
+            return tirx.Select(s < limit, tirx.Cast(dtype, value), t[bb, s, c])
+
+        return te.compute(t.shape, f, name="rope_tokens")
+
+    return op.tensor_expr_op(compute, "rope_tokens", args=[x])

@@ -16,7 +16,7 @@ from sam3_nn.weights.mapping import ParamMapping
 from sam3_nn.weights.decoder_map import add_decoder_parts
 from sam3_nn.weights.encoder_map import add_encoder_parts
 from sam3_nn.weights.text_map import add_text
-from sam3_nn.weights.tracker_map import add_interactive
+from sam3_nn.weights.tracker_map import VIDEO_PART, add_interactive, add_video
 from sam3_nn.weights.vision_map import add_vision
 
 
@@ -87,5 +87,18 @@ PARTS = [
          "pt": ("tracker.sam_prompt_encoder.", "tracker.sam_mask_decoder.", "tracker.no_mem_embed")},
         lambda m, cfg, prefix, ctx: add_interactive(m, cfg, prefix, ctx.prefixes.get("vision") or ""),
         _tracker_neck,
+    ),
+    Part(
+        "video", VIDEO_PART,
+        {"hf": ("tracker_model.", ""), "pt": ("",)},
+        {"hf": "memory_attention.layer_norm.weight", "pt": "tracker.transformer.encoder.norm.weight"},
+        {"hf": ("memory_attention.", "memory_encoder.", "memory_temporal_positional_encoding",
+                "no_object_pointer", "mask_downsample.", "object_pointer_proj.",
+                "temporal_positional_encoding_projection_layer.", "occlusion_spatial_embedding_parameter",
+                "no_memory_positional_encoding"),
+         "pt": ("tracker.transformer.", "tracker.maskmem_backbone.", "tracker.maskmem_tpos_enc",
+                "tracker.no_obj_ptr", "tracker.no_obj_embed_spatial", "tracker.mask_downsample.",
+                "tracker.obj_ptr_proj.", "tracker.obj_ptr_tpos_proj.", "tracker.no_mem_pos_enc")},
+        lambda m, cfg, prefix, ctx: add_video(m, cfg, prefix),
     ),
 ]

@@ -15,13 +15,20 @@ shared_image_embedding, no_memory_embedding}``. Sources:
   Its one ``pe_layer.positional_encoding_gaussian_matrix`` feeds both of our position
   encodings (the point encoding and the image's dense one: the same module in the original).
 
+The video tracker (part ``video``, :func:`add_video`): memory attention
+(``tracker.transformer.encoder.*``), memory encoder (``tracker.maskmem_backbone.*``), object
+pointers (``obj_ptr_proj``, ``obj_ptr_tpos_proj``, ``no_obj_ptr``), the temporal encoding
+(``maskmem_tpos_enc``), the occlusion embedding (``no_obj_embed_spatial``) and the mask
+prompt's ``mask_downsample``; HF names as ``Sam3TrackerVideoModel``'s.
+
 Left out, with the reason: the neck's 0.5x level (computed and dropped by the original,
-``scalp=1``) and every video-tracker tensor (memory attention and encoder, object
-pointers, temporal encodings).
+``scalp=1``), ``no_mem_pos_enc`` / ``no_memory_positional_encoding`` (never read), and the
+video tracker's tensors when that part is not built.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 from sam3_nn.config import Sam3Config
@@ -145,3 +152,72 @@ def add_interactive(m: ParamMapping, cfg: Sam3Config, prefix: str, vision_prefix
         _feed_forward(m, f"{o_md}output_hypernetworks_mlps.{i}.", f"{md}output_hypernetworks_mlps.{i}.", 3)
     _feed_forward(m, o_md + "iou_prediction_head.", md + "iou_prediction_head.", t.iou_head_depth)
     _feed_forward(m, o_md + "pred_obj_score_head.", md + "pred_obj_score_head.", 3)
+
+
+# ---- the video tracker (part "video") -------------------------------------------------------
+VIDEO_PART = "video tracker (memory attention and encoder, object pointers)"
+NO_MEM_POS = "no_memory_positional_encoding: never read by the reference's forward (the original's no_mem_pos_enc is unused too)"
+
+# ours (under tracker_model.) -> sam3.pt (under tracker.), one-to-one weight/bias pairs
+_PT_SINGLE = {
+    "memory_temporal_positional_encoding": "maskmem_tpos_enc",
+    "no_object_pointer": "no_obj_ptr",
+    "occlusion_spatial_embedding_parameter": "no_obj_embed_spatial",
+}
+_PT_PAIRS = {
+    "mask_downsample": "mask_downsample",
+    "temporal_positional_encoding_projection_layer": "obj_ptr_tpos_proj",
+    "memory_attention.layer_norm": "transformer.encoder.norm",
+    "memory_encoder.feature_projection": "maskmem_backbone.pix_feat_proj",
+    "memory_encoder.projection": "maskmem_backbone.out_proj",
+}
+
+
+def video_names(cfg: Sam3Config):
+    """Our (== HF ``Sam3TrackerVideoModel``) names of the video tracker's parameters, with
+    their sam3.pt names (under ``tracker.``)."""
+    v = cfg.video
+    wb = ("weight", "bias")
+    out = {k: t for k, t in _PT_SINGLE.items()}
+    for ours, theirs in _PT_PAIRS.items():
+        out.update({f"{ours}.{x}": f"{theirs}.{x}" for x in wb})
+    attn = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "out_proj"}
+    for i in range(v.memory_attention_num_layers):
+        o, s = f"memory_attention.layers.{i}.", f"transformer.encoder.layers.{i}."
+        for a in ("self_attn", "cross_attn_image"):
+            out.update({f"{o}{a}.{p}.{x}": f"{s}{a}.{q}.{x}" for p, q in attn.items() for x in wb})
+        for ours, theirs in (("linear1", "linear1"), ("linear2", "linear2"), ("layer_norm1", "norm1"),
+                             ("layer_norm2", "norm2"), ("layer_norm3", "norm3")):
+            out.update({f"{o}{ours}.{x}": f"{s}{theirs}.{x}" for x in wb})
+    n = int(round(math.log2(v.mask_downsampler_total_stride)))
+    md, mdp = "memory_encoder.mask_downsampler.", "maskmem_backbone.mask_downsampler.encoder."
+    for i in range(n):
+        out.update({f"{md}layers.{i}.conv.{x}": f"{mdp}{3 * i}.{x}" for x in wb})
+        out.update({f"{md}layers.{i}.layer_norm.{x}": f"{mdp}{3 * i + 1}.{x}" for x in wb})
+    out.update({f"{md}final_conv.{x}": f"{mdp}{3 * n}.{x}" for x in wb})
+    for i in range(v.memory_fuser_num_layers):
+        o, s = f"memory_encoder.memory_fuser.layers.{i}.", f"maskmem_backbone.fuser.layers.{i}."
+        out[o + "scale"] = s + "gamma"
+        for ours, theirs in (("depthwise_conv", "dwconv"), ("layer_norm", "norm"), ("pointwise_conv1", "pwconv1"),
+                             ("pointwise_conv2", "pwconv2")):
+            out.update({f"{o}{ours}.{x}": f"{s}{theirs}.{x}" for x in wb})
+    for ours, j in (("proj_in", 0), ("layers.0", 1), ("proj_out", 2)):
+        out.update({f"object_pointer_proj.{ours}.{x}": f"obj_ptr_proj.layers.{j}.{x}" for x in wb})
+    return out
+
+
+def add_video(m: ParamMapping, cfg: Sam3Config, prefix: str) -> None:
+    """Rules for the video tracker's ``tracker_model.*`` parameters. ``prefix``: where they live
+    (HF: ``tracker_model.`` in a ``Sam3VideoModel``, "" in a ``Sam3TrackerVideoModel``;
+    sam3.pt: "", under ``tracker.``)."""
+    names = video_names(cfg)
+    if m.fmt == "hf":
+        for ours in names:
+            m.add(OURS + ours, prefix + ours)
+        m.ignore(r"^" + re.escape(prefix + "no_memory_positional_encoding") + "$", NO_MEM_POS)
+        return
+    if m.fmt != "pt":
+        raise ValueError(f"unknown checkpoint format {m.fmt!r}")
+    for ours, theirs in names.items():
+        m.add(OURS + ours, prefix + PT + theirs)
+    m.ignore(r"^" + re.escape(prefix + PT + "no_mem_pos_enc") + "$", NO_MEM_POS)

@@ -221,7 +221,7 @@ def test_whole_released_checkpoint_is_accounted_for():
     (all parts), or unused with a stated reason. The interactive part takes the tracker
     neck's three used levels (``sam2_convs.0..2``), ``tracker.sam_prompt_encoder.*``,
     ``tracker.sam_mask_decoder.*`` and ``tracker.no_mem_embed``; the rest of ``tracker.*``
-    is the video tracker."""
+    is the video tracker (part ``video``)."""
     from sam3_nn.model.sam3 import PARTS, Sam3Model
 
     model = Sam3Model(Sam3Config(), parts=PARTS)
@@ -245,7 +245,13 @@ def test_whole_released_checkpoint_is_accounted_for():
     assert all("0.5x level" in unused[n] for n in neck if ".sam2_convs.3." in n)
     video = [n for n in src.meta if n.startswith("tracker.") and n not in interactive]
     assert len(video) == 309 - len(interactive)
-    assert video and all("video tracker" in unused[n] for n in video)
+    # the video tracker: every tensor mapped but no_mem_pos_enc, which nothing reads
+    assert {n for n in video if n in unused} == {"tracker.no_mem_pos_enc"}
+    assert "never read" in unused["tracker.no_mem_pos_enc"]
+    assert report.mapped["tracker_model.memory_encoder.memory_fuser.layers.1.scale"] == \
+        ("tracker.maskmem_backbone.fuser.layers.1.gamma",)
+    assert report.mapped["tracker_model.object_pointer_proj.proj_out.weight"] == \
+        ("tracker.obj_ptr_proj.layers.2.weight",)
     # shapes: every mapped parameter is built with the shape the model expects
     params, _ = load_params(Sam3Config(), src, expected, PARTS)
     assert all(params[n].shape == expected[n][0] for n in expected)
@@ -320,10 +326,47 @@ def test_hf_tracker_layouts_fully_mapped(hf_tiny_tracker_layouts):
 
     from sam3_nn.model.sam3 import PARTS
 
-    report, used, unused = _plan_for(PARTS, state_dict_source(video_sd), cfg)
+    # this tiny Sam3VideoModel's video tracker keeps the released widths (256/64, not the
+    # neck's 32): the image parts load from it, the video tracker is reported as not built
+    image_parts = tuple(p for p in PARTS if p != "video")
+    report, used, unused = _plan_for(image_parts, state_dict_source(video_sd), cfg)
     assert report.mapped["tracker_neck.fpn_layers.0.proj2.weight"] == ("tracker_neck.fpn_layers.0.proj2.weight",)
     assert report.mapped["vision_encoder.neck.fpn_layers.0.proj2.weight"] == \
         ("detector_model.vision_encoder.neck.fpn_layers.0.proj2.weight",)
     video = [n for n in video_sd if n.startswith("tracker_model.") and n not in used]
-    assert video and all("video tracker" in unused[n] for n in video)
+    assert video and all("video tracker" in unused[n] and "not built" in unused[n] for n in video)
     assert all("0.5x level" in unused[n] for n in video_sd if n.startswith("tracker_neck.fpn_layers.3."))
+
+
+def test_hf_tracker_video_layouts_fully_mapped():
+    """The video tracker through both HF layouts: a ``Sam3TrackerVideoModel`` (no prefix) and a
+    ``Sam3VideoModel`` (``tracker_model.``): every tensor mapped, but
+    ``no_memory_positional_encoding`` (never read) and the neck's 0.5x level."""
+    from transformers import Sam3TrackerVideoModel, Sam3VideoConfig, Sam3VideoModel
+
+    from sam3_nn.model.sam3 import PARTS
+    from tests.refs import state_dict_source, tiny_hf_config, tiny_video_hf_config
+
+    tracker_cfg = tiny_video_hf_config()
+    cfg = Sam3Config.from_hf(tracker_cfg.to_dict())
+    parts = ("vision", "interactive", "video")
+    sd = Sam3TrackerVideoModel(tracker_cfg).state_dict()
+    report, used, unused = _plan_for(parts, state_dict_source(sd), cfg)
+    assert {n for n in sd if n.startswith(("memory_", "object_pointer", "temporal_", "occlusion_"))} <= used
+    assert set(unused) == {"no_memory_positional_encoding"} | {
+        n for n in sd if n.startswith("vision_encoder.neck.fpn_layers.3.")}
+    assert report.mapped["tracker_model.memory_attention.layers.0.cross_attn_image.k_proj.weight"] == \
+        ("memory_attention.layers.0.cross_attn_image.k_proj.weight",)
+
+    detector = tiny_hf_config().to_dict()
+    detector["vision_config"]["fpn_hidden_size"] = 128
+    for k in ("geometry_encoder_config", "detr_encoder_config", "detr_decoder_config", "mask_decoder_config"):
+        detector[k]["hidden_size"] = 128
+    video = Sam3VideoModel(Sam3VideoConfig(detector_config=detector, tracker_config=tracker_cfg.to_dict()))
+    vcfg = Sam3Config.from_hf(video.config.to_dict())
+    assert vcfg.video == cfg.video
+    vsd = video.state_dict()
+    report, used, unused = _plan_for(PARTS, state_dict_source(vsd), vcfg)
+    tracker = [n for n in vsd if n.startswith("tracker_model.") and n not in used]
+    assert tracker == ["tracker_model.no_memory_positional_encoding"]
+    assert report.mapped["tracker_model.no_object_pointer"] == ("tracker_model.no_object_pointer",)
