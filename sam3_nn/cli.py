@@ -122,6 +122,22 @@ def _tokenizer_files(path: Optional[str]) -> List[str]:
     return [path]
 
 
+def _library_with(library: str, paths, function: str, need: str):
+    """The library's manifest once every path of ``paths`` exists and the library has
+    ``function``; else a ``CliError`` naming what is missing (``need`` ends the message:
+    what to compile instead)."""
+    from sam3_nn.runtime.engine import read_manifest
+
+    for p in paths:
+        if not os.path.exists(p):
+            raise CliError(f"{p}: no such file or folder")
+    manifest = read_manifest(library)
+    if function not in manifest["functions"]:
+        raise CliError(f"library {library} has no {function} function (it has "
+                       f"{', '.join(sorted(manifest['functions']))}){need}")
+    return manifest
+
+
 def segment_task(args) -> str:
     """``concept`` (text and/or exemplar boxes: every matching object) or ``interactive``
     (clicks and/or one box: one object). ``--point`` implies interactive; a ``--box`` alone is
@@ -192,7 +208,7 @@ def segment_interactive(args) -> int:
 
     from sam3_nn.runtime import io
     from sam3_nn.runtime.api import check_weights
-    from sam3_nn.runtime.engine import device_for, open_device, read_manifest
+    from sam3_nn.runtime.engine import device_for, open_device
     from sam3_nn.runtime.interactive import check_box, check_points, mask_box, parse_point
     from sam3_nn.runtime.preprocess import image_size, parse_box
 
@@ -211,15 +227,10 @@ def segment_interactive(args) -> int:
     labels = [lab for _, lab in parsed] or None
     # one click alone is ambiguous (part or whole): three candidates; more prompts pin one
     multimask = args.multimask if args.multimask is not None else (len(parsed) == 1 and box is None)
-    for p in (args.library, args.weights):
-        if not os.path.exists(p):
-            raise CliError(f"{p}: no such file or folder")
-    manifest = read_manifest(args.library)
-    if "predict_masks" not in manifest["functions"]:
-        raise CliError(f"library {args.library} has no predict_masks function (it has "
-                       f"{', '.join(sorted(manifest['functions']))}): interactive segmentation needs a "
-                       "library compiled with the interactive part (--parts vision,interactive or "
-                       "vision,text,detector,interactive)")
+    manifest = _library_with(args.library, (args.library, args.weights), "predict_masks",
+                             ": interactive segmentation needs a library compiled with the "
+                             "interactive part (--parts vision,interactive or "
+                             "vision,text,detector,interactive)")
     slots = next(int(i["shape"][1]) for i in manifest["functions"]["predict_masks"]["inputs"]
                  if i["name"] == "points")
     if len(parsed) + (2 if box else 0) > slots:
@@ -308,7 +319,7 @@ def cmd_segment(args) -> int:
     from sam3_nn.runtime import io
     from sam3_nn.runtime.api import (PromptTruncatedWarning, check_prompt, check_weights, find_tokenizer,
                                      load_tokenizer, truncation_message)
-    from sam3_nn.runtime.engine import device_for, open_device, read_manifest
+    from sam3_nn.runtime.engine import device_for, open_device
     from sam3_nn.runtime.preprocess import check_boxes, image_size, parse_box
 
     if segment_task(args) == "interactive":
@@ -325,14 +336,8 @@ def cmd_segment(args) -> int:
     boxes = [list(b) for b, _ in parsed] or None
     labels = [lab for _, lab in parsed] or None
     # the library, the device, the weights, the tokenizer
-    for p in (args.library, args.weights):
-        if not os.path.exists(p):
-            raise CliError(f"{p}: no such file or folder")
-    manifest = read_manifest(args.library)
-    if "detect" not in manifest["functions"]:
-        raise CliError(f"library {args.library} has no detect function (it has "
-                       f"{', '.join(sorted(manifest['functions']))}); it cannot segment: compile it "
-                       "with a newer sam3_nn")
+    manifest = _library_with(args.library, (args.library, args.weights), "detect",
+                             "; it cannot segment: compile it with a newer sam3_nn")
     open_device(device_for(manifest, args.device))  # this machine has it (and its TVM runtime)
     check_prompt(manifest, args.text, boxes, labels)
     check_weights(args.weights, manifest)
@@ -427,7 +432,7 @@ def cmd_track(args) -> int:
 
     from sam3_nn.runtime import rle
     from sam3_nn.runtime.api import check_weights
-    from sam3_nn.runtime.engine import device_for, open_device, read_manifest
+    from sam3_nn.runtime.engine import device_for, open_device
     from sam3_nn.runtime.interactive import check_box, check_points, mask_box
     from sam3_nn.runtime.video import group_prompts, open_frames, parse_track_prompt
 
@@ -444,14 +449,9 @@ def cmd_track(args) -> int:
         groups = group_prompts(prompts)
     except InputError as e:
         raise CliError(str(e)) from None
-    for p in (args.library, args.weights, args.video):
-        if not os.path.exists(p):
-            raise CliError(f"{p}: no such file or folder")
-    manifest = read_manifest(args.library)
-    if "track_step" not in manifest["functions"]:
-        raise CliError(f"library {args.library} has no track_step function (it has "
-                       f"{', '.join(manifest['functions'])}): video tracking needs a library compiled "
-                       "with --parts vision,interactive,video")
+    manifest = _library_with(args.library, (args.library, args.weights, args.video), "track_step",
+                             ": video tracking needs a library compiled with --parts "
+                             "vision,interactive,video")
     open_device(device_for(manifest, args.device))
     check_weights(args.weights, manifest)
     frames = open_frames(args.video)

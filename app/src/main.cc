@@ -304,6 +304,28 @@ void AtomicWrite(const std::string& path, F write) {
   }
 }
 
+// An object's mask as COCO RLE, the "segmentation" key of both commands' JSON.
+static void WriteSegmentation(JsonWriter& w, const std::vector<uint8_t>& mask, int height, int width) {
+  w.Key("segmentation").BeginObject();
+  w.Key("size").BeginArray().Int(height).Int(width).EndArray();
+  w.Key("counts").String(RleString(mask.data(), height, width));
+  w.EndObject();
+}
+
+// The timings, the closing brace, and the file written atomically (nothing half-written).
+static void FinishJson(JsonWriter& w, const std::vector<std::pair<std::string, double>>& timings,
+                       const std::string& path) {
+  w.Key("timings_s").BeginObject();
+  for (const auto& kv : timings) w.Key(kv.first).Double(RoundDecimal(kv.second, 4));
+  w.EndObject();
+  w.EndObject();
+  AtomicWrite(path, [&](const std::string& tmp) {
+    std::ofstream f(tmp, std::ios::binary);
+    f << w.str();
+    if (!f.flush()) throw Error("cannot write " + path);
+  });
+}
+
 void WriteResultJson(const std::string& path, const std::string& image, const Detections& det, const Args& a,
                      const std::vector<Box>& boxes, const std::vector<std::pair<std::string, double>>& timings,
                      int dropped) {
@@ -350,22 +372,11 @@ void WriteResultJson(const std::string& path, const std::string& image, const De
     w.Key("score").Double(RoundDecimal(det.scores[k], 5));
     w.Key("query").Int(det.query_index[k]);
     w.Key("area").Int(area);
-    w.Key("segmentation").BeginObject();
-    w.Key("size").BeginArray().Int(det.height).Int(det.width).EndArray();
-    w.Key("counts").String(RleString(det.masks[k].data(), det.height, det.width));
-    w.EndObject();
+    WriteSegmentation(w, det.masks[k], det.height, det.width);
     w.EndObject();
   }
   w.EndArray();
-  w.Key("timings_s").BeginObject();
-  for (const auto& kv : timings) w.Key(kv.first).Double(RoundDecimal(kv.second, 4));
-  w.EndObject();
-  w.EndObject();
-  AtomicWrite(path, [&](const std::string& tmp) {
-    std::ofstream f(tmp, std::ios::binary);
-    f << w.str();
-    if (!f.flush()) throw Error("cannot write " + path);
-  });
+  FinishJson(w, timings, path);
 }
 
 Args ParseArgs(int argc, char** argv) {
@@ -557,22 +568,11 @@ void WriteInteractiveJson(const std::string& path, const std::string& image, con
     w.Key("score").Double(RoundDecimal(res.scores[k], 5));
     w.Key("mask_index").Int(static_cast<int64_t>(k));
     w.Key("area").Int(area);
-    w.Key("segmentation").BeginObject();
-    w.Key("size").BeginArray().Int(res.height).Int(res.width).EndArray();
-    w.Key("counts").String(RleString(m.data(), res.height, res.width));
-    w.EndObject();
+    WriteSegmentation(w, m, res.height, res.width);
     w.EndObject();
   }
   w.EndArray();
-  w.Key("timings_s").BeginObject();
-  for (const auto& kv : timings) w.Key(kv.first).Double(RoundDecimal(kv.second, 4));
-  w.EndObject();
-  w.EndObject();
-  AtomicWrite(path, [&](const std::string& tmp) {
-    std::ofstream f(tmp, std::ios::binary);
-    f << w.str();
-    if (!f.flush()) throw Error("cannot write " + path);
-  });
+  FinishJson(w, timings, path);
 }
 
 // segment with clicks and/or one box (sam3_nn.cli.segment_interactive): the prompt and every
