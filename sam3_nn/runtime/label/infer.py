@@ -79,6 +79,18 @@ def select(scores: np.ndarray, concept: np.ndarray, boxes: np.ndarray, rles: Seq
     return keep
 
 
+class _Clock:
+    """Adds the time since its last call to ``stages[name]``."""
+
+    def __init__(self, stages: Dict[str, float]):
+        self.stages, self.last = stages, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stages[name] = self.stages.get(name, 0.0) + now - self.last
+        self.last = now
+
+
 class BatchLabeler:
     """A loaded ``Sam3`` and a job's options: images in, records out (see the module doc)."""
 
@@ -108,6 +120,8 @@ class BatchLabeler:
         self._positions: Optional[List] = None
         self._no_boxes: Optional[Dict[str, object]] = None
         self.device_seconds = 0.0  # time inside the library calls (encode_image + detect)
+        # where that time goes (bench/label.py prints it): host stages and the wait for the device
+        self.stages: Dict[str, float] = {}
 
     # -- any thread ----------------------------------------------------------
     def prepare(self, item: ImageItem):
@@ -190,8 +204,12 @@ class BatchLabeler:
         if not 0 < n <= rows:
             raise ValueError(f"infer takes 1 to {rows} images, got {n}")
         t0 = time.perf_counter()
+        clock = _Clock(self.stages)
         pixels = np.stack([p.pixels for p in batch] + [batch[-1].pixels] * (rows - n))
+        pixels = ffi.to_device(pixels, self.model.model.device)
+        clock("upload")
         features = self.model.model.call_device("encode_image", pixels)
+        clock("launch")
         per_image: List[Dict[str, Candidates]] = [{} for _ in range(n)]
         for concept in self.options.concepts:
             text_features, text_mask = self.text(concept)
@@ -202,6 +220,7 @@ class BatchLabeler:
             for i, (b, lab) in prompted:
                 boxes[i, :len(b)], labels[i, :len(b)], box_mask[i, :len(b)] = b, lab, 1
             empty = None if prompted else self.no_boxes()
+            clock("prompts")
             args = []
             for inp, (role, level) in self._detect_inputs:
                 if role == "feature":
@@ -223,13 +242,17 @@ class BatchLabeler:
             engine = self.model.model
             with engine.lock:  # the outputs are read before any later call can reuse their memory
                 out = engine.call_device("detect", *args)
+                clock("launch")
                 if len(out) != len(self._detect_outputs):
                     raise LibraryError(f"detect returned {len(out)} outputs, manifest names "
                                        f"{len(self._detect_outputs)}")
+                ffi.sync(engine.device)
+                clock("device wait")
                 # every output but the mask logits to the host; of those only the kept rows
                 raw = {name: o if name == "pred_masks" else ffi.to_numpy(o)
                        for name, o in zip(self._detect_outputs, out)}
                 for i in range(n):
                     per_image[i][concept] = select_queries(raw, i, self.options.threshold(concept))
+                clock("outputs")
         self.device_seconds += time.perf_counter() - t0
         return per_image
