@@ -430,8 +430,8 @@ class Sam3:
     def preprocess(self, image: ImageLike) -> Tuple[np.ndarray, np.ndarray]:
         """-> (pixel_values ``[1, 3, S, S]`` in the library's dtype, original RGB ``HxWx3`` uint8)."""
         rgb = load_image(image)
-        pixels = normalize(resize_uint8(rgb, self.image_size))[None]
-        return pixels.astype(self._input_dtype("encode_image", "pixel_values")), rgb
+        pixels = normalize(resize_uint8(rgb, self.image_size), self._input_dtype("encode_image", "pixel_values"))
+        return pixels[None], rgb
 
     def set_image(self, image: ImageLike) -> ImageState:
         """Encode an image (path, PIL image or ``HxWx3`` uint8 array) once for many prompts."""

@@ -153,12 +153,29 @@ def resize_uint8(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb, "RGB").resize((size, size), Image.Resampling.BILINEAR))
 
 
-def normalize(rgb: np.ndarray) -> np.ndarray:
-    """``HxWx3`` uint8 -> ``3xHxW`` float32, ``(x / 255 - 0.5) / 0.5``."""
-    x = rgb.astype(np.float32).transpose(2, 0, 1)
+def _normalize_table(dtype) -> np.ndarray:
+    """The normalised value of each of the 256 byte values, computed in float32 as before
+    the table existed, then cast to ``dtype``."""
     mean = np.float32(MEAN / RESCALE)  # 127.5: rescale fused into the normalisation
     std = np.float32(STD / RESCALE)
-    return np.ascontiguousarray((x - mean) / std)
+    return ((np.arange(256, dtype=np.float32) - mean) / std).astype(dtype)
+
+
+_TABLES = {np.dtype(t): _normalize_table(t) for t in (np.float32, np.float16)}
+
+
+def normalize(rgb: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """``HxWx3`` uint8 -> ``3xHxW`` ``dtype`` (float32 or float16), ``(x / 255 - 0.5) / 0.5``.
+    A lookup of the byte values' table: the same numbers as the float32 arithmetic (and its
+    cast), 4-5x faster on a 1008 px frame, which matters in per-frame video loops."""
+    dtype = np.dtype(dtype)
+    table = _TABLES.get(dtype)
+    if table is None:
+        table = _normalize_table(dtype)
+    out = np.empty((3,) + rgb.shape[:2], dtype)
+    for c in range(3):
+        np.take(table, rgb[:, :, c], out=out[c])
+    return out
 
 
 def preprocess_image(image: ImageLike, size: int) -> Tuple[np.ndarray, Tuple[int, int]]:

@@ -314,8 +314,8 @@ class VideoSession:
         if self._features is not None and self._features[0] == index:
             return self._features[1]
         rgb = self.frame(index)
-        pixels = normalize(resize_uint8(rgb, self.image_size))[None]
-        pixels = pixels.astype(self.model._input_dtype("encode_image", "pixel_values"))
+        pixels = normalize(resize_uint8(rgb, self.image_size),
+                           self.model._input_dtype("encode_image", "pixel_values"))[None]
         out = self.model.model.call_device("encode_image", pixels)
         names = [o["name"] for o in self.model.functions["encode_image"]["outputs"]]
         tracker = [o for n, o in zip(names, out) if n.startswith("tracker_embeddings.")]

@@ -683,3 +683,21 @@ def test_runtime_without_tvm_compiler(art, runtime, tmp_path):
     if has_detect:
         det = runtime.predict(runtime.set_image(art["image"]), text=PROMPT, score_threshold=0.0)
         np.testing.assert_array_equal(np.load(args["out_scores"]), det.scores)
+
+
+def test_normalize_matches_the_processor_arithmetic():
+    """``normalize`` (a table lookup) equals ``(x / 255 - 0.5) / 0.5`` for every byte value,
+    as float32 and float16, laid out 3xHxW."""
+    from sam3_nn.runtime.preprocess import normalize
+
+    rgb = np.stack(np.meshgrid(np.arange(256), np.arange(3), indexing="ij"), -1)[:, :, :1]
+    rgb = np.concatenate([rgb, 255 - rgb, (rgb * 7) % 256], -1).astype(np.uint8)  # [256, 3, 3]
+    expected = (rgb.astype(np.float64) / 255.0 - 0.5) / 0.5
+    expected = expected.transpose(2, 0, 1)
+    out32 = normalize(rgb)
+    assert out32.dtype == np.float32 and out32.shape == (3, 256, 3)
+    np.testing.assert_allclose(out32, expected, rtol=0, atol=1e-6)
+    out16 = normalize(rgb, np.float16)
+    assert out16.dtype == np.float16
+    np.testing.assert_array_equal(out16, out32.astype(np.float16))
+    np.testing.assert_allclose(out16.astype(np.float64), expected, rtol=0, atol=1e-3)

@@ -129,7 +129,7 @@ class BatchLabeler:
         try:
             rgb = load_image(item.path)
             size = (int(rgb.shape[0]), int(rgb.shape[1]))
-            pixels = normalize(resize_uint8(rgb, self.model.image_size)).astype(self._pixel_dtype, copy=False)
+            pixels = normalize(resize_uint8(rgb, self.model.image_size), self._pixel_dtype)
             prompts = {}
             for concept, (boxes, labels) in self.exemplars.get(item.key, {}).items():
                 b, lab = check_boxes(boxes, labels, size)
