@@ -174,6 +174,18 @@ def rows_to_numpy(tensor, lead: int, rows) -> np.ndarray:
     return out
 
 
+def view(tensor, dims, byte_offset: int):
+    """A tensor of shape ``dims`` (``tensor``'s dtype) over ``tensor``'s memory from
+    ``byte_offset``; it keeps ``tensor`` alive."""
+    return tvm_ffi.get_global_func("runtime.TVMTensorCreateView")(
+        tensor, shape(*dims), tvm_ffi.dtype(str(tensor.dtype)), int(byte_offset))
+
+
+def copy(src, dst) -> None:
+    """``src`` into ``dst`` (same shape and dtype; device to device is queued on the device)."""
+    tvm_ffi.get_global_func("runtime.TVMTensorCopyFromTo")(src, dst)
+
+
 def shape(*dims: int):
     return tvm_ffi.Shape(tuple(int(d) for d in dims))
 

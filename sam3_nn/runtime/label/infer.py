@@ -91,6 +91,13 @@ class _Clock:
         self.last = now
 
 
+# Outputs of detect that labelling reads, and how many concepts' outputs are copied aside on
+# the device before one wait for all of them (bounds the copies' memory: a batch-4 detect's
+# mask logits are 133 MB).
+KEPT_OUTPUTS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits")
+CONCEPTS_IN_FLIGHT = 8
+
+
 class BatchLabeler:
     """A loaded ``Sam3`` and a job's options: images in, records out (see the module doc)."""
 
@@ -122,6 +129,7 @@ class BatchLabeler:
         self.device_seconds = 0.0  # time inside the library calls (encode_image + detect)
         # where that time goes (bench/label.py prints it): host stages and the wait for the device
         self.stages: Dict[str, float] = {}
+        self._kept: Dict[Tuple[int, str], object] = {}  # (slot, output) -> our device copy
 
     # -- any thread ----------------------------------------------------------
     def prepare(self, item: ImageItem):
@@ -211,6 +219,10 @@ class BatchLabeler:
         features = self.model.model.call_device("encode_image", pixels)
         clock("launch")
         per_image: List[Dict[str, Candidates]] = [{} for _ in range(n)]
+        # every concept's detect is queued behind the previous one with no wait between them:
+        # its outputs are copied aside on the device, read after the last (or every
+        # CONCEPTS_IN_FLIGHT-th) one; the device never idles while the host selects queries
+        in_flight: List[Tuple[str, Dict[str, object]]] = []
         for concept in self.options.concepts:
             text_features, text_mask = self.text(concept)
             boxes = np.zeros((rows, self.box_slots, 4), np.float32)
@@ -240,19 +252,43 @@ class BatchLabeler:
                 else:
                     args.append(labels.astype(inp["dtype"]))
             engine = self.model.model
-            with engine.lock:  # the outputs are read before any later call can reuse their memory
+            with engine.lock:  # the outputs are copied aside before any later call can reuse their memory
                 out = engine.call_device("detect", *args)
-                clock("launch")
                 if len(out) != len(self._detect_outputs):
                     raise LibraryError(f"detect returned {len(out)} outputs, manifest names "
                                        f"{len(self._detect_outputs)}")
-                ffi.sync(engine.device)
-                clock("device wait")
-                # every output but the mask logits to the host; of those only the kept rows
-                raw = {name: o if name == "pred_masks" else ffi.to_numpy(o)
-                       for name, o in zip(self._detect_outputs, out)}
-                for i in range(n):
-                    per_image[i][concept] = select_queries(raw, i, self.options.threshold(concept))
-                clock("outputs")
+                in_flight.append((concept, self._copy_aside(len(in_flight), out)))
+            clock("launch")
+            if len(in_flight) == CONCEPTS_IN_FLIGHT:
+                self._collect(in_flight, per_image, n, clock)
+        self._collect(in_flight, per_image, n, clock)
         self.device_seconds += time.perf_counter() - t0
         return per_image
+
+    def _copy_aside(self, slot: int, out: Sequence) -> Dict[str, object]:
+        """``detect``'s outputs that labelling reads, copied (device to device, queued) into
+        tensors of ours for in-flight slot ``slot``."""
+        kept = {}
+        for name, o in zip(self._detect_outputs, out):
+            if name not in KEPT_OUTPUTS:
+                continue
+            buf = self._kept.get((slot, name))
+            if buf is None:
+                buf = self._kept[(slot, name)] = ffi.empty(tuple(o.shape), str(o.dtype), self.model.model.device)
+            ffi.copy(o, buf)
+            kept[name] = buf
+        return kept
+
+    def _collect(self, in_flight: List, per_image: List[Dict[str, Candidates]], n: int, clock) -> None:
+        """Wait for the queued detects, then each one's kept queries (only their mask rows leave
+        the device); empties ``in_flight``."""
+        if not in_flight:
+            return
+        ffi.sync(self.model.model.device)
+        clock("device wait")
+        for concept, kept in in_flight:
+            raw = {name: o if name == "pred_masks" else ffi.to_numpy(o) for name, o in kept.items()}
+            for i in range(n):
+                per_image[i][concept] = select_queries(raw, i, self.options.threshold(concept))
+        in_flight.clear()
+        clock("outputs")
