@@ -490,35 +490,62 @@ __global__ void __launch_bounds__(NW * 32)
   load_tile<D, BM, NT>(sQ, gq, p.q_rs, q0, nq, tid, rm);
 
   // Masked-tile skip: the key bias is the same for every query row of the batch entry, so
-  // whether a tile contributes is block-uniform. Each warp takes the bias maximum (log2
-  // domain, keys past nk at the tail sentinel) of every NW-th tile, U tiles' loads in flight;
+  // whether a tile contributes is block-uniform. The warps take each tile's bias maximum
+  // (log2 domain; keys past nk at the tail sentinel), several loads per lane in flight;
   // tiles whose maximum lies kSkipGap or more below the largest are never loaded. A row
   // whose keys are all masked alike (one bias value) keeps every tile: the uniform softmax
   // of before. The tiles that remain run the same arithmetic as without the skip.
   float skip_below = kNegInit;  // tiles with a bias maximum below this are skipped
   if constexpr (C::SKIP) {
     if (p.skip_tiles > 0) {
-      constexpr int R = BN / 32, U = 8 / R;
       float wmax = kNegInit;
-      for (int t0 = warp; t0 < all_tiles; t0 += NW * U) {
-        float v[U][R];
+      if (nk % 4 == 0 && (reinterpret_cast<uintptr_t>(gbias) & 15) == 0) {
+        // 16-byte loads: lane l of a warp reads keys 4c..4c+3 (c = its chunk), the BN/4 lanes
+        // of a tile reduce; U chunks in flight per lane (8 made ptxas spill at head dim 256).
+        // The maximum of the clamped, scaled values is the clamped, scaled maximum (monotonic).
+        constexpr int U = 4, LT = BN / 4;  // lanes per tile
+        const int chunks = nk / 4;
+        const float4* g4 = reinterpret_cast<const float4*>(gbias);
+        for (int c0 = warp * 32 + lane; c0 - lane < chunks; c0 += NW * 32 * U) {
+          float4 v[U];
 #pragma unroll
-        for (int u = 0; u < U; ++u)
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const int t = t0 + u * NW;
-            v[u][r] = t < all_tiles ? key_bias_log2(gbias, t * BN + r * 32 + lane, nk) : kNegInit;
+          for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * NW * 32;
+            v[u] = c < chunks ? g4[c] : make_float4(kNegInit, kNegInit, kNegInit, kNegInit);
           }
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          float m = v[u][0];
+          for (int u = 0; u < U; ++u) {
+            float m = fmaxf(fmaxf(v[u].x, v[u].y), fmaxf(v[u].z, v[u].w));
+            m = fmaxf(m, kBiasFloor) * kLog2e;
 #pragma unroll
-          for (int r = 1; r < R; ++r) m = fmaxf(m, v[u][r]);
+            for (int o = 1; o < LT; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            const int t = (c0 + u * NW * 32) / LT;
+            if (lane % LT == 0 && t < all_tiles) sTileMax[t] = m;
+            wmax = fmaxf(wmax, m);
+          }
+        }
+      } else {
+        constexpr int R = BN / 32, U = 8 / R;
+        for (int t0 = warp; t0 < all_tiles; t0 += NW * U) {
+          float v[U][R];
 #pragma unroll
-          for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-          const int t = t0 + u * NW;
-          if (lane == 0 && t < all_tiles) sTileMax[t] = m;
-          wmax = fmaxf(wmax, m);
+          for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              const int t = t0 + u * NW;
+              v[u][r] = t < all_tiles ? key_bias_log2(gbias, t * BN + r * 32 + lane, nk) : kNegInit;
+            }
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            float m = v[u][0];
+#pragma unroll
+            for (int r = 1; r < R; ++r) m = fmaxf(m, v[u][r]);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            const int t = t0 + u * NW;
+            if (lane == 0 && t < all_tiles) sTileMax[t] = m;
+            wmax = fmaxf(wmax, m);
+          }
         }
       }
       if (lane == 0) sTileMax[p.skip_tiles + warp] = wmax;
