@@ -7,6 +7,9 @@ ctypes on torch tensors' data pointers, on torch's current stream.
       python bench/attention_cuda_kernel.py build build/attn_cu
   run (accelerator machine, torch with CUDA):
       python bench/attention_cuda_kernel.py run build/attn_cu [--out DIR]
+  head dims 128/256 only (checks of configs 0/4/10/11/12, the video tracker's memory
+  attention timed: self 72x72 RoPE, cross against 10 memory frames, masked or not):
+      python bench/attention_cuda_kernel.py wide build/attn_cu [--out DIR]
 
 ``run`` checks every variant (RoPE / none / key bias, head dims 64 and 32, every tile
 configuration, tail lengths, fused-qkv offsets and separate tensors, fully masked rows)
@@ -31,7 +34,9 @@ SRC = os.path.join(HERE, "..", "sam3_nn", "kernels", "cuda", "attention.cu")
 LIB = "libsam3_attention.so"
 CONFIGS = {1: "4w x 32r (128)", 2: "3w x 32r (96)", 3: "2w x 32r (64)", 4: "4w x 16r (64)", 5: "2w x 16r (32)",
            6: "wgmma 2wg x 64r (128)", 7: "wgmma 1wg x 64r (64)",
-           8: "wgmma 2wg x 64r, k rotated in half2", 9: "wgmma 1wg x 64r, k rotated in half2"}
+           8: "wgmma 2wg x 64r, k rotated in half2", 9: "wgmma 1wg x 64r, k rotated in half2",
+           10: "4w x 16r, 32 keys (64)", 11: "8w x 16r, 32 keys (128)", 12: "2w x 16r, 32 keys (32)"}
+WIDE_CONFIGS = {128: (0, 4, 10, 11, 12), 256: (0, 10, 11)}  # built for head dims 128 / 256
 THETA = 10000.0
 
 
@@ -370,6 +375,93 @@ def run(out_dir: str, result_dir: str | None = None) -> dict:
     return results
 
 
+def wide(out_dir: str, result_dir: str | None = None) -> dict:
+    """Head dims 128/256: every built configuration against the float64 reference (key bias
+    with masked 32/64-key tiles, partly masked tiles, an all-masked entry; RoPE inline; tails),
+    then the video tracker's memory attention (one object, one head of 256): the 72x72
+    self-attention with RoPE and the cross-attention of its 5184 queries against 10 memory
+    frames + 64 pointer tokens (52,904 keys), all valid or 8 of 10 frames empty (masked)."""
+    import torch
+
+    kern = Kernel(os.path.join(out_dir, LIB))
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, device=dev, dtype=torch.float16, generator=gen)
+    results = {"device": torch.cuda.get_device_name(), "checks": [], "timings": {}}
+    worst = 0.0
+
+    def check(name, q, k, v, heads, d, offsets=(0, 0, 0), bias=None, grid=None, scale=1.0, keep=None):
+        nonlocal worst
+        ref = reference(q, k, v, heads, d, offsets, bias, grid, scale)
+        for c in WIDE_CONFIGS[d]:
+            out = torch.full((q.shape[0], q.shape[1], heads * d), float("nan"), device=dev, dtype=torch.float16)
+            kern(q, k, v, heads, d, offsets, bias, grid, scale, config=c, out=out)
+            torch.cuda.synchronize()
+            e = errors(out if keep is None else out[keep], ref if keep is None else ref[keep])
+            ok = e["finite"] and e["rel"] < 2e-3
+            worst = max(worst, e["rel"] if e["finite"] else float("inf"))
+            results["checks"].append({"case": name, "config": c, **e, "ok": ok})
+            print(f"check {name:44s} cfg {c:2d}: rel {e['rel']:.2e} max_abs {e['max_abs']:.2e} "
+                  f"{'ok' if ok else 'FAIL'}", flush=True)
+            yield out
+
+    for d, h in ((256, 1), (128, 2)):
+        c = h * d
+        for gh, gw, scale in ((9, 11, 1.0), (24, 24, 24 / 72)):
+            qkv = rnd(2, gh * gw, 3 * c)
+            for _ in check(f"self {gh}x{gw} h{h} d{d} rope", qkv, qkv, qkv, h, d, (0, c, 2 * c), grid=(gh, gw),
+                           scale=scale):
+                pass
+        b, nq, nk = 4, 100, 2000
+        q = rnd(b, nq, c + 8)  # heads start at column 8
+        kv = rnd(b, nk, 2 * c)
+        bias = torch.zeros(b, nk, device=dev)
+        bias[0, 64:192] = bias[0, 1000:1100] = bias[0, 5] = -1e9
+        bias[1, :1990] = -1e9
+        bias[2] = float("-inf")  # clamped: a uniform softmax
+        bias[3] = torch.randn(nk, device=dev, generator=gen) * 3
+        bias[3, 500:800] = -1e35
+        uniform = kv[2, :, c:].double().mean(0)
+        for out in check(f"cross {nq}x{nk} h{h} d{d} key bias", q, kv, kv, h, d, (8, 0, c), bias=bias):
+            ok = (out[2].double() - uniform).abs().max().item() < 2e-3
+            results["checks"].append({"case": f"d{d} all masked = mean of v", "ok": ok})
+            print(f"check d{d} all masked = mean of v: {'ok' if ok else 'FAIL'}", flush=True)
+        for _ in check(f"cross {nq}x{nk} h{h} d{d}", q, kv, kv, h, d, (8, 0, c)):
+            pass
+
+    # the tracker's memory attention, one object
+    g, d = 72, 256
+    n, frames, ptrs = g * g, 10, 64
+    nk = frames * n + ptrs
+    qkvs = [rnd(1, n, 3 * d) for _ in range(2)]
+    qs = [rnd(1, n, d) for _ in range(2)]
+    kvs = [rnd(1, nk, 2 * d) for _ in range(2)]
+    full = torch.zeros(1, nk, device=dev)
+    two = torch.zeros(1, nk, device=dev)
+    two[:, 2 * n: frames * n] = -1e9  # 8 of 10 memory frames empty
+    flops_self, flops_cross = 4 * n * n * d, 4 * n * nk * d
+    for c in WIDE_CONFIGS[d]:
+        r = {}
+        r["self_rope_ms"] = time_cuda([lambda i=i: kern(qkvs[i], qkvs[i], qkvs[i], 1, d, (0, d, 2 * d), None,
+                                                        (g, g), 1.0, config=c) for i in range(2)])
+        r["cross_all_valid_ms"] = time_cuda([lambda i=i: kern(qs[i], kvs[i], kvs[i], 1, d, (0, 0, d), full, config=c)
+                                             for i in range(2)])
+        r["cross_2_of_10_ms"] = time_cuda([lambda i=i: kern(qs[i], kvs[i], kvs[i], 1, d, (0, 0, d), two, config=c)
+                                           for i in range(2)])
+        r["self_tflops"] = flops_self / r["self_rope_ms"] / 1e9
+        r["cross_tflops"] = flops_cross / r["cross_all_valid_ms"] / 1e9
+        results["timings"][f"tracker_cfg{c}"] = r
+        print(f"tracker cfg {c}", json.dumps({k: round(v, 4) for k, v in r.items()}), flush=True)
+    results["worst_rel_err"] = worst
+    results["all_ok"] = all(c["ok"] for c in results["checks"])
+    if result_dir:
+        os.makedirs(result_dir, exist_ok=True)
+        with open(os.path.join(result_dir, "attention_cuda_wide.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    print("checks:", "all ok" if results["all_ok"] else "FAILURES", f"worst rel err {worst:.2e}")
+    return results
+
+
 def smoke(out_dir: str) -> None:
     """One call of each wgmma configuration (a crash here must not take the full run down)."""
     import torch
@@ -384,12 +476,14 @@ def smoke(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] not in ("build", "run", "smoke"):
+    if len(sys.argv) < 3 or sys.argv[1] not in ("build", "run", "smoke", "wide"):
         sys.exit(__doc__)
+    res_dir = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
     if sys.argv[1] == "build":
         build(sys.argv[2])
     elif sys.argv[1] == "smoke":
         smoke(sys.argv[2])
+    elif sys.argv[1] == "wide":
+        wide(sys.argv[2], res_dir)
     else:
-        res_dir = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
         run(sys.argv[2], res_dir)

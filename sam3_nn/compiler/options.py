@@ -20,7 +20,7 @@ class KernelOptions:
     # before composed attention ("normal"), or not applied ("none", a test path); None:
     # the target's default (inline on GPUs, normal on CPUs)
     rope_mode: Optional[str] = None
-    cuda_attention: bool = True  # the hand-written attention kernel (float16, head dim 32/64)
+    cuda_attention: bool = True  # the hand-written attention kernel (float16, head dim 32-256)
     cuda_layer_norm: bool = True  # the hand-written float16 LayerNorm
     cuda_transpose: bool = True  # the hand-written layout copies
     cutlass: bool = True  # CUTLASS GEMMs/convs on Hopper-only libraries

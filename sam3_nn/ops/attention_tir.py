@@ -19,7 +19,7 @@ An optional additive key bias ``[Bb, Nk]`` (``Bb`` = B or 1), always float32 (so
 -1e9 stays finite in fp16 models), masks keys; clamped so that even an infinite
 one stays finite.
 
-On CUDA, float16 with head dims 32/64 does not use these kernels: TIR gives no practical
+On CUDA, float16 with head dims 32/64/128/256 does not use these kernels: TIR gives no practical
 route to tensor-core flash attention in TVM 0.27 (two chained GEMMs with an online softmax
 between them, mma/ldmatrix or wgmma tensorization that the schedules here cannot express),
 so a hand-written CUDA kernel with the same semantics takes those calls

@@ -8,11 +8,13 @@ nvcc (and sam3_nn.kernels.cuda.source); the test skips without them.
 import re
 import subprocess
 
+import numpy as np
 import pytest
 import tvm
 from tvm.relax.frontend import nn
 
-from tests.cuda_lib import build_library, exported_symbols
+from tests.cuda_lib import build_library, cuda_device, exported_symbols
+from tests.refs import assert_close
 from sam3_nn.compiler.options import KernelOptions
 from sam3_nn.config import ViTConfig
 from sam3_nn.kernels import cpu as cpu_kernels
@@ -133,9 +135,9 @@ def test_full_bias_takes_the_cuda_kernel_on_cuda_only():
 
 
 def test_other_cases_keep_the_tir_kernel():
-    # float32 on CUDA, head dim 128 on CUDA, float16 on Metal, float16 on llvm
+    # float32 on CUDA, head dim 96 on CUDA, float16 on Metal, float16 on llvm
     cases = [("float32", None, 1024, CUDA),
-             ("float16", Mod(8, AxialRope(24, 24, 128, 10000.0, 1.0)), 1024, CUDA),
+             ("float16", Mod(8, AxialRope(24, 24, 96, 10000.0, 1.0)), 768, CUDA),
              ("float16", None, 1024, {"kind": "metal"}),
              ("float16", None, 1024, "llvm")]
     for dtype, module, hidden, target in cases:
@@ -257,3 +259,254 @@ def test_few_queries_against_many_keys_take_the_composed_path():
             s = route_attention(mod, target)["forward"].script()
             assert ("softmax" in s) == composed, (nq, nk, target)
             assert ("sam3_attention" not in s) == composed, (nq, nk, target)
+
+
+# ---- head dims 128 and 256 (the video tracker's memory attention: one head of 256) --------
+
+
+def _symbols(func):
+    """The ``call_dps_packed`` targets of a Relax function, in order."""
+    from tvm import relax
+
+    out = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_dps_packed":
+            out.append(e.args[0].global_symbol)
+
+    relax.analysis.post_order_visit(func, visit)
+    return out
+
+
+class _Memory(nn.Module):
+    """The memory attention of the video tracker, tiny: hidden 256 in one head (head dim 256 as
+    released), an 8x8 grid, 2 memory frames and 4 pointer tokens behind a key mask."""
+
+    def __init__(self, frames=2, grid=8):
+        from sam3_nn.model.memory_attention import MemoryAttention
+
+        self.frames, self.grid = frames, grid
+        self.memory_attention = MemoryAttention(256, 1, 1, 64, 64, grid, 10000.0)
+
+    def forward(self, features, position, memory, memory_pos, key_mask):
+        from sam3_nn.ops.attention import key_padding_bias
+
+        return self.memory_attention(features, position, memory, memory_pos,
+                                     self.frames * self.grid * self.grid, key_padding_bias(key_mask))
+
+
+def test_memory_attention_takes_the_cuda_kernel():
+    """fp16 on cuda sm_90a: the self-attention (RoPE inline) and the masked cross-attention to
+    the memory are calls of the kernel (head dim 256), no TIR attention kernel or softmax left;
+    float32 keeps the portable routes."""
+    hw, k = 64, 2 * 64 + 4
+
+    def routed(dtype):
+        m = _Memory()
+        m.to(dtype)
+        t = lambda *s, d=dtype: nn.spec.Tensor(list(s), d)  # noqa: E731
+        spec = {"forward": {"features": t("b", hw, 256), "position": t(1, hw, 256), "memory": t("b", k, 64),
+                            "memory_pos": t("b", k, 64), "key_mask": t("b", k, d="int32")}}
+        mod, _ = m.export_tvm(spec=spec)
+        return route_attention(mod)["forward"]
+
+    fn = routed("float16")
+    syms = _symbols(fn)
+    assert syms.count(attention_cuda.SYMBOL) == 1 and syms.count(attention_cuda.SYMBOL_BIAS) == 1, syms
+    assert not [s for s in syms if s.startswith("sam3.op.") or s.startswith("sam3_attention_rope")], syms
+    script = fn.script()
+    # self: fused qkv, 1 head, q/k/v columns 0/256/512, the 8x8 RoPE grid, keys rotated inline
+    assert re.search(r'call_dps_packed\("sam3_attention_cuda", \((\w+), \1, \1, 1, 0, 256, 512, 8, 8, '
+                     r'T.float64\(1.0\), T.float64\(10000.0\), 0\)', script), script
+    # cross: the key bias of the memory's mask, no RoPE in the kernel (rotate_tokens did it)
+    assert re.search(r'call_dps_packed\("sam3_attention_cuda_bias", \(\w+, \w+, \w+, \w+, 1, 0, 0, 0, 0, 0, '
+                     r'T.float64\(1.0\), T.float64\(10000.0\), 0\)', script), script
+    assert "softmax" not in script
+    assert not any(s.startswith("sam3_attention_cuda") for s in _symbols(routed("float32")))
+
+
+def test_head_dim_256_long_self_attention_rotates_keys_once():
+    """576 queries of head dim 256: the keys rotated once (sam3_rope_keys_cuda), then the kernel."""
+    s = _export("float16", Mod(1, AxialRope(24, 24, 256, 10000.0, 1.0)), 256)["inline"].script()
+    assert ('call_dps_packed("sam3_rope_keys_cuda", (qkv, 256, 1, 0, 0, 0, 24, 24, T.float64(1.0), '
+            'T.float64(10000.0)), out_ty=R.Tensor((b, 576, 256)') in s
+    assert ('call_dps_packed("sam3_attention_cuda", (qkv, sam3_rope_keys_cuda, qkv, 1, 0, 0, 512, 24, 24, '
+            'T.float64(1.0), T.float64(10000.0), 1)') in s
+    for d, heads in ((128, 2), (256, 1)):
+        assert attention_cuda.supported("float16", d, (256,), (0,))
+        mod = _export("float16", Mod(heads, AxialRope(24, 24, d, 10000.0, 1.0)), 256)
+        assert "sam3_attention_rope" not in mod["none"].script() and attention_cuda.calls_kernel(mod)
+
+
+def _ptxas(tmp_path):
+    """``nvcc -Xptxas -v`` of attention.cu for sm_90a: {demangled kernel: (registers, spill
+    stores, spill loads)}."""
+    cuda_source = pytest.importorskip("sam3_nn.kernels.cuda.source")
+    if not cuda_source.nvcc_available():
+        pytest.skip("nvcc not found")
+    src = cuda_source.CUDA_DIR / "attention.cu"
+    res = subprocess.run([cuda_source.nvcc_path(), "-c", "-O3", "-std=c++17", "-Xptxas", "-v",
+                          *cuda_source.gencode(["sm_90a"]), "-o", str(tmp_path / "attention.o"), str(src)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out, name, spill = {}, None, None
+    for line in res.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            spill = (int(m.group(1)), int(m.group(2)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name is not None:
+            dem = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
+            out[re.sub(r"sam3_attn::\(anonymous namespace\)::", "", dem)] = (int(m.group(1)),) + spill
+            name = None
+    return out
+
+
+def test_head_dim_256_kernels_compile_without_spills(tmp_path):
+    """The head dim 256 instantiations (configs 10 and 11, with/without RoPE and key bias) and
+    the 128 ones are built for sm_90a, and no head dim 256 kernel spills registers."""
+    kernels = _ptxas(tmp_path)
+    d256 = {k: v for k, v in kernels.items() if "attention_kernel<256," in k}
+    expect = {f"attention_kernel<256, {nw}, 1, 32, {r}, {b}>" for nw in (4, 8)
+              for r in ("false", "true") for b in ("false", "true")}
+    assert {k.split("(")[0].replace("void ", "").strip() for k in d256} == expect, sorted(d256)
+    for k, (regs, stores, loads) in d256.items():
+        assert stores == 0 and loads == 0 and regs <= 255, (k, regs, stores, loads)
+    assert any("attention_kernel<128, 4, 1, 32" in k for k in kernels)
+    assert any("rope_keys_kernel<256>" in k for k in kernels) and any("combine_splits<256>" in k for k in kernels)
+
+
+class _Wide(nn.Module):
+    """Head dims 256 and 128 through the kernel: cross attention without and with a key bias
+    (key counts not multiples of the tiles; few blocks, so the keys are split), RoPE
+    self-attention short (k tiles rotated inline) and long (keys rotated once)."""
+
+    def __init__(self):
+        self.rope_short = AxialRope(9, 11, 256, 10000.0, 1.0)
+        self.rope_long = AxialRope(24, 24, 256, 10000.0, 0.5)
+        self.rope_long128 = AxialRope(24, 24, 128, 10000.0, 1.0)
+
+    def cross256(self, q, k, v):
+        return attention(q, k, v, 1)
+
+    def masked256(self, q, k, v, bias):
+        return attention(q, k, v, 1, bias)
+
+    def masked128(self, q, k, v, bias):
+        return attention(q, k, v, 2, bias)
+
+    def short256(self, qkv):
+        return qkv_self_attention(qkv, 1, self.rope_short)
+
+    def long256(self, qkv):
+        return qkv_self_attention(qkv, 1, self.rope_long)
+
+    def long128(self, qkv):
+        return qkv_self_attention(qkv, 2, self.rope_long128)
+
+
+WIDE = {"cross256": (2, 100, 2000), "masked256": (4, 70, 2000), "masked128": (3, 100, 337)}  # b, nq, nk
+
+
+@pytest.fixture(scope="module")
+def wide_vm(tmp_path_factory):
+    """The _Wide functions built for cuda sm_90a (the attention routed to the kernel), on the GPU."""
+    from tvm import relax
+
+    dev = cuda_device()
+    if dev is None:
+        pytest.skip("no CUDA GPU here")
+    cuda_source = pytest.importorskip("sam3_nn.kernels.cuda.source")
+    if not cuda_source.nvcc_available():
+        pytest.skip("nvcc not found")
+    t = lambda *s, d="float16": nn.spec.Tensor(list(s), d)  # noqa: E731
+    spec = {name: {"q": t(b, nq, 256), "k": t(b, nk, 256), "v": t(b, nk, 256)} for name, (b, nq, nk) in WIDE.items()}
+    for name in ("masked256", "masked128"):
+        b, _, nk = WIDE[name]
+        spec[name]["bias"] = t(b, 1, 1, nk, d="float32")
+    spec.update({"short256": {"qkv": t(2, 99, 768)}, "long256": {"qkv": t(1, 576, 768)},
+                 "long128": {"qkv": t(1, 576, 768)}})
+    mod, _ = _Wide().export_tvm(spec=spec)
+    mod = route_attention(mod)
+    for name in spec:
+        assert "sam3_attention_cuda" in " ".join(_symbols(mod[name])), name
+    target = tvm.target.Target(CUDA)
+    lib = build_library(mod, [attention_cuda.attach_pass(target)], target, tmp_path_factory.mktemp("wide") / "w.so")
+    vm = relax.VirtualMachine(tvm.runtime.load_module(lib), dev)
+
+    def run(name, *arrays):
+        return vm[name](*[tvm.runtime.tensor(a, dev) for a in arrays]).numpy()
+
+    return run
+
+
+def _ref_cross(q, k, v, h, bias=None):
+    """float64 softmax attention of [B, N, C] arrays; bias [B, Nk] clamped at -1e30 as the kernels do."""
+    import torch
+
+    from tests.ops.test_attention import heads, merge, ref_attention
+
+    Q, K, V = (heads(torch.from_numpy(x.astype(np.float64)), h) for x in (q, k, v))
+    b = None if bias is None else torch.from_numpy(bias.astype(np.float64)).clamp(min=-1e30)[:, None, None, :]
+    return merge(ref_attention(Q, K, V, b)).numpy()
+
+
+def _masks(b, nk, kind):
+    """Key biases [b, nk] (MASK_VALUE for masked keys, as key_padding_bias writes them)."""
+    from sam3_nn.ops.attention import MASK_VALUE
+
+    rng = np.random.default_rng(1)
+    bias = np.zeros((b, nk), np.float32)
+    if kind == 256:  # 64-key tiles wholly masked, a partly masked tile, a lone valid tail
+        bias[0, 64:192] = bias[0, 1000:1100] = bias[0, 5] = MASK_VALUE
+        bias[1, :1990] = MASK_VALUE  # only the last (partial) tile's 10 keys valid
+        bias[2] = MASK_VALUE  # every key masked: a uniform softmax
+        bias[3] = rng.standard_normal(nk) * 3  # finite biases, and keys below the floor
+        bias[3, 500:800] = -1e35
+    else:
+        bias[0, :128] = bias[0, 300] = MASK_VALUE
+        bias[1, 64:] = MASK_VALUE
+        bias[2] = MASK_VALUE
+    return bias
+
+
+@pytest.mark.gpu
+def test_head_dims_128_256_cross_attention_on_gpu(wide_vm):
+    from tests.ops.test_attention import TOL
+
+    rtol, atol = TOL["float16"]
+    rng = np.random.default_rng(0)
+    for name, (b, nq, nk) in WIDE.items():
+        h = 2 if name.endswith("128") else 1
+        q, k, v = (rng.standard_normal((b, n, 256)).astype(np.float16) for n in (nq, nk, nk))
+        if name == "cross256":
+            assert_close(wide_vm(name, q, k, v), _ref_cross(q, k, v, h), rtol, atol, name)
+            continue
+        bias = _masks(b, nk, 256 if name == "masked256" else 128)
+        ours = wide_vm(name, q, k, v, bias[:, None, None, :])
+        ref = _ref_cross(q, k, v, h, bias)
+        keep = [i for i in range(b) if i != 2]
+        assert_close(ours[keep], ref[keep], rtol, atol, name)
+        # the all-masked entry (float32 scores of -1e9 + q.k are all alike): the mean of v over
+        # every key, as the TIR kernels give (tests/ops/test_attention.py)
+        assert_close(ours[2], np.broadcast_to(v[2].astype(np.float64).mean(0), (nq, 256)), rtol, atol,
+                     f"{name} all masked")
+        assert np.abs(ref[1] - _ref_cross(q, k, v, h)[1]).max() > 50 * atol  # the mask matters
+
+
+@pytest.mark.gpu
+def test_head_dims_128_256_rope_self_attention_on_gpu(wide_vm):
+    from tests.ops.test_attention import TOL, ref_self_attention
+
+    rtol, atol = TOL["float16"]
+    rng = np.random.default_rng(2)
+    m = _Wide()
+    for name, rope, h, shape in (("short256", m.rope_short, 1, (2, 99, 768)), ("long256", m.rope_long, 1, (1, 576, 768)),
+                                 ("long128", m.rope_long128, 2, (1, 576, 768))):
+        qkv = rng.standard_normal(shape).astype(np.float16)
+        ref = ref_self_attention(qkv, h, rope)
+        assert_close(wide_vm(name, qkv), ref, rtol, atol, name)
+        assert np.abs(ref - ref_self_attention(qkv, h, None)).max() > 50 * atol  # the rotation matters

@@ -4,7 +4,7 @@
 for head dim 64) computes exactly what ``sam3_nn.ops.attention_tir`` does (2D axial RoPE
 applied to q/k tiles in shared memory, key bias, fused-qkv column offsets, heads merged in
 the output). TIR has no practical route to tensor-core flash attention in TVM 0.27, so on
-CUDA, for float16 and head dims 32/64, the attention operators are routed to a
+CUDA, for float16 and head dims 32/64/128/256, the attention operators are routed to a
 ``call_dps_packed`` of the kernel's tvm-ffi entry point (:func:`attention_routes`, :func:`emit`);
 float32, other head dims and other GPU targets keep the TIR kernel, llvm the CPU one.
 
@@ -44,7 +44,9 @@ SYMBOL_ROPE_QK = "sam3_rope_qk_cuda"
 ROPE_QK_SCALARS = 8  # heads, window, img_h, img_w, grid_h, grid_w, scale, theta
 SYMBOLS = (SYMBOL, SYMBOL_BIAS, SYMBOL_WINDOW, SYMBOL_FULL_BIAS, SYMBOL_ROPE_KEYS, SYMBOL_ROPE_QK)
 SOURCE = "attention"  # sam3_nn/kernels/cuda/attention.cu
-HEAD_DIMS = (32, 64)
+# 128/256: one 16-row m-tile per warp, q fragments reloaded from shared memory at 256 (the
+# video tracker's memory attention: one head of 256)
+HEAD_DIMS = (32, 64, 128, 256)
 
 def _static_multiple(x, m: int) -> bool:
     return isinstance(x, int) and x % m == 0
@@ -96,7 +98,7 @@ def rope_in_projection(fusable: bool, head_dim: int, nq) -> bool:
 
 
 def supported(dtype: str, head_dim: int, widths, offsets) -> bool:
-    """Whether the kernel takes this call: float16, head dim 32/64, and 16-byte aligned rows
+    """Whether the kernel takes this call: float16, head dim in ``HEAD_DIMS``, and 16-byte aligned rows
     and head columns (widths and offsets multiples of 8 elements)."""
     if dtype != "float16" or head_dim not in HEAD_DIMS:
         return False

@@ -20,7 +20,9 @@
 //   global memory.
 // * bias (optional): additive float32 key bias [Bb, Nk] (Bb = B, or 1 with batch stride 0),
 //   clamped below at -1e30 so that even -inf stays finite (a fully masked row gives a uniform
-//   softmax, as the TIR kernels do).
+//   softmax, as the TIR kernels do). mma.sync kernels skip the key tiles whose bias lies
+//   kSkipGap or more below the batch entry's largest key bias (masked keys: their exp2 is
+//   exactly 0), so empty memory slots cost almost nothing (see attention_kernel).
 // * full bias (optional, mma.sync kernels): additive fp16 [Bb, H, Nq, Nk] (the DETR decoder's
 //   box relative position bias), read straight from global memory into the score fragments
 //   (two adjacent keys per load, so Nk must be even); it can be combined with the key bias.
@@ -33,7 +35,8 @@
 //   sentinels (no inf arithmetic).
 //
 // Structure: one thread block per (query tile, head, batch); each warp owns 16*MT query rows
-// whose q fragments stay in registers. K/V tiles of BN keys stream through a two-stage
+// whose q fragments stay in registers (head dims 128/256: reloaded from shared memory per
+// k-step, the O accumulator alone being D/2 floats per thread). K/V tiles of BN keys stream through a two-stage
 // cp.async ring (zero-filled past the sequence end); S = Q K^T and O += P V use
 // mma.sync.m16n8k16 (fp16 in, fp32 accumulate) with ldmatrix from XOR-swizzled shared
 // memory. Each thread rotates exactly the 16-byte chunks it copied itself, so the rotation
@@ -60,6 +63,12 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInit = -3.0e38f;   // running max before any key (finite)
 constexpr float kNegTail = -1.0e38f;   // score of a key past the sequence end (finite)
 constexpr float kBiasFloor = -1.0e30f; // bias clamp (matches the TIR kernels)
+// A key tile whose key bias lies this far (or more) below the batch entry's largest key bias
+// is skipped: against the key of largest bias its keys' exp2 is exactly 0 (and a score
+// before it is wiped by the rescale factor exp2(-gap) = 0) as long as |q.k| / sqrt(D) varies
+// by less than this across the keys, which fp16 activations never approach.
+constexpr float kSkipGap = 1.0e6f;
+constexpr int kMaxSkipTiles = 4096;  // per-tile bias maxima held in shared memory (16 KiB)
 
 struct Params {
   const half* q;
@@ -75,6 +84,10 @@ struct Params {
   // output and (log2-domain max, sum) per row to `part`; combine_splits merges them
   int splits, split_tiles;
   float* part;  // [batch, heads, splits, nq, D + 2] fp32
+  // masked-tile skip (mma.sync kernels with a key bias): the number of key tiles (of the
+  // kernel's BN keys) whose bias maxima are kept in shared memory; 0: no skip
+  int skip_tiles;
+  int smem_tail;  // attention_kernel: byte offset of the key bias in shared memory (Cfg)
   int q_off, k_off, v_off;                                          // column of head 0
   int batch, heads, nq, nk;
   int grid_h, grid_w;  // RoPE grid (grid_w > 0 when rotating)
@@ -208,11 +221,13 @@ __device__ __forceinline__ uint32_t pack_half2(float a, float b) {
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a [rows, D] fp16 tile, XOR-swizzled
 // so that ldmatrix's 8 row reads of one chunk column hit 8 different bank groups.
+// Rows of 128 bytes or more (head dim 64, 128, 256) XOR the low three chunk bits, which
+// permutes each 128-byte group of a row.
 template <int D>
 __device__ __forceinline__ int swz(int row, int chunk) {
-  static_assert(D == 32 || D == 64, "head dim 32 or 64");
-  if constexpr (D == 64) {
-    return row * 64 + ((chunk ^ (row & 7)) << 3);
+  static_assert(D == 32 || D == 64 || D == 128 || D == 256, "head dim 32, 64, 128 or 256");
+  if constexpr (D >= 64) {
+    return row * D + ((chunk ^ (row & 7)) << 3);
   } else {
     return row * 32 + ((chunk ^ ((row >> 1) & 3)) << 3);
   }
@@ -405,13 +420,33 @@ __global__ void __launch_bounds__(256) rope_keys_kernel(const RopeKeysParams rp)
 
 // ---------------------------------------------------------------- the kernel
 
+// Shared memory of attention_kernel, in this order: the q tile [BM, D]; k/v stages 0 and 1
+// ([BN, D] k then v each); the RoPE table; at Params::smem_tail, the key bias of both stages
+// and the per-tile key bias maxima of the masked-tile skip (skip_tiles + one per warp). When
+// the keys arrive rotated the table is needed only for the q tile, before stage 1 is first
+// written, so it overlays stage 1 (head dim 256 on a 72x72 grid: 36 KiB of table).
 template <int D, int NW, int MT, int BN, bool ROPE, bool BIAS>
 struct Cfg {
   static constexpr int NT = NW * 32;
   static constexpr int BM = 16 * MT * NW;
   static constexpr int Q4 = D / 4;
-  static constexpr int smem_bytes(int table_rows) {
-    return (BM * D + 4 * BN * D) * 2 + (BIAS ? 2 * BN * 4 : 0) + (ROPE ? table_rows * Q4 * 8 : 0);
+  // q fragments in registers: 4 * MT * D / 16 of them, at most 32 (head dim 64 at two m-tiles,
+  // 128 at one); head dim 256 reloads them per k-step (its O accumulator takes 128 registers)
+  static constexpr bool QREG = MT * D <= 128;
+  // masked-tile skip for head dims 128/256 (the video tracker's memory attention, whose empty
+  // memory slots are masked); the shorter key sets of the other dims gain nothing from it
+  static constexpr bool SKIP = BIAS && D >= 128;
+  static constexpr int STAGE = 2 * BN * D;  // elements of one k/v stage
+  static constexpr int STAGE1 = (BM * D + STAGE) * 2;  // byte offset of stage 1
+  // byte offset of the key bias: after the table, or after stage 1 and the overlaid table
+  static constexpr int tail_offset(int table_rows, bool table_over_stage1) {
+    const int end = STAGE1 + STAGE * 2, tab = ROPE ? table_rows * Q4 * 8 : 0;
+    const int t = table_over_stage1 ? (STAGE1 + tab > end ? STAGE1 + tab : end) : end + tab;
+    return (t + 15) & ~15;
+  }
+  static constexpr int smem_bytes(int table_rows, int skip_tiles, bool table_over_stage1) {
+    return tail_offset(table_rows, table_over_stage1) + (BIAS ? 2 * BN * 4 : 0) +
+           (skip_tiles > 0 ? (skip_tiles + NW) * 4 : 0);
   }
 };
 
@@ -421,17 +456,19 @@ __global__ void __launch_bounds__(NW * 32)
   sam3_cuda::pdl_wait_then_release();
   using C = Cfg<D, NW, MT, BN, ROPE, BIAS>;
   constexpr int NT = C::NT, BM = C::BM;
+  constexpr bool QREG = C::QREG;
   constexpr int KS = D / 16;   // k-steps of Q K^T
   constexpr int NS = BN / 8;   // n8 tiles of S
   constexpr int DS = D / 8;    // n8 tiles of O
-  static_assert(BN % 16 == 0 && D % 16 == 0, "tile shape");
+  static_assert(BN % 32 == 0 && D % 16 == 0, "tile shape");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   half* sQ = reinterpret_cast<half*>(smem_raw);
-  half* sK = sQ + BM * D;       // 2 stages
-  half* sV = sK + 2 * BN * D;   // 2 stages
-  float* sBias = reinterpret_cast<float*>(sV + 2 * BN * D);           // 2 stages (BIAS)
-  float2* sTab = reinterpret_cast<float2*>(sBias + (BIAS ? 2 * BN : 0));  // (ROPE)
+  half* sS0 = sQ + BM * D;                                             // k/v stage 0
+  half* sS1 = sS0 + C::STAGE;                                          // k/v stage 1
+  float2* sTab = reinterpret_cast<float2*>(p.rope_k ? sS1 + C::STAGE : sS1);  // (ROPE)
+  float* sBias = reinterpret_cast<float*>(smem_raw + p.smem_tail);     // 2 stages (BIAS)
+  float* sTileMax = sBias + (BIAS ? 2 * BN : 0);                       // (skip_tiles)
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
@@ -448,13 +485,91 @@ __global__ void __launch_bounds__(NW * 32)
   const int nk = p.nk, nq = p.nq;
   const int all_tiles = (nk + BN - 1) / BN;
   const int j_begin = p.splits > 1 ? split * p.split_tiles : 0;
-  const int ntiles = p.splits > 1 ? min(all_tiles, j_begin + p.split_tiles) - j_begin : all_tiles;
-  const int kv_start = j_begin * BN;
+  const int j_end = p.splits > 1 ? min(all_tiles, j_begin + p.split_tiles) : all_tiles;
+
+  load_tile<D, BM, NT>(sQ, gq, p.q_rs, q0, nq, tid, rm);
+
+  // Masked-tile skip: the key bias is the same for every query row of the batch entry, so
+  // whether a tile contributes is block-uniform. The warps take each tile's bias maximum
+  // (log2 domain; keys past nk at the tail sentinel), several loads per lane in flight;
+  // tiles whose maximum lies kSkipGap or more below the largest are never loaded. A row
+  // whose keys are all masked alike (one bias value) keeps every tile: the uniform softmax
+  // of before. The tiles that remain run the same arithmetic as without the skip.
+  float skip_below = kNegInit;  // tiles with a bias maximum below this are skipped
+  if constexpr (C::SKIP) {
+    if (p.skip_tiles > 0) {
+      float wmax = kNegInit;
+      if (nk % 4 == 0 && (reinterpret_cast<uintptr_t>(gbias) & 15) == 0) {
+        // 16-byte loads: lane l of a warp reads keys 4c..4c+3 (c = its chunk), the BN/4 lanes
+        // of a tile reduce; U chunks in flight per lane (8 made ptxas spill at head dim 256).
+        // The maximum of the clamped, scaled values is the clamped, scaled maximum (monotonic).
+        constexpr int U = 4, LT = BN / 4;  // lanes per tile
+        const int chunks = nk / 4;
+        const float4* g4 = reinterpret_cast<const float4*>(gbias);
+        for (int c0 = warp * 32 + lane; c0 - lane < chunks; c0 += NW * 32 * U) {
+          float4 v[U];
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * NW * 32;
+            v[u] = c < chunks ? g4[c] : make_float4(kNegInit, kNegInit, kNegInit, kNegInit);
+          }
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            float m = fmaxf(fmaxf(v[u].x, v[u].y), fmaxf(v[u].z, v[u].w));
+            m = fmaxf(m, kBiasFloor) * kLog2e;
+#pragma unroll
+            for (int o = 1; o < LT; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            const int t = (c0 + u * NW * 32) / LT;
+            if (lane % LT == 0 && t < all_tiles) sTileMax[t] = m;
+            wmax = fmaxf(wmax, m);
+          }
+        }
+      } else {
+        constexpr int R = BN / 32, U = 8 / R;
+        for (int t0 = warp; t0 < all_tiles; t0 += NW * U) {
+          float v[U][R];
+#pragma unroll
+          for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              const int t = t0 + u * NW;
+              v[u][r] = t < all_tiles ? key_bias_log2(gbias, t * BN + r * 32 + lane, nk) : kNegInit;
+            }
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            float m = v[u][0];
+#pragma unroll
+            for (int r = 1; r < R; ++r) m = fmaxf(m, v[u][r]);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            const int t = t0 + u * NW;
+            if (lane == 0 && t < all_tiles) sTileMax[t] = m;
+            wmax = fmaxf(wmax, m);
+          }
+        }
+      }
+      if (lane == 0) sTileMax[p.skip_tiles + warp] = wmax;
+      __syncthreads();
+      float bmax = kNegInit;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) bmax = fmaxf(bmax, sTileMax[p.skip_tiles + w]);
+      skip_below = bmax - kSkipGap * kLog2e;
+    }
+  }
+  // the first tile at or after t (below j_end) that is not skipped
+  auto next_tile = [&](int t) {
+    if (C::SKIP && p.skip_tiles > 0)
+      while (t < j_end && sTileMax[t] < skip_below) ++t;
+    return t;
+  };
+  int j = next_tile(j_begin);
+  const int kv_start = j * BN;
 
   // q tile and the first k/v tile start copying before the rotation table is built
-  load_tile<D, BM, NT>(sQ, gq, p.q_rs, q0, nq, tid, rm);
-  load_tile<D, BN, NT>(sK, gk, p.k_rs, kv_start, nk, tid, rm);
-  load_tile<D, BN, NT>(sV, gv, p.v_rs, kv_start, nk, tid, rm);
+  if (j < j_end) {
+    load_tile<D, BN, NT>(sS0, gk, p.k_rs, kv_start, nk, tid, rm);
+    load_tile<D, BN, NT>(sS0 + BN * D, gv, p.v_rs, kv_start, nk, tid, rm);
+  }
   cp_async_commit();
 
   float bias_next = 0.f;
@@ -472,29 +587,31 @@ __global__ void __launch_bounds__(NW * 32)
   if constexpr (ROPE) {
     __syncthreads();  // the table
     rope_tile<D, BM, NT>(sQ, q0, nq, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
-    if (p.rope_k) rope_tile<D, BN, NT>(sK, kv_start, nk, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
+    if (p.rope_k && j < j_end) rope_tile<D, BN, NT>(sS0, kv_start, nk, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
   }
   __syncthreads();
 
-  // q fragments (A operand, row-major) stay in registers
-  uint32_t qf[MT][KS][4];
+  // q fragments (A operand, row-major): kept in registers (QREG) or reloaded per k-step
+  auto load_q = [&](uint32_t* f, int mt, int ks) {
+    const int row = warp * 16 * MT + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+    const int ch = ks * 2 + (lane >> 4);
+    ldsm_x4(f[0], f[1], f[2], f[3], sQ + swz<D>(row, ch));
+  };
+  uint32_t qf[MT][QREG ? KS : 1][4];
+  if constexpr (QREG) {
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      const int row = warp * 16 * MT + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-      const int ch = ks * 2 + (lane >> 4);
-      ldsm_x4(qf[mt][ks][0], qf[mt][ks][1], qf[mt][ks][2], qf[mt][ks][3], sQ + swz<D>(row, ch));
-    }
+      for (int ks = 0; ks < KS; ++ks) load_q(qf[mt][ks], mt, ks);
   }
 
   float o[MT][DS][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int j = 0; j < DS; ++j)
+    for (int d = 0; d < DS; ++d)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) o[mt][j][e] = 0.f;
+      for (int e = 0; e < 4; ++e) o[mt][d][e] = 0.f;
   float m_run[MT][2], l_run[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -507,14 +624,15 @@ __global__ void __launch_bounds__(NW * 32)
   // log2-domain logits first (scale 1 afterwards)
   const float sc = BIAS ? 1.f : p.scale_log2;
 
-  for (int jj = 0; jj < ntiles; ++jj) {
-    const int st = jj & 1;
-    const int kv0 = (j_begin + jj) * BN;
-    const bool has_next = jj + 1 < ntiles;
+  for (int st = 0; j < j_end; st ^= 1) {
+    const int kv0 = j * BN;
+    const int jn = next_tile(j + 1);
+    const bool has_next = jn < j_end;
+    half* const nS = st ? sS0 : sS1;  // the other stage
     if (has_next) {
-      const int kv1 = kv0 + BN;
-      load_tile<D, BN, NT>(sK + (st ^ 1) * BN * D, gk, p.k_rs, kv1, nk, tid, rm);
-      load_tile<D, BN, NT>(sV + (st ^ 1) * BN * D, gv, p.v_rs, kv1, nk, tid, rm);
+      const int kv1 = jn * BN;
+      load_tile<D, BN, NT>(nS, gk, p.k_rs, kv1, nk, tid, rm);
+      load_tile<D, BN, NT>(nS + BN * D, gv, p.v_rs, kv1, nk, tid, rm);
       cp_async_commit();
       if constexpr (BIAS) {
         if (tid < BN) {
@@ -523,8 +641,8 @@ __global__ void __launch_bounds__(NW * 32)
         }
       }
     }
-    const half* cK = sK + st * BN * D;
-    const half* cV = sV + st * BN * D;
+    const half* cK = st ? sS1 : sS0;
+    const half* cV = cK + BN * D;
 
     // ---- S = Q K^T
     float s[MT][NS][4];
@@ -536,6 +654,16 @@ __global__ void __launch_bounds__(NW * 32)
         for (int e = 0; e < 4; ++e) s[mt][n][e] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
+      uint32_t qa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (QREG) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qa[mt][e] = qf[mt][ks][e];
+        } else {
+          load_q(qa[mt], mt, ks);
+        }
+      }
 #pragma unroll
       for (int np = 0; np < NS / 2; ++np) {
         uint32_t b0, b1, b2, b3;
@@ -544,8 +672,8 @@ __global__ void __launch_bounds__(NW * 32)
         ldsm_x4(b0, b1, b2, b3, cK + swz<D>(row, ch));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          mma16816(s[mt][2 * np], qf[mt][ks], b0, b1);
-          mma16816(s[mt][2 * np + 1], qf[mt][ks], b2, b3);
+          mma16816(s[mt][2 * np], qa[mt], b0, b1);
+          mma16816(s[mt][2 * np + 1], qa[mt], b2, b3);
         }
       }
     }
@@ -652,12 +780,13 @@ __global__ void __launch_bounds__(NW * 32)
     if (has_next) {
       cp_async_wait_all();
       if (ROPE && p.rope_k)
-        rope_tile<D, BN, NT>(sK + (st ^ 1) * BN * D, kv0 + BN, nk, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
+        rope_tile<D, BN, NT>(nS, jn * BN, nk, sTab, nullptr, p.grid_w, p.inv_grid_w, tid);
       if constexpr (BIAS) {
         if (tid < BN) sBias[(st ^ 1) * BN + tid] = bias_next;
       }
     }
     __syncthreads();
+    j = jn;
   }
 
   if (p.splits > 1) {  // ---- key split: this split's unnormalised rows, max and sum
@@ -1154,10 +1283,15 @@ __global__ void __launch_bounds__(128) combine_splits(const Params p) {
 // ---------------------------------------------------------------- launch
 
 template <int D, int NW, int MT, int BN, bool ROPE, bool BIAS>
-cudaError_t launch(const Params& p, cudaStream_t stream) {
+cudaError_t launch(const Params& params, cudaStream_t stream) {
   using C = Cfg<D, NW, MT, BN, ROPE, BIAS>;
+  Params p = params;
+  // masked-tile skip: with a key bias, up to kMaxSkipTiles key tiles of this BN
+  const int tiles = (p.nk + BN - 1) / BN;
+  p.skip_tiles = C::SKIP && p.bias != nullptr && tiles <= kMaxSkipTiles ? tiles : 0;
   const int table_rows = ROPE ? (p.grid_h > p.grid_w ? p.grid_h : p.grid_w) : 0;
-  const int smem = C::smem_bytes(table_rows);
+  p.smem_tail = C::tail_offset(table_rows, p.rope_k == 0);
+  const int smem = C::smem_bytes(table_rows, p.skip_tiles, p.rope_k == 0);
   auto kern = attention_kernel<D, NW, MT, BN, ROPE, BIAS>;
   static int configured = 0;  // largest dynamic shared memory size set so far
   if (smem > 48 * 1024 && smem > configured) {
@@ -1215,18 +1349,26 @@ inline bool wgmma_available() {
 }
 
 // Tile configurations: (warps, 16-row m-tiles per warp), keys per tile 64.
-//   1: 4 warps x 32 rows (128)   2: 3 x 32 (96)   3: 2 x 32 (64)   4: 4 x 16 (64)   5: 2 x 16 (32)
+//   head dim 32/64: 1: 4 warps x 32 rows (128)   2: 3 x 32 (96)   3: 2 x 32 (64)   5: 2 x 16 (32)
+//   head dim 32/64/128: 4: 4 x 16 (64)
+//   head dim 128/256, 32 keys per tile: 10: 4 x 16 (64)   11: 8 x 16 (128);  128 only: 12: 2 x 16 (32)
 //   sm_90a, head dim 64 only (wgmma): 6: 2 warpgroups x 64 rows (128)   7: 1 x 64 (64)
 //   8, 9: as 6, 7 with the k tiles rotated in half2 arithmetic
 //   (6 and 8 run the pipelined loop, 7 and 9 the serial one: same output)
+// Head dims 128/256 keep one 16-row m-tile per warp (two would need D accumulator registers
+// per thread); the configurations left out spill registers (ptxas, sm_90a): 2 x 16 rows
+// at 64 keys (128, 256), 4 x 16 at 64 keys and 2 x 16 at 32 keys (256).
 template <int D, bool ROPE, bool BIAS>
 cudaError_t dispatch_cfg(const Params& p, int config, cudaStream_t stream) {
   switch (config) {
-    case 1: return launch<D, 4, 2, 64, ROPE, BIAS>(p, stream);
-    case 2: return launch<D, 3, 2, 64, ROPE, BIAS>(p, stream);
-    case 3: return launch<D, 2, 2, 64, ROPE, BIAS>(p, stream);
-    case 4: return launch<D, 4, 1, 64, ROPE, BIAS>(p, stream);
-    case 5: return launch<D, 2, 1, 64, ROPE, BIAS>(p, stream);
+    case 1: if constexpr (D <= 64) return launch<D, 4, 2, 64, ROPE, BIAS>(p, stream); break;
+    case 2: if constexpr (D <= 64) return launch<D, 3, 2, 64, ROPE, BIAS>(p, stream); break;
+    case 3: if constexpr (D <= 64) return launch<D, 2, 2, 64, ROPE, BIAS>(p, stream); break;
+    case 4: if constexpr (D <= 128) return launch<D, 4, 1, 64, ROPE, BIAS>(p, stream); break;
+    case 5: if constexpr (D <= 64) return launch<D, 2, 1, 64, ROPE, BIAS>(p, stream); break;
+    case 10: if constexpr (D >= 128) return launch<D, 4, 1, 32, ROPE, BIAS>(p, stream); break;
+    case 11: if constexpr (D >= 128) return launch<D, 8, 1, 32, ROPE, BIAS>(p, stream); break;
+    case 12: if constexpr (D == 128) return launch<D, 2, 1, 32, ROPE, BIAS>(p, stream); break;
     case 6:
     case 7:
     case 8:
@@ -1235,16 +1377,18 @@ cudaError_t dispatch_cfg(const Params& p, int config, cudaStream_t stream) {
         if (!wgmma_available()) return fail("wgmma configuration without sm_90a code");
         return (config % 2 == 0) ? launch_wg<2, ROPE, BIAS>(p, stream) : launch_wg<1, ROPE, BIAS>(p, stream);
       }
-      return fail("wgmma configuration with head dim 32");
+      return fail("wgmma configuration with head dim other than 64");
     default: return fail("unknown tile configuration");
   }
+  return fail("tile configuration not built for this head dim (dispatch_cfg)");
 }
 
-// Rows per block of the mma.sync configurations 1..5 (dispatch_cfg).
+// Rows per block and keys per tile of the mma.sync configurations 1..5, 10..12 (dispatch_cfg).
 inline int config_rows(int config) {
-  static const int rows[] = {0, 128, 96, 64, 64, 32};
-  return config >= 1 && config <= 5 ? rows[config] : 0;
+  static const int rows[] = {0, 128, 96, 64, 64, 32, 0, 0, 0, 0, 64, 128, 32};
+  return config >= 1 && config <= 12 ? rows[config] : 0;
 }
+inline int config_keys(int config) { return config >= 10 && config <= 12 ? 32 : 64; }
 
 // Multiprocessors of the current device.
 inline int current_sm_count() {
@@ -1263,6 +1407,11 @@ inline int auto_config(const Params& p, int head_dim, bool wgmma_ok = true) {
     return double(tiles * bm) / p.nq / (fill < 1.0 ? fill : 1.0) * penalty;
   };
   if (head_dim == 64 && wgmma_ok && wgmma_available()) return cost(128, 2, 1.0) <= cost(64, 4, 1.25) ? 6 : 7;
+  // head dim 128/256: one m-tile per warp, 32 keys per tile (~100 KiB of shared memory at
+  // 256: two blocks per SM); at 128, 2 warps x 16 rows for short query sets. Few blocks get
+  // a key split on top (launch_all).
+  if (head_dim == 256) return 10;
+  if (head_dim == 128) return cost(64, 2, 1.0) <= cost(32, 4, 1.2) ? 10 : 12;
   // mma.sync: 4 warps x 32 rows when the grid is large; smaller tiles for short query sets
   const double c1 = cost(128, 2, 1.0), c4 = cost(64, 3, 1.15), c5 = cost(32, 4, 1.2);
   if (c1 <= c4 && c1 <= c5) return 1;
@@ -1288,7 +1437,8 @@ int launch_all(const void* q, const void* k, const void* v, const void* bias, co
                cudaStream_t stream) {
   last_failure() = "";
   if (batch <= 0 || heads <= 0 || nq <= 0) return 0;
-  if (nk <= 0 || (head_dim != 32 && head_dim != 64)) return fail("empty keys or head dim not 32/64");
+  if (nk <= 0 || (head_dim != 32 && head_dim != 64 && head_dim != 128 && head_dim != 256))
+    return fail("empty keys or head dim not 32/64/128/256");
   int nwin = 0, nw = 0;
   if (window > 0) {
     if (img_h <= 0 || img_w <= 0 || img_h % window || img_w % window || bias != nullptr ||
@@ -1344,18 +1494,24 @@ int launch_all(const void* q, const void* k, const void* v, const void* bias, co
   p.win_magic = window > 0 ? uint32_t(((1ull << 32) + window - 1) / window - (window == 1 ? 1 : 0)) : 0u;
   p.win_skip = window > 0 ? img_w - window : 0;
   if (config <= 0) config = auto_config(p, head_dim, fbias == nullptr);
-  if (fbias != nullptr && config >= 6) return fail("full bias with a wgmma configuration");
+  if (fbias != nullptr && config >= 6 && config <= 9) return fail("full bias with a wgmma configuration");
   // a full-bias call has few query rows and many keys (201 x 5184 in the DETR decoder): split
-  // the keys over blocks until every multiprocessor has about four, at least 4 key tiles each
+  // the keys over blocks until every multiprocessor has about four, at least 4 key tiles each.
+  // Head dim 128/256 (about two blocks per multiprocessor): split the keys of fewer blocks
+  // than multiprocessors over at most two per multiprocessor, at least 8 key tiles each (the
+  // video tracker's memory attention of one object: 81 query tiles against ~52k keys).
   p.splits = 0;
   p.split_tiles = 0;
   p.part = nullptr;
-  if (fbias != nullptr && window <= 0) {
-    const int bm = config_rows(config), sms = current_sm_count(), tiles = (nk + 63) / 64;
-    const long long blocks = (long long)((nq + bm - 1) / bm) * heads * batch;
-    long long want = (4LL * sms + blocks - 1) / blocks;
-    if (want > tiles / 4) want = tiles / 4;
-    if (bm > 0 && blocks < 2LL * sms && want > 1) {
+  p.skip_tiles = 0;  // set per configuration (launch)
+  if ((fbias != nullptr || head_dim >= 128) && window <= 0) {
+    const int bm = config_rows(config), sms = current_sm_count();
+    const int tiles = (nk + config_keys(config) - 1) / config_keys(config);
+    const long long blocks = bm > 0 ? (long long)((nq + bm - 1) / bm) * heads * batch : 1;
+    long long want = fbias != nullptr ? (4LL * sms + blocks - 1) / blocks : 2LL * sms / blocks;
+    const long long most = fbias != nullptr ? tiles / 4 : tiles / 8;
+    if (want > most) want = most;
+    if (bm > 0 && blocks < (fbias != nullptr ? 2LL : 1LL) * sms && want > 1) {
       p.split_tiles = int((tiles + want - 1) / want);
       p.splits = (tiles + p.split_tiles - 1) / p.split_tiles;
       if ((long long)batch * p.splits > 65535) return fail("key split: batch x splits over 65535");
@@ -1368,12 +1524,22 @@ int launch_all(const void* q, const void* k, const void* v, const void* bias, co
       if (p.part == nullptr) return fail("key split: no scratch memory (or growing it during capture)");
     }
   }
-  p.rope_half = config >= 8 ? 1 : 0;
+  p.rope_half = config == 8 || config == 9 ? 1 : 0;
   p.rope_k = rope && !keys_rotated ? 1 : 0;
 
   const bool has_bias = bias != nullptr || fbias != nullptr;
   cudaError_t err;
-  if (head_dim == 64) {
+  if (head_dim == 256) {
+    if (rope) err = has_bias ? dispatch_cfg<256, true, true>(p, config, stream)
+                             : dispatch_cfg<256, true, false>(p, config, stream);
+    else err = has_bias ? dispatch_cfg<256, false, true>(p, config, stream)
+                        : dispatch_cfg<256, false, false>(p, config, stream);
+  } else if (head_dim == 128) {
+    if (rope) err = has_bias ? dispatch_cfg<128, true, true>(p, config, stream)
+                             : dispatch_cfg<128, true, false>(p, config, stream);
+    else err = has_bias ? dispatch_cfg<128, false, true>(p, config, stream)
+                        : dispatch_cfg<128, false, false>(p, config, stream);
+  } else if (head_dim == 64) {
     if (rope) err = has_bias ? dispatch_cfg<64, true, true>(p, config, stream)
                              : dispatch_cfg<64, true, false>(p, config, stream);
     else err = has_bias ? dispatch_cfg<64, false, true>(p, config, stream)
@@ -1393,7 +1559,8 @@ int launch_rope_keys(const void* src, void* dst, long long src_batch_stride, lon
                      cudaStream_t stream, int dst_cols = 0) {
   last_failure() = "";
   if (batch <= 0 || n <= 0 || heads <= 0) return 0;
-  if (head_dim != 32 && head_dim != 64) return fail("head dim not 32/64");
+  if (head_dim != 32 && head_dim != 64 && head_dim != 128 && head_dim != 256)
+    return fail("head dim not 32/64/128/256");
   if (grid_h <= 0 || grid_w <= 0) return fail("RoPE grid not positive");
   if (window > 0) {
     if (img_h <= 0 || img_w <= 0 || img_h % window || img_w % window || (long long)img_h * img_w != n)
@@ -1428,9 +1595,12 @@ int launch_rope_keys(const void* src, void* dst, long long src_batch_stride, lon
   long long blocks = (total + 1023) / 1024;  // 256 threads x 4 chunks
   const long long cap = 4LL * current_sm_count();
   if (blocks > cap) blocks = cap;
-  cudaError_t err = head_dim == 64
-      ? sam3_cuda::launch(rope_keys_kernel<64>, dim3(unsigned(blocks)), dim3(256), smem, stream, rp)
-      : sam3_cuda::launch(rope_keys_kernel<32>, dim3(unsigned(blocks)), dim3(256), smem, stream, rp);
+  const dim3 grid{unsigned(blocks)}, threads{256};
+  cudaError_t err =
+      head_dim == 256 ? sam3_cuda::launch(rope_keys_kernel<256>, grid, threads, smem, stream, rp)
+      : head_dim == 128 ? sam3_cuda::launch(rope_keys_kernel<128>, grid, threads, smem, stream, rp)
+      : head_dim == 64 ? sam3_cuda::launch(rope_keys_kernel<64>, grid, threads, smem, stream, rp)
+                       : sam3_cuda::launch(rope_keys_kernel<32>, grid, threads, smem, stream, rp);
   if (err == cudaSuccess) err = cudaGetLastError();
   return err == cudaSuccess ? 0 : static_cast<int>(fail("key rotation launch", err));
 }
@@ -1440,7 +1610,7 @@ int launch_rope_keys(const void* src, void* dst, long long src_batch_stride, lon
 extern "C" {
 
 // Returns 0 on success, a cudaError_t code otherwise (cudaErrorInvalidValue for arguments the
-// kernel does not support: head_dim other than 32/64, offsets/strides not multiples of 8
+// kernel does not support: head_dim other than 32/64/128/256, offsets/strides not multiples of 8
 // elements, pointers not 16-byte aligned, empty key sequence).
 // Strides are in elements; bias (float32 [Bb, Nk], rows contiguous) may be null (no bias),
 // bias_batch_stride 0 broadcasts it.
