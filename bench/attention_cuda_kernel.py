@@ -30,7 +30,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(HERE, "..", "sam3_nn", "kernels", "cuda", "attention.cu")
+SRC = os.path.join(HERE, "..", "sam3_nn", "kernels", "cuda", "csrc", "attention.cu")
 LIB = "libsam3_attention.so"
 CONFIGS = {1: "4w x 32r (128)", 2: "3w x 32r (96)", 3: "2w x 32r (64)", 4: "4w x 16r (64)", 5: "2w x 16r (32)",
            6: "wgmma 2wg x 64r (128)", 7: "wgmma 1wg x 64r (64)",
