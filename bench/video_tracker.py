@@ -162,8 +162,11 @@ class Timed:
         return out
 
     def call_device(self, fn, *args):
+        from sam3_nn.runtime import ffi
+
         t = time.perf_counter()
-        out = self.lib(fn, *args)  # copied back: the time includes the device's work
+        out = self.lib.call_device(fn, *args)
+        ffi.sync(self.lib.device)  # the time includes the device's work
         self.times[fn] += time.perf_counter() - t
         return out
 

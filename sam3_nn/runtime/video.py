@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -46,6 +48,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from sam3_nn.errors import InputError, UserError
+from sam3_nn.runtime import ffi
 from sam3_nn.runtime.engine import LibraryError
 from sam3_nn.runtime.interactive import check_box, check_points, to_model_coords
 from sam3_nn.runtime.postprocess import resize_bilinear
@@ -221,11 +224,55 @@ def resize_antialias(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
 
 
 # ---- session state ---------------------------------------------------------------------------
+class _DeviceBank:
+    """``track_step``'s ``memory`` input ``[N, M, g*g, mem_dim]`` kept on the device: each
+    slot is copied device to device from the frame memory it now holds, and only when that
+    changed, so a frame uploads no memory (a 1008 px bank is 6.6 MB per object). Empty
+    slots keep earlier finite values (the key mask excludes them). One buffer per object
+    count, the two most recent counts kept."""
+
+    KEEP = 2
+
+    def __init__(self, slots: int, tokens: int, dim: int, dtype: str, device):
+        self.slots, self.tokens, self.dim, self.dtype, self.device = slots, tokens, dim, dtype, device
+        self._buffers: "OrderedDict[int, list]" = OrderedDict()  # n -> [tensor, slot views, held]
+
+    def frame_memory(self, rounded: np.ndarray) -> List:
+        """``[N, g*g, mem_dim]`` host memory of one frame -> a device tensor per object."""
+        t = ffi.to_device(np.ascontiguousarray(rounded, self.dtype), self.device)
+        row = self.tokens * self.dim * np.dtype(self.dtype).itemsize
+        return [ffi.view(t, (self.tokens, self.dim), i * row) for i in range(len(rounded))]
+
+    def input(self, per_object: Sequence[Sequence]):
+        """Per object, the device memories of its filled slots (in slot order) -> the input."""
+        n = len(per_object)
+        entry = self._buffers.pop(n, None)
+        if entry is None:
+            t = ffi.to_device(np.zeros((n, self.slots, self.tokens, self.dim), self.dtype), self.device)
+            row = self.tokens * self.dim * np.dtype(self.dtype).itemsize
+            entry = [t, [ffi.view(t, (self.tokens, self.dim), k * row) for k in range(n * self.slots)],
+                     [None] * (n * self.slots)]
+        self._buffers[n] = entry
+        while len(self._buffers) > self.KEEP:
+            self._buffers.popitem(last=False)
+        t, views, held = entry
+        for i, memories in enumerate(per_object):
+            for j, mem in enumerate(memories[:self.slots]):
+                k = i * self.slots + j
+                if held[k] is not mem:
+                    ffi.copy(mem, views[k])
+                    held[k] = mem
+        return t
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
 @dataclass
 class _Output:
     """What a frame leaves for later frames of one object."""
 
-    memory: Optional[np.ndarray]  # [g*g, mem_dim] float32 (bfloat16 values); None until encoded
+    memory: object  # [g*g, mem_dim] device tensor in the library's dtype (bfloat16 values)
     pointer: np.ndarray  # [C]
     score: float
     low_res: Optional[np.ndarray] = None  # [4g, 4g]: kept for conditioning frames (reused as output)
@@ -285,6 +332,13 @@ class VideoSession:
         self._new_inputs: List[int] = []
         self._features: Optional[Tuple[int, List]] = None
         self._rgb: Optional[Tuple[int, np.ndarray]] = None
+        self._pixel_dtype = model._input_dtype("encode_image", "pixel_values")
+        # the next frame is decoded and pre-processed in a thread while the device runs this one
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="sam3-frames")
+        self._read_lock = threading.Lock()
+        self._ahead: Optional[Tuple[int, Future]] = None
+        self._bank = _DeviceBank(self.memory_slots, self.tokens, self.mem_dim, self.dtype,
+                                 model.model.device)
 
     # -- frames ----------------------------------------------------------------------------
     @property
@@ -293,29 +347,60 @@ class VideoSession:
 
     def frame(self, index: int) -> np.ndarray:
         """The RGB frame ``index`` (``HxWx3`` uint8)."""
+        return self._frame(index, pixels=False)[0]
+
+    def _frame(self, index: int, pixels: bool):
+        """(rgb, pixels or None) of frame ``index``, checked against the video's size."""
         if self._rgb is not None and self._rgb[0] == index:
-            return self._rgb[1]
+            _, rgb, px = self._rgb
+            if pixels and px is None:
+                px = normalize(resize_uint8(rgb, self.image_size), self._pixel_dtype)[None]
+                self._rgb = (index, rgb, px)
+            return rgb, px
         if index < 0 or (self.num_frames is not None and index >= self.num_frames):
             raise InputError(f"frame {index} is outside the video's {self.num_frames} frames")
-        try:
-            rgb = self.frames.get(index)
-        except IndexError:
-            raise InputError(f"frame {index} is outside the video ({self.num_frames} frames)") from None
+        rgb, px = self._read(index, pixels)
         size = (int(rgb.shape[0]), int(rgb.shape[1]))
         if self.video_size is None:
             self.video_size = size
         elif size != self.video_size:
             raise InputError(f"frame {index} is {size[1]}x{size[0]}, the video's first frame "
                              f"{self.video_size[1]}x{self.video_size[0]}: frames must share one size")
-        self._rgb = (index, rgb)
-        return rgb
+        self._rgb = (index, rgb, px)
+        return rgb, px
+
+    def _load(self, index: int, pixels: bool):
+        """(rgb, pixels or None) of frame ``index``; runs in the reader thread or the caller's."""
+        with self._read_lock:
+            try:
+                rgb = self.frames.get(index)
+            except IndexError:
+                raise InputError(f"frame {index} is outside the video ({self.num_frames} frames)") from None
+        if not pixels:
+            return rgb, None
+        return rgb, normalize(resize_uint8(rgb, self.image_size), self._pixel_dtype)[None]
+
+    def _read(self, index: int, pixels: bool):
+        """Frame ``index`` (and its pixels): from the read-ahead when it is that frame's."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if ahead[0] == index:
+                return ahead[1].result()
+            try:
+                ahead[1].result()  # another frame's: let it finish before the source is read again
+            except Exception:  # noqa: BLE001 - a frame nobody asked for; its error is not this one's
+                pass
+        return self._load(index, pixels)
+
+    def _read_ahead(self, index: int) -> None:
+        """Start decoding frame ``index`` in the reader thread (propagation's next frame)."""
+        if self._ahead is None and index >= 0 and (self.num_frames is None or index < self.num_frames):
+            self._ahead = (index, self._reader.submit(self._load, index, True))
 
     def _frame_features(self, index: int) -> List:
         if self._features is not None and self._features[0] == index:
             return self._features[1]
-        rgb = self.frame(index)
-        pixels = normalize(resize_uint8(rgb, self.image_size),
-                           self.model._input_dtype("encode_image", "pixel_values"))[None]
+        _, pixels = self._frame(index, pixels=True)
         out = self.model.model.call_device("encode_image", pixels)
         names = [o["name"] for o in self.model.functions["encode_image"]["outputs"]]
         tracker = [o for n, o in zip(names, out) if n.startswith("tracker_embeddings.")]
@@ -422,6 +507,10 @@ class VideoSession:
                     if getattr(self.frames, "exhausted", False):
                         return
                     raise
+            self._frame_features(f)
+            nxt = f - 1 if reverse else f + 1
+            if nxt in order:
+                self._read_ahead(nxt)
             yield self._run_frame(f, reverse)
 
     # -- one frame -------------------------------------------------------------------------
@@ -443,7 +532,7 @@ class VideoSession:
 
     def _memory_inputs(self, obj: _Object, frame: int, reverse: bool):
         m, p = self.memory_slots, self.pointer_slots
-        memory = np.zeros((m, self.tokens, self.mem_dim), np.float32)
+        memory = []  # the filled slots' device memories, in slot order
         tpos = np.zeros((m,), np.int32)
         mask = np.zeros((m,), np.int32)
         pointers = np.zeros((p, self.hidden), np.float32)
@@ -457,7 +546,8 @@ class VideoSession:
             if out is not None:
                 slots.append((t - 1, out))
         for i, (k, out) in enumerate(slots[:m]):
-            memory[i], tpos[i], mask[i] = out.memory, k, 1
+            tpos[i], mask[i] = k, 1
+            memory.append(out.memory)
         # object pointers: the selected conditioning frames not after this one (before, backward),
         # then the tracked frames up to max_object_pointers - 1 steps back
         streaming = self.num_frames is None
@@ -514,7 +604,7 @@ class VideoSession:
     def _compute(self, frame: int, feats: List, batch, results) -> None:
         n = len(batch)
         m, p = self.memory_slots, self.pointer_slots
-        memory = np.zeros((n, m, self.tokens, self.mem_dim), np.float32)
+        memory = [[] for _ in range(n)]
         tpos = np.zeros((n, m), np.int32)
         mmask = np.zeros((n, m), np.int32)
         pointers = np.zeros((n, p, self.hidden), np.float32)
@@ -558,22 +648,33 @@ class VideoSession:
                 mask_input = resize_antialias(mask_input, (self.mask_size, self.mask_size))
             mask_valid = (mode == MODE_RAW).astype(np.int32)
         dt = self.dtype
-        out = self.model.model("track_step", *feats, memory.astype(dt), tpos, mmask, pointers.astype(dt), ptpos,
-                               pmask, mode, pts, labels, pvalid, mask_input.astype(dt), mask_valid, multimask,
-                               present)
-        low, high, _iou, score, pointer = [o.astype(np.float32) for o in out]
-        low, high, score = low[:, 0].copy(), high.copy(), score[:, 0].copy()
-        for i in np.nonzero(mode == MODE_RAW)[0]:
-            high[i, 0] = prompts[i, 0] * MASK_OUT_SCALE + MASK_OUT_BIAS
-            low[i] = resize_antialias(high[i, 0], (self.mask_size, self.mask_size))
-            score[i] = MASK_OUT_SCALE * float((prompts[i, 0] > 0).any()) + MASK_OUT_BIAS
-        from_prompt = any(b[2] is not None or b[3] is not None for b in batch)
-        binarize = np.full((n,), int(from_prompt), np.int32)
-        mem = self.model.model("encode_memory", feats[2], high.astype(dt), score[:, None].astype(dt), binarize)[0]
-        mem = round_bfloat16(mem.astype(np.float32))
+        engine = self.model.model
+        with engine.lock:  # track_step's outputs are used before any other call can reuse their memory
+            out = engine.call_device("track_step", *feats, self._bank.input(memory), tpos, mmask,
+                                     pointers.astype(dt), ptpos, pmask, mode, pts, labels, pvalid,
+                                     mask_input.astype(dt), mask_valid, multimask, present)
+            low_d, high_d, _iou, score_d, pointer_d = out
+            low = ffi.to_numpy(low_d)[:, 0].astype(np.float32)
+            score = ffi.to_numpy(score_d)[:, 0].astype(np.float32)
+            pointer = ffi.to_numpy(pointer_d).astype(np.float32)
+            high = high_d  # stays on the device unless a mask prompt replaces some rows
+            raw = np.nonzero(mode == MODE_RAW)[0]
+            if len(raw):
+                high = ffi.to_numpy(high_d).astype(np.float32)
+            for i in raw:
+                high[i, 0] = prompts[i, 0] * MASK_OUT_SCALE + MASK_OUT_BIAS
+                low[i] = resize_antialias(high[i, 0], (self.mask_size, self.mask_size))
+                score[i] = MASK_OUT_SCALE * float((prompts[i, 0] > 0).any()) + MASK_OUT_BIAS
+            if len(raw):
+                high = high.astype(dt)
+            from_prompt = any(b[2] is not None or b[3] is not None for b in batch)
+            binarize = np.full((n,), int(from_prompt), np.int32)
+            mem = engine.call_device("encode_memory", feats[2], high, score[:, None].astype(dt), binarize)[0]
+            mem = round_bfloat16(ffi.to_numpy(mem).astype(np.float32))
+        memories = self._bank.frame_memory(mem)
         for i, (oid, is_init, _, _, _) in enumerate(batch):
             obj = self._objects[oid]
-            o = _Output(mem[i], pointer[i].copy(), float(score[i]), low[i].copy() if is_init else None)
+            o = _Output(memories[i], pointer[i].copy(), float(score[i]), low[i].copy() if is_init else None)
             (obj.cond if is_init else obj.non_cond)[frame] = o
             results[oid] = (low[i], float(score[i]))
 
@@ -585,6 +686,9 @@ class VideoSession:
 
     def close(self) -> None:
         self._features = None
+        self._bank.clear()
+        self._reader.shutdown(wait=True)
+        self._ahead = None
         self.frames.close()
 
 
