@@ -605,7 +605,7 @@ def test_cuda_rewrite_gives_p_v_the_few_rows_schedule():
 @pytest.mark.parametrize("shape", FEW_ROWS_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cuda_few_rows_gemm_matches_numpy_on_gpu(shape, has_bias):
     """The few-rows schedule on the GPU against numpy (fp32 accumulation, fp16 output): every
-    output written (the output starts as a sentinel), within 2e-3 of the largest |output|
+    output written (the output starts as NaN), within 2e-3 of the largest |output|
     (fp16 rounding of the output: 4.9e-4)."""
     from tests.cuda_lib import cuda_device
 
@@ -627,7 +627,7 @@ def test_cuda_few_rows_gemm_matches_numpy_on_gpu(shape, has_bias):
     bw = bt if batched else 1
     w = rng.standard_normal((bw, n, k) if layout == "nk" else (bw, k, n)).astype("float16")
     bias = (4 * rng.standard_normal(n)).astype("float16")
-    out = tvm.runtime.tensor(np.full((bt, m, n), 7777, "float16"), dev)
+    out = tvm.runtime.tensor(np.full((bt, m, n), np.nan, "float16"), dev)
     args = [a, w] + ([bias] if has_bias else [])
     lib(*[tvm.runtime.tensor(x, dev) for x in args], out)
     wf = w.astype("float32")
@@ -635,5 +635,5 @@ def test_cuda_few_rows_gemm_matches_numpy_on_gpu(shape, has_bias):
     if has_bias:
         ref = ref + bias.astype("float32")
     got = out.numpy()
-    assert np.isfinite(got).all() and (got != 7777).all()
+    assert np.isfinite(got).all()  # every output written
     assert _rel_err(got, ref) < 2e-3
