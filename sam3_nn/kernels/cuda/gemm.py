@@ -50,11 +50,9 @@ def _digits_arch(target: tvm.target.Target) -> tvm.target.Target:
                                                                    "thread_warp_size")})
 
 
-def gemm_cuda(target: tvm.target.Target, bt, m, n: int, k: int, dtype: str, out_dtype: str, *,
-              w_batched: bool = False, w_layout: str = "nk", has_bias: bool = False
-              ) -> Optional[tirx.PrimFunc]:
-    if dtype != "float16":
-        return None  # fp32 stays on the default (SIMT) schedule
+def gemm_definition(bt, m, n: int, k: int, dtype: str, out_dtype: str, *, w_batched: bool = False,
+                    w_layout: str = "nk", has_bias: bool = False) -> tirx.PrimFunc:
+    """The unscheduled GEMM: ``out[b] = a[b] @ op(w[b or 0]) (+ bias)``, fp32 accumulation."""
     acc = "float32"
     a = te.placeholder((bt, m, k), dtype, name="a")
     bw = bt if w_batched else 1
@@ -75,9 +73,18 @@ def gemm_cuda(target: tvm.target.Target, bt, m, n: int, k: int, dtype: str, out_
     else:
         out = te.compute((bt, m, n), lambda b, i, j: c[b, i, j].astype(out_dtype), name="out")
         args = [a, w, out]
-    mod = tvm.IRModule({"main": te.create_prim_func(args, index_dtype_override="int64")})
+    return te.create_prim_func(args, index_dtype_override="int64")
+
+
+def gemm_cuda(target: tvm.target.Target, bt, m, n: int, k: int, dtype: str, out_dtype: str, *,
+              w_batched: bool = False, w_layout: str = "nk", has_bias: bool = False
+              ) -> Optional[tirx.PrimFunc]:
+    if dtype != "float16":
+        return None  # fp32 stays on the default (SIMT) schedule
+    mod = tvm.IRModule({"main": gemm_definition(bt, m, n, k, dtype, out_dtype, w_batched=w_batched,
+                                                w_layout=w_layout, has_bias=has_bias)})
     if gemm_schedule_kind(m, n, k) == FEW_ROWS:
-        return _schedule_few_rows(mod["main"], int(m), n, w_layout).with_attr(SCHEDULE_ATTR, FEW_ROWS)
+        return schedule_few_rows(mod["main"], int(m), n, w_layout).with_attr(SCHEDULE_ATTR, FEW_ROWS)
     with _digits_arch(target):
         mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(mod)
     func = mod["main"]
@@ -109,16 +116,18 @@ def gemm_schedule_kind(m, n: int, k: int) -> str:
     return MATMUL
 
 
-def _schedule_few_rows(func: tirx.PrimFunc, m: int, n: int, w_layout: str) -> tirx.PrimFunc:
-    """Block = (batch entry, up to FEW_ROWS_ROWS rows, up to 32 columns); threadIdx.z = the
-    row, (threadIdx.y, threadIdx.x) = FEW_ROWS_WARPS x 32 threads that split K (k = step *
+def schedule_few_rows(func: tirx.PrimFunc, m: int, n: int, w_layout: str, rows: int = FEW_ROWS_ROWS,
+                      warps: int = FEW_ROWS_WARPS) -> tirx.PrimFunc:
+    """``func`` (:func:`gemm_definition`) scheduled: block = (batch entry, up to ``rows``
+    rows, up to 32 columns); threadIdx.z = the row, (threadIdx.y, threadIdx.x) = ``warps`` x
+    32 threads that split K (k = step *
     threads + thread: consecutive threads read consecutive k, coalesced for a and for an nk
     weight; a kn weight row segment is read as 16-byte vectors). Each thread keeps partial
     sums of the block's columns in registers (rfactor); warp shuffles sum them per warp
     (TVM's cross-thread allreduce, no shared memory), then one shared-memory allreduce over
     the warps gives every output; the bias / cast epilogue reads them from shared memory.
-    fp32 accumulation throughout."""
-    rows, warps = min(FEW_ROWS_ROWS, m), FEW_ROWS_WARPS
+    fp32 accumulation throughout. ``rows`` and ``warps``: for benchmarks (``bench/few_rows_gemm.py``)."""
+    rows = min(rows, m)
     # a column tile of exactly 32 (threadIdx.x in the warp-sum stage) or all of N: either
     # way the stage's threads map onto whole columns of the tile, which keeps the epilogue's
     # region exact (the weight rows stay 16-byte aligned for N % 8 == 0)
