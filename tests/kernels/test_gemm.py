@@ -496,3 +496,144 @@ def test_cuda_rewrite_pads_odd_k_for_cutlass(monkeypatch):
     x, w = rng.standard_normal((5, 588)), rng.standard_normal((7, 588))
     np.testing.assert_allclose(np.pad(x, [(0, 0), (0, 4)]) @ np.pad(w, [(0, 0), (0, 4)]).T, x @ w.T,
                                rtol=1e-12, atol=1e-12)
+
+
+# ---- CUDA: TIR GEMMs with few output rows and a long K (the few-rows schedule) -------------
+
+# (bt, m, n, k, w_batched, w_layout): the interactive decoder's P x V (23 tokens against the
+# 72 x 72 image tokens, 8 heads of 16), the same with an nk weight and K % 128 != 0, shared
+# weights (one read as 16-byte vectors), one row, and row and column tiles that do not fill
+# the block
+FEW_ROWS_SHAPES = [(8, 23, 16, 5184, True, "kn"), (8, 23, 16, 5000, True, "nk"),
+                   (3, 7, 20, 4100, False, "kn"), (2, 5, 64, 1500, False, "kn"),
+                   (2, 1, 40, 2048, True, "kn"), (4, 9, 72, 2100, True, "nk"),
+                   (4, 9, 72, 2100, True, "kn")]
+
+
+def _thread_loops(func):
+    """``{thread tag: extent}`` and the serial loops' extents of a scheduled PrimFunc."""
+    tags, serial = {}, []
+
+    def visit(s):
+        if isinstance(s, tirx.For):
+            if s.kind == tirx.ForKind.THREAD_BINDING:
+                tags[s.thread_binding.thread_tag] = s.extent
+            elif s.kind == tirx.ForKind.SERIAL and isinstance(s.extent, tirx.IntImm):
+                serial.append(int(s.extent))
+        for field in ("body", "block", "then_case", "else_case", "init"):
+            child = getattr(s, field, None)
+            if isinstance(child, tirx.Stmt):
+                visit(child)
+        for child in getattr(s, "seq", None) or []:
+            visit(child)
+    visit(func.body)
+    return tags, serial
+
+
+def _cuda_gemm_provider():
+    from sam3_nn.kernels.cuda.gemm import cuda_providers
+
+    preset = _cuda_sm90_preset()
+    return preset.tvm_target(), cuda_providers(preset.tvm_target(), ("sm_80", "sm_90"))[0]
+
+
+def test_cuda_few_rows_gemm_schedule():
+    """The TIR GEMM of a few-row, long-K shape takes the few-rows schedule: blocks of 4 rows
+    x up to 32 columns per batch entry, 128 threads splitting K per row, so no serial loop
+    walks more than K / 512 steps (4 unrolled); big GEMMs keep dlight's Matmul. Code
+    generation for sm_90a succeeds (nvcc, no GPU); the kernel reduces with warp shuffles."""
+    from sam3_nn.kernels.cuda import gemm as kcuda
+    from sam3_nn.kernels.cuda import source as cuda_source
+
+    target, provider = _cuda_gemm_provider()
+    bt = tirx.Var("bt", "int64")
+    for b, m, n, k, batched, layout in FEW_ROWS_SHAPES + [(bt, 23, 16, 5184, True, "kn")]:
+        assert kcuda.gemm_schedule_kind(m, n, k) == kcuda.FEW_ROWS
+        for bias in (False, True):
+            f = provider(b, m, n, k, "float16", "float16", w_batched=batched, w_layout=layout,
+                         has_bias=bias)
+            assert f.attrs["tirx.is_scheduled"] and f.attrs[kcuda.SCHEDULE_ATTR] == kcuda.FEW_ROWS
+            tags, serial = _thread_loops(f)
+            rows, cols = min(4, m), min(n, 32)
+            blocks = b * (-(-m // rows) * -(-n // cols))
+            assert {t: int(e) if isinstance(e, tirx.IntImm) else str(e) for t, e in tags.items()} == {
+                "blockIdx.x": blocks if isinstance(b, int) else str(blocks),
+                "threadIdx.z": rows, "threadIdx.y": 4, "threadIdx.x": 32}, tags
+            assert max(serial) <= max(-(-k // (128 * 4)), cols), serial
+    f = provider(8, 23, 16, 5184, "float16", "float16", w_batched=True, w_layout="kn")
+    src = tvm.compile(f, target=target).mod.imports[0].inspect_source()
+    assert "__shfl_down_sync" in src and "__launch_bounds__(512)" in src
+    if cuda_source.nvcc_available():
+        from sam3_nn.compiler.export import nvcc_fatbin
+
+        assert len(nvcc_fatbin(src, ("sm_90a",), None)) > 0
+    # the old schedule: big outputs, short K, a symbolic M, fp32
+    for m, n, k in [(1296, 64, 1024), (23, 5184, 16), (64, 64, 1024), (23, 16, 1000)]:
+        assert kcuda.gemm_schedule_kind(m, n, k) == kcuda.MATMUL
+        f = provider(8, m, n, k, "float16", "float16", w_batched=True, w_layout="nk")
+        assert f.attrs[kcuda.SCHEDULE_ATTR] == kcuda.MATMUL
+    assert kcuda.gemm_schedule_kind(tirx.Var("m", "int64"), 16, 5184) == kcuda.MATMUL
+
+
+class _FewQueries(nn.Module):
+    """The interactive decoder's token-to-image attention, composed (``sdpa``)."""
+
+    def forward(self, q, k, v):
+        return sdpa(q, k, v)
+
+
+def test_cuda_rewrite_gives_p_v_the_few_rows_schedule():
+    """Through the GEMM rewrite (no CUTLASS: sm_80 + sm_90), a composed attention of 23
+    queries against 5184 keys: P x V ([23, 5184] x [5184, 16] per head) takes the
+    few-rows schedule, q k^T (K = 16) dlight's Matmul."""
+    from sam3_nn.kernels.cuda import gemm as kcuda
+
+    spec = {"forward": {"q": nn.spec.Tensor(["b", 8, 23, 16], "float16"),
+                        "k": nn.spec.Tensor(["b", 8, 5184, 16], "float16"),
+                        "v": nn.spec.Tensor(["b", 8, 5184, 16], "float16"), "$": MODE}}
+    mod, _ = _FewQueries().export_tvm(spec=spec)
+    preset = _cuda_sm90_preset()
+    out = tvm.transform.Sequential(routing_passes(preset.tvm_target(), cuda_arches=("sm_80", "sm_90")))(mod)
+    kinds = {gv.name_hint.rsplit("_", 1)[0]: f.attrs[kcuda.SCHEDULE_ATTR] for gv, f in out.functions.items()
+             if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("sam3_gemm")}
+    assert kinds == {"sam3_gemm_bkn_16x5184_float16": kcuda.FEW_ROWS,
+                     "sam3_gemm_bnk_5184x16_float16": kcuda.MATMUL}, kinds
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("shape", FEW_ROWS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_few_rows_gemm_matches_numpy_on_gpu(shape, has_bias):
+    """The few-rows schedule on the GPU against numpy (fp32 accumulation, fp16 output): every
+    output written (the output starts as NaN), within 2e-3 of the largest |output|
+    (fp16 rounding of the output: 4.9e-4)."""
+    from tests.cuda_lib import cuda_device
+
+    from sam3_nn.compiler.export import cuda_compile_callback
+    from sam3_nn.kernels.cuda import gemm as kcuda
+
+    dev = cuda_device()
+    if dev is None:
+        pytest.skip("no CUDA GPU here")
+    bt, m, n, k, batched, layout = shape
+    target, provider = _cuda_gemm_provider()
+    f = provider(tirx.Var("bt", "int64"), m, n, k, "float16", "float16", w_batched=batched,
+                 w_layout=layout, has_bias=has_bias)
+    assert f.attrs[kcuda.SCHEDULE_ATTR] == kcuda.FEW_ROWS
+    with cuda_compile_callback(("sm_90a",), None):  # nvcc, as the library build does
+        lib = tvm.compile(f, target=target)
+    rng = np.random.default_rng(m * n + k)
+    a = rng.standard_normal((bt, m, k)).astype("float16")
+    bw = bt if batched else 1
+    w = rng.standard_normal((bw, n, k) if layout == "nk" else (bw, k, n)).astype("float16")
+    bias = (4 * rng.standard_normal(n)).astype("float16")
+    out = tvm.runtime.tensor(np.full((bt, m, n), np.nan, "float16"), dev)
+    args = [a, w] + ([bias] if has_bias else [])
+    lib(*[tvm.runtime.tensor(x, dev) for x in args], out)
+    wf = w.astype("float32")
+    ref = a.astype("float32") @ (wf.transpose(0, 2, 1) if layout == "nk" else wf)
+    if has_bias:
+        ref = ref + bias.astype("float32")
+    got = out.numpy()
+    assert np.isfinite(got).all()  # every output written
+    assert _rel_err(got, ref) < 2e-3

@@ -12,7 +12,8 @@ keeps the TIR path below for every GEMM. ``KernelOptions.cutlass`` off turns the
 route off.
 
 Elsewhere: TVM's own tensor-core schedule (dlight ``MatmulTensorization``),
-applied to our GEMM definition.
+applied to our GEMM definition; GEMMs with few output rows and a long K (the few-query
+attention's P x V) get a schedule that splits K over threads instead (``gemm_schedule_kind``).
 
 Two things keep the default pipeline from using tensor cores, and both are handled
 here rather than in TVM: ``dlight.gpu.Matmul`` parses the arch as digits, so
@@ -29,7 +30,7 @@ import re
 from typing import Optional, Sequence, Tuple
 
 import tvm
-from tvm import te, tirx
+from tvm import s_tir, te, tirx
 from tvm.s_tir import dlight as dl
 
 from sam3_nn.compiler.options import KernelOptions, Toolchain
@@ -49,11 +50,9 @@ def _digits_arch(target: tvm.target.Target) -> tvm.target.Target:
                                                                    "thread_warp_size")})
 
 
-def gemm_cuda(target: tvm.target.Target, bt, m, n: int, k: int, dtype: str, out_dtype: str, *,
-              w_batched: bool = False, w_layout: str = "nk", has_bias: bool = False
-              ) -> Optional[tirx.PrimFunc]:
-    if dtype != "float16":
-        return None  # fp32 stays on the default (SIMT) schedule
+def gemm_definition(bt, m, n: int, k: int, dtype: str, out_dtype: str, *, w_batched: bool = False,
+                    w_layout: str = "nk", has_bias: bool = False) -> tirx.PrimFunc:
+    """The unscheduled GEMM: ``out[b] = a[b] @ op(w[b or 0]) (+ bias)``, fp32 accumulation."""
     acc = "float32"
     a = te.placeholder((bt, m, k), dtype, name="a")
     bw = bt if w_batched else 1
@@ -74,13 +73,117 @@ def gemm_cuda(target: tvm.target.Target, bt, m, n: int, k: int, dtype: str, out_
     else:
         out = te.compute((bt, m, n), lambda b, i, j: c[b, i, j].astype(out_dtype), name="out")
         args = [a, w, out]
-    mod = tvm.IRModule({"main": te.create_prim_func(args, index_dtype_override="int64")})
+    return te.create_prim_func(args, index_dtype_override="int64")
+
+
+def gemm_cuda(target: tvm.target.Target, bt, m, n: int, k: int, dtype: str, out_dtype: str, *,
+              w_batched: bool = False, w_layout: str = "nk", has_bias: bool = False
+              ) -> Optional[tirx.PrimFunc]:
+    if dtype != "float16":
+        return None  # fp32 stays on the default (SIMT) schedule
+    mod = tvm.IRModule({"main": gemm_definition(bt, m, n, k, dtype, out_dtype, w_batched=w_batched,
+                                                w_layout=w_layout, has_bias=has_bias)})
+    if gemm_schedule_kind(m, n, k) == FEW_ROWS:
+        return schedule_few_rows(mod["main"], int(m), n, w_layout).with_attr(SCHEDULE_ATTR, FEW_ROWS)
     with _digits_arch(target):
         mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(mod)
     func = mod["main"]
     if "tirx.is_scheduled" not in (func.attrs or {}):
         return None
-    return func
+    return func.with_attr(SCHEDULE_ATTR, MATMUL)
+
+
+# ---- few output rows, long K: the reduction split over threads --------------------------
+
+SCHEDULE_ATTR = "sam3.gemm_schedule"  # which schedule a TIR GEMM got (read by tests)
+MATMUL, FEW_ROWS = "matmul", "few_rows"
+# Rule: a static M with at most FEW_ROWS_MAX_OUTPUTS outputs (M x N) per batch entry and K of
+# at least FEW_ROWS_MIN_K (the composed attention's P x V: [23, 5184] x [5184, 16] per head).
+# dlight's Matmul tiles the outputs, so such a GEMM gets a handful of blocks per batch
+# entry that each walk all of K serially (0.21 ms per call on an H100 for 15 M MACs).
+FEW_ROWS_MAX_OUTPUTS = 1024
+FEW_ROWS_MIN_K = 1024
+FEW_ROWS_WARPS = 4  # warps splitting K per row: enough loads in flight per SM
+FEW_ROWS_ROWS = 4  # rows per block (threadIdx.z); they share the weight rows through L1
+FEW_ROWS_UNROLL = 4  # K steps unrolled per thread
+
+
+def gemm_schedule_kind(m, n: int, k: int) -> str:
+    """``FEW_ROWS`` or ``MATMUL``: the schedule :func:`gemm_cuda` gives this shape."""
+    sm = _static_int(m)
+    if sm is not None and sm * n <= FEW_ROWS_MAX_OUTPUTS and k >= FEW_ROWS_MIN_K:
+        return FEW_ROWS
+    return MATMUL
+
+
+def schedule_few_rows(func: tirx.PrimFunc, m: int, n: int, w_layout: str, rows: int = FEW_ROWS_ROWS,
+                      warps: int = FEW_ROWS_WARPS) -> tirx.PrimFunc:
+    """``func`` (:func:`gemm_definition`) scheduled: block = (batch entry, up to ``rows``
+    rows, up to 32 columns); threadIdx.z = the row, (threadIdx.y, threadIdx.x) = ``warps`` x
+    32 threads that split K (k = step *
+    threads + thread: consecutive threads read consecutive k, coalesced for a and for an nk
+    weight; a kn weight row segment is read as 16-byte vectors). Each thread keeps partial
+    sums of the block's columns in registers (rfactor); warp shuffles sum them per warp
+    (TVM's cross-thread allreduce, no shared memory), then one shared-memory allreduce over
+    the warps gives every output; the bias / cast epilogue reads them from shared memory.
+    fp32 accumulation throughout. ``rows`` and ``warps``: for benchmarks (``bench/few_rows_gemm.py``)."""
+    rows = min(rows, m)
+    # a column tile of exactly 32 (threadIdx.x in the warp-sum stage) or all of N: either
+    # way the stage's threads map onto whole columns of the tile, which keeps the epilogue's
+    # region exact (the weight rows stay 16-byte aligned for N % 8 == 0)
+    cols = n if n <= 32 else 32
+    sch = s_tir.Schedule(func)
+    c, out = sch.get_sblock("c"), sch.get_sblock("out")
+    b, i, j, r = sch.get_loops(c)
+    io, iz = sch.split(i, [None, rows])
+    jo, jc = sch.split(j, [None, cols])
+    ro, rt = sch.split(r, [None, warps * 32])
+    sch.reorder(b, io, jo, iz, rt, ro, jc)
+    rf = sch.rfactor(rt, factor_axis=0)  # per-thread partial sums c_rf[thread, b, i, j]
+    b, io, jo, iz, rt, jc = sch.get_loops(c)
+    sch.rfactor(sch.split(rt, [warps, 32])[0], factor_axis=0)  # per-warp sums
+    rf2 = sch.get_producers(c)[0]
+
+    b, io, jo, iz, rt, ro, jc = sch.get_loops(rf)
+    bx = sch.fuse(b, io, jo)
+    ry, rx = sch.split(rt, [warps, 32])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(iz, "threadIdx.z")
+    sch.bind(ry, "threadIdx.y")
+    sch.bind(rx, "threadIdx.x")
+    ro, ru = sch.split(ro, [None, FEW_ROWS_UNROLL])
+    sch.unroll(ru)  # independent loads in flight per thread
+    if w_layout == "kn" and cols % 8 == 0 and n % cols == 0:
+        wl = sch.cache_read(rf, 1, "local")
+        sch.compute_at(wl, ru, preserve_unit_loops=True)
+        sch.vectorize(sch.split(sch.get_loops(wl)[-1], [None, 8])[1])
+    sch.decompose_reduction(rf, ro)
+    sch.set_scope(rf, 0, "local")
+
+    # per-warp sums: lanes reduced by shuffles, rows and warps are independent groups
+    sch.reverse_compute_at(rf2, bx, preserve_unit_loops=True)
+    ry, rx, _, iz, jc = sch.get_loops(rf2)[1:]
+    sch.reorder(iz, ry, jc, rx)
+    sch.bind(iz, "threadIdx.z")
+    sch.bind(ry, "threadIdx.y")
+    sch.bind(rx, "threadIdx.x")
+    sch.set_scope(rf2, 0, "shared")
+
+    # the sum over the warps: one allreduce over threadIdx.y, a column per threadIdx.x
+    sch.reverse_compute_at(c, bx, preserve_unit_loops=True)
+    ry, ub, iz, jc = sch.get_loops(c)[1:]
+    sch.reorder(ub, iz, jc, ry)
+    sch.bind(iz, "threadIdx.z")
+    sch.bind(sch.split(jc, [None, 32])[1], "threadIdx.x")
+    sch.bind(ry, "threadIdx.y")
+    sch.set_scope(c, 0, "shared")
+
+    sch.reverse_compute_at(out, bx, preserve_unit_loops=True)
+    _, tz, ty, tx = sch.split(sch.fuse(*sch.get_loops(out)[1:]), [None, rows, warps, 32])
+    sch.bind(tz, "threadIdx.z")
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 # ---- CUTLASS (sm_90a) --------------------------------------------------------------------
