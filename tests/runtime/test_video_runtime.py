@@ -257,3 +257,17 @@ def test_session_bad_input_and_lifecycle(video_env):
     it.add_points(3, 1, [(20, 30)])
     with pytest.raises(InputError, match="cannot go back"):
         it.add_points(0, 1, [(20, 30)])
+
+
+def test_bfloat16_rounding_of_float16_memory_is_exact():
+    """The float16 shortcut of the memory's bfloat16 rounding equals the float32 way on every
+    one of the 65,536 float16 bit patterns (NaNs stay NaNs)."""
+    from sam3_nn.runtime.video import round_bfloat16, round_bfloat16_as
+
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    fast = round_bfloat16_as(every, "float16")
+    with np.errstate(over="ignore"):
+        slow = round_bfloat16(every.astype(np.float32)).astype(np.float16)
+    same = (fast.view(np.uint16) == slow.view(np.uint16)) | (np.isnan(fast) & np.isnan(slow))
+    assert same.all(), f"{int((~same).sum())} patterns differ"
+    assert (fast.view(np.uint16) != every.view(np.uint16)).sum() > 10000  # rounding did happen
