@@ -141,6 +141,14 @@ def to_device(array: np.ndarray, dev):
     return out
 
 
+def copy_from_numpy(tensor, array: np.ndarray) -> None:
+    """``array`` (same shape and dtype, C-contiguous) copied into ``tensor``."""
+    a = np.ascontiguousarray(array, dtype=str(tensor.dtype))
+    if tuple(a.shape) != tuple(int(d) for d in tensor.shape):
+        raise ValueError(f"copy of a {a.shape} array into a {tuple(tensor.shape)} tensor")
+    tvm_ffi.get_global_func("runtime.TVMTensorCopyFromBytes")(tensor, a.ctypes.data_as(ctypes.c_void_p), a.nbytes)
+
+
 def to_numpy(tensor) -> np.ndarray:
     """A tensor (any device) copied into a new numpy array."""
     if isinstance(tensor, np.ndarray):

@@ -130,6 +130,7 @@ class BatchLabeler:
         # where that time goes (bench/label.py prints it): host stages and the wait for the device
         self.stages: Dict[str, float] = {}
         self._kept: Dict[Tuple[int, str], object] = {}  # (slot, output) -> our device copy
+        self._pixels: Optional[Tuple[object, List]] = None  # the device input and its row views
 
     # -- any thread ----------------------------------------------------------
     def prepare(self, item: ImageItem):
@@ -213,8 +214,7 @@ class BatchLabeler:
             raise ValueError(f"infer takes 1 to {rows} images, got {n}")
         t0 = time.perf_counter()
         clock = _Clock(self.stages)
-        pixels = np.stack([p.pixels for p in batch] + [batch[-1].pixels] * (rows - n))
-        pixels = ffi.to_device(pixels, self.model.model.device)
+        pixels = self._upload([p.pixels for p in batch] + [batch[-1].pixels] * (rows - n))
         clock("upload")
         features = self.model.model.call_device("encode_image", pixels)
         clock("launch")
@@ -264,6 +264,18 @@ class BatchLabeler:
         self._collect(in_flight, per_image, n, clock)
         self.device_seconds += time.perf_counter() - t0
         return per_image
+
+    def _upload(self, images: Sequence[np.ndarray]):
+        """The batch's pixels copied row by row into one device tensor of ours (no host-side
+        stack of the batch first); the previous batch's work has been waited for."""
+        if self._pixels is None:
+            first = images[0]
+            t = ffi.empty((len(images),) + first.shape, str(first.dtype), self.model.model.device)
+            self._pixels = (t, [ffi.view(t, first.shape, i * first.nbytes) for i in range(len(images))])
+        t, rows = self._pixels
+        for view, image in zip(rows, images):
+            ffi.copy_from_numpy(view, image)
+        return t
 
     def _copy_aside(self, slot: int, out: Sequence) -> Dict[str, object]:
         """``detect``'s outputs that labelling reads, copied (device to device, queued) into
