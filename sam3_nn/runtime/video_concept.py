@@ -366,7 +366,12 @@ class ConceptSession:
             return feats, _detect_frame(self.model, self.tracker.detector_maps, self.prompts, size, self.cfg)
         for f in range(frame, frame + self.prefetch):  # the next frames go out to the detectors
             if f not in self._ahead and (self.num_frames is None or f < self.num_frames):
-                rgb = self.tracker.frame(f) if f != frame else self.tracker.frame(frame)
+                try:
+                    rgb = self.tracker.frame(f)
+                except InputError:
+                    if f == frame:
+                        raise
+                    break  # an iterator's end
                 det = self.detectors[f % len(self.detectors)]
                 self._ahead[f] = self._pool.submit(self._remote, det, rgb, size)
         self.tracker.frame(frame)

@@ -378,3 +378,54 @@ def test_planner_helpers_match_reference():
     assert (fill_holes(masks, 8) != masks).any()
     ref = mv.mask_iou(torch.from_numpy(masks > 0), torch.from_numpy(masks[:3] > 0)).numpy()
     np.testing.assert_allclose(mask_iou(masks > 0, masks[:3] > 0), ref, rtol=1e-6)
+
+
+def test_detectors_spread_over_models(concept_env):
+    """Detector frames dispatched round-robin to other models (here two more views of the same
+    library; on a machine with several GPUs, one per GPU), ahead of the tracker: the same
+    objects, masks and scores as one model doing everything."""
+    model, hf, video = concept_env
+    cfg = ConceptConfig(**PLANNER)
+    one = ConceptSession(model, video, config=cfg)
+    one.add_text(PROMPT)
+    want = list(one.propagate())
+    lib = model.model
+    many = ConceptSession(model, video, config=cfg,
+                          detectors=[Sam3(lib, tokenizer=model.tokenizer), Sam3(lib, tokenizer=model.tokenizer)])
+    many.add_text(PROMPT)
+    got = list(many.propagate())
+    many.close()
+    assert any(r.object_ids for r in want)
+    for g, w in zip(got, want):
+        assert g.object_ids == w.object_ids
+        assert g.masks.shape == w.masks.shape and (g.masks != w.masks).sum() <= 1e-3 * max(g.masks.size, 1)
+        np.testing.assert_array_equal(g.scores, w.scores)
+        for oid in w.low_res:
+            # not bit-equal: the detector calls run in threads beside the tracker's, and TVM's CPU
+            # thread pool then splits float32 sums differently (1e-4 seen)
+            np.testing.assert_allclose(g.low_res[oid], w.low_res[oid], rtol=0, atol=1e-3)
+
+
+def test_click_refines_a_found_object(concept_env):
+    """A click on a found object (its id) refines it on that frame; tracking goes on from the
+    refined mask. Unknown ids and bad prompts are refused with an InputError."""
+    from sam3_nn.errors import InputError
+
+    model, hf, video = concept_env
+    session = ConceptSession(model, video, config=ConceptConfig(**PLANNER))
+    session.add_text(PROMPT)
+    frames = list(session.propagate(max_frames=5))
+    oid = session.obj_ids[0]
+    res = session.add_points(5, oid, [(30, 40)], [1])
+    k = res.object_ids.index(oid)
+    assert 5 in session.tracker._objects[oid].points
+    assert np.abs(res.low_res_logits[k] - frames[5].low_res[oid]).max() > 0.1  # the click changed it
+    later = list(session.propagate(start=6, max_frames=2))
+    assert [r.frame_index for r in later] == [6, 7, 8] or [r.frame_index for r in later] == [6, 7]
+    with pytest.raises(InputError, match="no tracked object"):
+        session.add_points(5, 999, [(30, 40)], [1])
+    with pytest.raises(InputError):
+        session.add_text("")
+    with pytest.raises(InputError, match="no prompt"):
+        list(ConceptSession(model, video).propagate())
+    assert len(frames) == 6
