@@ -353,6 +353,26 @@ class ConceptSession:
     def add_box(self, frame_index: int, obj_id: int, box) -> FrameResult:
         return self.add_points(frame_index, obj_id, [], None, box=box)
 
+    def add_object_mask(self, frame_index: int, mask: np.ndarray, prompt_id: int = 0, score: float = 1.0) -> int:
+        """A new object from a mask (``HxW``, nonzero = object, any size) on ``frame_index``, as
+        if the detector had found it there with ``score`` for prompt ``prompt_id``; returns its
+        id. Propagate from the next frame."""
+        if not 0 <= prompt_id < len(self.prompts):
+            raise InputError(f"no prompt {prompt_id}: add a text or exemplar boxes first")
+        m = np.asarray(mask)
+        if m.ndim != 2 or m.size == 0:
+            raise InputError(f"an object mask must be one HxW array, got shape {m.shape}")
+        g4 = self.tracker.mask_size
+        low = resize_antialias((m != 0).astype(np.float32), (g4, g4)) >= 0.5
+        feats, _ = self._features(frame_index)
+        oid = self.max_obj_id + 1
+        self.max_obj_id = oid
+        self.obj_prompt[oid], self.obj_score[oid] = int(prompt_id), float(score)
+        self.first_frame[oid], self.keep_alive[oid] = frame_index, self.cfg.init_trk_keep_alive
+        self._add_objects(frame_index, feats, [oid], np.where(low, 10.0, -10.0)[None].astype(np.float32), False)
+        self.obj_ids.append(oid)
+        return oid
+
     def reset(self) -> None:
         """Forget every object (the prompts stay)."""
         self._reset_planner()
