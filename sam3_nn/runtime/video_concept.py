@@ -157,25 +157,42 @@ def nms_keep(probs: np.ndarray, masks: np.ndarray, prob_threshold: float, iou_th
     return keep
 
 
+def _ragged(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``first[i], first[i] + 1, ..., first[i] + counts[i] - 1`` for every ``i``, concatenated."""
+    total = int(counts.sum())
+    offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(first, counts) + offsets
+
+
 def component_areas(mask: np.ndarray) -> np.ndarray:
     """``[..., H, W]`` bool -> the area of each pixel's 8-connected component (0 off the mask).
-    Union-find over the neighbouring pixel pairs: each round hooks every pair's larger root
-    under the smaller one, then paths are halved until every pixel points at its root (a few
-    rounds for blob-like masks; numpy throughout)."""
+    Union-find over the masks' horizontal runs (a few per row for blob-like masks, so far fewer
+    elements than pixels): runs of neighbouring rows that touch (diagonally included) are
+    joined, each round hooking every pair's larger root under the smaller one, then halving
+    paths until every run points at its root; numpy throughout."""
     shape = mask.shape
-    m = np.ascontiguousarray(mask, bool).reshape(-1, shape[-2], shape[-1])
-    idx = np.arange(m.size, dtype=np.int64).reshape(m.shape)
-    src, dst = [], []
-    for a, b in (((slice(None), slice(None), slice(None, -1)), (slice(None), slice(None), slice(1, None))),
-                 ((slice(None), slice(None, -1), slice(None)), (slice(None), slice(1, None), slice(None))),
-                 ((slice(None), slice(None, -1), slice(None, -1)), (slice(None), slice(1, None), slice(1, None))),
-                 ((slice(None), slice(None, -1), slice(1, None)), (slice(None), slice(1, None), slice(None, -1)))):
-        both = m[a] & m[b]
-        src.append(idx[a][both])
-        dst.append(idx[b][both])
-    src, dst = np.concatenate(src), np.concatenate(dst)
-    parent = np.arange(m.size, dtype=np.int64)
-    while True:
+    h, w = shape[-2], shape[-1]
+    m = np.ascontiguousarray(mask, bool).reshape(-1, w)  # every row of every mask
+    padded = np.zeros((m.shape[0], w + 2), np.int8)
+    padded[:, 1:-1] = m
+    step = np.diff(padded, axis=1)
+    row, start = np.nonzero(step == 1)  # row-major: runs sorted by row, then column
+    _, stop = np.nonzero(step == -1)  # one past each run's last column
+    out = np.zeros(m.size, np.int32)
+    if len(row) == 0:
+        return out.reshape(shape)
+    end = stop - 1
+    span = w + 2
+    # the runs of the row above (same mask) that touch run b: end >= b.start - 1, start <= b.end + 1
+    has_above = (row % h) != 0
+    b = np.nonzero(has_above)[0]
+    above = (row[b] - 1) * span
+    lo = np.searchsorted(row * span + end, above + start[b] - 1, side="left")
+    hi = np.searchsorted(row * span + start, above + end[b] + 1, side="right")
+    counts = np.maximum(hi - lo, 0)
+    src, dst = _ragged(lo, counts), np.repeat(b, counts)
+    parent = np.arange(len(row), dtype=np.int64)
+    while len(src):
         ra, rb = parent[src], parent[dst]
         diff = ra != rb
         if not diff.any():
@@ -186,10 +203,9 @@ def component_areas(mask: np.ndarray) -> np.ndarray:
             if np.array_equal(grand, parent):
                 break
             parent = grand
-    flat = m.reshape(-1)
-    counts = np.bincount(parent[flat], minlength=m.size)
-    out = np.zeros(m.size, np.int32)
-    out[flat] = counts[parent[flat]]
+    length = end - start + 1
+    area = np.bincount(parent, weights=length, minlength=len(row)).astype(np.int64)[parent]
+    out[_ragged(row * w + start, length)] = np.repeat(area, length)
     return out.reshape(shape)
 
 
