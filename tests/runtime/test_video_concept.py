@@ -429,3 +429,21 @@ def test_click_refines_a_found_object(concept_env):
     with pytest.raises(InputError, match="no prompt"):
         list(ConceptSession(model, video).propagate())
     assert len(frames) == 6
+
+
+def test_exemplar_boxes(concept_env):
+    """Exemplar boxes as the detector's prompt (with the text ``visual``, as ``Sam3.detect``
+    reads box-only prompts) run through the same steps; more boxes than the library's slots
+    are refused."""
+    from sam3_nn.errors import InputError
+
+    model, hf, video = concept_env
+    session = ConceptSession(model, video, config=ConceptConfig(**PLANNER))
+    pid = session.add_boxes([[10, 20, 40, 50]], [1])
+    assert pid == 0
+    frames = list(session.propagate(max_frames=3))
+    assert [f.frame_index for f in frames] == [0, 1, 2, 3]
+    for f in frames:
+        assert f.masks.shape == (len(f.object_ids), video.shape[1], video.shape[2])
+    with pytest.raises(InputError, match="at most"):
+        session.add_boxes([[1, 2, 3, 4]] * (model.max_boxes + 1))
