@@ -110,7 +110,7 @@ class ConceptConfig:
     def load(cls, source) -> "ConceptConfig":
         """``None`` (the release's), a ``ConceptConfig``, a dict, a ``config.json`` or an HF
         snapshot folder holding one (a ``sam3_video`` config: its thresholds; another SAM 3
-        config: the release's)."""
+        config, or converted weights: the release's)."""
         if source is None:
             return cls()
         if isinstance(source, cls):
@@ -121,7 +121,9 @@ class ConceptConfig:
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
             if not os.path.isfile(path):
-                return cls()  # converted weights carry no config: the release's thresholds
+                return cls()
+        elif not path.endswith(".json"):
+            return cls()  # converted weights (.safetensors) carry no config: the release's thresholds
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
@@ -544,7 +546,8 @@ class ConceptSession:
             if oid in tr._objects:
                 tr.remove_object(oid)
         self.obj_ids = [o for o in prev_ids + new_ids if o not in newly_removed]
-        self.hotstart_removed.update(newly_removed)
+        if cfg.hotstart_delay > 0:  # the reference hides removed objects only with a hot start
+            self.hotstart_removed.update(newly_removed)
         tr._prune(frame)
         return {"frame": frame, "low_res": low_res, "scores": dict(self.obj_score),
                 "tracker_scores": tracker_scores, "suppressed": set(suppressed)}

@@ -447,3 +447,16 @@ def test_exemplar_boxes(concept_env):
         assert f.masks.shape == (len(f.object_ids), video.shape[1], video.shape[2])
     with pytest.raises(InputError, match="at most"):
         session.add_boxes([[1, 2, 3, 4]] * (model.max_boxes + 1))
+
+
+def test_concept_config_load(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "sam3_video", "new_det_thresh": 0.4}))
+    assert ConceptConfig.load(str(tmp_path)).new_det_thresh == 0.4
+    assert ConceptConfig.load(str(tmp_path / "config.json")).new_det_thresh == 0.4
+    (tmp_path / "w.safetensors").write_bytes(b"x")
+    assert ConceptConfig.load(str(tmp_path / "w.safetensors")) == ConceptConfig()  # converted: the release's
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(Exception, match="cannot be read"):
+        ConceptConfig.load(str(tmp_path / "bad.json"))
