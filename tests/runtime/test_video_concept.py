@@ -16,7 +16,8 @@ optional CUDA kernels package: a stand-in gives it the original's CPU NMS and an
 component count), objects removed by the hot start leave the tracker after the frame's outputs
 are built, and adding new objects leaves the existing objects' memories as planned.
 
-Per frame: the object ids and the detection scores (exact set, scores to 1e-5), every
+Cases: forward over the whole video, and backward from its end. Per frame: the object ids
+and the detection scores (exact set, scores to 1e-5), every
 object's low-resolution mask logits before post-processing (atol 2e-2: the tracker's per-frame
 float32 drift, tests/runtime/test_video_runtime.py, through memories re-encoded from
 low-resolution masks; thresholded decisions such as IoU matches are exact), and the
@@ -187,10 +188,10 @@ class Reference:
         self.session.prompt_attention_masks[pid] = torch.from_numpy(mask.astype(np.int64))
         self.post = _processor_postprocess()
 
-    def propagate(self):
+    def propagate(self, **kw):
         out = []
         with torch.no_grad():
-            for o in self.hf.propagate_in_video_iterator(self.session):
+            for o in self.hf.propagate_in_video_iterator(self.session, **kw):
                 out.append((o, self.post.postprocess_outputs(self.session, o)))
         return out
 
@@ -210,16 +211,9 @@ def configure(hf, planner):
     return ConceptConfig.from_hf(hf.config.to_dict())
 
 
-def test_concept_tracking_matches_reference(concept_env, monkeypatch):
-    model, hf, video = concept_env
-    cfg = configure(hf, PLANNER)
-    ids, mask = model.tokenize(PROMPT)
-    ref = Reference(hf, video, model.image_size, ids, mask, monkeypatch).propagate()
-    session = ConceptSession(model, video, config=cfg)
-    session.add_text(PROMPT)
-    ours = list(session.propagate())
-    assert [o.frame_index for o in ours] == [r.frame_idx for r, _ in ref] == list(range(T))
-
+def check_frames(ours, ref, video):
+    """Frame by frame: the objects, scores, raw low-resolution logits and post-processed masks
+    (module docstring); -> ({object: frames shown}, the largest logit difference)."""
     seen: dict = {}
     worst = 0.0
     for got, (raw, post) in zip(ours, ref):
@@ -248,6 +242,20 @@ def test_concept_tracking_matches_reference(concept_env, monkeypatch):
                 f"frame {f}, object {oid}: masks differ away from the threshold"
         for oid in want_ids:
             seen.setdefault(oid, []).append(f)
+    return seen, worst
+
+
+def test_concept_tracking_matches_reference(concept_env, monkeypatch):
+    model, hf, video = concept_env
+    cfg = configure(hf, PLANNER)
+    ids, mask = model.tokenize(PROMPT)
+    ref = Reference(hf, video, model.image_size, ids, mask, monkeypatch).propagate()
+    session = ConceptSession(model, video, config=cfg)
+    session.add_text(PROMPT)
+    ours = list(session.propagate())
+    assert [o.frame_index for o in ours] == [r.frame_idx for r, _ in ref] == list(range(T))
+
+    seen, worst = check_frames(ours, ref, video)
     # the scenario: objects start (also while another is tracked), persist, and end (one removed
     # by the hot start, one hidden once it stays unmatched)
     starts = {}
@@ -260,6 +268,22 @@ def test_concept_tracking_matches_reference(concept_env, monkeypatch):
         f"no object shown on 3 frames or more that ends before the last: {seen}"
     print(f"objects shown {seen}; started {starts}; removed by the hot start {sorted(session.hotstart_removed)}; "
           f"max mask logit difference {worst:.2e}")
+
+
+def test_concept_tracking_backward_matches_reference(concept_env, monkeypatch):
+    """The same, propagating backward from the end (the hot start and the occlusion order
+    reversed, as the reference reverses them)."""
+    model, hf, video = concept_env
+    cfg = configure(hf, PLANNER)
+    ids, mask = model.tokenize(PROMPT)
+    ref = Reference(hf, video, model.image_size, ids, mask, monkeypatch).propagate(start_frame_idx=T, reverse=True)
+    session = ConceptSession(model, video, config=cfg)
+    session.add_text(PROMPT)
+    ours = list(session.propagate(start=T, reverse=True))
+    assert [o.frame_index for o in ours] == [r.frame_idx for r, _ in ref] == list(range(T - 1, -1, -1))
+    seen, worst = check_frames(ours, ref, video)
+    assert any(len(frames) >= 3 for frames in seen.values()), f"objects shown: {seen}"
+    print(f"objects shown {seen}; max mask logit difference {worst:.2e}")
 
 
 # ---- the command line ----------------------------------------------------------------------
