@@ -39,7 +39,8 @@ frames round-robin over those models, a few frames ahead of the tracker (the off
 multi-GPU predictor's scheme); the tracker's maps come back through the host. With one model
 (the default) everything stays on its device.
 
-Bounded memory: the tracker's memory bank is bounded as in ``VideoSession``; the planner keeps
+Bounded memory: the tracker's memory bank (on the device) is bounded as in ``VideoSession``;
+reconditioned frames stay as conditioning frames (as in the reference); the planner keeps
 per object a few counters and the frames it went unmatched (at most the video's length, a few
 integers), and the per-frame scores of the current frame only.
 
@@ -316,6 +317,7 @@ class ConceptSession:
         self.prefetch = prefetch if prefetch is not None else max(len(self.detectors), 1)
         self._pool = ThreadPoolExecutor(len(self.detectors)) if self.detectors else None
         self._ahead: Dict[int, object] = {}
+        self._next: Optional[int] = None  # propagation's next frame (read ahead)
         self.prompts: List[_Prompt] = []
         self._reset_planner()
 
@@ -401,6 +403,8 @@ class ConceptSession:
         size = self.tracker.frame(frame).shape[:2]
         if not self.detectors:
             feats = self.tracker._frame_features(frame)
+            if self._next is not None:  # the next frame is decoded while the device runs this one
+                self.tracker._read_ahead(self._next)
             return feats, _detect_frame(self.model, self.tracker.detector_maps, self.prompts, size, self.cfg)
         for f in range(frame, frame + self.prefetch):  # the next frames go out to the detectors
             if f not in self._ahead and (self.num_frames is None or f < self.num_frames):
@@ -448,7 +452,10 @@ class ConceptSession:
                     if getattr(self.tracker.frames, "exhausted", False):
                         break
                     raise
+            nxt = f - 1 if reverse else f + 1
+            self._next = nxt if nxt in order else None
             raw = self.step(f, reverse)
+            self._next = None
             if self.cfg.hotstart_delay > 0:
                 held.append(raw)
                 if f == end:
@@ -674,12 +681,12 @@ class ConceptSession:
         dt = tr.dtype
         mem = self.model.model("encode_memory_low_res", feats[2], masks[:, None].astype(dt),
                                score[:, None].astype(dt), np.zeros(len(ids), np.int32))[0]
-        mem = round_bfloat16(mem.astype(np.float32))
+        memories = tr._bank.frame_memory(round_bfloat16(mem.astype(np.float32)))  # kept on the device
         for i, oid in enumerate(ids):
             obj = tr._objects[oid]
             for store in (obj.cond, obj.non_cond):
                 if frame in store:
-                    store[frame].memory = mem[i]
+                    store[frame].memory = memories[i]
 
     def _add_objects(self, frame, feats, new_ids, det_masks, reverse) -> None:
         """New objects from their detections' masks (``>= 0.5``), resized to the model input
