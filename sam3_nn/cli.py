@@ -420,7 +420,8 @@ def cmd_segment(args) -> int:
 # track
 # ----------------------------------------------------------------------------
 def cmd_track(args) -> int:
-    """``track``: objects given by clicks / boxes on some frames, followed through the video.
+    """``track``: objects given by clicks / boxes on some frames, followed through the video
+    (``--text``: every instance of a concept, ``track_concept``).
     Checked before the model is loaded: the prompts, the library (it must have
     ``track_step``), the device, the weights' metadata, the video (its frame count, the
     prompts' frames and coordinates inside them) and the output folder. Writes
@@ -436,6 +437,8 @@ def cmd_track(args) -> int:
     from sam3_nn.runtime.interactive import check_box, check_points, mask_box
     from sam3_nn.runtime.video import group_prompts, open_frames, parse_track_prompt
 
+    if args.text is not None:
+        return track_concept(args)
     prompts = []
     for kind, values in (("point", args.point or []), ("box", args.box or [])):
         for text in values:
@@ -539,6 +542,97 @@ def cmd_track(args) -> int:
     return 0
 
 
+def track_concept(args) -> int:
+    """``track --text``: every instance of the concept found and followed (``ConceptSession``);
+    the same checks (before the model is loaded) and outputs as the click tracker's, the
+    frames in order; an object's score is the detection score it started with."""
+    import numpy as np
+
+    from sam3_nn.runtime import rle
+    from sam3_nn.runtime.api import check_weights
+    from sam3_nn.runtime.engine import device_for, open_device
+    from sam3_nn.runtime.interactive import mask_box
+    from sam3_nn.runtime.video import open_frames
+
+    if not args.text.strip():
+        raise CliError("--text: the concept must be a non-empty text (e.g. --text person)")
+    if args.point or args.box:
+        raise CliError("--point / --box follow given objects; --text finds them: give one or the other "
+                       "(ConceptSession.add_points refines a found object)")
+    manifest = _library_with(args.library, (args.library, args.weights, args.video), "detect",
+                             ": tracking a concept needs a library compiled with --parts "
+                             "vision,text,detector,interactive,video")
+    missing = [f for f in ("encode_text", "track_step", "encode_memory_low_res") if f not in manifest["functions"]]
+    if missing:
+        raise CliError(f"library {args.library} has no {', '.join(missing)}: tracking a concept needs a library "
+                       "compiled with --parts vision,text,detector,interactive,video")
+    open_device(device_for(manifest, args.device))
+    check_weights(args.weights, manifest)
+    frames = open_frames(args.video)
+    n = frames.num_frames
+    first = frames.get(0)
+    size = (int(first.shape[0]), int(first.shape[1]))
+    check_output_folder(args.output, "--output")
+    jsonl = os.path.join(args.output, "masks.jsonl")
+    use_video = args.overlay == "video"
+    if use_video:
+        try:
+            import av  # noqa: F401  (the overlay video's writer)
+        except ImportError:
+            _warn("PyAV is not installed (pip install 'sam3_nn[video]'): the overlay is written as PNG "
+                  "frames")
+            use_video = False
+    video_out = os.path.join(args.output, "overlay.mp4")
+    png_dir = os.path.join(args.output, "overlay")
+    check_not_inputs([jsonl, video_out], [args.video, args.library, args.weights])
+
+    from sam3_nn.runtime.api import Sam3
+    from sam3_nn.runtime.overlay import draw_overlay
+    from sam3_nn.runtime.video import VideoWriter
+    from sam3_nn.runtime.video_concept import ConceptConfig, ConceptSession
+
+    config = ConceptConfig.load(args.weights)  # an HF Sam3Video snapshot's thresholds, else the release's
+    t0 = time.perf_counter()
+    _log(f"[load] library {args.library} + weights {args.weights}")
+    model = Sam3.load(args.library, args.weights, device=args.device)
+    _log(f"[load] done in {time.perf_counter() - t0:.2f} s ({n} frames of {size[1]}x{size[0]})")
+    session = ConceptSession(model, frames, config=config)
+    session.add_text(args.text)
+
+    def write_all(jsonl_tmp: str, video_tmp: Optional[str]) -> None:
+        writer = VideoWriter(video_tmp, size, args.fps) if video_tmp else None
+        done, t_start = 0, time.perf_counter()
+        with open(jsonl_tmp, "w", encoding="utf-8") as out:
+            for res in session.propagate():
+                objects = [{"id": oid, "score": round(float(res.scores[k]), 4),
+                            "box": mask_box(res.masks[k]), "mask": rle.encode(res.masks[k])}
+                           for k, oid in enumerate(res.object_ids)]
+                out.write(json.dumps({"frame": res.frame_index, "objects": objects}) + "\n")
+                if args.overlay != "none":
+                    boxes = np.asarray([mask_box(m) for m in res.masks], np.float32).reshape(-1, 4)
+                    img = draw_overlay(session.tracker.frame(res.frame_index), boxes, res.scores, res.masks,
+                                       args.text)
+                    if writer is not None:
+                        writer.write(np.asarray(img))
+                    else:
+                        path = os.path.join(png_dir, f"{res.frame_index:06d}.png")
+                        atomic_write(path, lambda f: img.save(f, format="PNG"))
+                done += 1
+                if done % args.log_every == 0 or done == n:
+                    _log(f"[track] {done}/{n} frames, {done / (time.perf_counter() - t_start):.1f} frames/s")
+        if writer is not None:
+            writer.close()
+
+    if use_video:
+        atomic_write_path(jsonl, lambda tmp: atomic_write_path(video_out, lambda vtmp: write_all(tmp, vtmp)))
+    else:
+        atomic_write_path(jsonl, lambda tmp: write_all(tmp, None))
+    session.close()
+    wrote = f" and {video_out}" if use_video else (f" and {png_dir}{os.sep}" if args.overlay != "none" else "")
+    _log(f"[track] wrote {jsonl}{wrote}")
+    return 0
+
+
 def add_track_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--library", required=True, help="compiled library with the video part (.so/.dylib)")
     t.add_argument("--weights", required=True,
@@ -550,6 +644,9 @@ def add_track_arguments(t: argparse.ArgumentParser) -> None:
                         "background)")
     t.add_argument("--box", action="append", default=None, metavar="ID:x0,y0,x1,y1@FRAME",
                    help="object ID's box in frame FRAME (one per object and frame)")
+    t.add_argument("--text", default=None, metavar="CONCEPT",
+                   help="find and follow every instance of this concept (e.g. person) instead of given "
+                        "objects (needs a library with parts vision,text,detector,interactive,video)")
     t.add_argument("--output", required=True, help="folder for masks.jsonl and the overlay")
     t.add_argument("--overlay", choices=["video", "png", "none"], default="video",
                    help="overlay.mp4 (PNG frames in overlay/ without PyAV), PNG frames, or none")
@@ -827,7 +924,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask pixels whose probability is above this (0..1, default 0.5; interactive: "
                         "on the logits' sigmoid)")
     s.set_defaults(func=cmd_segment)
-    t = sub.add_parser("track", help="follow objects given by clicks / boxes through a video")
+    t = sub.add_parser("track", help="follow objects given by clicks / boxes, or every instance of a "
+                                     "concept (--text), through a video")
     add_track_arguments(t)
     t.set_defaults(func=cmd_track)
     lb = sub.add_parser("label", help="label a dataset: COCO / YOLO-seg files, resumable, on one "

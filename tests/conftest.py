@@ -47,26 +47,12 @@ def tiny_interactive(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_video(tmp_path_factory):
-    """One tiny llvm library with the video tracker (``vision`` + ``interactive`` + ``video``,
-    8 point slots, float32) and a ``Sam3TrackerVideoModel`` with every parameter perturbed, its
-    weights bound through the HF ``Sam3TrackerVideoModel`` layout. Shared by the model,
-    runtime and CLI tests of the video part (one compile)."""
-    from transformers import Sam3TrackerVideoModel
+    """One tiny llvm library with every part (``vision``, ``text``, ``detector``,
+    ``interactive``, ``video``; 8 point slots, float32) and a ``Sam3VideoModel`` with every
+    parameter perturbed (``video_hf``), its weights bound through the HF ``Sam3VideoModel``
+    layout; ``hf``: the ``Sam3TrackerVideoModel`` holding its tracker's weights (the trunk, the
+    tracker neck, the tracker). Shared by the model, runtime and CLI tests of the video tracker
+    and of the concept tracker (one compile; tests/refs.py ``build_tiny_video``)."""
+    from tests.refs import build_tiny_video
 
-    from sam3_nn.compiler.build import build
-    from sam3_nn.compiler.options import BuildOptions
-    from sam3_nn.config import Sam3Config
-    from sam3_nn.runtime.engine import CompiledModel
-    from sam3_nn.weights import load_params
-    from tests.refs import (expected_params, randomize_, save_hf_snapshot, state_dict_source,
-                            tiny_video_hf_config)
-
-    hf = randomize_(Sam3TrackerVideoModel(tiny_video_hf_config()).eval(), seed=7)
-    folder = save_hf_snapshot(hf, str(tmp_path_factory.mktemp("hf_sam3_tracker_video")))
-    cfg = Sam3Config.from_pretrained(folder)
-    art = build(cfg, BuildOptions(target="llvm", dtype="float32", parts=("vision", "interactive", "video"),
-                                  max_points=8), str(tmp_path_factory.mktemp("video_lib")))
-    lib = CompiledModel(art["library"])
-    params, _ = load_params(cfg, state_dict_source(hf.state_dict()), expected_params(lib), lib.manifest["parts"])
-    lib.bind(params)
-    return {"hf": hf, "lib": lib, "cfg": cfg, "snapshot": folder, "library": art["library"]}
+    return build_tiny_video(str(tmp_path_factory.mktemp("video")))

@@ -232,3 +232,74 @@ def tiny_video_hf_config(**overrides):
     d["vision_config"] = vision
     d.update(overrides)
     return Sam3TrackerVideoConfig(**d)
+
+
+def tiny_sam3_video_hf_config(**overrides):
+    """``transformers``' ``Sam3VideoConfig`` at the tiny size: ``TINY_HF``'s detector with the
+    video tracker's 128-wide neck (the detector 128 wide too: it reads the same FPN width) and
+    ``tiny_video_hf_config``'s tracker. ``overrides``: the planner's thresholds."""
+    from transformers import Sam3VideoConfig
+
+    d = json.loads(json.dumps(TINY_HF))
+    g = 168 // 14
+    d["vision_config"]["fpn_hidden_size"] = 128
+    d["vision_config"]["backbone_feature_sizes"] = [[4 * g, 4 * g], [2 * g, 2 * g], [g, g]]
+    d["vision_config"]["backbone_config"]["global_attn_indexes"] = [2]
+    for k in ("geometry_encoder_config", "detr_encoder_config", "detr_decoder_config", "mask_decoder_config"):
+        d[k]["hidden_size"] = 128
+    return Sam3VideoConfig(detector_config=d, tracker_config=tiny_video_hf_config().to_dict(),
+                           low_res_mask_size=4 * g, **overrides)
+
+
+def tracker_video_from(video_model):
+    """A ``Sam3TrackerVideoModel`` with ``video_model``'s (a ``Sam3VideoModel``) weights: the
+    detector's ViT trunk, the tracker neck and the tracker, as ``Sam3VideoModel`` runs them."""
+    from transformers import Sam3TrackerVideoModel
+
+    tracker = Sam3TrackerVideoModel(tiny_video_hf_config()).eval()
+    src = video_model.state_dict()
+    state = {}
+    for k in tracker.state_dict():
+        if k.startswith("vision_encoder.backbone."):
+            state[k] = src["detector_model." + k]
+        elif k.startswith("vision_encoder.neck."):
+            state[k] = src["tracker_neck." + k[len("vision_encoder.neck."):]]
+        else:
+            state[k] = src["tracker_model." + k]
+    tracker.load_state_dict(state, strict=True)
+    return tracker
+
+
+OBJECT_SCORE_SHIFT = 2.0
+
+
+def build_tiny_video(folder: str, seed: int = 7) -> Dict:
+    """A tiny ``Sam3VideoModel`` with every parameter perturbed (its HF snapshot, with a tiny
+    word-level tokenizer, under ``folder/hf``) and one llvm float32 library with every part
+    (``folder/lib``: vision, text, detector, interactive, video; 8 point slots), its weights
+    bound through the HF ``Sam3VideoModel`` layout. ``hf``: the ``Sam3TrackerVideoModel``
+    with the same weights (the tracker tests' reference), ``video_hf``: the whole model."""
+    from transformers import Sam3VideoModel
+
+    from sam3_nn.weights import load_params
+    from tests.runtime.test_runtime import write_tokenizer
+
+    torch.manual_seed(seed)  # the buffers drawn at construction (the prompt encoders' Fourier features)
+    video_hf = randomize_(Sam3VideoModel(tiny_sam3_video_hf_config()).eval(), seed=seed)
+    with torch.no_grad():  # objects mostly present (score logit > 0): tracked masks are not all empty
+        video_hf.tracker_model.mask_decoder.pred_obj_score_head.proj_out.bias.add_(OBJECT_SCORE_SHIFT)
+    snapshot = save_hf_snapshot(video_hf, os.path.join(folder, "hf"))
+    tokenizer = write_tokenizer(snapshot)
+    cfg = Sam3Config.from_pretrained(snapshot)
+    library = os.path.join(folder, "lib", "sam3-llvm.so")
+    if not os.path.isfile(library):  # a folder reused across runs keeps its library
+        art = build(cfg, BuildOptions(target="llvm", dtype="float32", parts=("vision", "text", "detector",
+                                                                          "interactive", "video"),
+                                      max_points=8), os.path.join(folder, "lib"))
+        library = art["library"]
+    lib = CompiledModel(library)
+    params, _ = load_params(cfg, state_dict_source(video_hf.state_dict()), expected_params(lib),
+                            lib.manifest["parts"])
+    lib.bind(params)
+    return {"hf": tracker_video_from(video_hf), "video_hf": video_hf, "lib": lib, "cfg": cfg,
+            "snapshot": snapshot, "library": library, "tokenizer": tokenizer}

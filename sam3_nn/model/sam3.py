@@ -27,7 +27,8 @@ exported functions follow that:
 * with the ``video`` part (follow objects through a video: the SAM 2 task,
   ``model.video_tracker``), ``track_step`` (one frame for all its objects: memory attention,
   prompt encoder, mask decoder, object pointer), ``encode_memory`` (a frame's memory for all
-  its objects) and ``mask_prompt`` (a mask prompt to the decoder's mask input). Objects are the
+  its objects), ``encode_memory_low_res`` (the same from low-resolution mask logits, as the
+  concept tracker encodes its masks) and ``mask_prompt`` (a mask prompt to the decoder's mask input). Objects are the
   batch (any number); memory frames and pointers come in static slots with masks (the
   config's ``memory_slots`` / ``pointer_slots``), so one library serves a whole session.
 * ``release_outputs(token[1]) -> token``: does nothing; every library has it. TVM's
@@ -66,7 +67,7 @@ FUNCTIONS = {
     "text": ("encode_text",),
     "detector": ("detect",),
     "interactive": ("predict_masks",),
-    "video": ("track_step", "encode_memory", "mask_prompt"),
+    "video": ("track_step", "encode_memory", "encode_memory_low_res", "mask_prompt"),
 }
 TRACKER_LEVELS = 3  # the tracker neck's levels (its 0.5x level is dropped, scalp=1)
 
@@ -188,6 +189,14 @@ class Sam3Model(nn.Module):
         return self.tracker_model.encode_memory(tracker_embeddings_2, high_res_masks, object_score_logits,
                                                 binarize)
 
+    def encode_memory_low_res(self, tracker_embeddings_2: Tensor, low_res_masks: Tensor,
+                              object_score_logits: Tensor, binarize: Tensor) -> Tensor:
+        """``encode_memory`` from low-resolution mask logits ``[N, 1, 4g, 4g]``: the concept tracker
+        (``Sam3VideoModel._tracker_update_memories``) encodes those, resized once to the memory
+        encoder's input, not through the ``S x S`` masks."""
+        return self.tracker_model.encode_memory(tracker_embeddings_2, low_res_masks, object_score_logits,
+                                                binarize)
+
     def mask_prompt(self, masks: Tensor) -> Tensor:
         """A 0/1 mask prompt ``[N, 1, S, S]`` -> ``track_step``'s ``mask_input`` ``[N, 1, 4g, 4g]``."""
         return self.tracker_model.mask_prompt(masks)
@@ -295,6 +304,13 @@ class Sam3Model(nn.Module):
                 "binarize": nn.spec.Tensor([n], "int32"),
                 "$": mode,
             }
+            spec["encode_memory_low_res"] = {
+                "tracker_embeddings_2": maps["tracker_embeddings_2"],
+                "low_res_masks": nn.spec.Tensor([n, 1, 4 * s2, 4 * s2], dtype),
+                "object_score_logits": nn.spec.Tensor([n, 1], dtype),
+                "binarize": nn.spec.Tensor([n], "int32"),
+                "$": mode,
+            }
             spec["mask_prompt"] = {"masks": nn.spec.Tensor([n, 1, image, image], dtype), "$": mode}
         if "detector" in self.parts:
             c = self.cfg.detr_encoder.hidden_size
@@ -323,6 +339,7 @@ class Sam3Model(nn.Module):
             "track_step": ["low_res_masks", "high_res_masks", "iou_scores", "object_score_logits",
                            "object_pointer"],
             "encode_memory": ["memory_features"],
+            "encode_memory_low_res": ["memory_features"],
             "mask_prompt": ["mask_input"],
             "image_position_encoding": [f"fpn_position_encoding.{i}" for i in range(n)],
             "encode_text": ["text_features", "text_mask"],

@@ -352,6 +352,7 @@ class VideoSession:
         self._objects: "OrderedDict[int, _Object]" = OrderedDict()
         self._new_inputs: List[int] = []
         self._features: Optional[Tuple[int, List]] = None
+        self.detector_maps: List = []
         self._rgb: Optional[Tuple[int, np.ndarray]] = None
         self._pixel_dtype = model._input_dtype("encode_image", "pixel_values")
         # the next frame is decoded and pre-processed in a thread while the device runs this one
@@ -428,6 +429,8 @@ class VideoSession:
         tracker = [o for n, o in zip(names, out) if n.startswith("tracker_embeddings.")]
         self._features = None  # the previous frame's maps are released before the new ones are kept
         self._features = (index, tracker)
+        # the detector's maps of the same trunk pass (libraries with the detector: the concept tracker)
+        self.detector_maps = [o for n, o in zip(names, out) if not n.startswith("tracker_embeddings.")]
         return tracker
 
     # -- prompts ---------------------------------------------------------------------------
@@ -622,7 +625,9 @@ class VideoSession:
         masks = self._video_masks(low, size) if ids else np.zeros((0,) + size, bool)
         return FrameResult(frame, ids, masks, scores, low)
 
-    def _compute(self, frame: int, feats: List, batch, results) -> None:
+    def _compute(self, frame: int, feats: List, batch, results, encode: bool = True) -> None:
+        """``track_step`` for ``batch``, then (``encode``) ``encode_memory``; without ``encode``
+        the outputs are kept without memory (the concept tracker encodes it after planning)."""
         n = len(batch)
         m, p = self.memory_slots, self.pointer_slots
         memory = [[] for _ in range(n)]
@@ -688,6 +693,12 @@ class VideoSession:
                 score[i] = MASK_OUT_SCALE * float((prompts[i, 0] > 0).any()) + MASK_OUT_BIAS
             if len(raw):
                 high = high.astype(dt)
+            if not encode:
+                for i, (oid, is_init, _, _, _) in enumerate(batch):
+                    o = _Output(None, pointer[i].copy(), float(score[i]), low[i].copy() if is_init else None)
+                    (self._objects[oid].cond if is_init else self._objects[oid].non_cond)[frame] = o
+                    results[oid] = (low[i], float(score[i]))
+                return
             from_prompt = any(b[2] is not None or b[3] is not None for b in batch)
             binarize = np.full((n,), int(from_prompt), np.int32)
             mem = engine.call_device("encode_memory", feats[2], high, score[:, None].astype(dt), binarize)[0]
