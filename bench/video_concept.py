@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Dict, List
 
@@ -106,15 +105,6 @@ def video_config(args):
     g4 = tracker.prompt_encoder_config.image_size // tracker.prompt_encoder_config.patch_size * 4
     hf = Sam3VideoConfig(detector_config=det, tracker_config=tracker.to_dict(), low_res_mask_size=g4, **PLANNER)
     return Sam3Config.from_hf(hf.to_dict()), hf
-
-
-def build_library(args, cfg, out_dir: str, log) -> str:
-    from sam3_nn.compiler.build import build
-    from sam3_nn.compiler.options import BuildOptions
-
-    dtype = "float16" if args.target.startswith("cuda") else "float32"
-    options = BuildOptions(target=args.target, dtype=dtype, parts=PARTS, max_points=8, batch=0)
-    return build(cfg, options, out_dir, log=lambda s: log("  " + s))["library"]
 
 
 def object_masks(n: int) -> List[np.ndarray]:
@@ -209,21 +199,12 @@ def run(args) -> Dict:
     from transformers import Sam3VideoModel
 
     from sam3_nn.runtime.api import Sam3
-    from sam3_nn.runtime.engine import CompiledModel
 
     torch.set_num_threads(args.threads)
     cfg, hf_cfg = video_config(args)
     torch.manual_seed(args.seed)
     hf = Sam3VideoModel(hf_cfg).eval()
-    library = args.library
-    if library is None:
-        if args.device == "cuda":
-            raise SystemExit("--device cuda needs a prebuilt --library (compile here with --build)")
-        tmp = tempfile.mkdtemp(prefix="bench_concept_")
-        print(f"compiling the llvm library into {tmp} ...")
-        library = build_library(args, cfg, tmp, print)
-    lib = CompiledModel(library, args.device)
-    lib.bind(common.our_params(cfg, hf.state_dict(), lib.manifest))
+    lib = video_tracker.load_library(args, cfg, hf, PARTS)
     sam3 = Sam3(lib)
     ids, mask = common.text_inputs(cfg, 1, args.seed)
     ids = ids.astype(sam3._input_dtype("encode_text", "input_ids"))
@@ -255,18 +236,7 @@ def run(args) -> Dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.build:
-        cfg, _ = video_config(args)
-        path = build_library(args, cfg, args.build, print)
-        print(f"built {path}")
-        return 0
-    results = run(args)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    return 0
+    return video_tracker.main(argv, sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -117,13 +117,29 @@ def video_config(args):
     return Sam3Config.from_hf(out.to_dict()), out
 
 
-def build_library(args, cfg, out_dir: str, log) -> str:
+def build_library(args, cfg, out_dir: str, log, parts=PARTS) -> str:
     from sam3_nn.compiler.build import build
     from sam3_nn.compiler.options import BuildOptions
 
     dtype = "float16" if args.target.startswith("cuda") else "float32"
-    options = BuildOptions(target=args.target, dtype=dtype, parts=PARTS, max_points=8, batch=0)
+    options = BuildOptions(target=args.target, dtype=dtype, parts=parts, max_points=8, batch=0)
     return build(cfg, options, out_dir, log=lambda s: log("  " + s))["library"]
+
+
+def load_library(args, cfg, hf, parts=PARTS):
+    """``args.library`` (on the CPU, compiled first when not given) with ``hf``'s weights bound."""
+    from sam3_nn.runtime.engine import CompiledModel
+
+    library = args.library
+    if library is None:
+        if args.device == "cuda":
+            raise SystemExit("--device cuda needs a prebuilt --library (compile here with --build)")
+        tmp = tempfile.mkdtemp(prefix="bench_video_")
+        print(f"compiling the llvm library into {tmp} ...")
+        library = build_library(args, cfg, tmp, print, parts)
+    lib = CompiledModel(library, args.device)
+    lib.bind(common.our_params(cfg, hf.state_dict(), lib.manifest))
+    return lib
 
 
 def synthetic_video(frames: int, seed: int) -> List[np.ndarray]:
@@ -253,22 +269,13 @@ def run(args) -> Dict:
     import torch
 
     from sam3_nn.runtime.api import Sam3
-    from sam3_nn.runtime.engine import CompiledModel
     from transformers import Sam3TrackerVideoModel
 
     torch.set_num_threads(args.threads)
     cfg, hf_cfg = video_config(args)
     torch.manual_seed(args.seed)
     hf = Sam3TrackerVideoModel(hf_cfg).eval()
-    library = args.library
-    if library is None:
-        if args.device == "cuda":
-            raise SystemExit("--device cuda needs a prebuilt --library (compile here with --build)")
-        tmp = tempfile.mkdtemp(prefix="bench_video_")
-        print(f"compiling the llvm library into {tmp} ...")
-        library = build_library(args, cfg, tmp, print)
-    lib = CompiledModel(library, args.device)
-    lib.bind(common.our_params(cfg, hf.state_dict(), lib.manifest))
+    lib = load_library(args, cfg, hf)
     sam3 = Sam3(lib)
     frames = synthetic_video(args.warmup + args.frames + 2, args.seed)
     results = {"device": args.device, "config": args.config, "layers": args.layers, "frames": args.frames,
@@ -299,14 +306,17 @@ def run(args) -> Dict:
     return results
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, bench=None) -> int:
+    """``--build`` or the run of ``bench`` (a module with ``parse_args``, ``video_config``,
+    ``PARTS`` and ``run``; default this one), results written to ``--out``."""
+    bench = bench or sys.modules[__name__]
+    args = bench.parse_args(argv)
     if args.build:
-        cfg, _ = video_config(args)
-        path = build_library(args, cfg, args.build, print)
+        cfg, _ = bench.video_config(args)
+        path = build_library(args, cfg, args.build, print, bench.PARTS)
         print(f"built {path}")
         return 0
-    results = run(args)
+    results = bench.run(args)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
