@@ -419,6 +419,73 @@ def cmd_segment(args) -> int:
 # ----------------------------------------------------------------------------
 # track
 # ----------------------------------------------------------------------------
+class _TrackOutput:
+    """``track``'s outputs, checked before the model is loaded: ``DIR/masks.jsonl`` (a line per
+    frame: the objects' ids, scores, boxes, COCO RLE masks) and the overlay, ``DIR/overlay.mp4``
+    through PyAV (PNG frames in ``DIR/overlay/`` with ``--overlay png`` or without PyAV); the
+    JSON lines and the video appear whole or not at all."""
+
+    def __init__(self, args):
+        check_output_folder(args.output, "--output")
+        self.jsonl = os.path.join(args.output, "masks.jsonl")
+        self.use_video = args.overlay == "video"
+        if self.use_video:
+            try:
+                import av  # noqa: F401  (the overlay video's writer)
+            except ImportError:
+                _warn("PyAV is not installed (pip install 'sam3_nn[video]'): the overlay is written as PNG "
+                      "frames")
+                self.use_video = False
+        self.video_out = os.path.join(args.output, "overlay.mp4")
+        self.png_dir = os.path.join(args.output, "overlay")
+        check_not_inputs([self.jsonl, self.video_out], [args.video, args.library, args.weights])
+
+    def write(self, args, size, n: int, results, frame_rgb, label: str, only_present: bool) -> None:
+        """``results``: ``(frame_index, object_ids, scores, masks)`` per frame, consumed while
+        writing; ``frame_rgb(index)`` the frame under the overlay; ``only_present``: objects
+        with an empty mask left out of the overlay."""
+        import numpy as np
+
+        from sam3_nn.runtime import rle
+        from sam3_nn.runtime.interactive import mask_box
+        from sam3_nn.runtime.overlay import draw_overlay
+        from sam3_nn.runtime.video import VideoWriter
+
+        def write_all(jsonl_tmp: str, video_tmp: Optional[str]) -> None:
+            writer = VideoWriter(video_tmp, size, args.fps) if video_tmp else None
+            done, t_start = 0, time.perf_counter()
+            with open(jsonl_tmp, "w", encoding="utf-8") as out:
+                for index, ids, scores, masks in results:
+                    objects = [{"id": oid, "score": round(float(scores[k]), 4),
+                                "box": mask_box(masks[k]), "mask": rle.encode(masks[k])}
+                               for k, oid in enumerate(ids)]
+                    out.write(json.dumps({"frame": index, "objects": objects}) + "\n")
+                    if args.overlay != "none":
+                        shown = [k for k in range(len(ids)) if masks[k].any() or not only_present]
+                        boxes = np.asarray([mask_box(masks[k]) for k in shown], np.float32).reshape(-1, 4)
+                        img = draw_overlay(frame_rgb(index), boxes, np.asarray(scores)[shown],
+                                           np.asarray(masks)[shown], label)
+                        if writer is not None:
+                            writer.write(np.asarray(img))
+                        else:
+                            path = os.path.join(self.png_dir, f"{index:06d}.png")
+                            atomic_write(path, lambda f: img.save(f, format="PNG"))
+                    done += 1
+                    if done % args.log_every == 0 or done == n:
+                        _log(f"[track] {done}/{n} frames, {done / (time.perf_counter() - t_start):.1f} frames/s")
+            if writer is not None:
+                writer.close()
+
+        if self.use_video:
+            atomic_write_path(self.jsonl, lambda tmp: atomic_write_path(self.video_out,
+                                                                        lambda vtmp: write_all(tmp, vtmp)))
+        else:
+            atomic_write_path(self.jsonl, lambda tmp: write_all(tmp, None))
+        wrote = (f" and {self.video_out}" if self.use_video
+                 else (f" and {self.png_dir}{os.sep}" if args.overlay != "none" else ""))
+        _log(f"[track] wrote {self.jsonl}{wrote}")
+
+
 def cmd_track(args) -> int:
     """``track``: objects given by clicks / boxes on some frames, followed through the video
     (``--text``: every instance of a concept, ``track_concept``).
@@ -428,13 +495,10 @@ def cmd_track(args) -> int:
     ``DIR/masks.jsonl`` (a line per frame: the objects' ids, scores, boxes, COCO RLE masks;
     the frames from the first prompted one to the end, then back to frame 0) and the overlay,
     ``DIR/overlay.mp4`` through PyAV (PNG frames in ``DIR/overlay/`` with ``--overlay png`` or
-    without PyAV); the JSON lines and the video appear whole or not at all."""
-    import numpy as np
-
-    from sam3_nn.runtime import rle
+    without PyAV); the JSON lines and the video appear whole or not at all (``_TrackOutput``)."""
     from sam3_nn.runtime.api import check_weights
     from sam3_nn.runtime.engine import device_for, open_device
-    from sam3_nn.runtime.interactive import check_box, check_points, mask_box
+    from sam3_nn.runtime.interactive import check_box, check_points
     from sam3_nn.runtime.video import group_prompts, open_frames, parse_track_prompt
 
     if args.text is not None:
@@ -471,23 +535,10 @@ def cmd_track(args) -> int:
                 check_box(g["box"], size)
         except InputError as e:
             raise CliError(f"object {obj} on frame {frame} ({size[1]}x{size[0]}): {e}") from None
-    check_output_folder(args.output, "--output")
-    jsonl = os.path.join(args.output, "masks.jsonl")
-    use_video = args.overlay == "video"
-    if use_video:
-        try:
-            import av  # noqa: F401  (the overlay video's writer)
-        except ImportError:
-            _warn("PyAV is not installed (pip install 'sam3_nn[video]'): the overlay is written as PNG "
-                  "frames")
-            use_video = False
-    video_out = os.path.join(args.output, "overlay.mp4")
-    png_dir = os.path.join(args.output, "overlay")
-    check_not_inputs([jsonl, video_out], [args.video, args.library, args.weights])
+    out = _TrackOutput(args)
 
     from sam3_nn.runtime.api import Sam3
-    from sam3_nn.runtime.overlay import draw_overlay
-    from sam3_nn.runtime.video import VideoSession, VideoWriter
+    from sam3_nn.runtime.video import VideoSession
 
     t0 = time.perf_counter()
     _log(f"[load] library {args.library} + weights {args.weights}")
@@ -496,49 +547,20 @@ def cmd_track(args) -> int:
     session = VideoSession(model, frames)
     start = min(frame for frame, _ in groups)
 
-    def write_all(jsonl_tmp: str, video_tmp: Optional[str]) -> None:
-        writer = VideoWriter(video_tmp, size, args.fps) if video_tmp else None
-        done, t_start = 0, time.perf_counter()
-        with open(jsonl_tmp, "w", encoding="utf-8") as out:
-            def emit(res) -> None:
-                nonlocal done
-                objects = [{"id": oid, "score": round(float(res.object_scores[k]), 4),
-                            "box": mask_box(res.masks[k]), "mask": rle.encode(res.masks[k])}
-                           for k, oid in enumerate(res.object_ids)]
-                out.write(json.dumps({"frame": res.frame_index, "objects": objects}) + "\n")
-                if args.overlay != "none":
-                    present = [k for k in range(len(res.object_ids)) if res.masks[k].any()]
-                    boxes = np.asarray([mask_box(res.masks[k]) for k in present], np.float32).reshape(-1, 4)
-                    img = draw_overlay(session.frame(res.frame_index), boxes, res.object_scores[present],
-                                       res.masks[present], "object")
-                    if writer is not None:
-                        writer.write(np.asarray(img))
-                    else:
-                        path = os.path.join(png_dir, f"{res.frame_index:06d}.png")
-                        atomic_write(path, lambda f: img.save(f, format="PNG"))
-                done += 1
-                if done % args.log_every == 0 or done == n:
-                    _log(f"[track] {done}/{n} frames, {done / (time.perf_counter() - t_start):.1f} frames/s")
+    def results():
+        # the prompts first (each gives its frame's masks), then propagation forward from the
+        # first prompted frame and backward from it to frame 0
+        for (frame, obj), g in groups.items():
+            session.add_points(frame, obj, g["points"], g["labels"] or None, box=g["box"])
+        runs = [session.propagate(start=start)]
+        if start > 0:
+            runs.append(session.propagate(start=start - 1, reverse=True))
+        for run in runs:
+            for res in run:
+                yield res.frame_index, res.object_ids, res.object_scores, res.masks
 
-            # the prompts first (each gives its frame's masks), then propagation forward from
-            # the first prompted frame and backward from it to frame 0
-            for (frame, obj), g in groups.items():
-                session.add_points(frame, obj, g["points"], g["labels"] or None, box=g["box"])
-            for res in session.propagate(start=start):
-                emit(res)
-            if start > 0:
-                for res in session.propagate(start=start - 1, reverse=True):
-                    emit(res)
-        if writer is not None:
-            writer.close()
-
-    if use_video:
-        atomic_write_path(jsonl, lambda tmp: atomic_write_path(video_out, lambda vtmp: write_all(tmp, vtmp)))
-    else:
-        atomic_write_path(jsonl, lambda tmp: write_all(tmp, None))
+    out.write(args, size, n, results(), session.frame, "object", only_present=True)
     session.close()
-    wrote = f" and {video_out}" if use_video else (f" and {png_dir}{os.sep}" if args.overlay != "none" else "")
-    _log(f"[track] wrote {jsonl}{wrote}")
     return 0
 
 
@@ -546,12 +568,8 @@ def track_concept(args) -> int:
     """``track --text``: every instance of the concept found and followed (``ConceptSession``);
     the same checks (before the model is loaded) and outputs as the click tracker's, the
     frames in order; an object's score is the detection score it started with."""
-    import numpy as np
-
-    from sam3_nn.runtime import rle
     from sam3_nn.runtime.api import check_weights
     from sam3_nn.runtime.engine import device_for, open_device
-    from sam3_nn.runtime.interactive import mask_box
     from sam3_nn.runtime.video import open_frames
 
     if not args.text.strip():
@@ -572,23 +590,9 @@ def track_concept(args) -> int:
     n = frames.num_frames
     first = frames.get(0)
     size = (int(first.shape[0]), int(first.shape[1]))
-    check_output_folder(args.output, "--output")
-    jsonl = os.path.join(args.output, "masks.jsonl")
-    use_video = args.overlay == "video"
-    if use_video:
-        try:
-            import av  # noqa: F401  (the overlay video's writer)
-        except ImportError:
-            _warn("PyAV is not installed (pip install 'sam3_nn[video]'): the overlay is written as PNG "
-                  "frames")
-            use_video = False
-    video_out = os.path.join(args.output, "overlay.mp4")
-    png_dir = os.path.join(args.output, "overlay")
-    check_not_inputs([jsonl, video_out], [args.video, args.library, args.weights])
+    out = _TrackOutput(args)
 
     from sam3_nn.runtime.api import Sam3
-    from sam3_nn.runtime.overlay import draw_overlay
-    from sam3_nn.runtime.video import VideoWriter
     from sam3_nn.runtime.video_concept import ConceptConfig, ConceptSession
 
     config = ConceptConfig.load(args.weights)  # an HF Sam3Video snapshot's thresholds, else the release's
@@ -599,37 +603,9 @@ def track_concept(args) -> int:
     session = ConceptSession(model, frames, config=config)
     session.add_text(args.text)
 
-    def write_all(jsonl_tmp: str, video_tmp: Optional[str]) -> None:
-        writer = VideoWriter(video_tmp, size, args.fps) if video_tmp else None
-        done, t_start = 0, time.perf_counter()
-        with open(jsonl_tmp, "w", encoding="utf-8") as out:
-            for res in session.propagate():
-                objects = [{"id": oid, "score": round(float(res.scores[k]), 4),
-                            "box": mask_box(res.masks[k]), "mask": rle.encode(res.masks[k])}
-                           for k, oid in enumerate(res.object_ids)]
-                out.write(json.dumps({"frame": res.frame_index, "objects": objects}) + "\n")
-                if args.overlay != "none":
-                    boxes = np.asarray([mask_box(m) for m in res.masks], np.float32).reshape(-1, 4)
-                    img = draw_overlay(session.tracker.frame(res.frame_index), boxes, res.scores, res.masks,
-                                       args.text)
-                    if writer is not None:
-                        writer.write(np.asarray(img))
-                    else:
-                        path = os.path.join(png_dir, f"{res.frame_index:06d}.png")
-                        atomic_write(path, lambda f: img.save(f, format="PNG"))
-                done += 1
-                if done % args.log_every == 0 or done == n:
-                    _log(f"[track] {done}/{n} frames, {done / (time.perf_counter() - t_start):.1f} frames/s")
-        if writer is not None:
-            writer.close()
-
-    if use_video:
-        atomic_write_path(jsonl, lambda tmp: atomic_write_path(video_out, lambda vtmp: write_all(tmp, vtmp)))
-    else:
-        atomic_write_path(jsonl, lambda tmp: write_all(tmp, None))
+    results = ((res.frame_index, res.object_ids, res.scores, res.masks) for res in session.propagate())
+    out.write(args, size, n, results, session.tracker.frame, args.text, only_present=False)
     session.close()
-    wrote = f" and {video_out}" if use_video else (f" and {png_dir}{os.sep}" if args.overlay != "none" else "")
-    _log(f"[track] wrote {jsonl}{wrote}")
     return 0
 
 
