@@ -50,6 +50,7 @@ class DeviceError(UserError):
 DEVICE_KINDS = {"cpu": "cpu", "llvm": "cpu", "cuda": "cuda", "metal": "metal", "rocm": "rocm",
                 "opencl": "opencl", "vulkan": "vulkan", "webgpu": "webgpu"}
 _DEVICE_ATTR_EXIST = 0  # TVM's DeviceAttrKind::kExist
+_CUDA, _CUDA_HOST = 2, 3  # DLPack device types kDLCUDA, kDLCUDAHost
 _loaded: Dict[str, ctypes.CDLL] = {}
 
 
@@ -170,27 +171,47 @@ def rows_to_numpy(tensor, lead: int, rows) -> np.ndarray:
     row_bytes = out[0].nbytes if len(rows) else 0
     view = tvm_ffi.get_global_func("runtime.TVMTensorCreateView")
     copy = tvm_ffi.get_global_func("runtime.TVMTensorCopyToBytes")
+    for start, end, first in row_runs(rows) if row_bytes else ():
+        part = view(tensor, shape(end - start, *inner), tvm_ffi.dtype(str(tensor.dtype)), first * row_bytes)
+        copy(part, out[start:end].ctypes.data_as(ctypes.c_void_p), (end - start) * row_bytes)
+    return out
+
+
+def row_runs(rows):
+    """``rows`` (indices) as runs of consecutive ones: ``(start, end, first row)`` with
+    ``rows[start:end] == range(first, first + end - start)``, one copy each."""
     rows = [int(r) for r in rows]
-    start = 0
-    while start < len(rows) and row_bytes:  # one copy per run of consecutive rows
+    out, start = [], 0
+    while start < len(rows):
         end = start + 1
         while end < len(rows) and rows[end] == rows[end - 1] + 1:
             end += 1
-        part = view(tensor, shape(end - start, *inner), tvm_ffi.dtype(str(tensor.dtype)), rows[start] * row_bytes)
-        copy(part, out[start:end].ctypes.data_as(ctypes.c_void_p), (end - start) * row_bytes)
+        out.append((start, end, rows[start]))
         start = end
     return out
 
 
-def view(tensor, dims, byte_offset: int):
-    """A tensor of shape ``dims`` (``tensor``'s dtype) over ``tensor``'s memory from
-    ``byte_offset``; it keeps ``tensor`` alive."""
+def host_buffer(nbytes: int, dev):
+    """``(tensor, numpy uint8 view)`` of ``nbytes`` of host memory that ``dev`` copies into and
+    out of without the host waiting: page-locked (``cuda_host``) for CUDA, whose copies to
+    pageable memory block until all queued work is done; plain CPU memory elsewhere."""
+    host = tvm_ffi.device(_CUDA_HOST, 0) if dev.dlpack_device_type() == _CUDA else tvm_ffi.device("cpu", 0)
+    t = empty((max(int(nbytes), 1),), "uint8", host)
+    arr = np.ctypeslib.as_array((ctypes.c_uint8 * max(int(nbytes), 1)).from_address(t.data_ptr()))
+    return t, arr
+
+
+def view(tensor, dims, byte_offset: int, dtype=None):
+    """A tensor of shape ``dims`` (``dtype``, default ``tensor``'s) over ``tensor``'s memory
+    from ``byte_offset``; it keeps ``tensor`` alive."""
     return tvm_ffi.get_global_func("runtime.TVMTensorCreateView")(
-        tensor, shape(*dims), tvm_ffi.dtype(str(tensor.dtype)), int(byte_offset))
+        tensor, shape(*dims), tvm_ffi.dtype(str(dtype or tensor.dtype)), int(byte_offset))
 
 
 def copy(src, dst) -> None:
-    """``src`` into ``dst`` (same shape and dtype; device to device is queued on the device)."""
+    """``src`` into ``dst`` (same shape and dtype). Queued on the device, the host not waiting,
+    between device tensors and between a device tensor and ``host_buffer`` memory; a copy to
+    or from pageable host memory waits for the device."""
     tvm_ffi.get_global_func("runtime.TVMTensorCopyFromTo")(src, dst)
 
 

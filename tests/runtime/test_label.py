@@ -303,13 +303,13 @@ KILLER = textwrap.dedent('''
     import os, signal, sys
     from sam3_nn.runtime.label import infer
     calls = [0]
-    real = infer.BatchLabeler.infer
-    def infer_then_die(self, batch):
+    real = infer.BatchLabeler._encode
+    def encode_then_die(self, batch):
         calls[0] += 1
         if calls[0] == int(os.environ["KILL_AT"]):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a real crash
         return real(self, batch)
-    infer.BatchLabeler.infer = infer_then_die
+    infer.BatchLabeler._encode = encode_then_die
     from sam3_nn.cli import main
     sys.exit(main(sys.argv[1:]))
 ''')
@@ -327,7 +327,7 @@ def yolo_files(job) -> dict:
 
 
 def test_killed_run_resumes_to_the_same_output(art, images, labelled, tmp_path):
-    """SIGKILL in the 6th library call (batch 1, shards of 2), then the same command again:
+    """SIGKILL in the 6th batch's library calls (batch 1, shards of 2), then the same command again:
     the restart skips what the first run finished, and the files equal the uninterrupted run's."""
     out = tmp_path / "job"
     script = tmp_path / "killer.py"

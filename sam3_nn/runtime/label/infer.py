@@ -3,11 +3,14 @@
 ``BatchLabeler`` splits the work so that a job can overlap it:
 
 * ``prepare`` (any thread): decode, resize and normalise one image, check its exemplar boxes;
-* ``infer`` (the one thread that calls the library): ``encode_image`` on N images at a time
+* ``stream`` (the one thread that calls the library): ``encode_image`` on N images at a time
   (a batch-N library's N; the last batch padded with copies of its last image, whose outputs
   are dropped), then one ``detect`` per concept on the whole batch, of whose outputs only the
   queries above the concept's score threshold are kept (only their mask rows leave the
-  device); each concept's text is encoded once per job;
+  device); each concept's text is encoded once per job. Nothing waits for the device but the
+  reading of outputs a few detects old: pixels go up and outputs come down through host
+  buffers the device copies without the host waiting, and flags the device raises after them
+  say when they have landed (a synchronous copy would wait for all the work queued since);
 * ``finish`` (any thread): the masks of the queries ``infer`` kept, resized and thresholded
   (``masks``: ``Sam3.predict``'s results, fewer passes), NMS and the per-image cap, COCO RLE.
 
@@ -18,9 +21,10 @@ RLE}]}``, or ``{"key", "file", "status": "error", "error": message}``.
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -28,7 +32,7 @@ from sam3_nn.runtime import ffi, rle
 from sam3_nn.runtime.api import Sam3, _input_role
 from sam3_nn.runtime.engine import LibraryError
 from sam3_nn.runtime.label.options import Exemplars, ImageItem, LabelError, LabelOptions
-from sam3_nn.runtime.label.masks import Candidates, finish, select as select_queries
+from sam3_nn.runtime.label.masks import Candidates, finish, kept_queries
 from sam3_nn.runtime.preprocess import (InputError, boxes_to_model, check_boxes, load_image, normalize,
                                         resize_uint8)
 
@@ -91,11 +95,57 @@ class _Clock:
         self.last = now
 
 
-# Outputs of detect that labelling reads, and how many concepts' outputs are copied aside on
-# the device before one wait for all of them (bounds the copies' memory: a batch-4 detect's
-# mask logits are 133 MB).
+# Outputs of detect that labelling reads; the small ones cross to the host whole, of
+# ``pred_masks`` only the kept queries' rows.
 KEPT_OUTPUTS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits")
-CONCEPTS_IN_FLIGHT = 8
+SMALL_OUTPUTS = ("pred_logits", "pred_boxes", "presence_logits")
+# A unit is one detect (a batch and a concept; the batch's encode_image goes with its first
+# one). Its scores are read ROWS_LAG units after it was queued and its kept mask rows
+# DONE_LAG units after: the host waits only for work older than what the device runs.
+ROWS_LAG, DONE_LAG = 2, 3
+
+
+@dataclass
+class _Unit:
+    """One queued detect: where its outputs land, and the images' candidates once read."""
+
+    seq: int
+    concept: str
+    entry: list  # the batch's [prepared, good, per_image, units left]
+    aside: Dict[str, object]  # output name -> our device copy
+    small: Dict[str, np.ndarray]  # SMALL_OUTPUTS in host buffers (filled when flag "scores" is up)
+    rows: List[Tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    state: str = "queued"  # -> "rows" (its kept rows requested) -> read
+
+
+class _HostRing:
+    """Per ring slot: host buffers the device copies outputs into without the host waiting,
+    and flags the device sets after them (a queued copy of a device 1 into a host word): a
+    flag up means every copy queued before it is done. On the CPU all copies are done at once."""
+
+    def __init__(self, dev, slots: int):
+        self.dev, self.slots = dev, slots
+        self._flags_t, raw = ffi.host_buffer(slots * 2 * 4, dev)
+        self.flags = raw.view(np.int32).reshape(slots, 2)
+        self._one = ffi.to_device(np.ones(1, np.int32), dev)
+        self._flag_views = [[ffi.view(self._flags_t, (1,), (k * 2 + j) * 4, "int32") for j in range(2)]
+                            for k in range(slots)]
+        self._buffers: Dict[Tuple, Tuple[object, np.ndarray]] = {}
+
+    def buffer(self, key, nbytes: int) -> Tuple[object, np.ndarray]:
+        """A host buffer of at least ``nbytes`` for ``key`` (grown, never shrunk)."""
+        have = self._buffers.get(key)
+        if have is None or have[1].nbytes < nbytes:
+            have = self._buffers[key] = ffi.host_buffer(max(nbytes, 2 * have[1].nbytes if have else 0), self.dev)
+        return have
+
+    def signal(self, slot: int, which: int) -> None:
+        self.flags[slot, which] = 0
+        ffi.copy(self._one, self._flag_views[slot][which])
+
+    def wait(self, slot: int, which: int) -> None:
+        while self.flags[slot, which] != 1:
+            time.sleep(5e-5)
 
 
 class BatchLabeler:
@@ -129,8 +179,10 @@ class BatchLabeler:
         self.device_seconds = 0.0  # time inside the library calls (encode_image + detect)
         # where that time goes (bench/label.py prints it): host stages and the wait for the device
         self.stages: Dict[str, float] = {}
-        self._kept: Dict[Tuple[int, str], object] = {}  # (slot, output) -> our device copy
-        self._pixels: Optional[Tuple[object, List]] = None  # the device input and its row views
+        self._kept: Dict[Tuple[int, str], object] = {}  # (ring slot, output) -> our device copy
+        self._pixels = None  # the device input
+        self._ring: Optional[_HostRing] = None
+        self._seq = 0  # units queued so far
 
     # -- any thread ----------------------------------------------------------
     def prepare(self, item: ImageItem):
@@ -207,79 +259,179 @@ class BatchLabeler:
         return self._positions
 
     def infer(self, batch: Sequence[Prepared]) -> List[Dict[str, Candidates]]:
-        """Up to ``self.batch`` images -> per image ``{concept: Candidates}`` (the queries above
-        the concept's score threshold: only their masks are kept from the batch's outputs)."""
-        n, rows = len(batch), self.batch
-        if not 0 < n <= rows:
-            raise ValueError(f"infer takes 1 to {rows} images, got {n}")
+        """Up to ``self.batch`` images -> per image ``{concept: Candidates}`` (``stream`` of one
+        batch, waited for)."""
+        if not 0 < len(batch) <= self.batch:
+            raise ValueError(f"infer takes 1 to {self.batch} images, got {len(batch)}")
+        for _, per_image in self.stream([list(batch)]):
+            return per_image
+        return []
+
+    def stream(self, batches: Iterable[Sequence]) -> Iterator[Tuple[Sequence, List[Dict[str, Candidates]]]]:
+        """``(batch, per image {concept: Candidates})`` for each batch (up to ``self.batch``
+        items: ``Prepared``, or error records, which are passed through), in order. The queries
+        above a concept's score threshold are kept: only their mask rows leave the device.
+
+        Every detect is queued behind the previous one; a unit's outputs are read ``ROWS_LAG``
+        and ``DONE_LAG`` units later, so the device runs newer work while the host reads them
+        and a batch's results come out a few detects after its work was queued."""
+        if self._ring is None:
+            self._ring = _HostRing(self.model.model.device, DONE_LAG + 1)
+        ffi.sync(self.model.model.device)  # a stream left early may have left copies queued
+        entries: collections.deque = collections.deque()
+        units: collections.deque = collections.deque()
+        for items in batches:
+            good = [p for p in items if isinstance(p, Prepared)]
+            if len(good) > self.batch:
+                raise ValueError(f"a batch holds 1 to {self.batch} images, got {len(good)}")
+            entry = [items, good, [{} for _ in good], len(self.options.concepts) if good else 0]
+            entries.append(entry)
+            t0 = time.perf_counter()
+            if good:
+                features = self._encode(good)
+                for concept in self.options.concepts:
+                    units.append(self._launch(entry, concept, features))
+                    self._advance(units, final=False)
+                features = None
+            self.device_seconds += time.perf_counter() - t0
+            while entries and entries[0][3] == 0:
+                done = entries.popleft()
+                yield done[0], done[2]
         t0 = time.perf_counter()
+        self._advance(units, final=True)
+        self.device_seconds += time.perf_counter() - t0
+        while entries:
+            done = entries.popleft()
+            yield done[0], done[2]
+
+    def _encode(self, good: Sequence[Prepared]) -> List:
+        rows = self.batch
         clock = _Clock(self.stages)
-        pixels = self._upload([p.pixels for p in batch] + [batch[-1].pixels] * (rows - n))
+        pixels = self._upload([p.pixels for p in good] + [good[-1].pixels] * (rows - len(good)))
         clock("upload")
         features = self.model.model.call_device("encode_image", pixels)
         clock("launch")
-        per_image: List[Dict[str, Candidates]] = [{} for _ in range(n)]
-        # every concept's detect is queued behind the previous one with no wait between them:
-        # its outputs are copied aside on the device, read after the last (or every
-        # CONCEPTS_IN_FLIGHT-th) one; the device never idles while the host selects queries
-        in_flight: List[Tuple[str, Dict[str, object]]] = []
-        for concept in self.options.concepts:
-            text_features, text_mask = self.text(concept)
+        return features
+
+    def _launch(self, entry: list, concept: str, features: List) -> _Unit:
+        """Queue ``concept``'s detect on the batch, its outputs copied aside and the small ones
+        on to the host, then the unit's "scores" flag."""
+        clock = _Clock(self.stages)
+        good, rows = entry[1], self.batch
+        seq = self._seq
+        self._seq += 1
+        slot = seq % self._ring.slots
+        text_features, text_mask = self.text(concept)
+        prompted = [(i, p.prompts[concept]) for i, p in enumerate(good) if concept in p.prompts]
+        empty = None if prompted else self.no_boxes()
+        if prompted:
             boxes = np.zeros((rows, self.box_slots, 4), np.float32)
             labels = np.zeros((rows, self.box_slots), np.int64)
             box_mask = np.zeros((rows, self.box_slots), np.int64)
-            prompted = [(i, p.prompts[concept]) for i, p in enumerate(batch) if concept in p.prompts]
             for i, (b, lab) in prompted:
                 boxes[i, :len(b)], labels[i, :len(b)], box_mask[i, :len(b)] = b, lab, 1
-            empty = None if prompted else self.no_boxes()
-            clock("prompts")
-            args = []
-            for inp, (role, level) in self._detect_inputs:
-                if role == "feature":
-                    args.append(features[level])
-                elif role == "position":
-                    args.append(self.positions()[level])
-                elif role == "text":
-                    args.append(text_features)
-                elif role == "text_mask":
-                    args.append(text_mask)
-                elif empty is not None:
-                    args.append(empty[role])
-                elif role == "boxes":
-                    args.append(boxes.astype(inp["dtype"]))
-                elif role == "box_mask":
-                    args.append(box_mask.astype(inp["dtype"]))
-                else:
-                    args.append(labels.astype(inp["dtype"]))
-            engine = self.model.model
-            with engine.lock:  # the outputs are copied aside before any later call can reuse their memory
-                out = engine.call_device("detect", *args)
-                if len(out) != len(self._detect_outputs):
-                    raise LibraryError(f"detect returned {len(out)} outputs, manifest names "
-                                       f"{len(self._detect_outputs)}")
-                in_flight.append((concept, self._copy_aside(len(in_flight), out)))
-            clock("launch")
-            if len(in_flight) == CONCEPTS_IN_FLIGHT:
-                self._collect(in_flight, per_image, n, clock)
-        self._collect(in_flight, per_image, n, clock)
-        self.device_seconds += time.perf_counter() - t0
-        return per_image
+        clock("prompts")
+        args = []
+        for inp, (role, level) in self._detect_inputs:
+            if role == "feature":
+                args.append(features[level])
+            elif role == "position":
+                args.append(self.positions()[level])
+            elif role == "text":
+                args.append(text_features)
+            elif role == "text_mask":
+                args.append(text_mask)
+            elif empty is not None:
+                args.append(empty[role])
+            elif role == "boxes":
+                args.append(boxes.astype(inp["dtype"]))
+            elif role == "box_mask":
+                args.append(box_mask.astype(inp["dtype"]))
+            else:
+                args.append(labels.astype(inp["dtype"]))
+        engine = self.model.model
+        with engine.lock:  # the outputs are copied aside before any later call can reuse their memory
+            out = engine.call_device("detect", *args)
+            if len(out) != len(self._detect_outputs):
+                raise LibraryError(f"detect returned {len(out)} outputs, manifest names "
+                                   f"{len(self._detect_outputs)}")
+            aside = self._copy_aside(slot, out)
+        small = {}
+        for name, t in aside.items():
+            if name in SMALL_OUTPUTS:
+                shape, dtype = tuple(int(d) for d in t.shape), np.dtype(str(t.dtype))
+                buf, host = self._ring.buffer((slot, name), int(np.prod(shape)) * dtype.itemsize)
+                ffi.copy(t, ffi.view(buf, shape, 0, dtype))
+                small[name] = host[:int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+        self._ring.signal(slot, 0)
+        clock("launch")
+        return _Unit(seq, concept, entry, aside, small)
+
+    def _advance(self, units: collections.deque, final: bool) -> None:
+        """Request the kept rows of units ``ROWS_LAG`` old, read the units ``DONE_LAG`` old (all
+        of them when ``final``)."""
+        for k, u in enumerate(units):
+            if u.state == "queued" and (final or len(units) - k > ROWS_LAG):
+                self._request_rows(u)
+        while units and (final or len(units) > DONE_LAG):
+            self._receive(units.popleft())
+
+    def _request_rows(self, u: _Unit) -> None:
+        """Wait for ``u``'s scores; queue the copies of its kept queries' mask rows, then its
+        "rows" flag."""
+        clock = _Clock(self.stages)
+        slot = u.seq % self._ring.slots
+        self._ring.wait(slot, 0)
+        clock("device wait")
+        masks = u.aside["pred_masks"]
+        queries, inner = int(masks.shape[1]), tuple(int(d) for d in masks.shape[2:])
+        dtype = np.dtype(str(masks.dtype))
+        row_bytes = int(np.prod(inner)) * dtype.itemsize
+        picks = [kept_queries(u.small, i, self.options.threshold(u.concept)) for i in range(len(u.entry[1]))]
+        total = sum(len(keep) for _, keep in picks)
+        buf, host = self._ring.buffer((slot, "rows"), total * row_bytes)
+        at = 0
+        for i, (scores, keep) in enumerate(picks):
+            for start, end, first in ffi.row_runs(i * queries + keep):
+                src = ffi.view(masks, (end - start,) + inner, first * row_bytes)
+                ffi.copy(src, ffi.view(buf, (end - start,) + inner, (at + start) * row_bytes, dtype))
+            rows = host[at * row_bytes:(at + len(keep)) * row_bytes].view(dtype).reshape((len(keep),) + inner)
+            u.rows.append((i, scores, keep, rows))
+            at += len(keep)
+        self._ring.signal(slot, 1)
+        u.state = "rows"
+        clock("outputs")
+
+    def _receive(self, u: _Unit) -> None:
+        """Wait for ``u``'s mask rows; its images' candidates (copied out of the ring)."""
+        clock = _Clock(self.stages)
+        if u.state == "queued":
+            self._request_rows(u)
+        self._ring.wait(u.seq % self._ring.slots, 1)
+        clock("device wait")
+        boxes = u.small["pred_boxes"]
+        for i, scores, keep, rows in u.rows:
+            u.entry[2][i][u.concept] = Candidates(scores, np.asarray(boxes[i][keep], np.float32),
+                                                  np.array(rows, np.float32))
+        u.entry[3] -= 1
+        clock("outputs")
 
     def _upload(self, images: Sequence[np.ndarray]):
-        """The batch's pixels copied row by row into one device tensor of ours (no host-side
-        stack of the batch first); the previous batch's work has been waited for."""
+        """The batch's pixels into one device tensor of ours, through a host buffer the device
+        copies from without the host waiting (no host-side stack of the batch first)."""
+        first = images[0]
         if self._pixels is None:
-            first = images[0]
-            t = ffi.empty((len(images),) + first.shape, str(first.dtype), self.model.model.device)
-            self._pixels = (t, [ffi.view(t, first.shape, i * first.nbytes) for i in range(len(images))])
-        t, rows = self._pixels
-        for view, image in zip(rows, images):
-            ffi.copy_from_numpy(view, image)
-        return t
+            self._pixels = ffi.empty((len(images),) + first.shape, str(first.dtype), self.model.model.device)
+        slot = self._seq % self._ring.slots  # the slot of the batch's first unit: its last user is read
+        buf, host = self._ring.buffer((slot, "pixels"), len(images) * first.nbytes)
+        for i, image in enumerate(images):
+            host[i * first.nbytes:(i + 1) * first.nbytes].view(first.dtype).reshape(first.shape)[...] = image
+        ffi.copy(ffi.view(buf, tuple(self._pixels.shape), 0, first.dtype), self._pixels)
+        return self._pixels
 
     def _copy_aside(self, slot: int, out: Sequence) -> Dict[str, object]:
         """``detect``'s outputs that labelling reads, copied (device to device, queued) into
-        tensors of ours for in-flight slot ``slot``."""
+        tensors of ours for ring slot ``slot``."""
         kept = {}
         for name, o in zip(self._detect_outputs, out):
             if name not in KEPT_OUTPUTS:
@@ -290,17 +442,3 @@ class BatchLabeler:
             ffi.copy(o, buf)
             kept[name] = buf
         return kept
-
-    def _collect(self, in_flight: List, per_image: List[Dict[str, Candidates]], n: int, clock) -> None:
-        """Wait for the queued detects, then each one's kept queries (only their mask rows leave
-        the device); empties ``in_flight``."""
-        if not in_flight:
-            return
-        ffi.sync(self.model.model.device)
-        clock("device wait")
-        for concept, kept in in_flight:
-            raw = {name: o if name == "pred_masks" else ffi.to_numpy(o) for name, o in kept.items()}
-            for i in range(n):
-                per_image[i][concept] = select_queries(raw, i, self.options.threshold(concept))
-        in_flight.clear()
-        clock("outputs")

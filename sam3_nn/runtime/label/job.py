@@ -46,23 +46,28 @@ def batches_ahead(workers: int, batch: int, least: int = 2) -> int:
 def label_stream(labeler: BatchLabeler, items: Sequence[ImageItem], pool: ThreadPoolExecutor,
                  prefetch: int = 2) -> Iterator[Dict]:
     """Records of ``items``, in order (a bad image gives its error record); ``prefetch``
-    batches are decoded ahead of the one the library runs."""
+    batches are decoded ahead of the one the library runs, and a batch is post-processed while
+    the library runs later ones (``BatchLabeler.stream``)."""
     b = labeler.batch
     batches = [list(items[i:i + b]) for i in range(0, len(items), b)]
-    ahead: collections.deque = collections.deque()
     finishing: collections.deque = collections.deque()
     max_pending = (prefetch + 1) * b  # post-processing queued before the device thread waits on it
-    nxt = 0
-    while nxt < min(prefetch + 1, len(batches)):
-        ahead.append([pool.submit(labeler.prepare, it) for it in batches[nxt]])
-        nxt += 1
-    while ahead:
-        prepared = [f.result() for f in ahead.popleft()]
-        if nxt < len(batches):
+
+    def decoded() -> Iterator[List]:
+        ahead: collections.deque = collections.deque()
+        nxt = 0
+        while nxt < min(prefetch + 1, len(batches)):
             ahead.append([pool.submit(labeler.prepare, it) for it in batches[nxt]])
             nxt += 1
-        good = [p for p in prepared if isinstance(p, Prepared)]
-        raws = iter(labeler.infer(good)) if good else iter(())
+        while ahead:
+            prepared = [f.result() for f in ahead.popleft()]
+            if nxt < len(batches):
+                ahead.append([pool.submit(labeler.prepare, it) for it in batches[nxt]])
+                nxt += 1
+            yield prepared
+
+    for prepared, per_image in labeler.stream(decoded()):
+        raws = iter(per_image)
         for p in prepared:
             finishing.append(pool.submit(labeler.finish, p, next(raws)) if isinstance(p, Prepared) else _done(p))
         while finishing and (finishing[0].done() or len(finishing) > max_pending):

@@ -73,19 +73,25 @@ class Candidates:
 def select(raw: Dict[str, np.ndarray], index: int, threshold: float) -> Candidates:
     """Image ``index`` of a batch's raw outputs: the queries scoring above ``threshold``.
     ``pred_masks`` may still be on the device: then only the kept queries' rows are copied."""
-    scores = sigmoid(np.asarray(raw["pred_logits"][index], np.float32))
-    presence = raw.get("presence_logits")
-    if presence is not None:
-        scores = (scores * sigmoid(np.asarray(presence[index], np.float32))).astype(np.float32)
-    keep = np.nonzero(scores > threshold)[0]
+    scores, keep = kept_queries(raw, index, threshold)
     masks = raw["pred_masks"]
     if ffi.is_tensor(masks):
         queries = int(masks.shape[1])
         kept = ffi.rows_to_numpy(masks, 2, index * queries + keep)
     else:
         kept = masks[index][keep]
-    return Candidates(scores[keep], np.asarray(raw["pred_boxes"][index][keep], np.float32),
+    return Candidates(scores, np.asarray(raw["pred_boxes"][index][keep], np.float32),
                       np.asarray(kept, np.float32))
+
+
+def kept_queries(raw: Dict[str, np.ndarray], index: int, threshold: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Image ``index``'s queries scoring above ``threshold`` -> (their scores, their indices)."""
+    scores = sigmoid(np.asarray(raw["pred_logits"][index], np.float32))
+    presence = raw.get("presence_logits")
+    if presence is not None:
+        scores = (scores * sigmoid(np.asarray(presence[index], np.float32))).astype(np.float32)
+    keep = np.nonzero(scores > threshold)[0]
+    return scores[keep], keep
 
 
 def finish(c: Candidates, original_size: Tuple[int, int], mask_threshold: float
