@@ -35,6 +35,7 @@ from sam3_nn.runtime.label.options import Exemplars, ImageItem, LabelError, Labe
 from sam3_nn.runtime.label.masks import Candidates, finish, kept_queries
 from sam3_nn.runtime.preprocess import (InputError, boxes_to_model, check_boxes, load_image, normalize,
                                         resize_uint8)
+from sam3_nn.runtime.transfer import HostRing
 
 
 @dataclass
@@ -118,36 +119,6 @@ class _Unit:
     state: str = "queued"  # -> "rows" (its kept rows requested) -> read
 
 
-class _HostRing:
-    """Per ring slot: host buffers the device copies outputs into without the host waiting,
-    and flags the device sets after them (a queued copy of a device 1 into a host word): a
-    flag up means every copy queued before it is done. On the CPU all copies are done at once."""
-
-    def __init__(self, dev, slots: int):
-        self.dev, self.slots = dev, slots
-        self._flags_t, raw = ffi.host_buffer(slots * 2 * 4, dev)
-        self.flags = raw.view(np.int32).reshape(slots, 2)
-        self._one = ffi.to_device(np.ones(1, np.int32), dev)
-        self._flag_views = [[ffi.view(self._flags_t, (1,), (k * 2 + j) * 4, "int32") for j in range(2)]
-                            for k in range(slots)]
-        self._buffers: Dict[Tuple, Tuple[object, np.ndarray]] = {}
-
-    def buffer(self, key, nbytes: int) -> Tuple[object, np.ndarray]:
-        """A host buffer of at least ``nbytes`` for ``key`` (grown, never shrunk)."""
-        have = self._buffers.get(key)
-        if have is None or have[1].nbytes < nbytes:
-            have = self._buffers[key] = ffi.host_buffer(max(nbytes, 2 * have[1].nbytes if have else 0), self.dev)
-        return have
-
-    def signal(self, slot: int, which: int) -> None:
-        self.flags[slot, which] = 0
-        ffi.copy(self._one, self._flag_views[slot][which])
-
-    def wait(self, slot: int, which: int) -> None:
-        while self.flags[slot, which] != 1:
-            time.sleep(5e-5)
-
-
 class BatchLabeler:
     """A loaded ``Sam3`` and a job's options: images in, records out (see the module doc)."""
 
@@ -181,7 +152,7 @@ class BatchLabeler:
         self.stages: Dict[str, float] = {}
         self._kept: Dict[Tuple[int, str], object] = {}  # (ring slot, output) -> our device copy
         self._pixels = None  # the device input
-        self._ring: Optional[_HostRing] = None
+        self._ring: Optional[HostRing] = None
         self._seq = 0  # units queued so far
 
     # -- any thread ----------------------------------------------------------
@@ -276,7 +247,7 @@ class BatchLabeler:
         and ``DONE_LAG`` units later, so the device runs newer work while the host reads them
         and a batch's results come out a few detects after its work was queued."""
         if self._ring is None:
-            self._ring = _HostRing(self.model.model.device, DONE_LAG + 1)
+            self._ring = HostRing(self.model.model.device, DONE_LAG + 1)
         ffi.sync(self.model.model.device)  # a stream left early may have left copies queued
         entries: collections.deque = collections.deque()
         units: collections.deque = collections.deque()
@@ -356,13 +327,7 @@ class BatchLabeler:
                 raise LibraryError(f"detect returned {len(out)} outputs, manifest names "
                                    f"{len(self._detect_outputs)}")
             aside = self._copy_aside(slot, out)
-        small = {}
-        for name, t in aside.items():
-            if name in SMALL_OUTPUTS:
-                shape, dtype = tuple(int(d) for d in t.shape), np.dtype(str(t.dtype))
-                buf, host = self._ring.buffer((slot, name), int(np.prod(shape)) * dtype.itemsize)
-                ffi.copy(t, ffi.view(buf, shape, 0, dtype))
-                small[name] = host[:int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+        small = {name: self._ring.download(t, (slot, name)) for name, t in aside.items() if name in SMALL_OUTPUTS}
         self._ring.signal(slot, 0)
         clock("launch")
         return _Unit(seq, concept, entry, aside, small)
