@@ -53,6 +53,7 @@ from sam3_nn.runtime.engine import LibraryError
 from sam3_nn.runtime.interactive import check_box, check_points, to_model_coords
 from sam3_nn.runtime.postprocess import resize_bilinear
 from sam3_nn.runtime.preprocess import load_image, normalize, resize_uint8
+from sam3_nn.runtime.transfer import HostRing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MODE_INIT, MODE_MEMORY, MODE_RAW = 0, 1, 2  # track_step's per-object feature source
@@ -258,9 +259,15 @@ class _DeviceBank:
         self.slots, self.tokens, self.dim, self.dtype, self.device = slots, tokens, dim, dtype, device
         self._buffers: "OrderedDict[int, list]" = OrderedDict()  # n -> [tensor, slot views, held]
 
-    def frame_memory(self, rounded: np.ndarray) -> List:
-        """``[N, g*g, mem_dim]`` host memory of one frame -> a device tensor per object."""
-        t = ffi.to_device(np.ascontiguousarray(rounded, self.dtype), self.device)
+    def frame_memory(self, rounded: np.ndarray, ring: Optional[HostRing] = None, key=None) -> List:
+        """``[N, g*g, mem_dim]`` host memory of one frame -> a device tensor per object (copied
+        through ``ring``'s buffer ``key`` without waiting for the device, when given)."""
+        rounded = np.ascontiguousarray(rounded, self.dtype)
+        if ring is None:
+            t = ffi.to_device(rounded, self.device)
+        else:
+            t = ffi.empty(rounded.shape, self.dtype, self.device)
+            ring.upload(rounded, t, key)
         row = self.tokens * self.dim * np.dtype(self.dtype).itemsize
         return [ffi.view(t, (self.tokens, self.dim), i * row) for i in range(len(rounded))]
 
@@ -362,6 +369,13 @@ class VideoSession:
         self._post: Optional[ThreadPoolExecutor] = None
         self._bank = _DeviceBank(self.memory_slots, self.tokens, self.mem_dim, self.dtype,
                                  model.model.device)
+        # propagation queues the next frame's trunk pass behind this frame's work, and reads
+        # this frame's outputs through host buffers: the device runs the trunk meanwhile
+        self._ring = HostRing(model.model.device, 2)
+        self._tick = 0  # frames computed: the ring slot alternates
+        self._queued: Optional[Tuple[int, np.ndarray, np.ndarray, List]] = None  # index, rgb, pixels, outputs
+        self._pixels_device = None
+        self._constants: Dict[Tuple, object] = {}
 
     # -- frames ----------------------------------------------------------------------------
     @property
@@ -382,7 +396,10 @@ class VideoSession:
             return rgb, px
         if index < 0 or (self.num_frames is not None and index >= self.num_frames):
             raise InputError(f"frame {index} is outside the video's {self.num_frames} frames")
-        rgb, px = self._read(index, pixels)
+        if self._queued is not None and self._queued[0] == index:
+            rgb, px = self._queued[1], self._queued[2]
+        else:
+            rgb, px = self._read(index, pixels)
         size = (int(rgb.shape[0]), int(rgb.shape[1]))
         if self.video_size is None:
             self.video_size = size
@@ -423,8 +440,13 @@ class VideoSession:
     def _frame_features(self, index: int) -> List:
         if self._features is not None and self._features[0] == index:
             return self._features[1]
-        _, pixels = self._frame(index, pixels=True)
-        out = self.model.model.call_device("encode_image", pixels)
+        if self._queued is not None and self._queued[0] == index:
+            self._frame(index, pixels=True)
+            out, self._queued = self._queued[3], None
+        else:
+            self._queued = None
+            _, pixels = self._frame(index, pixels=True)
+            out = self.model.model.call_device("encode_image", pixels)
         names = [o["name"] for o in self.model.functions["encode_image"]["outputs"]]
         tracker = [o for n, o in zip(names, out) if n.startswith("tracker_embeddings.")]
         self._features = None  # the previous frame's maps are released before the new ones are kept
@@ -432,6 +454,31 @@ class VideoSession:
         # the detector's maps of the same trunk pass (libraries with the detector: the concept tracker)
         self.detector_maps = [o for n, o in zip(names, out) if not n.startswith("tracker_embeddings.")]
         return tracker
+
+    def _queue_features(self, index: Optional[int]) -> None:
+        """Queue ``encode_image`` of frame ``index`` (propagation's next frame) behind the work
+        queued so far, its pixels uploaded without waiting for the device; a frame that cannot
+        be read is left for ``_frame_features`` to report."""
+        if index is None or self._queued is not None or (self._features is not None and self._features[0] == index):
+            return
+        if index < 0 or (self.num_frames is not None and index >= self.num_frames):
+            return
+        try:
+            rgb, pixels = self._read(index, True)
+        except InputError:
+            return
+        if self._pixels_device is None or tuple(self._pixels_device.shape) != pixels.shape:
+            self._pixels_device = ffi.empty(pixels.shape, str(pixels.dtype), self.model.model.device)
+        self._ring.upload(pixels, self._pixels_device, (self._tick % self._ring.slots, "pixels"))
+        out = self.model.model.call_device("encode_image", self._pixels_device)
+        self._queued = (index, rgb, pixels, out)
+
+    def _constant(self, n: int, value: int):
+        """A device ``int32 [n]`` of ``value`` (uploaded once: an upload waits for the device)."""
+        t = self._constants.get((n, value))
+        if t is None:
+            t = self._constants[(n, value)] = ffi.to_device(np.full((n,), value, np.int32), self.model.model.device)
+        return t
 
     # -- prompts ---------------------------------------------------------------------------
     @property
@@ -534,9 +581,10 @@ class VideoSession:
                     raise
             self._frame_features(f)
             nxt = f - 1 if reverse else f + 1
-            if nxt in order:
+            nxt = nxt if nxt in order else None
+            if nxt is not None:
                 self._read_ahead(nxt)
-            yield self._run_frame(f, reverse)
+            yield self._run_frame(f, reverse, nxt)
 
     # -- one frame -------------------------------------------------------------------------
     def _select_cond(self, frame: int, cond: Dict[int, _Output]):
@@ -591,7 +639,10 @@ class VideoSession:
             pointers[i], ptpos[i], pmask[i] = out.pointer, np.float32(d) / np.float32(denom), 1
         return memory, tpos, mask, pointers, ptpos, pmask
 
-    def _run_frame(self, frame: int, reverse: bool) -> FrameResult:
+    def _run_frame(self, frame: int, reverse: bool, next_frame: Optional[int] = None) -> FrameResult:
+        # dropping memories frees device memory, which waits for the device: before this frame's
+        # work is queued, not while the next frame's trunk pass could run behind it
+        self._prune(frame)
         feats = self._frame_features(frame)
         ids = self.object_ids
         results: Dict[int, Tuple[np.ndarray, float]] = {}
@@ -613,11 +664,10 @@ class VideoSession:
                     self._new_inputs.remove(oid)
             batch.append((oid, is_init, points, mask, reverse))
         if batch:
-            self._compute(frame, feats, batch, results)
+            self._compute(frame, feats, batch, results, next_frame=next_frame)
         for oid, is_init, _, _, rev in batch:
             if not is_init:
                 self._objects[oid].tracked[frame] = rev
-        self._prune(frame)
         low = np.stack([results[o][0] for o in ids]).astype(np.float32) if ids else \
             np.zeros((0, self.mask_size, self.mask_size), np.float32)
         scores = np.array([results[o][1] for o in ids], np.float32)
@@ -625,9 +675,11 @@ class VideoSession:
         masks = self._video_masks(low, size) if ids else np.zeros((0,) + size, bool)
         return FrameResult(frame, ids, masks, scores, low)
 
-    def _compute(self, frame: int, feats: List, batch, results, encode: bool = True) -> None:
+    def _compute(self, frame: int, feats: List, batch, results, encode: bool = True,
+                 next_frame: Optional[int] = None) -> None:
         """``track_step`` for ``batch``, then (``encode``) ``encode_memory``; without ``encode``
-        the outputs are kept without memory (the concept tracker encodes it after planning)."""
+        the outputs are kept without memory (the concept tracker encodes it after planning).
+        ``next_frame``'s trunk pass is queued behind them before their outputs are read."""
         n = len(batch)
         m, p = self.memory_slots, self.pointer_slots
         memory = [[] for _ in range(n)]
@@ -675,16 +727,30 @@ class VideoSession:
             mask_valid = (mode == MODE_RAW).astype(np.int32)
         dt = self.dtype
         engine = self.model.model
+        raw = np.nonzero(mode == MODE_RAW)[0]
+        ring, slot = self._ring, self._tick % self._ring.slots
+        self._tick += 1
+        from_prompt = any(b[2] is not None or b[3] is not None for b in batch)
         with engine.lock:  # track_step's outputs are used before any other call can reuse their memory
             out = engine.call_device("track_step", *feats, self._bank.input(memory), tpos, mmask,
                                      pointers.astype(dt), ptpos, pmask, mode, pts, labels, pvalid,
                                      mask_input.astype(dt, copy=False), mask_valid, multimask, present)
             low_d, high_d, _iou, score_d, pointer_d = out
-            low = ffi.to_numpy(low_d)[:, 0].astype(np.float32)
-            score = ffi.to_numpy(score_d)[:, 0].astype(np.float32)
-            pointer = ffi.to_numpy(pointer_d).astype(np.float32)
+            host = {k: ring.download(t, (slot, k)) for k, t in (("low", low_d), ("score", score_d),
+                                                                 ("pointer", pointer_d))}
+            ring.signal(slot, 0)
+            mem_host = None
+            if encode and not len(raw):  # the memory needs nothing from the host: queued now
+                mem_d = engine.call_device("encode_memory", feats[2], high_d, score_d,
+                                           self._constant(n, int(from_prompt)))[0]
+                mem_host = ring.download(mem_d, (slot, "memory"))
+                ring.signal(slot, 1)
+            self._queue_features(next_frame)
+            ring.wait(slot, 0)
+            low = host["low"][:, 0].astype(np.float32)
+            score = host["score"][:, 0].astype(np.float32)
+            pointer = host["pointer"].astype(np.float32)
             high = high_d  # stays on the device unless a mask prompt replaces some rows
-            raw = np.nonzero(mode == MODE_RAW)[0]
             if len(raw):
                 high = ffi.to_numpy(high_d).astype(np.float32)
             for i in raw:
@@ -699,11 +765,14 @@ class VideoSession:
                     (self._objects[oid].cond if is_init else self._objects[oid].non_cond)[frame] = o
                     results[oid] = (low[i], float(score[i]))
                 return
-            from_prompt = any(b[2] is not None or b[3] is not None for b in batch)
-            binarize = np.full((n,), int(from_prompt), np.int32)
-            mem = engine.call_device("encode_memory", feats[2], high, score[:, None].astype(dt), binarize)[0]
-            mem = round_bfloat16_as(ffi.to_numpy(mem), dt)
-        memories = self._bank.frame_memory(mem)
+            if mem_host is None:  # mask prompts replaced rows of the masks and scores
+                binarize = np.full((n,), int(from_prompt), np.int32)
+                mem = engine.call_device("encode_memory", feats[2], high, score[:, None].astype(dt), binarize)[0]
+                mem = round_bfloat16_as(ffi.to_numpy(mem), dt)
+            else:
+                ring.wait(slot, 1)
+                mem = round_bfloat16_as(mem_host, dt)
+        memories = self._bank.frame_memory(mem, ring, (slot, "memory up"))
         for i, (oid, is_init, _, _, _) in enumerate(batch):
             obj = self._objects[oid]
             o = _Output(memories[i], pointer[i].copy(), float(score[i]), low[i].copy() if is_init else None)
