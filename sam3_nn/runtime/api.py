@@ -521,6 +521,20 @@ class Sam3:
         """Raw outputs (``pred_logits``, ``pred_boxes``, ``pred_masks``, ``presence_logits``,
         ``semantic_seg``...) for one prompt: text, boxes (``xyxy`` pixels), or both. An empty
         ``boxes`` list counts as no boxes (then ``text`` is needed)."""
+        out = self.model("detect", *self.detect_args(state, text, boxes, box_labels))
+        names = self.output_names("detect")
+        if len(names) != len(out):
+            raise LibraryError(f"detect returned {len(out)} outputs, manifest names {len(names)}")
+        return {n: o.astype(np.float32) if np.issubdtype(o.dtype, np.floating) else o
+                for n, o in zip(names, out)}
+
+    def output_names(self, function: str) -> List[str]:
+        return [o["name"] for o in self.functions[function]["outputs"]]
+
+    def detect_args(self, state: ImageState, text: Optional[str] = None,
+                    boxes: Optional[Sequence[Sequence[float]]] = None,
+                    box_labels: Optional[Sequence[int]] = None) -> List:
+        """The library's ``detect`` inputs for one prompt (``detect``'s arguments checked)."""
         self._require("detect", "prediction")
         self._check_state(state)
         text, boxes = self.check_prompt(text, boxes, box_labels)
@@ -553,12 +567,7 @@ class Sam3:
                 args.append(model_mask.astype(inp["dtype"]))
             else:
                 args.append(model_labels.astype(inp["dtype"]))
-        out = self.model("detect", *args)
-        names = [o["name"] for o in spec["outputs"]]
-        if len(names) != len(out):
-            raise LibraryError(f"detect returned {len(out)} outputs, manifest names {len(names)}")
-        return {n: o.astype(np.float32) if np.issubdtype(o.dtype, np.floating) else o
-                for n, o in zip(names, out)}
+        return args
 
     def predict(self, state: ImageState, text: Optional[str] = None,
                 boxes: Optional[Sequence[Sequence[float]]] = None,

@@ -64,6 +64,7 @@ from sam3_nn.runtime import ffi
 from sam3_nn.runtime.api import ImageState, VISUAL_PROMPT, split_image_outputs
 from sam3_nn.runtime.engine import LibraryError
 from sam3_nn.runtime.postprocess import resize_bilinear, sigmoid
+from sam3_nn.runtime.transfer import HostRing
 from sam3_nn.runtime.video import FrameResult, VideoSession, resize_antialias, round_bfloat16
 
 NO_OBJ_LOGIT = -10.0  # a suppressed mask's logits, as the reference's
@@ -263,10 +264,42 @@ def _detect_frame(model, maps: List, prompts: Sequence[_Prompt], size: Tuple[int
                   cfg: ConceptConfig) -> Detections:
     """``detect`` for every prompt on one frame's detector maps, kept as ``run_detection`` keeps them."""
     state = ImageState(size, np.zeros((0, 0, 3), np.uint8), maps, owner=model)
-    masks, boxes, scores, pids = [], [], [], []
+    return _keep_detections([model.detect(state, _prompt_text(p), p.boxes, p.box_labels) for p in prompts], cfg)
+
+
+def _prompt_text(p: _Prompt) -> Optional[str]:
+    return p.text if p.boxes is None or p.text != VISUAL_PROMPT else None
+
+
+DETECT_READ = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits")
+
+
+def _queue_detect(model, maps: List, prompts: Sequence[_Prompt], size: Tuple[int, int], ring: HostRing,
+                  slot: int, uploaded: Dict) -> List[Dict[str, np.ndarray]]:
+    """Queue ``detect`` for every prompt on one frame's detector maps, the outputs read copied
+    into ``ring``'s buffers of ``slot`` (valid once its flag is up: signalled here). The
+    prompts' box inputs are uploaded once (``uploaded``): an upload waits for the device."""
+    state = ImageState(size, np.zeros((0, 0, 3), np.uint8), maps, owner=model)
+    engine, names = model.model, model.output_names("detect")
+    views = []
     for pid, p in enumerate(prompts):
-        raw = model.detect(state, p.text if p.boxes is None or p.text != VISUAL_PROMPT else None,
-                           p.boxes, p.box_labels)
+        args = model.detect_args(state, _prompt_text(p), p.boxes, p.box_labels)
+        for i, a in enumerate(args):
+            if isinstance(a, np.ndarray):
+                if (pid, i) not in uploaded:
+                    uploaded[(pid, i)] = ffi.to_device(a, engine.device)
+                args[i] = uploaded[(pid, i)]
+        with engine.lock:  # the outputs are copied before a later call can reuse their memory
+            out = engine.call_device("detect", *args)
+            views.append({n: ring.download(o, (slot, pid, n)) for n, o in zip(names, out) if n in DETECT_READ})
+    ring.signal(slot)
+    return views
+
+
+def _keep_detections(raws: Sequence[Dict[str, np.ndarray]], cfg: ConceptConfig) -> Detections:
+    """Each prompt's ``detect`` outputs -> the detections ``run_detection`` keeps."""
+    masks, boxes, scores, pids = [], [], [], []
+    for pid, raw in enumerate(raws):
         probs = sigmoid(raw["pred_logits"][0])
         if "presence_logits" in raw:
             probs = (probs * sigmoid(raw["presence_logits"][0])).astype(np.float32)
@@ -318,6 +351,12 @@ class ConceptSession:
         self._pool = ThreadPoolExecutor(len(self.detectors)) if self.detectors else None
         self._ahead: Dict[int, object] = {}
         self._next: Optional[int] = None  # propagation's next frame (read ahead)
+        # one model: the next frame's trunk pass and detects are queued while the host plans
+        # this one; their outputs come through host buffers (``_queue_next``)
+        self._ring = HostRing(model.model.device, 2)
+        self._tick = 0
+        self._queued_det: Optional[Tuple[int, int, int, List]] = None  # frame, prompts, slot, outputs
+        self._uploaded: Dict = {}
         self.prompts: List[_Prompt] = []
         self._reset_planner()
 
@@ -405,6 +444,11 @@ class ConceptSession:
             feats = self.tracker._frame_features(frame)
             if self._next is not None:  # the next frame is decoded while the device runs this one
                 self.tracker._read_ahead(self._next)
+            queued, self._queued_det = self._queued_det, None
+            if queued is not None and queued[0] == frame and queued[1] == len(self.prompts):
+                self._ring.wait(queued[2])
+                raws = [{n: v.astype(np.float32) for n, v in views.items()} for views in queued[3]]
+                return feats, _keep_detections(raws, self.cfg)
             return feats, _detect_frame(self.model, self.tracker.detector_maps, self.prompts, size, self.cfg)
         for f in range(frame, frame + self.prefetch):  # the next frames go out to the detectors
             if f not in self._ahead and (self.num_frames is None or f < self.num_frames):
@@ -422,6 +466,21 @@ class ConceptSession:
             self._ahead.pop(f).cancel()
         self.tracker._features = (frame, tracker_maps)  # host arrays: the calls upload them
         return tracker_maps, dets
+
+    def _queue_next(self) -> None:
+        """Queue the next frame's trunk pass and detects behind this frame's work (one model)."""
+        tr, nxt = self.tracker, self._next
+        if nxt is None or self.detectors or self._queued_det is not None or tr.video_size is None:
+            return
+        tr._queue_features(nxt)
+        if tr._queued is None or tr._queued[0] != nxt:
+            return
+        names = self.model.output_names("encode_image")
+        maps = [o for n, o in zip(names, tr._queued[3]) if not n.startswith("tracker_embeddings.")]
+        slot = self._tick % self._ring.slots
+        self._tick += 1
+        views = _queue_detect(self.model, maps, self.prompts, tr.video_size, self._ring, slot, self._uploaded)
+        self._queued_det = (nxt, len(self.prompts), slot, views)
 
     def _remote(self, det, rgb, size):
         """Trunk + detector for one frame on a detector model; the tracker maps to the host."""
@@ -488,6 +547,7 @@ class ConceptSession:
             tr._compute(frame, feats, batch, results, encode=False)
             for oid, *_ in batch:
                 tr._objects[oid].tracked[frame] = reverse
+        self._queue_next()  # the device runs the next frame's trunk and detects while the host plans
         prev_ids = list(self.obj_ids)
         g4 = tr.mask_size
         if prev_ids:
