@@ -13,8 +13,9 @@ runs the whole step: the trunk and both necks, ``detect`` for the prompt (text e
 cached), the tracker for every object, the planner, the memory of every object. The hot start
 is off (``hotstart_delay`` 0: no frames held back, nothing removed). Timed: the propagation
 over ``--frames`` frames after ``--warmup`` frames; frames per second = frames / wall time.
-Where the time goes (ours): ``encode_image``, ``detect``, ``track_step``,
-``encode_memory_low_res``, and the host (planner, uploads, resizing masks).
+Where the time goes (ours, over a few more frames whose calls are each waited for):
+``encode_image``, ``detect``, ``track_step``, ``encode_memory_low_res``, and the host
+(planner, uploads, resizing masks).
 
 GPU (``--device cuda``): ours float16 vs PyTorch float16 eager; CPU: ours float32 (llvm) vs
 PyTorch float32 eager, with the last frame's masks compared (the fraction of low-resolution
@@ -132,21 +133,11 @@ def run_ours(args, sam3, frames, n: int, cfg_hf) -> Dict:
         session.add_text(PROMPT)
         for m in object_masks(n):
             session.add_object_mask(0, m)
-        it = session.propagate(start=1)
-        for _ in range(args.warmup):
-            next(it)
-        timed.times.clear()
-        t0 = time.perf_counter()
-        last = None
-        for _ in range(args.frames):
-            last = next(it)
-        wall = time.perf_counter() - t0
+        fps, split, last = video_tracker.time_propagation(session.propagate(start=1), timed, args)
     finally:
         sam3.model = timed.lib
-    split = {k: v / args.frames for k, v in timed.times.items()}
-    split["host and the rest"] = wall / args.frames - sum(split.values())
     low = np.stack([last.low_res[o] for o in sorted(last.low_res)]) if last.low_res else np.zeros((0,))
-    return {"fps": args.frames / wall, "per_frame_s": {k: round(v, 5) for k, v in split.items()},
+    return {"fps": fps, "per_frame_s": {k: round(v, 5) for k, v in split.items()},
             "last_logits": low, "objects": len(last.low_res)}
 
 
@@ -211,7 +202,7 @@ def run(args) -> Dict:
     mask = mask.astype(sam3._input_dtype("encode_text", "attention_mask"))
     # the prompt's encoding from these ids (random weights: any ids do; no tokenizer needed)
     sam3._text_cache[PROMPT] = tuple(lib.call_device("encode_text", ids, mask))
-    frames = video_tracker.synthetic_video(args.warmup + args.frames + 2, args.seed)
+    frames = video_tracker.synthetic_video(args.warmup + args.frames + video_tracker.SPLIT_FRAMES + 2, args.seed)
     results = {"device": args.device, "config": args.config, "layers": args.layers, "frames": args.frames,
                "library_dtype": lib.manifest["dtype"], "objects": {}}
     size = cfg.image_size
