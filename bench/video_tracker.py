@@ -234,7 +234,7 @@ def run_ours(args, sam3, frames, n: int) -> Dict:
         session.add_points(0, k + 1, [(x, y)], [1])
     fps, split, last = time_propagation(session.propagate(start=1), timed, args)
     # the decoder alone for the same objects (predict_masks), to split track_step
-    feats = session._frame_features(last.frame_index)
+    feats = session._features[1]  # the latest frame's maps (an iterator's earlier frames are gone)
     spec = {i["name"]: i for i in sam3.functions["predict_masks"]["inputs"]}
     p = int(spec["points"]["shape"][1])
     g4 = int(spec["mask_input"]["shape"][-1])

@@ -65,7 +65,7 @@ from sam3_nn.runtime.api import ImageState, VISUAL_PROMPT, split_image_outputs
 from sam3_nn.runtime.engine import LibraryError
 from sam3_nn.runtime.postprocess import resize_bilinear, sigmoid
 from sam3_nn.runtime.transfer import HostRing
-from sam3_nn.runtime.video import FrameResult, VideoSession, resize_antialias, round_bfloat16
+from sam3_nn.runtime.video import FrameResult, VideoSession, resize_antialias, round_bfloat16_as
 
 NO_OBJ_LOGIT = -10.0  # a suppressed mask's logits, as the reference's
 NEVER_OCCLUDED, ALWAYS_OCCLUDED = -1, 100000
@@ -447,7 +447,9 @@ class ConceptSession:
             queued, self._queued_det = self._queued_det, None
             if queued is not None and queued[0] == frame and queued[1] == len(self.prompts):
                 self._ring.wait(queued[2])
-                raws = [{n: v.astype(np.float32) for n, v in views.items()} for views in queued[3]]
+                # the mask logits stay float16 here: only the kept queries' are converted
+                raws = [{n: v if n == "pred_masks" else v.astype(np.float32) for n, v in views.items()}
+                        for views in queued[3]]
                 return feats, _keep_detections(raws, self.cfg)
             return feats, _detect_frame(self.model, self.tracker.detector_maps, self.prompts, size, self.cfg)
         for f in range(frame, frame + self.prefetch):  # the next frames go out to the detectors
@@ -741,7 +743,7 @@ class ConceptSession:
         dt = tr.dtype
         mem = self.model.model("encode_memory_low_res", feats[2], masks[:, None].astype(dt),
                                score[:, None].astype(dt), np.zeros(len(ids), np.int32))[0]
-        memories = tr._bank.frame_memory(round_bfloat16(mem.astype(np.float32)))  # kept on the device
+        memories = tr._bank.frame_memory(round_bfloat16_as(mem, dt))  # kept on the device
         for i, oid in enumerate(ids):
             obj = tr._objects[oid]
             for store in (obj.cond, obj.non_cond):
@@ -771,13 +773,12 @@ class ConceptSession:
         h, w = size
         ids = sorted(raw["low_res"])
         hidden = raw["suppressed"] | self.hotstart_removed
-        ids_kept, masks = [], []
-        for oid in ids:
-            m = resize_bilinear(raw["low_res"][oid][None], size)[0] > 0
-            if m.any() and oid not in hidden:
-                ids_kept.append(oid)
-                masks.append(m)
-        masks = np.stack(masks) if masks else np.zeros((0, h, w), bool)
+        shown = [oid for oid in ids if oid not in hidden]
+        full = self.tracker._video_masks(np.stack([raw["low_res"][o] for o in shown]).astype(np.float32), size) \
+            if shown else np.zeros((0, h, w), bool)  # > 0, objects over a few threads
+        nonempty = full.any(axis=(1, 2))
+        ids_kept = [o for o, e in zip(shown, nonempty) if e]
+        masks = full[nonempty]
         scores = np.array([raw["scores"][o] for o in ids_kept], np.float32)
         tscores = np.array([raw["tracker_scores"].get(o, 0.0) for o in ids_kept], np.float32)
         if len(ids_kept) > 1:  # a pixel of several objects goes to the one the tracker scores highest
@@ -794,9 +795,10 @@ class ConceptSession:
             masks = out
         boxes = np.zeros((len(ids_kept), 4), np.float32)
         for i, m in enumerate(masks):
-            ys, xs = np.nonzero(m)
-            if len(xs):
-                boxes[i] = (xs.min(), ys.min(), xs.max(), ys.max())
+            rows, cols = m.any(axis=1), m.any(axis=0)  # the extent from the projections
+            if rows.any():
+                ys, xs = np.nonzero(rows)[0], np.nonzero(cols)[0]
+                boxes[i] = (xs[0], ys[0], xs[-1], ys[-1])
         return ConceptFrame(raw["frame"], ids_kept, scores, masks, boxes, raw["low_res"], raw["tracker_scores"])
 
     def close(self) -> None:
