@@ -105,12 +105,43 @@ class PatchConv(nn.Module):
         return linear_nd(cols, op.reshape(self.weight, [self.cout, self.cin * k * k]), self.bias)
 
 
+class FewChannelLayerNorm(nn.Module):
+    """``nn.LayerNorm(C)`` over the last axis for a few channels (the downsampler's first
+    layers, 4 and 16 at 504 and 252 px): each output computes its pixel's mean and variance
+    itself (float32), an elementwise op with a thread per output; TVM's row-reduction
+    schedule for rows of 4 took 0.43 ms per object on the H100."""
+
+    def __init__(self, channels: int, eps: float):
+        self.channels, self.eps = channels, eps
+        self.weight = nn.Parameter((channels,))
+        self.bias = nn.Parameter((channels,))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n_ch, eps = self.channels, self.eps
+
+        def compute(t, w, b):
+            def f(n, i, j, c):
+                vals = [t[n, i, j, k].astype("float32") for k in range(n_ch)]
+                mean = sum(vals[1:], vals[0]) / float(n_ch)
+                var = sum([(v - mean) * (v - mean) for v in vals[1:]], (vals[0] - mean) * (vals[0] - mean)) / float(n_ch)
+                y = (t[n, i, j, c].astype("float32") - mean) * tirx.rsqrt(var + eps)
+                return (y * w[c].astype("float32") + b[c].astype("float32")).astype(t.dtype)
+
+            return te.compute(t.shape, f, name="few_channel_layer_norm")
+
+        return op.tensor_expr_op(compute, "few_channel_layer_norm", args=[x, self.weight, self.bias])
+
+
+FEW_CHANNELS = 16  # LayerNorms over at most this many channels are computed per output
+
+
 class MaskDownSamplerLayer(nn.Module):
     """``Sam3TrackerVideoMaskDownSamplerLayer``: 3x3 stride-2 conv, LayerNorm2d, GELU."""
 
     def __init__(self, cin: int, cout: int):
         self.conv = PatchConv(cin, cout, 3, 2, 1)
-        self.layer_norm = nn.LayerNorm(cout, eps=LN2D_EPS)
+        self.layer_norm = FewChannelLayerNorm(cout, LN2D_EPS) if cout <= FEW_CHANNELS else \
+            nn.LayerNorm(cout, eps=LN2D_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
         return op.gelu(self.layer_norm(self.conv(x)))
