@@ -11,7 +11,7 @@
   reading of outputs a few detects old: pixels go up and outputs come down through host
   buffers the device copies without the host waiting, and flags the device raises after them
   say when they have landed (a synchronous copy would wait for all the work queued since);
-* ``finish`` (any thread): the masks of the queries ``infer`` kept, resized and thresholded
+* ``finish`` (any thread): the masks of the queries ``stream`` kept, resized and thresholded
   (``masks``: ``Sam3.predict``'s results, fewer passes), NMS and the per-image cap, COCO RLE.
 
 A record (one JSON line of a shard, ``store``) is ``{"key", "file", "status": "ok", "height",
