@@ -277,6 +277,28 @@ class ImageState:
     tracker_features: List = field(default_factory=list)
 
 
+def detect_arguments(inputs, features, positions: Callable[[], List], text_features, text_mask,
+                     prompt: Dict[str, object]) -> List:
+    """``detect``'s arguments in the manifest's order. ``inputs``: ``[(input spec, (role,
+    level))]``; ``positions`` gives the position encodings (called only if an input takes
+    them); ``prompt``: ``boxes``, ``box_labels``, ``box_mask`` as numpy arrays (cast to the
+    input's dtype) or device tensors."""
+    args = []
+    for inp, (role, level) in inputs:
+        if role == "feature":
+            args.append(features[level])
+        elif role == "position":
+            args.append(positions()[level])
+        elif role == "text":
+            args.append(text_features)
+        elif role == "text_mask":
+            args.append(text_mask)
+        else:
+            a = prompt[role]
+            args.append(a.astype(inp["dtype"]) if isinstance(a, np.ndarray) else a)
+    return args
+
+
 def _input_role(name: str) -> Tuple[str, int]:
     """A ``detect`` input name -> (role, level)."""
     n = name.lower()
@@ -549,25 +571,9 @@ class Sam3:
             model_mask[0, :len(b)] = 1
         # as Sam3Processor does for box-only prompts
         text_features, text_mask = self.encode_text(VISUAL_PROMPT if text is None else text)
-        spec = self.functions["detect"]
-        args = []
-        for inp in spec["inputs"]:
-            role, level = _input_role(inp["name"])
-            if role == "feature":
-                args.append(state.features[level])
-            elif role == "position":
-                args.append(self.position_encodings()[level])
-            elif role == "text":
-                args.append(text_features)
-            elif role == "text_mask":
-                args.append(text_mask)
-            elif role == "boxes":
-                args.append(model_boxes.astype(inp["dtype"]))
-            elif role == "box_mask":
-                args.append(model_mask.astype(inp["dtype"]))
-            else:
-                args.append(model_labels.astype(inp["dtype"]))
-        return args
+        inputs = [(inp, _input_role(inp["name"])) for inp in self.functions["detect"]["inputs"]]
+        return detect_arguments(inputs, state.features, self.position_encodings, text_features, text_mask,
+                                {"boxes": model_boxes, "box_labels": model_labels, "box_mask": model_mask})
 
     def predict(self, state: ImageState, text: Optional[str] = None,
                 boxes: Optional[Sequence[Sequence[float]]] = None,

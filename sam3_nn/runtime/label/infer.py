@@ -29,7 +29,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from sam3_nn.runtime import ffi, rle
-from sam3_nn.runtime.api import Sam3, _input_role
+from sam3_nn.runtime.api import Sam3, _input_role, detect_arguments
 from sam3_nn.runtime.engine import LibraryError
 from sam3_nn.runtime.label.options import Exemplars, ImageItem, LabelError, LabelOptions
 from sam3_nn.runtime.label.masks import Candidates, finish, kept_queries
@@ -302,24 +302,8 @@ class BatchLabeler:
             for i, (b, lab) in prompted:
                 boxes[i, :len(b)], labels[i, :len(b)], box_mask[i, :len(b)] = b, lab, 1
         clock("prompts")
-        args = []
-        for inp, (role, level) in self._detect_inputs:
-            if role == "feature":
-                args.append(features[level])
-            elif role == "position":
-                args.append(self.positions()[level])
-            elif role == "text":
-                args.append(text_features)
-            elif role == "text_mask":
-                args.append(text_mask)
-            elif empty is not None:
-                args.append(empty[role])
-            elif role == "boxes":
-                args.append(boxes.astype(inp["dtype"]))
-            elif role == "box_mask":
-                args.append(box_mask.astype(inp["dtype"]))
-            else:
-                args.append(labels.astype(inp["dtype"]))
+        prompt = empty if empty is not None else {"boxes": boxes, "box_labels": labels, "box_mask": box_mask}
+        args = detect_arguments(self._detect_inputs, features, self.positions, text_features, text_mask, prompt)
         engine = self.model.model
         with engine.lock:  # the outputs are copied aside before any later call can reuse their memory
             out = engine.call_device("detect", *args)
