@@ -101,9 +101,12 @@ class _Clock:
 KEPT_OUTPUTS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits")
 SMALL_OUTPUTS = ("pred_logits", "pred_boxes", "presence_logits")
 # A unit is one detect (a batch and a concept; the batch's encode_image goes with its first
-# one). Its scores are read ROWS_LAG units after it was queued and its kept mask rows
-# DONE_LAG units after: the host waits only for work older than what the device runs.
-ROWS_LAG, DONE_LAG = 2, 3
+# one). Its scores are read ``rows_lag`` units after it was queued and its kept mask rows one
+# unit later: the host waits only for work older than what the device runs. The lag is a
+# batch's detects (ROWS_LAG to MAX_LAG), so that a whole batch of them stays queued while the
+# host does the work between batches (yielding, decoding's results, the next pixels), which
+# at batch 4 outlasted two detects; each unit of lag holds one more copy of detect's outputs.
+ROWS_LAG, MAX_LAG = 2, 6
 
 
 @dataclass
@@ -154,6 +157,8 @@ class BatchLabeler:
         self._pixels = None  # the device input
         self._ring: Optional[HostRing] = None
         self._seq = 0  # units queued so far
+        self.rows_lag = min(MAX_LAG, max(ROWS_LAG, len(options.concepts)))
+        self.done_lag = self.rows_lag + 1
 
     # -- any thread ----------------------------------------------------------
     def prepare(self, item: ImageItem):
@@ -243,11 +248,11 @@ class BatchLabeler:
         items: ``Prepared``, or error records, which are passed through), in order. The queries
         above a concept's score threshold are kept: only their mask rows leave the device.
 
-        Every detect is queued behind the previous one; a unit's outputs are read ``ROWS_LAG``
-        and ``DONE_LAG`` units later, so the device runs newer work while the host reads them
+        Every detect is queued behind the previous one; a unit's outputs are read ``rows_lag``
+        and ``done_lag`` units later, so the device runs newer work while the host reads them
         and a batch's results come out a few detects after its work was queued."""
         if self._ring is None:
-            self._ring = HostRing(self.model.model.device, DONE_LAG + 1)
+            self._ring = HostRing(self.model.model.device, self.done_lag + 1)
         ffi.sync(self.model.model.device)  # a stream left early may have left copies queued
         entries: collections.deque = collections.deque()
         units: collections.deque = collections.deque()
@@ -317,12 +322,12 @@ class BatchLabeler:
         return _Unit(seq, concept, entry, aside, small)
 
     def _advance(self, units: collections.deque, final: bool) -> None:
-        """Request the kept rows of units ``ROWS_LAG`` old, read the units ``DONE_LAG`` old (all
+        """Request the kept rows of units ``rows_lag`` old, read the units ``done_lag`` old (all
         of them when ``final``)."""
         for k, u in enumerate(units):
-            if u.state == "queued" and (final or len(units) - k > ROWS_LAG):
+            if u.state == "queued" and (final or len(units) - k > self.rows_lag):
                 self._request_rows(u)
-        while units and (final or len(units) > DONE_LAG):
+        while units and (final or len(units) > self.done_lag):
             self._receive(units.popleft())
 
     def _request_rows(self, u: _Unit) -> None:
