@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads, both sides")
     ap.add_argument("--skip-torch", action="store_true", help="time ours only")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--host-profile", type=int, default=0, metavar="N",
+                    help="then N more frames under cProfile (plain calls): the host's functions by own time")
     ap.add_argument("--out", default=None, help="write the results as JSON")
     args = ap.parse_args(argv)
     gpu = args.device == "cuda"
@@ -202,7 +204,7 @@ def run(args) -> Dict:
     mask = mask.astype(sam3._input_dtype("encode_text", "attention_mask"))
     # the prompt's encoding from these ids (random weights: any ids do; no tokenizer needed)
     sam3._text_cache[PROMPT] = tuple(lib.call_device("encode_text", ids, mask))
-    frames = video_tracker.synthetic_video(args.warmup + args.frames + video_tracker.SPLIT_FRAMES + 2, args.seed)
+    frames = video_tracker.synthetic_video(args.warmup + args.frames + video_tracker.SPLIT_FRAMES + args.host_profile + 2, args.seed)
     results = {"device": args.device, "config": args.config, "layers": args.layers, "frames": args.frames,
                "library_dtype": lib.manifest["dtype"], "objects": {}}
     size = cfg.image_size

@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--skip-compile-torch", action="store_true")
     ap.add_argument("--skip-torch", action="store_true", help="time ours only")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--host-profile", type=int, default=0, metavar="N",
+                    help="then N more frames under cProfile (plain calls): the host's functions by own time")
     ap.add_argument("--out", default=None, help="write the results as JSON")
     args = ap.parse_args(argv)
     gpu = args.device == "cuda"
@@ -218,7 +220,26 @@ def time_propagation(it, timed: Timed, args):
     timed.enabled = False
     split = {fn: v / k for fn, v in timed.times.items()}
     split["host and the rest"] = waited / k - sum(split.values())
+    if getattr(args, "host_profile", 0):
+        profile_host(it, args.host_profile)
     return args.frames / wall, split, last
+
+
+def profile_host(it, frames: int, top: int = 25) -> None:
+    """Print the functions taking the host's time over ``frames`` frames of ``it`` (plain
+    calls; a library call's own time includes any wait for the device inside it)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(frames):
+        next(it)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    print(f"[host profile] {frames} frames, by own time:\n{out.getvalue()}")
 
 
 def run_ours(args, sam3, frames, n: int) -> Dict:
@@ -301,7 +322,7 @@ def run(args) -> Dict:
     hf = Sam3TrackerVideoModel(hf_cfg).eval()
     lib = load_library(args, cfg, hf)
     sam3 = Sam3(lib)
-    frames = synthetic_video(args.warmup + args.frames + SPLIT_FRAMES + 2, args.seed)
+    frames = synthetic_video(args.warmup + args.frames + SPLIT_FRAMES + args.host_profile + 2, args.seed)
     results = {"device": args.device, "config": args.config, "layers": args.layers, "frames": args.frames,
                "library_dtype": lib.manifest["dtype"], "objects": {}}
     size = cfg.image_size

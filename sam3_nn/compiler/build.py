@@ -60,7 +60,8 @@ def manifest_for(cfg, model, mod, params, spec, options: BuildOptions) -> Dict:
                 inputs.append({"name": aname, "shape": [], "dtype": "int64"})
         ret = mod[fname].ret_ty
         fields = ret.fields if hasattr(ret, "fields") else [ret]
-        outputs = [{"name": n, "shape": _shape_list(f.shape), "dtype": str(f.dtype)}
+        notes = model.output_notes().get(fname, {})
+        outputs = [{"name": n, "shape": _shape_list(f.shape), "dtype": str(f.dtype), **notes.get(n, {})}
                    for n, f in zip(outs[fname], fields)]
         functions[fname] = {"inputs": inputs, "outputs": outputs}
     return {

@@ -347,3 +347,10 @@ class Sam3Model(nn.Module):
             RELEASE: ["token"],
         }
         return {f: names[f] for f in self.functions()}
+
+    def output_notes(self) -> Dict[str, Dict[str, Dict[str, str]]]:
+        """What the manifest says of some outputs beyond name, shape and dtype: the frame memory
+        holds bfloat16 values (the runtime keeps it on the device as it comes out)."""
+        notes = {"encode_memory": {"memory_features": {"values": "bfloat16"}},
+                 "encode_memory_low_res": {"memory_features": {"values": "bfloat16"}}}
+        return {f: notes[f] for f in self.functions() if f in notes}

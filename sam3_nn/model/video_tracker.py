@@ -147,7 +147,8 @@ class VideoTrackerModel(InteractiveModel):
         absent = 1.0 - _present(object_score_logits, features.dtype)
         occl = op.reshape(self.occlusion_spatial_embedding_parameter, [1, 1, 1, v.mem_dim])
         features = features + op.reshape(absent, [n, 1, 1, 1]) * occl
-        return op.reshape(features, [n, g * g, v.mem_dim])
+        # the reference stores a frame's memory in bfloat16: rounded here, so it can stay on the device
+        return op.reshape(_round_bfloat16(features), [n, g * g, v.mem_dim])
 
     def mask_prompt(self, masks: Tensor) -> Tensor:
         """A binary mask prompt ``[N, 1, S, S]`` (0/1) -> the decoder's mask input ``[N, 1, 4g,
@@ -216,6 +217,22 @@ def _choose_output(masks: Tensor, iou: Tensor, tokens: Tensor, multimask: Tensor
 
     out = op.tensor_expr_op(compute, "choose_output", args=[masks, iou, tokens, multimask, obj])
     return out[0], out[1], out[2]
+
+
+def _round_bfloat16(x: Tensor) -> Tensor:
+    """``x`` rounded to bfloat16 (to nearest, ties to even, on float32's bits), in its own
+    dtype: ``runtime.video.round_bfloat16`` on the device."""
+
+    def compute(t):
+        def f(*i):
+            u = tirx.reinterpret("uint32", tirx.Cast("float32", t[i]))
+            u = (u + tirx.const(0x7FFF, "uint32") + ((u >> tirx.const(16, "uint32")) & tirx.const(1, "uint32"))) \
+                & tirx.const(0xFFFF0000, "uint32")
+            return tirx.Cast(t.dtype, tirx.reinterpret("float32", u))
+
+        return te.compute(t.shape, f, name="round_bfloat16")
+
+    return op.tensor_expr_op(compute, "round_bfloat16", args=[x])
 
 
 def _present(obj: Tensor, dtype: str, override: Tensor = None) -> Tensor:

@@ -25,8 +25,10 @@ Bounded memory: tracked frames further than ``max(num_maskmem, max_object_pointe
 kept, so host and device memory stay flat however long the video. (The reference keeps every
 frame's outputs; the two differ only when a propagation starts more than 15 frames away from
 the frame processed last, where the reference would read tracked frames that the session has
-dropped: docs/fidelity.md V3.) The memory bank is numpy on the host (the session's state),
-rounded to bfloat16 as the reference stores it; frame features stay on the device.
+dropped: docs/fidelity.md V3.) Each frame's memory is rounded to bfloat16, as the reference
+stores it, and kept on the device: by ``encode_memory`` itself in libraries that say so in
+the manifest (it never leaves the device), else on the host and uploaded back. Object
+pointers and low-res masks are numpy on the host; frame features stay on the device.
 
 Frames: a folder of images (sorted by name), a video file (decoded with PyAV, the ``video``
 extra, frame by frame as needed; going back seeks to the nearest keyframe), or any iterable
@@ -268,8 +270,19 @@ class _DeviceBank:
         else:
             t = ffi.empty(rounded.shape, self.dtype, self.device)
             ring.upload(rounded, t, key)
+        return self._per_object(t)
+
+    def frame_memory_on_device(self, memory) -> List:
+        """``encode_memory``'s output, already rounded by the library -> a device tensor per
+        object (a copy of ours, queued device to device: a later call may reuse the output's
+        memory)."""
+        t = ffi.empty(tuple(int(d) for d in memory.shape), self.dtype, self.device)
+        ffi.copy(memory, t)
+        return self._per_object(t)
+
+    def _per_object(self, t) -> List:
         row = self.tokens * self.dim * np.dtype(self.dtype).itemsize
-        return [ffi.view(t, (self.tokens, self.dim), i * row) for i in range(len(rounded))]
+        return [ffi.view(t, (self.tokens, self.dim), i * row) for i in range(int(t.shape[0]))]
 
     def input(self, per_object: Sequence[Sequence]):
         """Per object, the device memories of its filled slots (in slot order) -> the input."""
@@ -372,6 +385,10 @@ class VideoSession:
         # propagation queues the next frame's trunk pass behind this frame's work, and reads
         # this frame's outputs through host buffers: the device runs the trunk meanwhile
         self._ring = HostRing(model.model.device, 2)
+        # libraries that round the memory to bfloat16 themselves: it never leaves the device
+        self.memory_on_device = all(
+            any(o.get("values") == "bfloat16" for o in model.functions[f]["outputs"])
+            for f in ("encode_memory", "encode_memory_low_res") if model.has(f))
         self._tick = 0  # frames computed: the ring slot alternates
         self._queued: Optional[Tuple[int, np.ndarray, np.ndarray, List]] = None  # index, rgb, pixels, outputs
         self._pixels_device = None
@@ -739,12 +756,15 @@ class VideoSession:
             host = {k: ring.download(t, (slot, k)) for k, t in (("low", low_d), ("score", score_d),
                                                                  ("pointer", pointer_d))}
             ring.signal(slot, 0)
-            mem_host = None
+            mem_host = memories = None
             if encode and not len(raw):  # the memory needs nothing from the host: queued now
                 mem_d = engine.call_device("encode_memory", feats[2], high_d, score_d,
                                            self._constant(n, int(from_prompt)))[0]
-                mem_host = ring.download(mem_d, (slot, "memory"))
-                ring.signal(slot, 1)
+                if self.memory_on_device:
+                    memories = self._bank.frame_memory_on_device(mem_d)
+                else:
+                    mem_host = ring.download(mem_d, (slot, "memory"))
+                    ring.signal(slot, 1)
             self._queue_features(next_frame)
             ring.wait(slot, 0)
             low = host["low"][:, 0].astype(np.float32)
@@ -765,14 +785,18 @@ class VideoSession:
                     (self._objects[oid].cond if is_init else self._objects[oid].non_cond)[frame] = o
                     results[oid] = (low[i], float(score[i]))
                 return
-            if mem_host is None:  # mask prompts replaced rows of the masks and scores
+            if memories is None and mem_host is None:  # mask prompts replaced rows of the masks and scores
                 binarize = np.full((n,), int(from_prompt), np.int32)
                 mem = engine.call_device("encode_memory", feats[2], high, score[:, None].astype(dt), binarize)[0]
-                mem = round_bfloat16_as(ffi.to_numpy(mem), dt)
-            else:
+                if self.memory_on_device:
+                    memories = self._bank.frame_memory_on_device(mem)
+                else:
+                    mem = round_bfloat16_as(ffi.to_numpy(mem), dt)
+            elif memories is None:
                 ring.wait(slot, 1)
                 mem = round_bfloat16_as(mem_host, dt)
-        memories = self._bank.frame_memory(mem, ring, (slot, "memory up"))
+        if memories is None:
+            memories = self._bank.frame_memory(mem, ring, (slot, "memory up"))
         for i, (oid, is_init, _, _, _) in enumerate(batch):
             obj = self._objects[oid]
             o = _Output(memories[i], pointer[i].copy(), float(score[i]), low[i].copy() if is_init else None)

@@ -740,10 +740,14 @@ class ConceptSession:
             idx = np.nonzero(prompts == pid)[0]
             masks[idx] = _shrinkage_check(masks[idx])
         score = np.where((masks > 0).any(axis=(1, 2)), np.float32(10.0), np.float32(-10.0)).astype(np.float32)
-        dt = tr.dtype
-        mem = self.model.model("encode_memory_low_res", feats[2], masks[:, None].astype(dt),
-                               score[:, None].astype(dt), np.zeros(len(ids), np.int32))[0]
-        memories = tr._bank.frame_memory(round_bfloat16_as(mem, dt))  # kept on the device
+        dt, engine = tr.dtype, self.model.model
+        args = (feats[2], masks[:, None].astype(dt), score[:, None].astype(dt), np.zeros(len(ids), np.int32))
+        with engine.lock:  # the output is copied before any later call can reuse its memory
+            mem = engine.call_device("encode_memory_low_res", *args)[0]
+            if tr.memory_on_device:
+                memories = tr._bank.frame_memory_on_device(mem)
+            else:
+                memories = tr._bank.frame_memory(round_bfloat16_as(ffi.to_numpy(mem), dt))
         for i, oid in enumerate(ids):
             obj = tr._objects[oid]
             for store in (obj.cond, obj.non_cond):

@@ -22,7 +22,9 @@ from tvm.relax.frontend import nn
 from sam3_nn.config import Sam3Config
 from sam3_nn.model.memory_attention import MemoryAttention
 from sam3_nn.model.memory_encoder import MemoryEncoder
+from sam3_nn.model.video_tracker import _round_bfloat16
 from sam3_nn.ops.attention import key_padding_bias
+from sam3_nn.runtime.video import round_bfloat16_as
 from tests.refs import assert_close, compile_module, randomize_, tiny_video_hf_config
 
 G = 12  # the tiny grid
@@ -128,3 +130,26 @@ def test_memory_encoder_matches_reference(hf_video):
         ref, ref_pos = hf.memory_encoder(torch.from_numpy(feats).permute(0, 3, 1, 2).expand(2, -1, -1, -1),
                                          torch.from_numpy(masks))
     assert_close(ours, ref.permute(0, 2, 3, 1), rtol=1e-4, atol=5e-5, what="memory encoder")
+
+
+class _Round(nn.Module):
+    def forward(self, x):
+        return _round_bfloat16(x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_memory_rounding_matches_host(dtype):
+    """``encode_memory``'s bfloat16 rounding on the device gives the host's bits (ties to even,
+    values whose rounding carries into the exponent, overflow to inf, subnormals, zeros)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(4096) * np.exp(rng.uniform(-12, 12, 4096))).astype(np.float32)
+    edge = np.array([0.0, -0.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 1.0 - 2 ** -10, 65504.0, -65504.0,
+                     3e-5, 6e-8, 1.5 * 2 ** -14, 255.9, 1e30], np.float32)
+    with np.errstate(over="ignore"):
+        x = np.concatenate([x, edge, -edge]).astype(dtype)
+    run, _ = compile_module(_Round(), {"x": nn.spec.Tensor([len(x)], dtype)})
+    (ours,) = run({}, x)
+    expected = round_bfloat16_as(x, dtype)
+    assert ours.dtype == expected.dtype
+    np.testing.assert_array_equal(ours.view(np.uint32 if dtype == "float32" else np.uint16),
+                                  expected.view(np.uint32 if dtype == "float32" else np.uint16))

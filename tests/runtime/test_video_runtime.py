@@ -184,6 +184,24 @@ def test_mask_prompt(video_env):
         check_frame(a, b, f"frame {a.frame_index}")
 
 
+def test_memory_kept_on_device_equals_host_rounding(video_env):
+    """The library rounds each frame's memory itself (the manifest says so), and the session
+    keeps it on the device: the same results, bit for bit, as rounding it on the host."""
+    model, _, video = video_env
+    runs = []
+    for on_device in (True, False):
+        ours = VideoSession(model, video)
+        assert ours.memory_on_device, "the library's manifest should mark its memory as bfloat16"
+        ours.memory_on_device = on_device
+        ours.add_box(0, 1, (8, 18, 38, 52))
+        ours.add_points(2, 7, [(80, 65)], [1])
+        runs.append([(f.low_res_logits.copy(), f.object_scores.copy()) for f in ours.propagate()])
+    assert len(runs[0]) == T
+    for (a, sa), (b, sb) in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(sa, sb)
+
+
 def test_bfloat16_rounding_matches_torch():
     x = np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 10
     x[:4] = [1.00390625, 1.01171875, -2.5, 0.0]  # ties to even both ways
