@@ -379,12 +379,19 @@ def test_concept_config_from_hf():
         ConceptConfig.from_hf({"hotstart_delay": 2})
 
 
-def test_planner_helpers_match_reference():
-    """Mask NMS, hole filling and the IoU of the planner (numpy) against the reference's
-    (``modeling_sam3_video``'s, with the original's CPU NMS and components)."""
+@pytest.mark.parametrize("opencv", [True, False], ids=["opencv", "numpy"])
+def test_planner_helpers_match_reference(opencv, monkeypatch):
+    """Mask NMS, hole filling (components by OpenCV, and by the numpy fallback) and the IoU of
+    the planner against the reference's (``modeling_sam3_video``'s, with the original's CPU
+    NMS and components)."""
     from transformers.models.sam3_video import modeling_sam3_video as mv
 
+    from sam3_nn.runtime import video_concept
     from sam3_nn.runtime.video_concept import fill_holes, mask_iou, nms_keep
+
+    assert video_concept._opencv() is not None, "the test extra installs OpenCV"
+    if not opencv:
+        monkeypatch.setattr(video_concept, "_opencv", lambda: None)
 
     rng = np.random.default_rng(3)
     masks = rng.normal(size=(6, 24, 24)).astype(np.float32)
@@ -403,6 +410,24 @@ def test_planner_helpers_match_reference():
     assert (fill_holes(masks, 8) != masks).any()
     ref = mv.mask_iou(torch.from_numpy(masks > 0), torch.from_numpy(masks[:3] > 0)).numpy()
     np.testing.assert_allclose(mask_iou(masks > 0, masks[:3] > 0), ref, rtol=1e-6)
+
+
+def test_component_areas_opencv_equals_numpy():
+    """Both labellings give every pixel its 8-connected component's area: noisy masks (many
+    diagonal touches), thin and empty ones."""
+    from sam3_nn.runtime.video_concept import component_areas, component_areas_numpy
+
+    rng = np.random.default_rng(5)
+    for shape in [(4, 64, 48), (3, 7, 9), (2, 1, 5), (4, 5, 1), (0, 6, 6)]:
+        x = rng.normal(size=shape)
+        for t in (-1.0, 0.0, 1.0):
+            m = x > t
+            ours = component_areas(m)
+            np.testing.assert_array_equal(ours, component_areas_numpy(m), err_msg=f"{shape} > {t}")
+            assert ours[m].min(initial=1) >= 1 and not ours[~m].any()
+    m = np.zeros((1, 6, 6), bool)
+    m[0, [0, 1, 2, 4], [0, 1, 2, 4]] = True  # a diagonal of 3, one apart
+    np.testing.assert_array_equal(component_areas(m)[0][m[0]], [3, 3, 3, 1])
 
 
 def test_detectors_spread_over_models(concept_env):
