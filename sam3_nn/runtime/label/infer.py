@@ -101,12 +101,9 @@ class _Clock:
 KEPT_OUTPUTS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits")
 SMALL_OUTPUTS = ("pred_logits", "pred_boxes", "presence_logits")
 # A unit is one detect (a batch and a concept; the batch's encode_image goes with its first
-# one). Its scores are read ``rows_lag`` units after it was queued and its kept mask rows one
-# unit later: the host waits only for work older than what the device runs. The lag is a
-# batch's detects (ROWS_LAG to MAX_LAG), so that a whole batch of them stays queued while the
-# host does the work between batches (yielding, decoding's results, the next pixels), which
-# at batch 4 outlasted two detects; each unit of lag holds one more copy of detect's outputs.
-ROWS_LAG, MAX_LAG = 2, 6
+# one). Its scores are read ROWS_LAG units after it was queued and its kept mask rows
+# DONE_LAG units after: the host waits only for work older than what the device runs.
+ROWS_LAG, DONE_LAG = 2, 3
 
 
 @dataclass
@@ -157,8 +154,7 @@ class BatchLabeler:
         self._pixels = None  # the device input
         self._ring: Optional[HostRing] = None
         self._seq = 0  # units queued so far
-        self.rows_lag = min(MAX_LAG, max(ROWS_LAG, len(options.concepts)))
-        self.done_lag = self.rows_lag + 1
+        self.rows_lag, self.done_lag = ROWS_LAG, DONE_LAG
 
     # -- any thread ----------------------------------------------------------
     def prepare(self, item: ImageItem):

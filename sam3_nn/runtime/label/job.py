@@ -78,7 +78,9 @@ def label_stream(labeler: BatchLabeler, items: Sequence[ImageItem], pool: Thread
 
 class ShardWriter:
     """Records -> shards of ``size`` images (sooner when ``seconds`` have passed since the last
-    one, so a slow job loses little when killed), each indexed as written."""
+    one, so a slow job loses little when killed), each indexed as written. The writing (JSON,
+    the atomic rename, the index's fsync) runs in a thread of its own, off the thread that
+    keeps the library busy; ``close`` waits for it."""
 
     def __init__(self, store: ShardStore, prefix: str, size: int = 64, seconds: float = 60.0,
                  index: bool = True):
@@ -86,24 +88,36 @@ class ShardWriter:
         self.pending: List[Dict] = []
         self.seq = 0
         self.last = time.monotonic()
-        self.written: List[str] = []
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="label-shards")
+        self._writes: List[Future] = []
 
     def add(self, record: Dict) -> None:
         self.pending.append(record)
         if len(self.pending) >= self.size or time.monotonic() - self.last >= self.seconds:
             self.flush()
 
-    def flush(self) -> Optional[str]:
+    def flush(self) -> None:
+        """Hand the pending records to the writing thread as the next shard."""
         if not self.pending:
-            return None
+            return
         self.seq += 1
-        name = self.store.write_shard(self.pending, self.prefix, self.seq)
-        if self.index:
-            self.store.add_to_index(name, {r["key"]: r["status"] for r in self.pending})
+        self._writes.append(self._thread.submit(self._write, self.pending, self.seq))
         self.pending = []
         self.last = time.monotonic()
-        self.written.append(name)
+
+    def _write(self, records: List[Dict], seq: int) -> str:
+        name = self.store.write_shard(records, self.prefix, seq)
+        if self.index:
+            self.store.add_to_index(name, {r["key"]: r["status"] for r in records})
         return name
+
+    def close(self) -> None:
+        """Flush, and wait until every shard is written (raising the first write's error)."""
+        self.flush()
+        self._thread.shutdown(wait=True)
+        writes, self._writes = self._writes, []
+        for f in writes:
+            f.result()
 
 
 @dataclass
@@ -197,7 +211,7 @@ def run_job(labeler: BatchLabeler, items: Sequence[ImageItem], store: ShardStore
                     say(f"skipped {record['file']}: {record['error']}")
                 bar.update(1)
     finally:
-        writer.flush()  # what finished is kept, whatever stopped the loop
+        writer.close()  # what finished is kept, whatever stopped the loop
         bar.close()
     summary.seconds = time.perf_counter() - t0
     export(store, items, labeler.options, formats, polygons, summary, log)
