@@ -389,6 +389,7 @@ class ConceptSession:
         self.detectors = list(detectors) if detectors else []
         self.prefetch = prefetch if prefetch is not None else max(len(self.detectors), 1)
         self._pool = ThreadPoolExecutor(len(self.detectors)) if self.detectors else None
+        self._post_thread: Optional[ThreadPoolExecutor] = None
         self._ahead: Dict[int, object] = {}
         self._next: Optional[int] = None  # propagation's next frame (read ahead)
         # one model: the next frame's trunk pass and detects are queued while the host plans
@@ -533,7 +534,9 @@ class ConceptSession:
     def propagate(self, start: int = 0, max_frames: Optional[int] = None,
                   reverse: bool = False) -> Iterator[ConceptFrame]:
         """Frames from ``start`` on (``reverse``: backward), each a ``ConceptFrame``, held back
-        ``hotstart_delay`` frames as the reference holds them."""
+        ``hotstart_delay`` frames as the reference holds them. A frame's post-processing (masks
+        at the video's size) runs in a thread while the next frame is computed, so a frame
+        comes out once the next one's step is done (or the propagation's end)."""
         if not self.prompts:
             raise InputError("no prompt: add a text (add_text) or exemplar boxes (add_boxes) first")
         n = self.num_frames
@@ -545,6 +548,13 @@ class ConceptSession:
             end = start + limit if n is None else min(start + limit, n - 1)
             order = range(start, end + 1)
         held: deque = deque()
+        posting: deque = deque()  # post-processing under way, in frame order
+        if self._post_thread is None:
+            self._post_thread = ThreadPoolExecutor(1, thread_name_prefix="sam3-concept-post")
+
+        def post(raw: Dict) -> None:  # the objects hidden as of now, as an immediate call would see them
+            posting.append(self._post_thread.submit(self._post, raw, raw["suppressed"] | self.hotstart_removed))
+
         for f in order:
             if n is None:
                 try:
@@ -557,17 +567,21 @@ class ConceptSession:
             self._next = nxt if nxt in order else None
             raw = self.step(f, reverse)
             self._next = None
+            while posting:
+                yield posting.popleft().result()
             if self.cfg.hotstart_delay > 0:
                 held.append(raw)
                 if f == end:
                     while held:
-                        yield self._post(held.popleft())
+                        post(held.popleft())
                 elif len(held) >= self.cfg.hotstart_delay:
-                    yield self._post(held.popleft())
+                    post(held.popleft())
             else:
-                yield self._post(raw)
+                post(raw)
         while held:  # an iterator ran out before the expected end
-            yield self._post(held.popleft())
+            post(held.popleft())
+        while posting:
+            yield posting.popleft().result()
 
     # -- one frame ----------------------------------------------------------------------------
     def step(self, frame: int, reverse: bool = False) -> Dict:
@@ -811,12 +825,12 @@ class ConceptSession:
             tr._objects[oid].masks.pop(frame, None)
 
     # -- outputs ------------------------------------------------------------------------------
-    def _post(self, raw: Dict) -> ConceptFrame:
-        """``Sam3VideoProcessor.postprocess_outputs`` on one frame's raw outputs."""
+    def _post(self, raw: Dict, hidden: set) -> ConceptFrame:
+        """``Sam3VideoProcessor.postprocess_outputs`` on one frame's raw outputs, ``hidden``
+        objects left out."""
         size = self.tracker.video_size
         h, w = size
         ids = sorted(raw["low_res"])
-        hidden = raw["suppressed"] | self.hotstart_removed
         shown = [oid for oid in ids if oid not in hidden]
         full = self.tracker._video_masks(np.stack([raw["low_res"][o] for o in shown]).astype(np.float32), size) \
             if shown else np.zeros((0, h, w), bool)  # > 0, objects over a few threads
@@ -844,4 +858,6 @@ class ConceptSession:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._post_thread is not None:
+            self._post_thread.shutdown(wait=True)
         self.tracker.close()
