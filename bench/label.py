@@ -13,8 +13,11 @@ so any ids do). One score threshold on both sides, by default the one that keeps
 realistic amount of mask work; objects per image are reported.
 
 Printed per side and batch: images/s, objects per image, and on CUDA the GPU's busy fraction
-during the job (``nvidia-smi``'s ``utilization.gpu``, sampled every 50 ms: the share of time a
-kernel was running) with, for ours, the share of wall time spent inside library calls.
+during the labelling (``nvidia-smi``'s ``utilization.gpu``, sampled every 50 ms: the share of
+time a kernel was running; for ours over the window of its images/s, which leaves out the final
+COCO export, timed apart) with, for ours, the share of wall time spent inside library calls.
+``--lags 2,5,2,5`` runs ours once per lag (detects queued before one's outputs are read),
+alternated, to compare them on one machine.
 
     # CPU (here): compiles the tiny model's library first
     python bench/label.py --device cpu --config tiny --images 24 --batches 1,2
