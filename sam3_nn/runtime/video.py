@@ -787,21 +787,24 @@ class VideoSession:
                 return
             if memories is None and mem_host is None:  # mask prompts replaced rows of the masks and scores
                 binarize = np.full((n,), int(from_prompt), np.int32)
-                mem = engine.call_device("encode_memory", feats[2], high, score[:, None].astype(dt), binarize)[0]
-                if self.memory_on_device:
-                    memories = self._bank.frame_memory_on_device(mem)
-                else:
-                    mem = round_bfloat16_as(ffi.to_numpy(mem), dt)
+                memories = self._keep_memory(
+                    engine.call_device("encode_memory", feats[2], high, score[:, None].astype(dt), binarize)[0])
             elif memories is None:
                 ring.wait(slot, 1)
-                mem = round_bfloat16_as(mem_host, dt)
-        if memories is None:
-            memories = self._bank.frame_memory(mem, ring, (slot, "memory up"))
+                memories = self._bank.frame_memory(round_bfloat16_as(mem_host, dt), ring, (slot, "memory up"))
         for i, (oid, is_init, _, _, _) in enumerate(batch):
             obj = self._objects[oid]
             o = _Output(memories[i], pointer[i].copy(), float(score[i]), low[i].copy() if is_init else None)
             (obj.cond if is_init else obj.non_cond)[frame] = o
             results[oid] = (low[i], float(score[i]))
+
+    def _keep_memory(self, memory) -> List:
+        """A frame's memory as ``encode_memory`` left it on the device -> a device tensor per
+        object: copied as it is where the library rounds it, else rounded on the host and
+        uploaded back (call under the engine's lock: a later call may reuse the output)."""
+        if self.memory_on_device:
+            return self._bank.frame_memory_on_device(memory)
+        return self._bank.frame_memory(round_bfloat16_as(ffi.to_numpy(memory), self.dtype))
 
     def _video_masks(self, low: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
         """Low-resolution logits -> masks at the video's size; objects split over a few threads

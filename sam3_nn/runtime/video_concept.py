@@ -32,7 +32,8 @@ What runs per frame is ``transformers``' ``Sam3VideoModel._det_track_one_frame``
 Outputs are held back for ``hotstart_delay`` frames (objects removed by the hot start are
 hidden from the frames already held), then post-processed as ``Sam3VideoProcessor``'s
 ``postprocess_outputs``: masks at the video's size, empty and hidden objects dropped, and
-pixels claimed by several objects given to the one the tracker scores highest.
+pixels claimed by several objects given to the one the tracker scores highest. That runs in a
+thread while the next frame is computed, so a frame comes out one step later.
 
 Several devices: ``detectors=[model_on_gpu1, ...]`` spreads the trunk + detector work of the
 frames round-robin over those models, a few frames ahead of the tracker (the official
@@ -65,7 +66,7 @@ from sam3_nn.runtime.api import ImageState, VISUAL_PROMPT, split_image_outputs
 from sam3_nn.runtime.engine import LibraryError
 from sam3_nn.runtime.postprocess import resize_bilinear, sigmoid
 from sam3_nn.runtime.transfer import HostRing
-from sam3_nn.runtime.video import FrameResult, VideoSession, resize_antialias, round_bfloat16_as
+from sam3_nn.runtime.video import FrameResult, VideoSession, resize_antialias
 
 NO_OBJ_LOGIT = -10.0  # a suppressed mask's logits, as the reference's
 NEVER_OCCLUDED, ALWAYS_OCCLUDED = -1, 100000
@@ -796,12 +797,8 @@ class ConceptSession:
         score = np.where((masks > 0).any(axis=(1, 2)), np.float32(10.0), np.float32(-10.0)).astype(np.float32)
         dt, engine = tr.dtype, self.model.model
         args = (feats[2], masks[:, None].astype(dt), score[:, None].astype(dt), np.zeros(len(ids), np.int32))
-        with engine.lock:  # the output is copied before any later call can reuse its memory
-            mem = engine.call_device("encode_memory_low_res", *args)[0]
-            if tr.memory_on_device:
-                memories = tr._bank.frame_memory_on_device(mem)
-            else:
-                memories = tr._bank.frame_memory(round_bfloat16_as(ffi.to_numpy(mem), dt))
+        with engine.lock:  # the output is kept before any later call can reuse its memory
+            memories = tr._keep_memory(engine.call_device("encode_memory_low_res", *args)[0])
         for i, oid in enumerate(ids):
             obj = tr._objects[oid]
             for store in (obj.cond, obj.non_cond):

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 
+from sam3_nn.runtime import ffi
 from sam3_nn.runtime.api import Sam3
 from sam3_nn.runtime.interactive import to_model_coords
 from sam3_nn.runtime.preprocess import normalize, resize_uint8
@@ -184,22 +185,30 @@ def test_mask_prompt(video_env):
         check_frame(a, b, f"frame {a.frame_index}")
 
 
-def test_memory_kept_on_device_equals_host_rounding(video_env):
-    """The library rounds each frame's memory itself (the manifest says so), and the session
-    keeps it on the device: the same results, bit for bit, as rounding it on the host."""
+def test_memory_kept_on_device_is_rounded_as_on_the_host(video_env):
+    """The library rounds each frame's memory to bfloat16 itself (its manifest says so) and
+    the session keeps it on the device: the kept memories hold bfloat16 values, and a session
+    rounding them on the host gives the same frames (to the parity tolerance: the CPU runtime's
+    last-frame logits vary by ~3e-4 from run to run)."""
     model, _, video = video_env
-    runs = []
+    frames, kept = [], []
     for on_device in (True, False):
         ours = VideoSession(model, video)
         assert ours.memory_on_device, "the library's manifest should mark its memory as bfloat16"
         ours.memory_on_device = on_device
         ours.add_box(0, 1, (8, 18, 38, 52))
         ours.add_points(2, 7, [(80, 65)], [1])
-        runs.append([(f.low_res_logits.copy(), f.object_scores.copy()) for f in ours.propagate()])
-    assert len(runs[0]) == T
-    for (a, sa), (b, sb) in zip(*runs):
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(sa, sb)
+        frames.append([(f.low_res_logits.copy(), f.object_scores.copy()) for f in ours.propagate()])
+        kept.append([ffi.to_numpy(out.memory) for obj in ours._objects.values()
+                     for out in list(obj.cond.values()) + list(obj.non_cond.values())])
+    assert len(frames[0]) == T and len(kept[0]) == len(kept[1]) > 2
+    for memories in kept:
+        for m in memories:
+            assert np.abs(m).max() > 0
+            np.testing.assert_array_equal(m, round_bfloat16(m))
+    for (a, sa), (b, sb) in zip(*frames):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(sa, sb, rtol=RTOL, atol=ATOL)
 
 
 def test_bfloat16_rounding_matches_torch():
