@@ -100,12 +100,12 @@ class FolderFrames(FrameSource):
 class IteratorFrames(FrameSource):
     """Frames from any iterable, read in order; the last ``keep`` read stay for revisits."""
 
-    def __init__(self, frames: Iterable, keep: int = 2):
+    def __init__(self, frames: Iterable, keep: int = 2, num_frames: Optional[int] = None):
         self._it = iter(frames)
         self._next = 0
         self._kept: "OrderedDict[int, np.ndarray]" = OrderedDict()
         self._keep = keep
-        self.num_frames = None
+        self.num_frames = num_frames  # None until the iterator runs out, unless given
         self.exhausted = False
 
     def get(self, index: int) -> np.ndarray:
@@ -185,7 +185,7 @@ def open_frames(video) -> FrameSource:
             raise InputError(f"video {path}: no such file or folder")
         return VideoFileFrames(path)
     if isinstance(video, np.ndarray) and video.ndim == 4:
-        return IteratorFrames(list(video), keep=len(video))
+        return IteratorFrames(list(video), keep=len(video), num_frames=len(video))
     try:
         return IteratorFrames(iter(video))
     except TypeError:
@@ -350,6 +350,10 @@ class VideoSession:
                                    "with parts vision,interactive,video")
         self.model = model
         self.frames = open_frames(video)
+        # the length the object pointers' temporal encoding uses: known when the source opens
+        # (a folder, a file, an array), else none (streaming) for the whole session; an
+        # iterator's end found later by the read-ahead thread must not change it mid-way
+        self._length = self.frames.num_frames
         cfg = model.manifest["config"]
         v = cfg.get("video", {})
         self.num_maskmem = int(v.get("num_maskmem", 7))
@@ -640,13 +644,13 @@ class VideoSession:
             memory.append(out.memory)
         # object pointers: the selected conditioning frames not after this one (before, backward),
         # then the tracked frames up to max_object_pointers - 1 steps back
-        streaming = self.num_frames is None
-        max_ptr = self.max_pointers if streaming else min(self.num_frames, self.max_pointers)
+        length = self._length
+        max_ptr = self.max_pointers if length is None else min(length, self.max_pointers)
         sign = -1 if reverse else 1
         ptrs = [((frame - t) * sign, out) for t, out in selected.items() if (t >= frame if reverse else t <= frame)]
         for d in range(1, max_ptr):
             ref = frame - d if not reverse else frame + d
-            if ref < 0 or (not streaming and ref >= self.num_frames):
+            if ref < 0 or (length is not None and ref >= length):
                 break
             out = obj.non_cond.get(ref)
             if out is not None:
