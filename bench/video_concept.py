@@ -204,7 +204,8 @@ def run(args) -> Dict:
     mask = mask.astype(sam3._input_dtype("encode_text", "attention_mask"))
     # the prompt's encoding from these ids (random weights: any ids do; no tokenizer needed)
     sam3._text_cache[PROMPT] = tuple(lib.call_device("encode_text", ids, mask))
-    frames = video_tracker.synthetic_video(args.warmup + args.frames + video_tracker.SPLIT_FRAMES + args.host_profile + 2, args.seed)
+    count = args.warmup + args.frames + video_tracker.SPLIT_FRAMES + args.host_profile + 2
+    frames = video_tracker.synthetic_video(count, args.seed)
     results = {"device": args.device, "config": args.config, "layers": args.layers, "frames": args.frames,
                "library_dtype": lib.manifest["dtype"], "objects": {}}
     size = cfg.image_size

@@ -197,10 +197,10 @@ def component_areas(mask: np.ndarray) -> np.ndarray:
 
 
 def component_areas_numpy(mask: np.ndarray) -> np.ndarray:
-    """:func:`component_areas` in numpy. Union-find over the masks' horizontal runs (a few per row for blob-like masks, so far fewer
-    elements than pixels): runs of neighbouring rows that touch (diagonally included) are
-    joined, each round hooking every pair's larger root under the smaller one, then halving
-    paths until every run points at its root; numpy throughout."""
+    """:func:`component_areas` in numpy. Union-find over the masks' horizontal runs (a few per
+    row for blob-like masks, so far fewer elements than pixels): runs of neighbouring rows
+    that touch (diagonally included) are joined, each round hooking every pair's larger root
+    under the smaller one, then halving paths until every run points at its root."""
     shape = mask.shape
     h, w = shape[-2], shape[-1]
     m = np.ascontiguousarray(mask, bool).reshape(-1, w)  # every row of every mask
