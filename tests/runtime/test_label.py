@@ -381,6 +381,31 @@ def test_store_recovers_unindexed_shards_and_drops_duplicates(tmp_path):
         ShardStore(str(tmp_path / "other")).begin({"options": {}})
 
 
+def test_shard_write_error_stops_the_job_at_the_next_shard(tmp_path):
+    """A shard the writing thread fails to write (a full disk) is raised when the next shard
+    is handed over, not only when the job ends; the shards before it stay written."""
+    from sam3_nn.runtime.label.job import ShardWriter
+
+    class FullDisk(ShardStore):
+        def write_shard(self, records, prefix, seq):
+            if seq == 2:
+                raise OSError(28, "No space left on device")
+            return super().write_shard(records, prefix, seq)
+
+    store = FullDisk(str(tmp_path / "job"))
+    store.begin({"options": {}})
+    writer = ShardWriter(store, "run", size=2)
+    rec = lambda k: {"key": k, "file": k, "status": "error", "error": "x"}  # noqa: E731
+    for k in "abcd":  # shards 1 and 2 handed over
+        writer.add(rec(k))
+    writer._writes[-1].exception()  # shard 2's write has ended (failed)
+    writer.add(rec("e"))
+    with pytest.raises(OSError, match="No space left"):
+        writer.add(rec("f"))  # shard 3 handed over: shard 2's error
+    writer.close()
+    assert store.finished() == {"a": "error", "b": "error", "e": "error", "f": "error"}
+
+
 def test_fast_masks_equal_post_process_instances():
     """``label.masks``: the same scores, boxes and masks as ``post_process_instances``, for
     thresholds inside and outside the logit band, up- and down-sizing, and logits placed right

@@ -80,7 +80,8 @@ class ShardWriter:
     """Records -> shards of ``size`` images (sooner when ``seconds`` have passed since the last
     one, so a slow job loses little when killed), each indexed as written. The writing (JSON,
     the atomic rename, the index's fsync) runs in a thread of its own, off the thread that
-    keeps the library busy; ``close`` waits for it."""
+    keeps the library busy; ``close`` waits for it. A failed write (a full disk) is raised at
+    the next shard handed over, so the job stops there instead of computing to its end."""
 
     def __init__(self, store: ShardStore, prefix: str, size: int = 64, seconds: float = 60.0,
                  index: bool = True):
@@ -97,13 +98,21 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Hand the pending records to the writing thread as the next shard."""
+        """Hand the pending records to the writing thread as the next shard (raising the
+        error of a write that failed since the last one)."""
+        self._raise_failed()
         if not self.pending:
             return
         self.seq += 1
         self._writes.append(self._thread.submit(self._write, self.pending, self.seq))
         self.pending = []
         self.last = time.monotonic()
+
+    def _raise_failed(self) -> None:
+        done = [f for f in self._writes if f.done()]
+        self._writes = [f for f in self._writes if f not in done]
+        for f in done:
+            f.result()
 
     def _write(self, records: List[Dict], seq: int) -> str:
         name = self.store.write_shard(records, self.prefix, seq)
@@ -113,8 +122,10 @@ class ShardWriter:
 
     def close(self) -> None:
         """Flush, and wait until every shard is written (raising the first write's error)."""
-        self.flush()
-        self._thread.shutdown(wait=True)
+        try:
+            self.flush()
+        finally:
+            self._thread.shutdown(wait=True)
         writes, self._writes = self._writes, []
         for f in writes:
             f.result()
