@@ -3,8 +3,8 @@ implementations: the fused TIR kernel in its GPU or CPU schedule, the composed p
 inline or as the standalone kernel. GPU targets without kernels of their own (Metal, OpenCL)
 take these tables as they are; the CPU and CUDA tables start from them.
 
-* ``attention``: on GPUs the fused kernel when the bias is absent or a key mask, else (and
-  for a few queries against many keys) the composed path; on CPUs the composed path (its GEMMs run on the register-blocked kernels:
+* ``attention``: on GPUs the fused kernel when the bias is absent or a key mask and v is
+  as wide as q, else (and for a few queries against many keys) the composed path; on CPUs the composed path (its GEMMs run on the register-blocked kernels:
   the DETR encoder's self-attention at full size took 4.6 s in the fused CPU kernel against
   ~1 s composed).
 * ``qkv_attention``: RoPE mode ``normal``, the standalone RoPE kernel then composed attention
@@ -54,7 +54,7 @@ def attention_routes(target: tvm.target.Target, opts: KernelOptions) -> Dict[str
     tiles = opts.gpu_attention_tiles
 
     def attention(q, k, v, key_bias=None, *, num_heads):
-        if gpu and not few_queries_many_keys(q, k):
+        if gpu and not few_queries_many_keys(q, k) and A.same_dim(q.shape[2], v.shape[2]):
             bias2d = A.key_bias_2d(key_bias, q.shape[0], k.shape[1]) if key_bias is not None else None
             if key_bias is None or bias2d is not None:
                 return A.fused_attention(q, k, v, num_heads, int(q.shape[2]) // num_heads,

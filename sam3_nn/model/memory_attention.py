@@ -18,6 +18,12 @@ standalone kernel); the cross-attention rotates q and the spatial keys with
 ``sam3_nn.ops.rope.rotate_tokens`` (the same axial-RoPE arithmetic, ``head_dim/4``
 x-pairs then y-pairs, the grid repeated over the memory frames) and goes through
 ``sam3_nn.ops.attention.attention``. LayerNorm eps 1e-5 (``nn.LayerNorm``).
+
+The cross-attention's value projection is applied after the attention: with one head,
+``softmax(S) (M Wv^T + bv) = (softmax(S) M) Wv^T + bv`` (each row of probabilities sums to
+1), so the attention reads the 64-wide memory as its values instead of 256-wide projected
+ones: a quarter of the probabilities-times-values work and no projected value tensor over
+every memory token (the reference projects first; the same result up to rounding).
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ class RopeAttention(nn.Module):
                 rotated_keys=None, key_bias: Optional[Tensor] = None) -> Tensor:
         q = rotate_tokens(self.q_proj(query), rope, self.num_heads)
         k = rotate_tokens(self.k_proj(key), rope, self.num_heads, rotated_keys)
+        if self.num_heads == 1 and int(value.shape[-1]) < int(q.shape[-1]):
+            # one head, narrower values: project after the attention (module docstring)
+            return self.o_proj(self.v_proj(attention(q, k, value, 1, key_bias)))
         out = attention(q, k, self.v_proj(value), self.num_heads, key_bias)
         return self.o_proj(out)
 

@@ -78,16 +78,19 @@ def _check_qkv(qkv: Tensor, num_heads: int, rope: Optional[AxialRope]) -> int:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
               key_bias: Optional[Tensor] = None) -> Tensor:
-    """Multi-head attention on projected ``[B, N, hidden]`` tensors -> ``[B, Nq, hidden]``.
+    """Multi-head attention on projected ``[B, Nq, hidden]`` q, ``[B, Nk, hidden]`` k and
+    ``[B, Nk, hidden_v]`` v -> ``[B, Nq, hidden_v]`` (``hidden_v``: usually ``hidden``; narrower
+    where the value projection is applied after the attention, as the memory attention does).
 
     ``key_bias``: additive bias broadcasting to ``[B, H, Nq, Nk]`` (e.g. ``[B, 1, 1, Nk]``
     holding 0 for kept keys and ``MASK_VALUE`` for padded ones, or a per-query, per-head
     ``[B or 1, H, Nq, Nk]``)."""
     b, nq, c = q.shape
-    if int(c) % num_heads:
-        raise ValueError(f"hidden size {c} is not a multiple of {num_heads} heads")
+    cv = v.shape[2]
+    if int(c) % num_heads or int(cv) % num_heads:
+        raise ValueError(f"q width {c} and v width {cv} must be multiples of {num_heads} heads")
     tensors = [q, k, v] + ([key_bias] if key_bias is not None else [])
-    return _emit_op(ATTENTION, tensors, {"num_heads": num_heads}, (b, nq, c), q.dtype)
+    return _emit_op(ATTENTION, tensors, {"num_heads": num_heads}, (b, nq, cv), q.dtype)
 
 
 def qkv_self_attention(qkv: Tensor, num_heads: int, rope: Optional[AxialRope] = None) -> Tensor:

@@ -297,8 +297,9 @@ class _Memory(nn.Module):
 
 def test_memory_attention_takes_the_cuda_kernel():
     """fp16 on cuda sm_90a: the self-attention (RoPE inline) and the masked cross-attention to
-    the memory are calls of the kernel (head dim 256), no TIR attention kernel or softmax left;
-    float32 keeps the portable routes."""
+    the memory are calls of the kernel (head dim 256; the cross-attention's values the 64-wide
+    memory, projected after it), no TIR attention kernel or softmax left; float32 keeps the
+    portable routes."""
     hw, k = 64, 2 * 64 + 4
 
     def routed(dtype):
@@ -312,15 +313,16 @@ def test_memory_attention_takes_the_cuda_kernel():
 
     fn = routed("float16")
     syms = _symbols(fn)
-    assert syms.count(attention_cuda.SYMBOL) == 1 and syms.count(attention_cuda.SYMBOL_BIAS) == 1, syms
+    assert syms.count(attention_cuda.SYMBOL) == 1 and syms.count(attention_cuda.SYMBOL_V64) == 1, syms
     assert not [s for s in syms if s.startswith("sam3.op.") or s.startswith("sam3_attention_rope")], syms
     script = fn.script()
     # self: fused qkv, 1 head, q/k/v columns 0/256/512, the 8x8 RoPE grid, keys rotated inline
     assert re.search(r'call_dps_packed\("sam3_attention_cuda", \((\w+), \1, \1, 1, 0, 256, 512, 8, 8, '
                      r'T.float64\(1.0\), T.float64\(10000.0\), 0\)', script), script
-    # cross: the key bias of the memory's mask, no RoPE in the kernel (rotate_tokens did it)
-    assert re.search(r'call_dps_packed\("sam3_attention_cuda_bias", \(\w+, \w+, \w+, \w+, 1, 0, 0, 0, 0, 0, '
-                     r'T.float64\(1.0\), T.float64\(10000.0\), 0\)', script), script
+    # cross: the key bias of the memory's mask, no RoPE in the kernel (rotate_tokens did it),
+    # values the memory itself (64 wide), the output 64 wide
+    assert re.search(r'call_dps_packed\("sam3_attention_cuda_v64", \(\w+, \w+, memory, \w+, 1, 0, 0, '
+                     r'T.float64\(1.0\), T.float64\(10000.0\), 0\), out_ty=R.Tensor\(\(b, 64, 64\)', script), script
     assert "softmax" not in script
     assert not any(s.startswith("sam3_attention_cuda") for s in _symbols(routed("float32")))
 
@@ -366,17 +368,19 @@ def _ptxas(tmp_path):
 
 
 def test_head_dim_256_kernels_compile_without_spills(tmp_path):
-    """The head dim 256 instantiations (configs 10 and 11, with/without RoPE and key bias) and
-    the 128 ones are built for sm_90a, and no head dim 256 kernel spills registers."""
+    """The head dim 256 instantiations (configs 10 and 11, with/without RoPE and key bias; config
+    11 also with 64-wide values) and the 128 ones are built for sm_90a, and no head dim 256
+    kernel spills registers."""
     kernels = _ptxas(tmp_path)
     d256 = {k: v for k, v in kernels.items() if "attention_kernel<256," in k}
-    expect = {f"attention_kernel<256, {nw}, 1, 32, {r}, {b}>" for nw in (4, 8)
+    expect = {f"attention_kernel<256, {dv}, {nw}, 1, 32, {r}, {b}>" for dv, nw in ((256, 4), (256, 8), (64, 8))
               for r in ("false", "true") for b in ("false", "true")}
     assert {k.split("(")[0].replace("void ", "").strip() for k in d256} == expect, sorted(d256)
     for k, (regs, stores, loads) in d256.items():
         assert stores == 0 and loads == 0 and regs <= 255, (k, regs, stores, loads)
-    assert any("attention_kernel<128, 4, 1, 32" in k for k in kernels)
+    assert any("attention_kernel<128, 128, 4, 1, 32" in k for k in kernels)
     assert any("rope_keys_kernel<256>" in k for k in kernels) and any("combine_splits<256>" in k for k in kernels)
+    assert any("combine_splits<64>" in k for k in kernels)
 
 
 class _Wide(nn.Module):
@@ -398,6 +402,9 @@ class _Wide(nn.Module):
     def masked128(self, q, k, v, bias):
         return attention(q, k, v, 2, bias)
 
+    def masked256v64(self, q, k, v, bias):
+        return attention(q, k, v, 1, bias)
+
     def short256(self, qkv):
         return qkv_self_attention(qkv, 1, self.rope_short)
 
@@ -408,7 +415,8 @@ class _Wide(nn.Module):
         return qkv_self_attention(qkv, 2, self.rope_long128)
 
 
-WIDE = {"cross256": (2, 100, 2000), "masked256": (4, 70, 2000), "masked128": (3, 100, 337)}  # b, nq, nk
+WIDE = {"cross256": (2, 100, 2000), "masked256": (4, 70, 2000), "masked128": (3, 100, 337),
+        "masked256v64": (4, 300, 2000)}  # b, nq, nk (v64: several query blocks, keys split)
 
 
 @pytest.fixture(scope="module")
@@ -424,9 +432,10 @@ def wide_vm(tmp_path_factory):
         pytest.skip("nvcc not found")
     t = lambda *s, d="float16": nn.spec.Tensor(list(s), d)  # noqa: E731
     spec = {name: {"q": t(b, nq, 256), "k": t(b, nk, 256), "v": t(b, nk, 256)} for name, (b, nq, nk) in WIDE.items()}
-    for name in ("masked256", "masked128"):
+    for name in ("masked256", "masked128", "masked256v64"):
         b, _, nk = WIDE[name]
         spec[name]["bias"] = t(b, 1, 1, nk, d="float32")
+    spec["masked256v64"]["v"] = t(*WIDE["masked256v64"][::2], 64)
     spec.update({"short256": {"qkv": t(2, 99, 768)}, "long256": {"qkv": t(1, 576, 768)},
                  "long128": {"qkv": t(1, 576, 768)}})
     mod, _ = _Wide().export_tvm(spec=spec)
@@ -481,18 +490,20 @@ def test_head_dims_128_256_cross_attention_on_gpu(wide_vm):
     rng = np.random.default_rng(0)
     for name, (b, nq, nk) in WIDE.items():
         h = 2 if name.endswith("128") else 1
-        q, k, v = (rng.standard_normal((b, n, 256)).astype(np.float16) for n in (nq, nk, nk))
+        dv = 64 if name.endswith("v64") else 256
+        q, k = (rng.standard_normal((b, n, 256)).astype(np.float16) for n in (nq, nk))
+        v = rng.standard_normal((b, nk, dv)).astype(np.float16)
         if name == "cross256":
             assert_close(wide_vm(name, q, k, v), _ref_cross(q, k, v, h), rtol, atol, name)
             continue
-        bias = _masks(b, nk, 256 if name == "masked256" else 128)
+        bias = _masks(b, nk, 128 if name == "masked128" else 256)
         ours = wide_vm(name, q, k, v, bias[:, None, None, :])
         ref = _ref_cross(q, k, v, h, bias)
         keep = [i for i in range(b) if i != 2]
         assert_close(ours[keep], ref[keep], rtol, atol, name)
         # the all-masked entry (float32 scores of -1e9 + q.k are all alike): the mean of v over
         # every key, as the TIR kernels give (tests/ops/test_attention.py)
-        assert_close(ours[2], np.broadcast_to(v[2].astype(np.float64).mean(0), (nq, 256)), rtol, atol,
+        assert_close(ours[2], np.broadcast_to(v[2].astype(np.float64).mean(0), (nq, dv)), rtol, atol,
                      f"{name} all masked")
         assert np.abs(ref[1] - _ref_cross(q, k, v, h)[1]).max() > 50 * atol  # the mask matters
 

@@ -100,6 +100,9 @@ class FusedCross(nn.Module):
     def per_query(self, q, k, v, bias):
         return attention(q, k, v, self.h, bias)
 
+    def narrow_v(self, q, k, v, bias):
+        return attention(q, k, v, self.h, bias)
+
 
 MODES = ("inline", "normal", "none")
 
@@ -169,6 +172,8 @@ def cross_lib(request):
         "masked": {"q": t("b", "nq", c), "k": t("b", "nk", c), "v": t("b", "nk", c), "bias": t("b", 1, 1, "nk")},
         "per_query": {"q": t("b", "nq", c), "k": t("b", "nk", c), "v": t("b", "nk", c),
                       "bias": t("b", 1, "nq", "nk")},
+        "narrow_v": {"q": t("b", "nq", c), "k": t("b", "nk", c), "v": t("b", "nk", c // 4),
+                     "bias": t("b", 1, 1, "nk")},
     }
     mod, vm = _compile(FusedCross(h), spec)
     return dtype, h, c, mod, vm
@@ -212,6 +217,25 @@ def test_cross_attention_lengths_and_mask(cross_lib):
     assert_close(_run(vm, "per_query", q, k, v, pq), ref_pq, f * rtol, f * atol, f"per-query {dtype}")
     assert "sam3_attention_masked" in mod["masked"].script()
     assert "sam3_attention" not in mod["per_query"].script()
+
+
+def test_values_narrower_than_queries(cross_lib):
+    """v heads a quarter of q/k's (the memory attention's values, projected after the
+    attention): ``[B, Nq, heads * dv]``, the softmax scale from q's head dim; masked keys."""
+    dtype, h, c, _, vm = cross_lib
+    rtol, atol = TOL[dtype]
+    rng = np.random.default_rng(4)
+    b, nq, nk = 2, 9, 133
+    q, k = (rng.standard_normal((b, n, c)).astype(dtype) for n in (nq, nk))
+    v = rng.standard_normal((b, nk, c // 4)).astype(dtype)
+    keep = rng.random((b, nk)) < 0.6
+    bias = np.where(keep, 0.0, -1e4).astype(dtype)[:, None, None, :]
+    T = lambda a: heads(torch.from_numpy(a.astype(np.float64)), h)
+    ref = merge(ref_attention(T(q), T(k), T(v), torch.from_numpy(bias.astype(np.float64)))).numpy()
+    ours = _run(vm, "narrow_v", q, k, v, bias)
+    assert ours.shape == (b, nq, c // 4)
+    f = 1 if dtype == "float32" else 4  # composed: probabilities rounded to fp16 (as per_query)
+    assert_close(ours, ref, f * rtol, f * atol, f"narrow v {dtype}")
 
 
 class Cross(nn.Module):

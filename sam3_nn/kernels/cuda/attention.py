@@ -41,8 +41,10 @@ SYMBOL_WINDOW = "sam3_attention_cuda_window"
 SYMBOL_FULL_BIAS = "sam3_attention_cuda_full_bias"
 SYMBOL_ROPE_KEYS = "sam3_rope_keys_cuda"
 SYMBOL_ROPE_QK = "sam3_rope_qk_cuda"
+SYMBOL_V64 = "sam3_attention_cuda_v64"
 ROPE_QK_SCALARS = 8  # heads, window, img_h, img_w, grid_h, grid_w, scale, theta
-SYMBOLS = (SYMBOL, SYMBOL_BIAS, SYMBOL_WINDOW, SYMBOL_FULL_BIAS, SYMBOL_ROPE_KEYS, SYMBOL_ROPE_QK)
+SYMBOLS = (SYMBOL, SYMBOL_BIAS, SYMBOL_WINDOW, SYMBOL_FULL_BIAS, SYMBOL_ROPE_KEYS, SYMBOL_ROPE_QK,
+           SYMBOL_V64)
 SOURCE = "attention"  # sam3_nn/kernels/cuda/attention.cu
 # 128/256: one 16-row m-tile per warp, q fragments reloaded from shared memory at 256 (the
 # video tracker's memory attention: one head of 256)
@@ -132,6 +134,24 @@ def emit(q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: int, offsets
                      out=Tensor.placeholder((b, nq, num_heads * head_dim), q.dtype))
 
 
+def supported_v64(dtype: str, num_heads: int, widths) -> bool:
+    """Whether the kernel takes an attention with narrower values: float16, q/k heads of 256,
+    v heads of 64 (the memory attention's cross-attention, its value projection applied after
+    the attention), static widths."""
+    q_w, k_w, v_w = widths
+    return (dtype == "float16" and all(isinstance(w, int) for w in widths)
+            and q_w == k_w == 256 * num_heads and v_w == 64 * num_heads)
+
+
+def emit_v64(q: Tensor, k: Tensor, v: Tensor, num_heads: int, key_bias: Tensor) -> Tensor:
+    """``call_dps_packed`` of the kernel for 256-wide q/k heads and 64-wide v heads, with a
+    ``[B or 1, Nk]`` key bias: ``[B, Nq, num_heads * 64]``."""
+    b, nq = q.shape[0], q.shape[1]
+    scalars = [int(num_heads), 0, 0, 1.0, 10000.0, 0]
+    return op.extern(SYMBOL_V64, [q, k, v, op.astype(key_bias, "float32")] + scalars,
+                     out=Tensor.placeholder((b, nq, num_heads * 64), q.dtype))
+
+
 def supported_full_bias(dtype: str, head_dim: int, widths, nk) -> bool:
     """Whether the kernel takes an attention with a full ``[B or 1, H, Nq, Nk]`` bias:
     as :func:`supported` (offsets 0), and ``Nk`` static and even (pairs of fp16 bias
@@ -210,6 +230,10 @@ def attention_routes(target: tvm.target.Target, cuda_arches: Optional[Sequence[s
         head_dim = int(c) // num_heads
         widths = (c, k.shape[2], v.shape[2])
         bias2d = A.key_bias_2d(key_bias, b, k.shape[1]) if key_bias is not None else None
+        if not A.same_dim(c, v.shape[2]):  # values narrower than q/k
+            if bias2d is not None and supported_v64(q.dtype, num_heads, widths):
+                return emit_v64(q, k, v, num_heads, bias2d)
+            return base_attention(q, k, v, key_bias, num_heads=num_heads)
         if (key_bias is None or bias2d is not None) and supported(q.dtype, head_dim, widths, (0, 0, 0)):
             return emit(q, k, v, num_heads, head_dim, (0, 0, 0), None, bias2d)
         if (key_bias is not None and bias2d is None

@@ -6,7 +6,11 @@
 // online softmax between them (docs/attention_cuda.md). Other targets keep the TIR kernels,
 // with the same semantics:
 //
-//   out[b, i, h*D + d] = sum_j softmax_j(q_i . k_j / sqrt(D) + bias[b, j]) v[b, j, v_off + h*D + d]
+//   out[b, i, h*DV + d] = sum_j softmax_j(q_i . k_j / sqrt(D) + bias[b, j]) v[b, j, v_off + h*DV + d]
+//
+// DV (the value head dim) is D, except head dim 256 with 64-wide values (DV 64): the memory
+// attention applies its value projection after the attention (P (M Wv) = (P M) Wv), so its
+// values stay the 64-wide memory and O += P V costs a quarter.
 //
 // * q, k, v are [B, N, W] fp16 with arbitrary row/batch strides; head h of each starts at
 //   column off + h*D, so a fused qkv projection [B, N, 3*H*D] is passed three times
@@ -83,7 +87,7 @@ struct Params {
   // takes key tiles [s * split_tiles, (s + 1) * split_tiles) and writes its unnormalised
   // output and (log2-domain max, sum) per row to `part`; combine_splits merges them
   int splits, split_tiles;
-  float* part;  // [batch, heads, splits, nq, D + 2] fp32
+  float* part;  // [batch, heads, splits, nq, DV + 2] fp32
   // masked-tile skip (mma.sync kernels with a key bias): the number of key tiles (of the
   // kernel's BN keys) whose bias maxima are kept in shared memory; 0: no skip
   int skip_tiles;
@@ -142,11 +146,11 @@ struct BlockInputs {
   RowMap rm;
 };
 
-template <int D, bool BIAS>
+template <int D, bool BIAS, int DV = D>
 __device__ __forceinline__ BlockInputs block_inputs(const Params& p, int b, int h) {
   return BlockInputs{p.q + batch_offset(p, b, p.q_bs, p.q_rs) + p.q_off + h * D,
                      p.k + batch_offset(p, b, p.k_bs, p.k_rs) + p.k_off + h * D,
-                     p.v + batch_offset(p, b, p.v_bs, p.v_rs) + p.v_off + h * D,
+                     p.v + batch_offset(p, b, p.v_bs, p.v_rs) + p.v_off + h * DV,
                      BIAS && p.bias ? p.bias + b * p.bias_bs : nullptr,
                      BIAS && p.fbias ? p.fbias + b * p.fb_bs + h * p.fb_hs : nullptr, row_map(p)};
 }
@@ -421,11 +425,11 @@ __global__ void __launch_bounds__(256) rope_keys_kernel(const RopeKeysParams rp)
 // ---------------------------------------------------------------- the kernel
 
 // Shared memory of attention_kernel, in this order: the q tile [BM, D]; k/v stages 0 and 1
-// ([BN, D] k then v each); the RoPE table; at Params::smem_tail, the key bias of both stages
+// ([BN, D] k then [BN, DV] v each); the RoPE table; at Params::smem_tail, the key bias of both stages
 // and the per-tile key bias maxima of the masked-tile skip (skip_tiles + one per warp). When
 // the keys arrive rotated the table is needed only for the q tile, before stage 1 is first
 // written, so it overlays stage 1 (head dim 256 on a 72x72 grid: 36 KiB of table).
-template <int D, int NW, int MT, int BN, bool ROPE, bool BIAS>
+template <int D, int DV, int NW, int MT, int BN, bool ROPE, bool BIAS>
 struct Cfg {
   static constexpr int NT = NW * 32;
   static constexpr int BM = 16 * MT * NW;
@@ -436,7 +440,7 @@ struct Cfg {
   // masked-tile skip for head dims 128/256 (the video tracker's memory attention, whose empty
   // memory slots are masked); the shorter key sets of the other dims gain nothing from it
   static constexpr bool SKIP = BIAS && D >= 128;
-  static constexpr int STAGE = 2 * BN * D;  // elements of one k/v stage
+  static constexpr int STAGE = BN * (D + DV);  // elements of one k/v stage
   static constexpr int STAGE1 = (BM * D + STAGE) * 2;  // byte offset of stage 1
   // byte offset of the key bias: after the table, or after stage 1 and the overlaid table
   static constexpr int tail_offset(int table_rows, bool table_over_stage1) {
@@ -450,17 +454,17 @@ struct Cfg {
   }
 };
 
-template <int D, int NW, int MT, int BN, bool ROPE, bool BIAS>
+template <int D, int DV, int NW, int MT, int BN, bool ROPE, bool BIAS>
 __global__ void __launch_bounds__(NW * 32)
     attention_kernel(const Params p) {
   sam3_cuda::pdl_wait_then_release();
-  using C = Cfg<D, NW, MT, BN, ROPE, BIAS>;
+  using C = Cfg<D, DV, NW, MT, BN, ROPE, BIAS>;
   constexpr int NT = C::NT, BM = C::BM;
   constexpr bool QREG = C::QREG;
   constexpr int KS = D / 16;   // k-steps of Q K^T
   constexpr int NS = BN / 8;   // n8 tiles of S
-  constexpr int DS = D / 8;    // n8 tiles of O
-  static_assert(BN % 32 == 0 && D % 16 == 0, "tile shape");
+  constexpr int DS = DV / 8;   // n8 tiles of O
+  static_assert(BN % 32 == 0 && D % 16 == 0 && DV % 16 == 0 && DV <= D, "tile shape");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   half* sQ = reinterpret_cast<half*>(smem_raw);
@@ -477,7 +481,7 @@ __global__ void __launch_bounds__(NW * 32)
   const int split = p.splits > 1 ? int(blockIdx.z) % p.splits : 0;
   const int b = p.splits > 1 ? int(blockIdx.z) / p.splits : int(blockIdx.z);
 
-  const BlockInputs in = block_inputs<D, BIAS>(p, b, h);
+  const BlockInputs in = block_inputs<D, BIAS, DV>(p, b, h);
   const half *gq = in.q, *gk = in.k, *gv = in.v;
   const float* gbias = in.bias;
   const half* gfb = in.fbias;
@@ -568,7 +572,7 @@ __global__ void __launch_bounds__(NW * 32)
   // q tile and the first k/v tile start copying before the rotation table is built
   if (j < j_end) {
     load_tile<D, BN, NT>(sS0, gk, p.k_rs, kv_start, nk, tid, rm);
-    load_tile<D, BN, NT>(sS0 + BN * D, gv, p.v_rs, kv_start, nk, tid, rm);
+    load_tile<DV, BN, NT>(sS0 + BN * D, gv, p.v_rs, kv_start, nk, tid, rm);
   }
   cp_async_commit();
 
@@ -632,7 +636,7 @@ __global__ void __launch_bounds__(NW * 32)
     if (has_next) {
       const int kv1 = jn * BN;
       load_tile<D, BN, NT>(nS, gk, p.k_rs, kv1, nk, tid, rm);
-      load_tile<D, BN, NT>(nS + BN * D, gv, p.v_rs, kv1, nk, tid, rm);
+      load_tile<DV, BN, NT>(nS + BN * D, gv, p.v_rs, kv1, nk, tid, rm);
       cp_async_commit();
       if constexpr (BIAS) {
         if (tid < BN) {
@@ -768,7 +772,7 @@ __global__ void __launch_bounds__(NW * 32)
         uint32_t b0, b1, b2, b3;
         const int row = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
         const int ch = dp * 2 + (lane >> 4);
-        ldsm_x4_t(b0, b1, b2, b3, cV + swz<D>(row, ch));
+        ldsm_x4_t(b0, b1, b2, b3, cV + swz<DV>(row, ch));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           mma16816(o[mt][2 * dp], pa[mt], b0, b1);
@@ -797,18 +801,20 @@ __global__ void __launch_bounds__(NW * 32)
         const float l = quad_sum(l_run[mt][hr]);
         const int row = q0 + warp * 16 * MT + mt * 16 + (lane >> 2) + hr * 8;
         if (row >= nq) continue;
-        float* dst = p.part + ((int64_t(b * p.heads + h) * p.splits + split) * nq + row) * (D + 2);
+        float* dst = p.part + ((int64_t(b * p.heads + h) * p.splits + split) * nq + row) * (DV + 2);
 #pragma unroll
         for (int d = 0; d < DS; ++d)
           *reinterpret_cast<float2*>(dst + d * 8 + 2 * (lane & 3)) =
               make_float2(o[mt][d][2 * hr], o[mt][d][2 * hr + 1]);
-        if ((lane & 3) == 0) *reinterpret_cast<float2*>(dst + D) = make_float2(m_run[mt][hr] * sc, l);
+        if ((lane & 3) == 0) *reinterpret_cast<float2*>(dst + DV) = make_float2(m_run[mt][hr] * sc, l);
       }
     }
     return;
   }
 
-  // ---- normalise, stage through this warp's rows of sQ, 16-byte stores
+  // ---- normalise, stage through this warp's rows of sQ, 16-byte stores (DV < D: rows of DV
+  // elements, which overlap other warps' q rows: every warp must be done with them)
+  if constexpr (DV != D) __syncthreads();
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -819,15 +825,15 @@ __global__ void __launch_bounds__(NW * 32)
 #pragma unroll
       for (int d = 0; d < DS; ++d) {
         const uint32_t v = pack_half2(o[mt][d][2 * hr] * inv, o[mt][d][2 * hr + 1] * inv);
-        *reinterpret_cast<uint32_t*>(sQ + swz<D>(row, d) + 2 * (lane & 3)) = v;
+        *reinterpret_cast<uint32_t*>(sQ + swz<DV>(row, d) + 2 * (lane & 3)) = v;
       }
     }
   }
   __syncwarp();
   {
-    constexpr int CH = D / 8;
+    constexpr int CH = DV / 8;
     constexpr int ROWS = 16 * MT;
-    half* go = p.out + batch_offset(p, b, p.o_bs, p.o_rs) + h * D;
+    half* go = p.out + batch_offset(p, b, p.o_bs, p.o_rs) + h * DV;
 #pragma unroll
     for (int it = 0; it < ROWS * CH / 32; ++it) {
       const int idx = it * 32 + lane;
@@ -835,7 +841,7 @@ __global__ void __launch_bounds__(NW * 32)
       const int gr = q0 + r;
       if (gr < nq) {
         *reinterpret_cast<uint4*>(go + int64_t(row_index(rm, gr)) * p.o_rs + c * 8) =
-            *reinterpret_cast<const uint4*>(sQ + swz<D>(r, c));
+            *reinterpret_cast<const uint4*>(sQ + swz<DV>(r, c));
       }
     }
   }
@@ -1282,9 +1288,9 @@ __global__ void __launch_bounds__(128) combine_splits(const Params p) {
 
 // ---------------------------------------------------------------- launch
 
-template <int D, int NW, int MT, int BN, bool ROPE, bool BIAS>
+template <int D, int NW, int MT, int BN, bool ROPE, bool BIAS, int DV = D>
 cudaError_t launch(const Params& params, cudaStream_t stream) {
-  using C = Cfg<D, NW, MT, BN, ROPE, BIAS>;
+  using C = Cfg<D, DV, NW, MT, BN, ROPE, BIAS>;
   Params p = params;
   // masked-tile skip: with a key bias, up to kMaxSkipTiles key tiles of this BN
   const int tiles = (p.nk + BN - 1) / BN;
@@ -1292,7 +1298,7 @@ cudaError_t launch(const Params& params, cudaStream_t stream) {
   const int table_rows = ROPE ? (p.grid_h > p.grid_w ? p.grid_h : p.grid_w) : 0;
   p.smem_tail = C::tail_offset(table_rows, p.rope_k == 0);
   const int smem = C::smem_bytes(table_rows, p.skip_tiles, p.rope_k == 0);
-  auto kern = attention_kernel<D, NW, MT, BN, ROPE, BIAS>;
+  auto kern = attention_kernel<D, DV, NW, MT, BN, ROPE, BIAS>;
   static int configured = 0;  // largest dynamic shared memory size set so far
   if (smem > 48 * 1024 && smem > configured) {
     cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -1302,7 +1308,7 @@ cudaError_t launch(const Params& params, cudaStream_t stream) {
   dim3 grid((p.nq + C::BM - 1) / C::BM, p.heads, p.batch * (p.splits > 1 ? p.splits : 1));
   cudaError_t err = sam3_cuda::launch(kern, grid, dim3(C::NT), smem, stream, p);
   if (err == cudaSuccess && p.splits > 1)
-    err = sam3_cuda::launch(combine_splits<D>, dim3((p.nq + 3) / 4, p.heads, p.batch), dim3(128), 0,
+    err = sam3_cuda::launch(combine_splits<DV>, dim3((p.nq + 3) / 4, p.heads, p.batch), dim3(128), 0,
                             stream, p);
   if (err == cudaSuccess) err = cudaGetLastError();
   return err == cudaSuccess ? err : fail("kernel launch", err);
@@ -1383,6 +1389,13 @@ cudaError_t dispatch_cfg(const Params& p, int config, cudaStream_t stream) {
   return fail("tile configuration not built for this head dim (dispatch_cfg)");
 }
 
+// Head dim 256 with 64-wide values: configuration 11 only (8 warps x 16 rows, 32 keys).
+template <bool ROPE, bool BIAS>
+cudaError_t dispatch_cfg_v64(const Params& p, int config, cudaStream_t stream) {
+  if (config != 11) return fail("64-wide values: tile configuration other than 11");
+  return launch<256, 8, 1, 32, ROPE, BIAS, 64>(p, stream);
+}
+
 // Rows per block and keys per tile of the mma.sync configurations 1..5, 10..12 (dispatch_cfg).
 inline int config_rows(int config) {
   static const int rows[] = {0, 128, 96, 64, 64, 32, 0, 0, 0, 0, 64, 128, 32};
@@ -1434,13 +1447,16 @@ int launch_all(const void* q, const void* k, const void* v, const void* bias, co
                long long v_batch_stride, long long v_row_stride, int v_offset,
                long long out_batch_stride, long long out_row_stride, long long bias_batch_stride,
                long long fb_batch_stride, long long fb_head_stride, int batch, int heads,
-               int head_dim, int nq, int nk, int grid_h, int grid_w, float rope_scale,
+               int head_dim, int head_dim_v, int nq, int nk, int grid_h, int grid_w, float rope_scale,
                float rope_theta, int window, int img_h, int img_w, int config, int keys_rotated,
                cudaStream_t stream) {
   last_failure() = "";
   if (batch <= 0 || heads <= 0 || nq <= 0) return 0;
   if (nk <= 0 || (head_dim != 32 && head_dim != 64 && head_dim != 128 && head_dim != 256))
     return fail("empty keys or head dim not 32/64/128/256");
+  const bool v64 = head_dim_v != head_dim;  // head dim 256, values 64 wide (dispatch_cfg_v64)
+  if (v64 && (head_dim != 256 || head_dim_v != 64 || window > 0 || fbias != nullptr))
+    return fail("value head dim differs from the key's: only 256 / 64, no window, no full bias");
   int nwin = 0, nw = 0;
   if (window > 0) {
     if (img_h <= 0 || img_w <= 0 || img_h % window || img_w % window || bias != nullptr ||
@@ -1496,6 +1512,7 @@ int launch_all(const void* q, const void* k, const void* v, const void* bias, co
   p.win_magic = window > 0 ? uint32_t(((1ull << 32) + window - 1) / window - (window == 1 ? 1 : 0)) : 0u;
   p.win_skip = window > 0 ? img_w - window : 0;
   if (config <= 0) config = auto_config(p, head_dim, fbias == nullptr);
+  if (v64 && config != 11) return fail("64-wide values: tile configuration other than 11");
   if (fbias != nullptr && config >= 6 && config <= 9) return fail("full bias with a wgmma configuration");
   // a full-bias call has few query rows and many keys (201 x 5184 in the DETR decoder): split
   // the keys over blocks until every multiprocessor has about four, at least 4 key tiles each.
@@ -1522,7 +1539,7 @@ int launch_all(const void* q, const void* k, const void* v, const void* bias, co
       cudaGetDevice(&dev);
       p.part = static_cast<float*>(sam3_cuda::scratch(
           sam3_cuda::kAttentionSplits,
-          sizeof(float) * size_t(batch) * heads * p.splits * nq * (head_dim + 2), dev, stream, 0, &why));
+          sizeof(float) * size_t(batch) * heads * p.splits * nq * (head_dim_v + 2), dev, stream, 0, &why));
       if (p.part == nullptr) return fail("key split: no scratch memory (or growing it during capture)");
     }
   }
@@ -1531,7 +1548,12 @@ int launch_all(const void* q, const void* k, const void* v, const void* bias, co
 
   const bool has_bias = bias != nullptr || fbias != nullptr;
   cudaError_t err;
-  if (head_dim == 256) {
+  if (v64) {
+    if (rope) err = has_bias ? dispatch_cfg_v64<true, true>(p, config, stream)
+                             : dispatch_cfg_v64<true, false>(p, config, stream);
+    else err = has_bias ? dispatch_cfg_v64<false, true>(p, config, stream)
+                        : dispatch_cfg_v64<false, false>(p, config, stream);
+  } else if (head_dim == 256) {
     if (rope) err = has_bias ? dispatch_cfg<256, true, true>(p, config, stream)
                              : dispatch_cfg<256, true, false>(p, config, stream);
     else err = has_bias ? dispatch_cfg<256, false, true>(p, config, stream)
@@ -1636,7 +1658,7 @@ int sam3_attention_fp16_window(const void* q, const void* k, const void* v, cons
   return sam3_attn::launch_all(q, k, v, bias, nullptr, out, q_batch_stride, q_row_stride, q_offset,
                                k_batch_stride, k_row_stride, k_offset, v_batch_stride, v_row_stride,
                                v_offset, out_batch_stride, out_row_stride, bias_batch_stride, 0, 0,
-                               batch, heads, head_dim, nq, nk, grid_h, grid_w, rope_scale,
+                               batch, heads, head_dim, head_dim, nq, nk, grid_h, grid_w, rope_scale,
                                rope_theta, window, img_h, img_w, config, keys_rotated, stream);
 }
 
@@ -1714,10 +1736,11 @@ inline void check(const TensorView& t, const char* what, int bits, int ndim) {
     TVM_FFI_THROW(ValueError) << "sam3 attention: " << what << " must be contiguous";
 }
 
+// qk_hidden: the q/k heads' width (0: the output's; narrower values: see sam3_attention_cuda_v64)
 void run(TensorView q, TensorView k, TensorView v, const TensorView* bias, const TensorView* fbias,
          int64_t heads, int64_t q_off, int64_t k_off, int64_t v_off, int64_t grid_h,
          int64_t grid_w, double rope_scale, double rope_theta, int64_t keys_rotated,
-         TensorView out) {
+         TensorView out, int64_t qk_hidden = 0) {
   check(q, "q", 16, 3);
   check(k, "k", 16, 3);
   check(v, "v", 16, 3);
@@ -1727,12 +1750,16 @@ void run(TensorView q, TensorView k, TensorView v, const TensorView* bias, const
   if (heads <= 0 || hidden % heads)
     TVM_FFI_THROW(ValueError) << "sam3 attention: output width " << hidden << " is not a multiple of "
                               << heads << " heads";
-  const int64_t d = hidden / heads;
+  const int64_t qk = qk_hidden > 0 ? qk_hidden : hidden;
+  if (qk % heads)
+    TVM_FFI_THROW(ValueError) << "sam3 attention: q/k width " << qk << " is not a multiple of "
+                              << heads << " heads";
+  const int64_t d = qk / heads, dv = hidden / heads;
   if (k.shape()[0] != b || v.shape()[0] != b || out.shape()[0] != b || v.shape()[1] != nk ||
       out.shape()[1] != nq)
     TVM_FFI_THROW(ValueError) << "sam3 attention: batch/sequence sizes of q, k, v, out disagree";
-  if (q_off < 0 || k_off < 0 || v_off < 0 || q_off + hidden > q.shape()[2] ||
-      k_off + hidden > k.shape()[2] || v_off + hidden > v.shape()[2])
+  if (q_off < 0 || k_off < 0 || v_off < 0 || q_off + qk > q.shape()[2] ||
+      k_off + qk > k.shape()[2] || v_off + hidden > v.shape()[2])
     TVM_FFI_THROW(ValueError) << "sam3 attention: head columns out of range";
   const float* bp = nullptr;
   int64_t bias_bs = 0;
@@ -1761,11 +1788,11 @@ void run(TensorView q, TensorView k, TensorView v, const TensorView* bias, const
       data_of(q), data_of(k), data_of(v), bp, fp, data_of(out), nq * q.shape()[2], q.shape()[2],
       int(q_off), nk * k.shape()[2], k.shape()[2], int(k_off), nk * v.shape()[2], v.shape()[2],
       int(v_off), nq * hidden, hidden, bias_bs, fb_bs, nq * nk, int(b), int(heads), int(d),
-      int(nq), int(nk), int(grid_h), int(grid_w), float(rope_scale), float(rope_theta), 0, 0, 0,
+      int(dv), int(nq), int(nk), int(grid_h), int(grid_w), float(rope_scale), float(rope_theta), 0, 0, 0,
       0, int(keys_rotated != 0), stream);
   if (err != 0)
     TVM_FFI_THROW(RuntimeError) << "sam3 attention (B=" << b << " Nq=" << nq << " Nk=" << nk
-                                << " heads=" << heads << " D=" << d << "): "
+                                << " heads=" << heads << " D=" << d << " DV=" << dv << "): "
                                 << cudaGetErrorString(static_cast<cudaError_t>(err)) << " ("
                                 << last_failure() << ")";
 }
@@ -1825,6 +1852,17 @@ void attention_bias(TensorView q, TensorView k, TensorView v, TensorView bias, i
                     double rope_scale, double rope_theta, int64_t keys_rotated, TensorView out) {
   run(q, k, v, &bias, nullptr, heads, q_off, k_off, v_off, grid_h, grid_w, rope_scale,
       rope_theta, keys_rotated, out);
+}
+
+// q [B, Nq, heads * 256], k [B, Nk, heads * 256], v [B, Nk, heads * 64], bias [1 or B, Nk]
+// -> out [B, Nq, heads * 64]: attention whose value projection comes after it (the memory
+// attention's cross-attention, values the 64-wide memory)
+void attention_v64(TensorView q, TensorView k, TensorView v, TensorView bias, int64_t heads,
+                   int64_t grid_h, int64_t grid_w, double rope_scale, double rope_theta,
+                   int64_t keys_rotated, TensorView out) {
+  check(q, "q", 16, 3);
+  run(q, k, v, &bias, nullptr, heads, 0, 0, 0, grid_h, grid_w, rope_scale, rope_theta,
+      keys_rotated, out, q.shape()[2]);
 }
 
 // x [B, N, W] -> out [B, N, heads * D]: columns [k_off, k_off + heads * D) of x rotated as the
@@ -1893,6 +1931,7 @@ void attention_full_bias(TensorView q, TensorView k, TensorView v, TensorView fb
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda, sam3_attn::ffi::attention);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_bias, sam3_attn::ffi::attention_bias);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_v64, sam3_attn::ffi::attention_v64);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_window, sam3_attn::ffi::run_window);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_attention_cuda_full_bias, sam3_attn::ffi::attention_full_bias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sam3_rope_keys_cuda, sam3_attn::ffi::rope_keys);
