@@ -34,7 +34,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from sam3_nn.model.common import LN_EPS, linear_nd
-from sam3_nn.ops.attention import attention, qkv_self_attention
+from sam3_nn.ops.attention import attention, qkv_self_attention, same_dim
 from sam3_nn.ops.rope import AxialRope, rotate_tokens
 
 QUERY_POS_SCALE = 0.1  # output = features + 0.1 * position encoding (the reference's pos_enc_at_input)
@@ -85,8 +85,14 @@ class MemoryAttentionLayer(nn.Module):
 
     def forward(self, queries: Tensor, memory: Tensor, memory_pos: Tensor, rope: AxialRope,
                 rotated_keys: int, key_bias: Tensor) -> Tensor:
-        q = self.layer_norm1(queries)
-        queries = queries + self.self_attn.self_attention(q, rope)
+        return self.cross_and_mlp(self.self_block(queries, rope), memory, memory_pos, rope, rotated_keys,
+                                  key_bias)
+
+    def self_block(self, queries: Tensor, rope: AxialRope) -> Tensor:
+        return queries + self.self_attn.self_attention(self.layer_norm1(queries), rope)
+
+    def cross_and_mlp(self, queries: Tensor, memory: Tensor, memory_pos: Tensor, rope: AxialRope,
+                      rotated_keys: int, key_bias: Tensor) -> Tensor:
         q = self.layer_norm2(queries)
         queries = queries + self.cross_attn_image(q, memory + memory_pos, memory, rope, rotated_keys, key_bias)
         q = self.layer_norm3(queries)
@@ -94,10 +100,11 @@ class MemoryAttentionLayer(nn.Module):
 
 
 class MemoryAttention(nn.Module):
-    """``Sam3TrackerVideoMemoryAttention``: ``features [B, g*g, C]`` (row-major grid), their
+    """``Sam3TrackerVideoMemoryAttention``: ``features [1 or B, g*g, C]`` (row-major grid), their
     ``position [1 or B, g*g, C]``, ``memory [B, K, mem_dim]`` with ``memory_pos`` (same shape),
     the first ``rotated_keys`` of them spatial (``M * g*g``), ``key_bias [B, 1, 1, K]`` ->
-    ``[B, g*g, C]``."""
+    ``[B, g*g, C]``. Features of one frame shared by every object (batch 1) go through the
+    first layer's self-attention once, before they meet each object's memory."""
 
     def __init__(self, hidden: int, num_layers: int, num_heads: int, ffn: int, mem_dim: int,
                  grid: int, theta: float):
@@ -109,6 +116,9 @@ class MemoryAttention(nn.Module):
     def forward(self, features: Tensor, position: Tensor, memory: Tensor, memory_pos: Tensor,
                 rotated_keys: int, key_bias: Tensor) -> Tensor:
         x = features + position * QUERY_POS_SCALE
-        for layer in self.layers:
-            x = layer(x, memory, memory_pos, self.rope, rotated_keys, key_bias)
+        for i, layer in enumerate(self.layers):
+            x = layer.self_block(x, self.rope)
+            if i == 0 and not same_dim(x.shape[0], memory.shape[0]):
+                x = op.broadcast_to(x, [memory.shape[0]] + list(x.shape[1:]))
+            x = layer.cross_and_mlp(x, memory, memory_pos, self.rope, rotated_keys, key_bias)
         return self.layer_norm(x)

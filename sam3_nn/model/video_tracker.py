@@ -114,7 +114,7 @@ class VideoTrackerModel(InteractiveModel):
                                                          pointers, pointer_tpos, pointer_mask)
         pos = sine_position_encoding(image_embed, c // 2, image_embed.dtype)
         pos = op.reshape(op.permute_dims(pos, [0, 2, 3, 1]), [1, g * g, c])
-        feats = op.broadcast_to(op.reshape(raw, [1, g * g, c]), [n, g * g, c])
+        feats = op.reshape(raw, [1, g * g, c])  # one frame for every object
         conditioned = op.reshape(self.memory_attention(feats, pos, keys, key_pos, rotated, bias), [n, g, g, c])
         embed = _select_source(mode, image_embed, conditioned, raw)
 

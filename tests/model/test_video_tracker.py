@@ -55,20 +55,21 @@ def _weights(module: torch.nn.Module, prefix: str):
     return {prefix + k: v.detach().float().numpy() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("scale", [1.0, 20.0])
-def test_memory_attention_matches_reference(hf_video, scale):
+@pytest.mark.parametrize("scale,shared", [(1.0, False), (20.0, False), (1.0, True)])
+def test_memory_attention_matches_reference(hf_video, scale, shared):
     """``scale``: the memory's magnitude (the memory encoder's outputs reach ~20): at 1 our
     float32 result equals the reference's (atol 1e-4); at 20 the attention's scores are large
     enough that float32 itself is off by ~1e-3 (the reference's float32 result against its own
     float64 evaluation): ours must be as close to the float64 result as the reference's
-    float32 one, within a factor 4."""
+    float32 one, within a factor 4. ``shared``: one frame's features for both objects (batch
+    1, as ``track_step`` passes them: the first self-attention runs once)."""
     import copy
 
     hf, cfg = hf_video
     rng = np.random.default_rng(0)
     b, frames, pointers = 2, 3, 6  # slots: 3 memory frames, 6 pointer tokens; some empty
     hw = G * G
-    feats = rng.standard_normal((b, hw, C)).astype(np.float32)
+    feats = rng.standard_normal((1 if shared else b, hw, C)).astype(np.float32)
     pos = rng.standard_normal((1, hw, C)).astype(np.float32)
     memory = (rng.standard_normal((b, frames * hw + pointers, MEM)) * scale).astype(np.float32)
     memory_pos = rng.standard_normal((b, frames * hw + pointers, MEM)).astype(np.float32)
@@ -76,7 +77,8 @@ def test_memory_attention_matches_reference(hf_video, scale):
     valid_ptrs = [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]
     key_mask = np.array([sum([[f] * hw for f in vf], []) + vp for vf, vp in zip(valid_frames, valid_ptrs)],
                         np.int32)
-    spec = {"features": nn.spec.Tensor([b, hw, C], "float32"), "position": nn.spec.Tensor([1, hw, C], "float32"),
+    spec = {"features": nn.spec.Tensor([len(feats), hw, C], "float32"),
+            "position": nn.spec.Tensor([1, hw, C], "float32"),
             "memory": nn.spec.Tensor([b, frames * hw + pointers, MEM], "float32"),
             "memory_pos": nn.spec.Tensor([b, frames * hw + pointers, MEM], "float32"),
             "key_mask": nn.spec.Tensor([b, frames * hw + pointers], "int32")}
@@ -88,7 +90,8 @@ def test_memory_attention_matches_reference(hf_video, scale):
     for i in range(b):
         keep = key_mask[i] == 1
         n_ptr = int(sum(valid_ptrs[i]))
-        inputs = dict(current_vision_features=torch.from_numpy(feats[i:i + 1]).transpose(0, 1),
+        f = 0 if shared else i
+        inputs = dict(current_vision_features=torch.from_numpy(feats[f:f + 1]).transpose(0, 1),
                       memory=torch.from_numpy(memory[i:i + 1, keep]).transpose(0, 1),
                       current_vision_position_embeddings=torch.from_numpy(pos).transpose(0, 1),
                       memory_posision_embeddings=torch.from_numpy(memory_pos[i:i + 1, keep]).transpose(0, 1),
