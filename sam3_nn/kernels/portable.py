@@ -4,9 +4,9 @@ inline or as the standalone kernel. GPU targets without kernels of their own (Me
 take these tables as they are; the CPU and CUDA tables start from them.
 
 * ``attention``: on GPUs the fused kernel when the bias is absent or a key mask and v is
-  as wide as q, else (and for a few queries against many keys) the composed path; on CPUs the composed path (its GEMMs run on the register-blocked kernels:
-  the DETR encoder's self-attention at full size took 4.6 s in the fused CPU kernel against
-  ~1 s composed).
+  as wide as q, else (and for a few queries against many keys) the composed path; on CPUs
+  the composed path (its GEMMs run on the register-blocked kernels: the DETR encoder's
+  self-attention at full size took 4.6 s in the fused CPU kernel against ~1 s composed).
 * ``qkv_attention``: RoPE mode ``normal``, the standalone RoPE kernel then composed attention
   (the CPU default: 672 px, 2 blocks, fp32, 2 threads, 1.85 s against 2.57 s for the fused
   kernel); ``inline``, the fused kernel rotating q/k as it loads them (the GPU default);

@@ -83,11 +83,7 @@ class MemoryAttentionLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(hidden, eps=LN_EPS)
         self.layer_norm3 = nn.LayerNorm(hidden, eps=LN_EPS)
 
-    def forward(self, queries: Tensor, memory: Tensor, memory_pos: Tensor, rope: AxialRope,
-                rotated_keys: int, key_bias: Tensor) -> Tensor:
-        return self.cross_and_mlp(self.self_block(queries, rope), memory, memory_pos, rope, rotated_keys,
-                                  key_bias)
-
+    # the layer in two halves (MemoryAttention runs the first self-attention once per frame)
     def self_block(self, queries: Tensor, rope: AxialRope) -> Tensor:
         return queries + self.self_attn.self_attention(self.layer_norm1(queries), rope)
 
